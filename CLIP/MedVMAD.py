@@ -1,0 +1,196 @@
+"""MedVMAD: a frozen CLIP with learnable text prompts and residual adapters on tapped ViT layers.
+
+No I/O and no argument parsing: ``MedVMAD(config)`` builds the model, ``forward(images)`` scores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from CLIP.backbone import Backbone, BackboneConfig, default_features_list
+from prompt_ensemble import LearnablePrompts, ensemble_text_features
+
+
+@dataclass
+class MedVMADConfig:
+    """Everything that rebuilds the model; stored in checkpoints as a plain dict."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    dataset: str = "brain"                   # organ wording for prompt initialisation / ensemble
+    features_list: list[int] | None = None   # 1-based tapped layers; None: 4 evenly spaced
+    adapters: bool = True                    # False: zero-training baseline (projected tokens)
+    learnable_prompts: bool = True           # False: fixed prompt ensemble
+    alpha: float = 0.1                       # stream = (1-2a) x + a seg + a det
+    n_ctx: int = 12
+    depth: int = 9
+    t_n_ctx: int = 4
+    sigma: float = 4.0                       # Gaussian smoothing of the final map, in pixels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MedVMADConfig":
+        values = dict(values)
+        values["backbone"] = BackboneConfig(**values["backbone"])
+        return cls(**values)
+
+
+@dataclass
+class MedVMADOutput:
+    image_score: torch.Tensor      # [B] in [0,1]
+    anomaly_map: torch.Tensor      # [B,H,W] in [0,1], mean of layer maps, smoothed
+    layer_maps: torch.Tensor       # [B,L,H,W] abnormal probability per tapped layer (unsmoothed)
+    image_logits: torch.Tensor     # [B,T,2] normal/abnormal logits of the image-level terms
+    patch_features: list[torch.Tensor]  # per layer [B,N,E], L2-normalised segmentation features
+
+
+class Adapter(nn.Module):
+    """Bottleneck width -> embed_dim -> width, LeakyReLU, no bias (MVFA's design)."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck, bias=False)
+        self.up = nn.Linear(bottleneck, width, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B,T,W] -> (bottleneck features [B,T,E], residual branch [B,T,W])."""
+        hidden = F.leaky_relu(self.down(tokens))
+        return hidden, F.leaky_relu(self.up(hidden))
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of maps [B,H,W]: radius 4 sigma, mirror padding (scipy mode "mirror")."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+class MedVMAD(nn.Module):
+    """Frozen CLIP + learnable prompts + per-layer segmentation/detection adapters."""
+
+    def __init__(self, config: MedVMADConfig, backbone: Backbone | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else Backbone(config.backbone)
+        num_layers = self.backbone.num_layers
+        if config.features_list is None:
+            config.features_list = default_features_list(num_layers)
+        bad = [layer for layer in config.features_list if not 1 <= layer <= num_layers]
+        if bad:
+            raise ValueError(f"--features_list {bad}: layers are 1-based, the model has {num_layers}")
+        self.features_list = list(config.features_list)
+        width, embed_dim = self.backbone.width, self.backbone.embed_dim
+        self.seg_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
+            if config.adapters else None
+        self.det_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
+            if config.adapters else None
+        self.prompts = LearnablePrompts(self.backbone, config.dataset, config.n_ctx, config.depth,
+                                        config.t_n_ctx) if config.learnable_prompts else None
+        self._text_cache: torch.Tensor | None = None
+        self._ensemble_name: str | None = None
+        self.to(self.backbone.clip.logit_scale.device)
+
+    # ---- parameters ----
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Prompts and adapters only (the frozen backbone is rebuilt from its config)."""
+        return {name: value.detach().clone() for name, value in self.named_parameters() if value.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what ``trainable_state_dict`` saved; a mismatch raises ``ValueError`` naming the keys."""
+        own = dict(self.named_parameters())
+        expected = {name for name, value in own.items() if value.requires_grad}
+        missing, unexpected = expected - state.keys(), state.keys() - expected
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit this model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                if own[name].shape != value.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(own[name].shape)}")
+                own[name].copy_(value)
+        self._text_cache = None
+
+    def train(self, mode: bool = True) -> "MedVMAD":
+        super().train(mode)
+        self._text_cache = None
+        return self
+
+    # ---- text ----
+    def text_features(self) -> torch.Tensor:
+        """[2,E] normal/abnormal text features; cached unless prompts are being trained."""
+        if self.prompts is None:
+            if self._text_cache is None or self._ensemble_name != self.config.dataset:
+                self._text_cache = ensemble_text_features(self.backbone, self.config.dataset,
+                                                          self.backbone.logit_scale.device)
+                self._ensemble_name = self.config.dataset
+            return self._text_cache
+        if self.training and torch.is_grad_enabled():
+            return self.prompts(self.backbone)
+        if self._text_cache is None:
+            with torch.no_grad():
+                self._text_cache = self.prompts(self.backbone)
+        return self._text_cache
+
+    def set_dataset(self, name: str) -> None:
+        """Select the organ wording of the fixed ensemble (learnable prompts are not affected)."""
+        self.config.dataset = name
+
+    # ---- image ----
+    def _logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """features [...,E] -> normal/abnormal logits [...,2] at CLIP's temperature."""
+        features = features / features.norm(dim=-1, keepdim=True)
+        return self.backbone.logit_scale * features @ text.t()
+
+    def forward(self, images: torch.Tensor) -> MedVMADOutput:
+        """images [B,3,H,W] (CLIP-normalised) -> scores, maps and per-layer maps."""
+        text = self.text_features().to(images.dtype)
+        seg_features: list[torch.Tensor] = []
+        det_features: list[torch.Tensor] = []
+        alpha = self.config.alpha
+
+        def adapt(layer: int, tokens: torch.Tensor) -> torch.Tensor:
+            index = self.features_list.index(layer)
+            seg_hidden, seg_out = self.seg_adapters[index](tokens)
+            det_hidden, det_out = self.det_adapters[index](tokens)
+            seg_features.append(seg_hidden[:, 1:])
+            det_features.append(det_hidden[:, 1:])
+            return (1 - 2 * alpha) * tokens + alpha * seg_out + alpha * det_out
+
+        hook = adapt if self.seg_adapters is not None else None
+        global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook)
+        if hook is None:
+            seg_features = [self.backbone.project_tokens(tapped[layer][:, 1:]) for layer in self.features_list]
+
+        batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+        grid_h, grid_w = self.backbone.grid_size
+        layer_maps = []
+        for features in seg_features:
+            probability = self._logits(features, text).softmax(dim=-1)[..., 1]          # [B,N]
+            grid = probability.reshape(batch, 1, grid_h, grid_w)
+            layer_maps.append(F.interpolate(grid, size=(height, width), mode="bilinear",
+                                            align_corners=False)[:, 0])
+        layer_maps = torch.stack(layer_maps, dim=1)                                       # [B,L,H,W]
+
+        image_logits = [self._logits(global_embedding, text)]                            # [B,2]
+        for features in det_features:
+            # Detection branch: mean of patch-level logits, so each layer votes once.
+            image_logits.append(self._logits(features, text).mean(dim=1))
+        image_logits = torch.stack(image_logits, dim=1)                                   # [B,T,2]
+        image_score = image_logits.softmax(dim=-1)[..., 1].mean(dim=1)
+
+        anomaly_map = gaussian_blur(layer_maps.mean(dim=1), self.config.sigma)
+        normalised = [features / features.norm(dim=-1, keepdim=True) for features in seg_features]
+        return MedVMADOutput(image_score, anomaly_map, layer_maps, image_logits, normalised)

@@ -1,0 +1,1 @@
+"""MedVMAD model package: the open_clip backbone wrapper and the MedVMAD module."""

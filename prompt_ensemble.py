@@ -1,0 +1,146 @@
+"""Prompt wording per organ, the fixed prompt ensemble (zero-training baseline) and the learnable prompts.
+
+Text for a dataset is built from its organ entry: an imaging modality, words for the normal and
+abnormal states, and templates in the style of the field (WinCLIP / AnomalyCLIP / MVFA).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from CLIP.backbone import Backbone
+
+# organ -> (modality phrase, organ phrase, normal states, abnormal states)
+ORGANS: dict[str, dict[str, object]] = {
+    "brain": {
+        "modality": "brain MRI",
+        "organ": "brain",
+        "normal": ["normal", "healthy", "unremarkable", "tumor-free", "lesion-free"],
+        "abnormal": ["abnormal", "tumorous", "diseased", "with a tumor", "with a glioma", "with a lesion"],
+    },
+    "liver": {
+        "modality": "abdominal CT",
+        "organ": "liver",
+        "normal": ["normal", "healthy", "unremarkable", "tumor-free", "lesion-free"],
+        "abnormal": ["abnormal", "tumorous", "diseased", "with a tumor", "with a lesion", "with a mass"],
+    },
+    "retina": {
+        "modality": "retinal OCT",
+        "organ": "retina",
+        "normal": ["normal", "healthy", "unremarkable"],
+        "abnormal": ["abnormal", "diseased", "with fluid", "with a lesion", "with edema"],
+    },
+    "chest": {
+        "modality": "chest X-ray",
+        "organ": "chest",
+        "normal": ["normal", "healthy", "clear", "unremarkable"],
+        "abnormal": ["abnormal", "diseased", "with pneumonia", "with an opacity", "with a lesion"],
+    },
+    "histopathology": {
+        "modality": "histopathology slide",
+        "organ": "tissue",
+        "normal": ["normal", "healthy", "benign"],
+        "abnormal": ["abnormal", "malignant", "cancerous", "with metastasis", "with tumor cells"],
+    },
+}
+
+TEMPLATES: list[str] = [
+    "a {modality} image of a {state} {organ}.",
+    "a {modality} scan of a {state} {organ}.",
+    "a cropped {modality} image of a {state} {organ}.",
+    "a close-up {modality} image of a {state} {organ}.",
+    "a low resolution {modality} image of a {state} {organ}.",
+    "a slice of a {state} {organ} in a {modality}.",
+    "this is a {state} {organ} in a {modality}.",
+    "a medical image of a {state} {organ}.",
+]
+
+
+def organ_entry(name: str) -> dict[str, object]:
+    """Wording for a dataset name ("brain", "liver", ...); unknown names use generic medical wording."""
+    if name in ORGANS:
+        return ORGANS[name]
+    return {"modality": "medical", "organ": name, "normal": ["normal", "healthy"],
+            "abnormal": ["abnormal", "diseased", "with a lesion"]}
+
+
+def _state_phrase(state: str, organ: str) -> str:
+    """'healthy brain' but 'brain with a tumor' (trailing states follow the organ)."""
+    return f"{organ} {state}" if state.startswith("with") else f"{state} {organ}"
+
+
+def ensemble_texts(name: str) -> tuple[list[str], list[str]]:
+    """All normal and all abnormal sentences for a dataset: states x templates."""
+    entry = organ_entry(name)
+
+    def sentences(states: list[str]) -> list[str]:
+        return [template.replace("{state} {organ}", _state_phrase(state, entry["organ"]))
+                .format(modality=entry["modality"]) for state in states for template in TEMPLATES]
+
+    return sentences(entry["normal"]), sentences(entry["abnormal"])
+
+
+@torch.no_grad()
+def ensemble_text_features(backbone: Backbone, name: str, device: torch.device) -> torch.Tensor:
+    """The fixed zero-training text features [2,E] (normal, abnormal): mean of normalised sentences."""
+    features = []
+    for sentences in ensemble_texts(name):
+        embedding = backbone.encode_text(backbone.tokenize(sentences).to(device))
+        embedding = embedding / embedding.norm(dim=-1, keepdim=True)
+        mean = embedding.mean(dim=0)
+        features.append(mean / mean.norm())
+    return torch.stack(features)
+
+
+class LearnablePrompts(nn.Module):
+    """One normal and one abnormal prompt with learnable context, initialised from medical wording.
+
+    Each prompt's token sequence is ``[SOS] [deep slots] [context x n_ctx] <state words> . [EOS]``.
+    The ``n_ctx`` context vectors start as the token embeddings of the organ's sentence prefix
+    (e.g. "a brain MRI image of a"), padded with small noise when the prefix is shorter. The
+    ``t_n_ctx`` deep slots (present when ``depth > 0``) hold learnable tokens that are rewritten
+    before each of the first ``depth`` text layers; they never overwrite real word tokens.
+    """
+
+    def __init__(self, backbone: Backbone, name: str, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4):
+        super().__init__()
+        if depth > backbone.text_layers:
+            raise ValueError(f"--depth {depth} exceeds the text tower's {backbone.text_layers} layers")
+        entry = organ_entry(name)
+        self.depth = depth
+        self.n_slots = t_n_ctx if depth > 0 else 0
+        prefix = f"a {entry['modality']} image of a"
+        states = (_state_phrase(entry["normal"][1], entry["organ"]),
+                  _state_phrase(entry["abnormal"][3], entry["organ"]))
+        width = backbone.text_width
+
+        with torch.no_grad():
+            device = backbone.clip.token_embedding.weight.device
+            prefix_ids = backbone.tokenize([prefix])[0].to(device)
+            prefix_len = int(prefix_ids.argmax()) - 1  # word tokens between SOS and EOS
+            prefix_embed = backbone.token_embedding(prefix_ids[1:1 + prefix_len])
+            context = torch.randn(2, n_ctx, width, device=device) * 0.02
+            take = min(n_ctx, prefix_len)
+            context[:, :take] = prefix_embed[:take]
+            # Sequence skeleton: SOS + placeholder for slots + placeholder for context + state words.
+            placeholder = " ".join(["X"] * (self.n_slots + n_ctx))
+            ids = backbone.tokenize([f"{placeholder} {state}." for state in states]).to(device)
+            if int(ids.argmax(dim=-1).max()) >= backbone.context_length - 1:
+                raise ValueError("prompt too long for the text context; lower --n_ctx or --t_n_ctx")
+            frame = backbone.token_embedding(ids)
+
+        self.context = nn.Parameter(context)                                   # [2,n_ctx,Dt]
+        self.deep = nn.Parameter(torch.randn(depth, self.n_slots, width, device=device) * 0.02) \
+            if depth > 0 else None                                              # [D,n,Dt]
+        self.register_buffer("frame", frame, persistent=False)                 # [2,L,Dt]
+        self.register_buffer("eot_index", ids.argmax(dim=-1), persistent=False)  # [2]
+        self.context_start = 1 + self.n_slots
+
+    def forward(self, backbone: Backbone) -> torch.Tensor:
+        """Text features [2,E] (normal, abnormal), L2-normalised."""
+        start, stop = self.context_start, self.context_start + self.context.shape[1]
+        embeddings = torch.cat([self.frame[:, :start], self.context.to(self.frame.dtype),
+                                self.frame[:, stop:]], dim=1)
+        features = backbone.encode_text_embeddings(
+            embeddings, self.eot_index, self.deep, slice(1, 1 + self.n_slots))
+        return features / features.norm(dim=-1, keepdim=True)

@@ -1,0 +1,235 @@
+"""MedVMAD model tests on the tiny random-weight backbone (CPU, seconds)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy import ndimage
+
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig, gaussian_blur
+from CLIP.backbone import Backbone, BackboneConfig, default_features_list
+from loss import LossWeights, dice_loss, focal_loss, medvmad_loss
+from tests.conftest import TINY_SIZE, tiny_config
+from utils import InputError
+
+
+def test_default_features_list_is_evenly_spaced_and_ends_at_last_layer():
+    assert default_features_list(24) == [6, 12, 18, 24]
+    assert default_features_list(12) == [3, 6, 9, 12]
+    assert default_features_list(4) == [1, 2, 3, 4]
+
+
+def test_sizes_are_read_from_the_model(tiny_model):
+    backbone = tiny_model.backbone
+    assert (backbone.width, backbone.num_layers, backbone.embed_dim) == (64, 4, 32)
+    assert backbone.grid_size == (TINY_SIZE // 16, TINY_SIZE // 16)
+    assert tiny_model.features_list == [1, 2, 3, 4]
+    assert tiny_model.seg_adapters[0].down.weight.shape == (32, 64)
+
+
+def test_output_shapes_and_ranges(tiny_model):
+    tiny_model.eval()
+    with torch.no_grad():
+        out = tiny_model(torch.randn(3, 3, TINY_SIZE, TINY_SIZE))
+    assert out.image_score.shape == (3,)
+    assert out.anomaly_map.shape == (3, TINY_SIZE, TINY_SIZE)
+    assert out.layer_maps.shape == (3, 4, TINY_SIZE, TINY_SIZE)
+    assert out.image_logits.shape == (3, 5, 2)
+    assert len(out.patch_features) == 4 and out.patch_features[0].shape == (3, 16, 32)
+    for tensor in (out.image_score, out.anomaly_map, out.layer_maps):
+        assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
+
+
+def test_any_image_size_resizes_positional_embeddings():
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(backbone=BackboneConfig("tiny", "none", 96)))
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 96))
+    assert model.backbone.grid_size == (6, 6)
+    assert out.anomaly_map.shape == (1, 96, 96)
+
+
+def test_logits_use_clip_temperature(tiny_model):
+    assert torch.isclose(tiny_model.backbone.logit_scale, torch.tensor(1 / 0.07), rtol=1e-5)
+
+
+def test_backbone_frozen_prompts_and_adapters_learn(tiny_model):
+    tiny_model.train()
+    out = tiny_model(torch.randn(2, 3, TINY_SIZE, TINY_SIZE))
+    (out.anomaly_map.sum() + out.image_score.sum()).backward()
+    for name, parameter in tiny_model.backbone.named_parameters():
+        assert not parameter.requires_grad and parameter.grad is None, name
+    trainable = dict(tiny_model.named_parameters())
+    for name in ("prompts.context", "prompts.deep", "seg_adapters.0.down.weight",
+                 "det_adapters.3.up.weight", "seg_adapters.3.down.weight"):
+        grad = trainable[name].grad
+        assert grad is not None and float(grad.abs().sum()) > 0, name
+
+
+def test_maps_of_different_layers_differ(tiny_model):
+    tiny_model.eval()
+    with torch.no_grad():
+        out = tiny_model(torch.randn(2, 3, TINY_SIZE, TINY_SIZE))
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert float((out.layer_maps[:, i] - out.layer_maps[:, j]).abs().max()) > 1e-3
+            assert not torch.allclose(out.patch_features[i], out.patch_features[j])
+
+
+def test_adapters_change_the_residual_stream(tiny_model):
+    """alpha=0 leaves the last layer's CLS untouched; alpha=0.1 changes the global embedding."""
+    images = torch.randn(1, 3, TINY_SIZE, TINY_SIZE)
+    tiny_model.eval()
+    with torch.no_grad():
+        adapted = tiny_model(images).image_logits[:, 0]
+        tiny_model.config.alpha = 0.0
+        plain = tiny_model(images).image_logits[:, 0]
+        bare = tiny_model._logits(tiny_model.backbone.clip.encode_image(images), tiny_model.text_features())
+    assert torch.allclose(plain, bare, atol=1e-4)
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+
+
+def test_image_scored_alone_equals_scored_in_batch(tiny_model):
+    tiny_model.eval()
+    images = torch.randn(4, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        batch = tiny_model(images)
+        alone = tiny_model(images[2:3])
+    assert torch.allclose(batch.image_score[2:3], alone.image_score, atol=1e-5)
+    assert torch.allclose(batch.anomaly_map[2:3], alone.anomaly_map, atol=1e-5)
+
+
+def test_text_features_cached_in_eval_and_recomputed_in_training(tiny_model):
+    tiny_model.eval()
+    with torch.no_grad():
+        first = tiny_model.text_features()
+        assert tiny_model.text_features() is first
+    tiny_model.train()
+    trained = tiny_model.text_features()
+    assert trained.requires_grad and trained is not first
+    assert torch.allclose(trained, first, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_weights_file_round_trip_through_pretrained_path(tmp_path, suffix):
+    torch.manual_seed(0)
+    source = Backbone(BackboneConfig("tiny", "none", TINY_SIZE))
+    path = tmp_path / f"tiny{suffix}"
+    state = {k: v.contiguous() for k, v in source.clip.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    torch.manual_seed(1)  # different random init: only loading can make them equal
+    loaded = Backbone(BackboneConfig("tiny", str(path), TINY_SIZE))
+    images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        assert torch.equal(source.encode_image(images, [2])[0], loaded.encode_image(images, [2])[0])
+        ids = source.tokenize(["a brain MRI"])
+        assert torch.equal(source.encode_text(ids), loaded.encode_text(ids))
+
+
+def test_weights_saved_at_another_size_are_resized(tmp_path):
+    torch.manual_seed(0)
+    source = Backbone(BackboneConfig("tiny", "none", 224))
+    path = tmp_path / "tiny224.pt"
+    torch.save(source.clip.state_dict(), path)
+    loaded = Backbone(BackboneConfig("tiny", str(path), 96))
+    assert loaded.clip.visual.positional_embedding.shape == (37, 64)
+
+
+def test_wrong_weights_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    with pytest.raises(InputError, match="does not fit tiny"):
+        Backbone(BackboneConfig("tiny", str(path), TINY_SIZE))
+    with pytest.raises(InputError, match="no such weights file"):
+        Backbone(BackboneConfig("tiny", str(tmp_path / "missing.pt"), TINY_SIZE))
+    with pytest.raises(InputError, match="unknown open_clip model"):
+        Backbone(BackboneConfig("ViT-Q-99", "none", TINY_SIZE))
+
+
+def test_offline_openai_download_says_how_to_pass_local_weights():
+    # conftest sets HF_HUB_OFFLINE=1: the download fails at once, as it does on a machine offline.
+    with pytest.raises(InputError) as error:
+        Backbone(BackboneConfig("ViT-B-32", "openai", 224))
+    message = str(error.value)
+    assert "--pretrained /path/to/ViT-B-32.pt" in message and "\n" not in message
+
+
+def test_trainable_state_dict_round_trip(tiny_model):
+    state = tiny_model.trainable_state_dict()
+    assert set(state) == {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("backbone.") for name in state)
+    torch.manual_seed(5)
+    other = MedVMAD(tiny_config(), backbone=tiny_model.backbone)
+    images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    other.eval(), tiny_model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(other(images).anomaly_map, tiny_model(images).anomaly_map)
+        other.load_trainable_state_dict(state)
+        assert torch.equal(other(images).anomaly_map, tiny_model(images).anomaly_map)
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_trainable_state_dict({"prompts.context": state["prompts.context"]})
+
+
+def test_config_dict_round_trip():
+    config = tiny_config(features_list=[2, 4], sigma=2.0)
+    assert MedVMADConfig.from_dict(config.to_dict()) == config
+
+
+def test_zero_training_baseline_uses_projected_tokens_and_ensemble():
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(adapters=False, learnable_prompts=False))
+    assert not any(p.requires_grad for p in model.parameters())
+    model.eval()
+    images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        out = model(images)
+        global_embedding = model.backbone.clip.encode_image(images)
+        expected = model._logits(global_embedding, model.text_features()).softmax(-1)[:, 1]
+    assert torch.allclose(out.image_score, expected, atol=1e-5)
+    assert out.image_logits.shape == (2, 1, 2)
+
+
+def test_gaussian_blur_matches_scipy():
+    maps = torch.rand(2, 40, 50)
+    ours = gaussian_blur(maps, 2.0).numpy()
+    reference = np.stack([ndimage.gaussian_filter(m, 2.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_focal_and_dice_hand_values():
+    p = torch.tensor([0.5, 0.9])
+    y = torch.tensor([1.0, 0.0])
+    expected_focal = (0.25 * np.log(2) + 0.81 * -np.log(0.1)) / 2
+    assert float(focal_loss(p, y)) == pytest.approx(expected_focal, rel=1e-5)
+    assert float(dice_loss(p, y)) == pytest.approx(1 - (2 * 0.5 + 1) / (1.4 + 1 + 1), rel=1e-6)
+
+
+def test_overfits_a_batch_with_a_lesion_mask(tiny_model):
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, TINY_SIZE, TINY_SIZE) * 0.3
+    masks = torch.zeros(4, TINY_SIZE, TINY_SIZE)
+    images[2:, :, 16:40, 20:44] += 2.0
+    masks[2:, 16:40, 20:44] = 1
+    labels = torch.tensor([0, 0, 1, 1])
+    has_mask = torch.ones(4, dtype=torch.bool)
+    parameters = [p for p in tiny_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3, betas=(0.5, 0.999))
+    tiny_model.train()
+    losses = []
+    for _ in range(50):
+        parts = medvmad_loss(tiny_model(images), masks, labels, has_mask, LossWeights())
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        optimizer.step()
+        losses.append(parts["loss"].item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_pixel_loss_skipped_without_masks(tiny_model):
+    out = tiny_model(torch.randn(2, 3, TINY_SIZE, TINY_SIZE))
+    parts = medvmad_loss(out, torch.zeros(2, TINY_SIZE, TINY_SIZE), torch.tensor([0, 1]),
+                         torch.zeros(2, dtype=torch.bool), LossWeights())
+    assert float(parts["focal"]) == 0 and float(parts["dice"]) == 0
+    assert torch.allclose(parts["loss"], parts["image"])
