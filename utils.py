@@ -114,3 +114,16 @@ def setup_logging(save_path: str | os.PathLike | None, name: str = "log.txt") ->
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     return logger
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``--precision fp32|amp|bf16`` (fp16 autocast on CUDA, bf16 anywhere)."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision == "amp":
+        if device.type != "cuda":
+            raise InputError("--precision amp needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise InputError(f"--precision {precision}: choose fp32, amp or bf16")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from CLIP.backbone import Backbone, BackboneConfig, default_features_list
+from CLIP.memory_bank import MemoryBank
 from prompt_ensemble import LearnablePrompts, ensemble_text_features
 
 
@@ -29,6 +30,7 @@ class MedVMADConfig:
     depth: int = 9
     t_n_ctx: int = 4
     sigma: float = 4.0                       # Gaussian smoothing of the final map, in pixels
+    fewshot_weight: float = 0.5              # weight of the memory-bank map when a bank is built
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +49,8 @@ class MedVMADOutput:
     layer_maps: torch.Tensor       # [B,L,H,W] abnormal probability per tapped layer (unsmoothed)
     image_logits: torch.Tensor     # [B,T,2] normal/abnormal logits of the image-level terms
     patch_features: list[torch.Tensor]  # per layer [B,N,E], L2-normalised segmentation features
+    text_map: torch.Tensor         # [B,H,W] smoothed text map (equals anomaly_map without a bank)
+    bank_map: torch.Tensor | None  # [B,H,W] smoothed memory-bank distance map, when a bank is built
 
 
 class Adapter(nn.Module):
@@ -100,6 +104,7 @@ class MedVMAD(nn.Module):
                                         config.t_n_ctx) if config.learnable_prompts else None
         self._text_cache: torch.Tensor | None = None
         self._ensemble_name: str | None = None
+        self.memory_bank: MemoryBank | None = None
         self.to(self.backbone.clip.logit_scale.device)
 
     # ---- parameters ----
@@ -174,15 +179,10 @@ class MedVMAD(nn.Module):
         if hook is None:
             seg_features = [self.backbone.project_tokens(tapped[layer][:, 1:]) for layer in self.features_list]
 
-        batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-        grid_h, grid_w = self.backbone.grid_size
-        layer_maps = []
-        for features in seg_features:
-            probability = self._logits(features, text).softmax(dim=-1)[..., 1]          # [B,N]
-            grid = probability.reshape(batch, 1, grid_h, grid_w)
-            layer_maps.append(F.interpolate(grid, size=(height, width), mode="bilinear",
-                                            align_corners=False)[:, 0])
-        layer_maps = torch.stack(layer_maps, dim=1)                                       # [B,L,H,W]
+        size = (images.shape[-2], images.shape[-1])
+        probabilities = torch.stack([self._logits(features, text).softmax(dim=-1)[..., 1]
+                                     for features in seg_features], dim=1)                # [B,L,N]
+        layer_maps = self._upsample(probabilities, size)                                 # [B,L,H,W]
 
         image_logits = [self._logits(global_embedding, text)]                            # [B,2]
         for features in det_features:
@@ -191,6 +191,46 @@ class MedVMAD(nn.Module):
         image_logits = torch.stack(image_logits, dim=1)                                   # [B,T,2]
         image_score = image_logits.softmax(dim=-1)[..., 1].mean(dim=1)
 
-        anomaly_map = gaussian_blur(layer_maps.mean(dim=1), self.config.sigma)
+        text_map = gaussian_blur(layer_maps.mean(dim=1), self.config.sigma)
         normalised = [features / features.norm(dim=-1, keepdim=True) for features in seg_features]
-        return MedVMADOutput(image_score, anomaly_map, layer_maps, image_logits, normalised)
+        anomaly_map, bank_map = text_map, None
+        if self.memory_bank is not None:
+            bank_map = self._bank_map(self.memory_bank.distances(normalised), size)
+            anomaly_map, image_score = self.memory_bank.combine(text_map, bank_map, image_score,
+                                                                self.config.fewshot_weight)
+        return MedVMADOutput(image_score, anomaly_map, layer_maps, image_logits, normalised, text_map, bank_map)
+
+    def _upsample(self, patch_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Per-layer patch values [B,L,N] -> bilinear maps [B,L,H,W]."""
+        batch, layers, _ = patch_values.shape
+        grid = patch_values.reshape(batch, layers, *self.backbone.grid_size)
+        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+    def _bank_map(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bank distances [B,L,N] -> smoothed mean map [B,H,W]."""
+        return gaussian_blur(self._upsample(distances, size).mean(dim=1), self.config.sigma)
+
+    @torch.no_grad()
+    def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor, batch_size: int = 8) -> None:
+        """Build the few-shot bank from normal support images [K,3,H,W] (augmentations included).
+
+        groups [K]: the original support image of each row, so that statistics are computed leaving
+        each support image out together with its augmentations.
+        """
+        self.memory_bank = None
+        self.eval()
+        outputs = [self(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+        features = [torch.cat([out.patch_features[layer] for out in outputs]) for layer in range(len(self.features_list))]
+        patches = features[0].shape[1]
+        bank = MemoryBank([f.reshape(-1, f.shape[-1]) for f in features], groups.repeat_interleave(patches))
+        size = (images.shape[-2], images.shape[-1])
+        bank_maps = torch.cat([
+            self._bank_map(bank.distances([f[start:start + batch_size] for f in features],
+                                          exclude=groups[start:start + batch_size]), size)
+            for start in range(0, len(images), batch_size)])
+        text_maps = torch.cat([out.text_map for out in outputs])
+        text_scores = torch.cat([out.image_score for out in outputs])
+        bank_scores = bank_maps.flatten(1).max(dim=1).values
+        bank.statistics.copy_(torch.stack([torch.stack([values.mean(), values.std()]) for values in
+                                           (text_maps, bank_maps, text_scores, bank_scores)]))
+        self.memory_bank = bank.to(images.device)
