@@ -69,7 +69,11 @@ def _create_clip(config: BackboneConfig) -> nn.Module:
         weights_only=not torchscript,
     )
     try:
-        return open_clip.create_model(config.model_name, **kwargs)
+        # Seeded so that a random-init backbone (--pretrained none) is rebuilt identically from a
+        # checkpoint's config (with the same library versions); loaded weights overwrite it anyway.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return open_clip.create_model(config.model_name, **kwargs)
     except RuntimeError as error:
         message = str(error)
         if "not found in built-ins" in message:
