@@ -1,0 +1,314 @@
+"""generate_dataset/: converters on tiny NIfTI volumes in the official naming, folder index, demo set."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dataset import MedicalDataset, dataset_name, list_samples
+from generate_dataset import brats2021, demo, folder, liverct
+from utils import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_nifti(path: Path, array: np.ndarray, affine=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+
+
+def read(path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def pngs(root: Path, pattern: str) -> list[Path]:
+    return sorted(root.glob(pattern))
+
+
+# ----------------------------------------------------------------------------- BraTS2021
+
+SHAPE = (24, 20, 12)
+TUMOUR_CASES = {"00001": range(5, 8), "00003": range(2, 11), "00004": range(6, 7)}
+
+
+def brats_case(raw: Path, case: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like volume (values > 0 in an ellipsoid, 0 outside) and a seg with labels 1/2/4."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.mgrid[0:SHAPE[0], 0:SHAPE[1], 0:SHAPE[2]]
+    brain = ((x - 12) / 10) ** 2 + ((y - 10) / 8) ** 2 + ((z - 6) / 9) ** 2 < 1
+    volume = np.where(brain, rng.uniform(50, 500, SHAPE), 0).astype(np.float32)
+    seg = np.zeros(SHAPE, np.uint8)
+    for k, slice_z in enumerate(TUMOUR_CASES.get(case, [])):
+        seg[10:13, 8 + k % 2:11, slice_z] = (1, 2, 4)[k % 3]
+    name = f"BraTS2021_{case}"
+    for modality in ("flair", "t1"):
+        save_nifti(raw / name / f"{name}_{modality}.nii.gz", volume)
+    save_nifti(raw / name / f"{name}_seg.nii.gz", seg)
+    return volume, seg
+
+
+@pytest.fixture
+def brats_raw(tmp_path) -> tuple[Path, dict]:
+    raw = tmp_path / "raw"
+    cases = {f"{i:05d}": brats_case(raw, f"{i:05d}", i) for i in range(1, 7)}
+    return raw, cases
+
+
+def test_brats_conversion(tmp_path, brats_raw):
+    raw, cases = brats_raw
+    out = tmp_path / "Brain"
+    info = brats2021.convert(str(raw), str(out), slice_range=(3, 9), seed=1, split=(3, 1, 2))
+    groups = {split: info[split] for split in ("train", "valid", "test")}
+    assert sorted(sum(groups.values(), [])) == sorted(cases)  # every patient in exactly one split
+    assert [len(g) for g in groups.values()] == [3, 1, 2]
+    assert json.loads((out / "split.json").read_text())["train"] == groups["train"]
+    assert not (out / "train" / "Ungood").exists()
+    for split, case_ids in groups.items():
+        for path in pngs(out / split, "*/img/*.png"):
+            case, z = path.stem.split("_")
+            assert case in case_ids and 3 <= int(z) <= 9 and len(case) == 5
+            volume, seg = cases[case]
+            scaled = brats2021.scale_intensity(volume)
+            np.testing.assert_array_equal(read(path), scaled[:, :, int(z)].T[::-1, ::-1])
+            lesion = seg[:, :, int(z)] > 0
+            assert (path.parts[-3] == "Ungood") == lesion.any()
+            if lesion.any():
+                mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
+                assert set(np.unique(mask)) == {0, 255}
+                np.testing.assert_array_equal(mask > 0, lesion.T[::-1, ::-1])
+        # every slice in range of a non-train patient is kept, normal or abnormal
+        if split != "train":
+            assert len(pngs(out / split, "*/img/*.png")) == 7 * len(case_ids)
+    samples = list_samples(str(out), "test")
+    assert MedicalDataset(samples, 16).has_masks
+
+
+def test_brats_orientation_of_stored_lps_volume(tmp_path):
+    """BraTS files are stored LPS (affine diag(-1,-1,1)); their PNG is the stored slice transposed."""
+    raw = tmp_path / "raw" / "BraTS2021_00042"
+    volume = np.zeros(SHAPE, np.float32)
+    volume[2:20, 3:17, :] = np.arange(18 * 14, dtype=np.float32).reshape(18, 14, 1) + 1
+    save_nifti(raw / "BraTS2021_00042_flair.nii.gz", volume, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    save_nifti(raw / "BraTS2021_00042_seg.nii.gz", np.zeros(SHAPE, np.uint8), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    brats2021.convert(str(tmp_path / "raw"), str(tmp_path / "out"), slice_range=(4, 4), split=(0, 0, 1))
+    image = read(tmp_path / "out" / "test" / "good" / "img" / "00042_4.png")
+    expected = brats2021.scale_intensity(volume)[:, :, 4].T
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_scale_intensity():
+    volume = np.zeros((10, 10, 10), np.float32)
+    volume[2:8, 2:8, 2:8] = np.linspace(1, 1000, 216).reshape(6, 6, 6)
+    scaled = brats2021.scale_intensity(volume)
+    assert scaled.dtype == np.uint8 and (scaled[volume == 0] == 0).all()
+    assert scaled.max() == 255 and scaled[volume > 0].min() == 0
+    assert (np.diff(scaled[volume > 0].astype(int)) >= 0).all()  # monotonic
+
+
+def test_split_counts():
+    assert brats2021.split_counts(10, (0.7, 0.1, 0.2)) == [7, 1, 2]
+    assert sum(brats2021.split_counts(11, (0.7, 0.1, 0.2))) == 11
+    assert brats2021.split_counts(10, (5, 2, 1)) == [5, 2, 1]
+    with pytest.raises(InputError):
+        brats2021.split_counts(10, (8, 2, 2))
+
+
+def test_brats_bad_input(tmp_path, brats_raw):
+    raw, _ = brats_raw
+    with pytest.raises(InputError, match="nope"):
+        brats2021.convert(str(tmp_path / "nope"), str(tmp_path / "out"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=str(empty)):
+        brats2021.convert(str(empty), str(tmp_path / "out"))
+    with pytest.raises(InputError, match="BraTS2021_00001_t2.nii.gz"):
+        brats2021.convert(str(raw), str(tmp_path / "out"), modality="t2")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.png").write_bytes(b"")
+    with pytest.raises(InputError, match="not empty"):
+        brats2021.convert(str(raw), str(tmp_path / "full"))
+    (raw / "BraTS2021_00002" / "BraTS2021_00002_seg.nii.gz").unlink()
+    with pytest.raises(InputError, match="BraTS2021_00002_seg"):
+        brats2021.convert(str(raw), str(tmp_path / "out"))
+
+
+def test_brats_cli_reports_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "generate_dataset" / "brats2021.py"),
+                             "--raw_path", str(tmp_path / "missing"), "--save_path", str(tmp_path / "o")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr
+
+
+# ----------------------------------------------------------------------------- Liver CT
+
+CT_SHAPE = (16, 14, 8)
+
+
+def liver_volumes(tmp_path) -> tuple[Path, Path, dict, dict]:
+    """BTCV (img/imgNNNN, label/labelNNNN, liver 6) and LiTS (volume-N, segmentation-N) volumes."""
+    rng = np.random.default_rng(0)
+    hu_values = np.array([-1000, -200, 70, 250, 1000], np.int16)
+    btcv, lits = {}, {}
+    for number in ("0001", "0002"):
+        ct = rng.choice(hu_values, CT_SHAPE).astype(np.int16)
+        label = np.zeros(CT_SHAPE, np.uint8)
+        label[3:12, 4:10, 2:6] = 6
+        label[0:3, 0:3, :] = 1  # spleen: not liver
+        save_nifti(tmp_path / "BTCV" / "img" / f"img{number}.nii.gz", ct)
+        save_nifti(tmp_path / "BTCV" / "label" / f"label{number}.nii.gz", label)
+        btcv[number] = (ct, label)
+    for number in range(5):
+        ct = rng.choice(hu_values, CT_SHAPE).astype(np.int16)
+        label = np.zeros(CT_SHAPE, np.uint8)
+        label[2:13, 3:11, 1:7] = 1
+        if number % 2 == 0:
+            label[5:8, 5:8, 3:5] = 2
+        batch = "Training Batch 1" if number < 3 else "Training Batch 2"
+        save_nifti(tmp_path / "LiTS" / batch / f"volume-{number}.nii", ct)
+        save_nifti(tmp_path / "LiTS" / batch / f"segmentation-{number}.nii", label)
+        lits[str(number)] = (ct, label)
+    return tmp_path / "BTCV", tmp_path / "LiTS", btcv, lits
+
+
+def test_window_hu():
+    hu = np.array([-1000, -200, 25, 70, 250, 1000])
+    np.testing.assert_array_equal(liverct.window_hu(hu, -200, 250), [0, 0, 128, 153, 255, 255])
+
+
+def test_liver_conversion(tmp_path):
+    btcv_path, lits_path, btcv, lits = liver_volumes(tmp_path)
+    out = tmp_path / "Liver"
+    info = liverct.convert(str(btcv_path), str(lits_path), str(out), seed=0, valid_fraction=0.4)
+    assert len(info["valid"]) == 2 and sorted(info["valid"] + info["test"]) == sorted(lits)
+    assert not set(info["valid"]) & set(info["test"])
+    train = pngs(out / "train" / "good" / "img", "*.png")
+    assert [p.name for p in train] == [f"{n}_{z}.png" for n in ("0001", "0002") for z in range(2, 6)]
+    for path in train:
+        number, z = path.stem.split("_")
+        ct, label = btcv[number]
+        liver = label[:, :, int(z)] == 6
+        expected = np.where(liver, liverct.window_hu(ct[:, :, int(z)], -200, 250), 0)
+        np.testing.assert_array_equal(read(path), expected.T[::-1, ::-1])
+    for split in ("valid", "test"):
+        names = {p.stem for p in pngs(out / split, "*/img/*.png")}
+        assert {n.split("_")[0] for n in names} == set(info[split])
+        for path in pngs(out / split, "*/img/*.png"):
+            number, z = path.stem.split("_")
+            ct, label = lits[number]
+            seg = label[:, :, int(z)]
+            assert seg.any() and (path.parts[-3] == "Ungood") == (seg == 2).any()
+            image = read(path)
+            assert (image[(seg == 0).T[::-1, ::-1]] == 0).all()  # outside the liver zeroed
+            expected = np.where(seg >= 1, liverct.window_hu(ct[:, :, int(z)], -200, 250), 0)
+            np.testing.assert_array_equal(image, expected.T[::-1, ::-1])
+            if path.parts[-3] == "Ungood":
+                mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
+                np.testing.assert_array_equal(mask, ((seg == 2) * 255).astype(np.uint8).T[::-1, ::-1])
+    assert dataset_name(str(out)) == "liver" and list_samples(str(out), "test")
+
+
+def test_liver_bad_input(tmp_path):
+    btcv_path, lits_path, _, _ = liver_volumes(tmp_path)
+    with pytest.raises(InputError, match="nope"):
+        liverct.convert(str(tmp_path / "nope"), str(lits_path), str(tmp_path / "out"))
+    missing = lits_path / "Training Batch 2" / "segmentation-4.nii"
+    missing.unlink()
+    with pytest.raises(InputError, match="volume-4.nii"):
+        liverct.convert(str(btcv_path), str(lits_path), str(tmp_path / "out"))
+    with pytest.raises(InputError, match="HU window"):
+        liverct.convert(str(btcv_path), str(lits_path), str(tmp_path / "out"), hu_window=(250, -200))
+
+
+# ----------------------------------------------------------------------------- folder index
+
+def test_folder_index(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("normal", "abnormal", "masks"):
+        (tmp_path / name).mkdir()
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / "normal" / f"n{i}.png"), rng.integers(0, 255, (12, 12), dtype=np.uint8))
+        cv2.imwrite(str(tmp_path / "abnormal" / f"a{i}.jpg"), rng.integers(0, 255, (12, 12), dtype=np.uint8))
+        cv2.imwrite(str(tmp_path / "masks" / f"a{i}.png"), np.full((12, 12), 255 * (i > 0), np.uint8))
+    meta = tmp_path / "Brain_custom" / "meta.json"
+    folder.build_index(str(meta), str(tmp_path / "normal"), str(tmp_path / "abnormal"),
+                       str(tmp_path / "masks"), ("test",))
+    entry = json.loads(meta.read_text())["test"]["brain"][-1]
+    assert entry == dict(img_path="../abnormal/a2.jpg", mask_path="../masks/a2.png", cls_name="brain",
+                         specie_name="abnormal", anomaly=1)
+    samples = list_samples(str(meta.parent), "test")
+    assert [s.label for s in samples] == [0, 0, 0, 1, 1, 1] and MedicalDataset(samples, 8).has_masks
+    # a second run adds the train split and keeps test
+    folder.build_index(str(meta), str(tmp_path / "normal"), None, splits=("train",))
+    assert len(list_samples(str(meta), "train")) == 3 and len(list_samples(str(meta), "test")) == 6
+    (tmp_path / "masks" / "a1.png").unlink()
+    with pytest.raises(InputError, match="a1.jpg"):
+        folder.build_index(str(meta), None, str(tmp_path / "abnormal"), str(tmp_path / "masks"))
+    cv2.imwrite(str(tmp_path / "masks" / "stray.png"), np.zeros((12, 12), np.uint8))
+    with pytest.raises(InputError, match="stray.png"):
+        folder.build_index(str(meta), None, str(tmp_path / "abnormal"), str(tmp_path / "masks"))
+
+
+# ----------------------------------------------------------------------------- demo set
+
+SMALL = dict(n_train=2, n_valid=(1, 2), n_test=(2, 3))
+
+
+def files(root: str) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*.png"))}
+
+
+def test_demo_deterministic_and_readable(tmp_path):
+    root = demo.build_demo(str(tmp_path / "a"), seed=0, **SMALL)
+    assert root == str(tmp_path / "a" / "Brain") and dataset_name(root) == "brain"
+    same = files(demo.build_demo(str(tmp_path / "b"), seed=0, **SMALL))
+    other = files(demo.build_demo(str(tmp_path / "c"), seed=1, **SMALL))
+    first = files(root)
+    assert first == same and len(first) == 2 + 1 + 2 + 2 + 3 + 2 + 3
+    assert first != other
+    assert [s.label for s in list_samples(root, "test")] == [0, 0, 1, 1, 1]
+    assert MedicalDataset(list_samples(root, "valid"), 32).has_masks
+    # ensure_demo reuses a complete set and rebuilds nothing
+    stamp = os.path.getmtime(os.path.join(root, "demo.json"))
+    assert demo.ensure_demo(str(tmp_path / "a")) == root
+    assert os.path.getmtime(os.path.join(root, "demo.json")) == stamp
+    assert not [p for p in os.listdir(tmp_path / "a") if p.startswith(".")]  # no leftover temp folder
+
+
+def test_demo_masks_are_exactly_the_lesions(tmp_path):
+    root = demo.build_demo(str(tmp_path), seed=5, **SMALL)
+    images, masks, _ = demo.template_slices()
+    for i, path in enumerate(sorted(Path(root, "test", "Ungood", "anomaly_mask").glob("*.png"))):
+        rng = np.random.default_rng([5, 2, 1, i])  # the generator _write_split gives test/Ungood sample i
+        image, brain, delta, _ = demo.make_sample(images, masks, True, rng)
+        np.testing.assert_array_equal(read(path), (delta > 0).astype(np.uint8) * 255)
+        np.testing.assert_array_equal(read(Path(root, "test", "Ungood", "img", path.name)), image)
+        assert (delta > 0).any() and not (delta[~brain] > 0).any()  # lesions inside the brain only
+
+
+def test_demo_lesions_vary_and_stay_in_brain():
+    images, masks, _ = demo.template_slices()
+    areas = []
+    for i in range(30):
+        rng = np.random.default_rng(i)
+        _, brain, delta, _ = demo.make_sample(images, masks, bool(i % 3), rng)
+        assert (not (i % 3)) == (not (delta > 0).any())  # normal samples have no lesion
+        assert not (delta[~brain] > 0).any()
+        if (delta > 0).any():
+            areas.append(int((delta > 0).sum()))
+    assert min(areas) < 150 and max(areas) > 1000  # small to large lesions
+
+
+def test_demo_refuses_foreign_folder(tmp_path):
+    (tmp_path / "Brain").mkdir()
+    (tmp_path / "Brain" / "mine.txt").write_text("user data")
+    with pytest.raises(InputError, match="Brain"):
+        demo.ensure_demo(str(tmp_path))
+    assert (tmp_path / "Brain" / "mine.txt").exists()
