@@ -27,7 +27,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Raised inside a DataLoader worker, the message carries the worker's traceback: keep the
+        # last line, which is the original message.
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else "bad input"
+        print(f"error: {message.split('InputError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -45,7 +45,7 @@ if not __package__:  # run as a script: make the repository root importable
 from generate_dataset.brats2021 import display, write_png  # noqa: E402
 from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
 
-DEMO_NAME = "Brain"
+VIEWS = {"axial": ("Brain", 2), "coronal": ("BrainCoronal", 1)}  # view -> (folder, RAS axis)
 DEFAULT_PATH = str(Path(__file__).resolve().parents[1] / "data" / "demo")
 MIN_AREA_SHARE = 0.75  # slices whose brain area is at least this share of the largest one
 MIN_LESION_PIXELS = 12
@@ -53,14 +53,15 @@ MARGIN = 0.06  # border around the brain, as a share of its extent
 logger = logging.getLogger("medvmad")
 
 
-@lru_cache(maxsize=2)  # read-only arrays, reused by repeated builds in one process
-def template_slices(image_size: int = 240) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brain-masked MNI152 T1 axial slices -> images [N,S,S] float in [0,1], masks [N,S,S] bool,
+@lru_cache(maxsize=4)  # read-only arrays, reused by repeated builds in one process
+def template_slices(image_size: int = 240, view: str = "axial") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Brain-masked MNI152 T1 slices of a view -> images [N,S,S] float in [0,1], masks [N,S,S] bool,
     and their slice indices [N]; only slices with a large brain area are kept."""
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_template  # slow import
 
-    template = nib.as_closest_canonical(load_mni152_template(resolution=1)).get_fdata()
-    brain = nib.as_closest_canonical(load_mni152_brain_mask(resolution=1)).get_fdata() > 0
+    axis = VIEWS[view][1]
+    template = np.moveaxis(nib.as_closest_canonical(load_mni152_template(resolution=1)).get_fdata(), axis, 2)
+    brain = np.moveaxis(nib.as_closest_canonical(load_mni152_brain_mask(resolution=1)).get_fdata() > 0, axis, 2)
     area = brain.sum(axis=(0, 1))
     z_kept = np.flatnonzero(area >= MIN_AREA_SHARE * area.max())
     footprint = display(brain.any(axis=2))  # crop every slice to the brain's extent
@@ -157,17 +158,17 @@ def _is_complete(root: str) -> bool:
 
 
 def build_demo(save_path: str, seed: int = 0, n_train: int = 40, n_valid: tuple[int, int] = (40, 40),
-               n_test: tuple[int, int] = (40, 40), image_size: int = 240) -> str:
-    """Build the demo set at ``save_path/Brain`` (replacing an earlier demo build); returns that root.
-
-    ``n_valid``/``n_test`` are (normal, abnormal) counts.
+               n_test: tuple[int, int] = (40, 40), image_size: int = 240, view: str = "axial") -> str:
+    """Build the demo set at ``save_path/Brain`` (``BrainCoronal`` for the coronal view), replacing
+    an earlier demo build; returns that root. ``n_valid``/``n_test`` are (normal, abnormal) counts.
     """
-    root = os.path.join(save_path, DEMO_NAME)
+    name = VIEWS[view][0]
+    root = os.path.join(save_path, name)
     if os.path.exists(root) and not _is_complete(root):
         raise InputError(f"{root} exists but is not a demo set built here; move it away first")
     os.makedirs(save_path, exist_ok=True)
-    images, masks, z_kept = template_slices(image_size)
-    building = tempfile.mkdtemp(dir=save_path, prefix=f".{DEMO_NAME}.")
+    images, masks, z_kept = template_slices(image_size, view)
+    building = tempfile.mkdtemp(dir=save_path, prefix=f".{name}.")
     try:
         counts = {"train/good": n_train, "valid/good": n_valid[0], "valid/Ungood": n_valid[1],
                   "test/good": n_test[0], "test/Ungood": n_test[1]}
@@ -176,7 +177,7 @@ def build_demo(save_path: str, seed: int = 0, n_train: int = 40, n_valid: tuple[
             _write_split(building, split, cls, count, seed, images, masks, z_kept)
         atomic_write_json(os.path.join(building, "demo.json"),
                           dict(source="MNI152 T1 template (nilearn) + synthetic lesions", seed=seed,
-                               image_size=image_size, counts=counts))
+                               view=view, image_size=image_size, counts=counts))
         if _is_complete(root):
             shutil.rmtree(root)
         try:
@@ -191,15 +192,15 @@ def build_demo(save_path: str, seed: int = 0, n_train: int = 40, n_valid: tuple[
     return root
 
 
-def ensure_demo(save_path: str = DEFAULT_PATH) -> str:
-    """The demo set's root ``save_path/Brain``, built first when missing; returns the root."""
-    root = os.path.join(save_path, DEMO_NAME)
+def ensure_demo(save_path: str = DEFAULT_PATH, view: str = "axial") -> str:
+    """The demo set's root (``save_path/Brain``, or ``BrainCoronal``), built first when missing."""
+    root = os.path.join(save_path, VIEWS[view][0])
     if _is_complete(root):
         with open(os.path.join(root, "demo.json"), encoding="utf-8") as handle:
             logger.info("using demo set %s (seed %s)", root, json.load(handle)["seed"])
         return root
     logger.info("no data path given: building the synthetic demo set at %s", root)
-    return build_demo(save_path)
+    return build_demo(save_path, view=view)
 
 
 def main() -> None:
@@ -210,9 +211,11 @@ def main() -> None:
     parser.add_argument("--n_train", type=int, default=40, help="normal training images")
     parser.add_argument("--n_valid", type=int, nargs=2, default=(40, 40), metavar=("NORMAL", "ABNORMAL"))
     parser.add_argument("--n_test", type=int, nargs=2, default=(40, 40), metavar=("NORMAL", "ABNORMAL"))
+    parser.add_argument("--view", choices=sorted(VIEWS), default="axial",
+                        help="axial (Brain/) or coronal (BrainCoronal/: a second domain for cross-domain demos)")
     args = parser.parse_args()
     setup_logging(None)
-    build_demo(args.save_path, args.seed, args.n_train, tuple(args.n_valid), tuple(args.n_test))
+    build_demo(args.save_path, args.seed, args.n_train, tuple(args.n_valid), tuple(args.n_test), view=args.view)
 
 
 if __name__ == "__main__":
