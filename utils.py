@@ -93,9 +93,9 @@ def versions() -> dict[str, str]:
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),
+        "open_clip": str(open_clip.__version__),
+        "numpy": str(np.__version__),
     }
 
 

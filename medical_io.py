@@ -1,0 +1,152 @@
+"""Read what users score: PNG/JPG/TIFF images, DICOM files and NIfTI volumes, as [0,1] RGB slices.
+
+Intensity rules (documented in the README):
+- PNG/JPG/TIFF: 8-bit / 255, 16-bit / 65535 (as ``dataset.load_image``, i.e. as in training).
+- DICOM: the modality LUT (rescale slope/intercept, so CT is in HU), then a window: ``--window LOW
+  HIGH``, a preset, or the file's own WindowCenter/Width; without any, the 0.5-99.5 percentiles.
+  MONOCHROME1 is inverted so that dense tissue is bright.
+- NIfTI: ``--window`` or a preset when given; otherwise the 0.5-99.5 percentiles of the non-zero
+  voxels of the whole volume (the rule the dataset converters use), so every slice shares one scale.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from dataset import load_image
+from utils import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# name -> (low, high) in the file's units (HU for CT)
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "brain": (0.0, 80.0),        # CT brain, W80 L40
+    "liver": (-200.0, 250.0),    # BMAD Liver-CT window
+    "abdomen": (-160.0, 240.0),  # W400 L40
+    "lung": (-1350.0, 150.0),    # W1500 L-600
+    "bone": (-450.0, 1050.0),    # W1500 L300
+}
+
+
+@dataclass
+class Scan:
+    path: str
+    slices: list[np.ndarray]            # each float32 [H,W,3] in [0,1]
+    slice_indices: list[int] | None     # volume slice numbers; None for a 2-D image
+
+
+def _suffix(path: str) -> str:
+    lower = path.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
+
+
+def _is_dicom(path: str) -> bool:
+    if _suffix(path) in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def is_supported(path: str) -> bool:
+    """A file this module can read (by extension, or the DICOM preamble for extension-less files)."""
+    suffix = _suffix(path)
+    return suffix in IMAGE_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES or (suffix == "" and _is_dicom(path))
+
+
+def list_inputs(folder: str) -> list[str]:
+    """Supported files directly in ``folder``, sorted."""
+    files = [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
+    return [path for path in files if os.path.isfile(path) and is_supported(path)]
+
+
+def apply_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to [low, high] and scale to [0, 1] (float32)."""
+    if high <= low:
+        raise InputError(f"window [{low}, {high}] is empty: HIGH must exceed LOW")
+    return ((np.clip(values.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
+
+
+def percentile_window(values: np.ndarray, nonzero_only: bool = False) -> tuple[float, float]:
+    """The 0.5 and 99.5 percentiles (of non-zero values when asked and any exist)."""
+    selected = values[values != 0] if nonzero_only and np.any(values != 0) else values.ravel()
+    low, high = (float(v) for v in np.percentile(selected, [0.5, 99.5]))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image[..., None], 3, axis=2)
+
+
+def _read_dicom(path: str, window: tuple[float, float] | None) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        data = pydicom.dcmread(path)
+        pixels = data.pixel_array
+    except Exception as error:
+        raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
+    if pixels.ndim == 3 and data.get("SamplesPerPixel", 1) == 3:
+        return (pixels.astype(np.float32) / np.iinfo(pixels.dtype).max).clip(0, 1)
+    if pixels.ndim != 2:
+        raise InputError(f"{path}: multi-frame DICOM with shape {pixels.shape}; export one frame per file")
+    values = apply_modality_lut(pixels, data).astype(np.float32)
+    if window is None and "WindowCenter" in data and "WindowWidth" in data:
+        center = float(np.atleast_1d(data.WindowCenter)[0])
+        width = float(np.atleast_1d(data.WindowWidth)[0])
+        window = (center - width / 2, center + width / 2)
+    image = apply_window(values, *(window or percentile_window(values)))
+    if data.get("PhotometricInterpretation") == "MONOCHROME1":
+        image = 1.0 - image
+    return _gray_to_rgb(image)
+
+
+def _read_nifti(path: str, window: tuple[float, float] | None, axis: int,
+                slice_range: tuple[int, int] | None) -> Scan:
+    import nibabel
+
+    try:
+        volume = np.asarray(nibabel.load(path).dataobj, dtype=np.float32)
+    except Exception as error:
+        raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
+    volume = np.squeeze(volume) if volume.ndim > 3 else volume
+    if volume.size == 0:
+        raise InputError(f"{path}: empty volume")
+    if volume.ndim == 4:
+        raise InputError(f"{path}: 4-D volume {volume.shape}; extract one 3-D volume first")
+    low, high = window or percentile_window(volume, nonzero_only=True)
+    scaled = apply_window(volume, low, high)
+    if scaled.ndim == 2:
+        return Scan(path, [_gray_to_rgb(scaled)], None)
+    if not 0 <= axis < 3:
+        raise InputError(f"--axis {axis}: a 3-D volume has axes 0, 1, 2")
+    count = scaled.shape[axis]
+    first, last = slice_range if slice_range else (0, count - 1)
+    if not 0 <= first <= last < count:
+        raise InputError(f"--slices {first} {last}: the volume has slices 0..{count - 1} along axis {axis}")
+    indices = list(range(first, last + 1))
+    slices = [_gray_to_rgb(np.take(scaled, index, axis=axis)) for index in indices]
+    return Scan(path, slices, indices)
+
+
+def read_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
+              slice_range: tuple[int, int] | None = None) -> Scan:
+    """Read one image, DICOM file or NIfTI volume; bad input raises ``InputError`` naming the path."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file")
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path, window, axis, slice_range)
+    if suffix in IMAGE_SUFFIXES:
+        return Scan(path, [load_image(path)], None)
+    if _is_dicom(path):
+        return Scan(path, [_read_dicom(path, window)], None)
+    raise InputError(f"{path}: unknown file type '{suffix or 'no extension'}' "
+                     f"(PNG/JPG/TIFF, DICOM or NIfTI expected)")

@@ -1,0 +1,159 @@
+"""Score one image, DICOM file, NIfTI volume, or a folder of them, and show where the anomaly is.
+
+    python test_one_example.py --image_path scan.nii.gz --checkpoint_path checkpoint/brain/best.pth
+
+For each input it writes <name>.png (image | heatmap | overlay, score on it; heat on a fixed 0-1
+scale), <name>.npy (the map, float16, at the input's size; [S,H,W] for a volume) and one JSON line
+in predictions.jsonl: path, score, decision, threshold (and per-slice scores for a volume, whose
+score is the maximum over slices, plus a montage of its most anomalous slices).
+The decision threshold is the checkpoint's (F1-max on its validation split); --threshold overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.backbone import BackboneConfig
+from CLIP.checkpoint import load_model
+from dataset import preprocess
+from medical_io import WINDOW_PRESETS, Scan, list_inputs, read_scan
+from utils import InputError, autocast, resolve_device, run_cli
+from visualization import montage, overlay_panel, save_png
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image_path", required=True, help="image, DICOM, NIfTI, or a folder of them")
+    parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
+    parser.add_argument("--save_path", default="results/one_example")
+    parser.add_argument("--threshold", type=float, help="decision threshold (default: the checkpoint's)")
+    parser.add_argument("--dataset", default="brain", help="organ wording of the zero-training baseline")
+    parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="intensity window for DICOM/NIfTI (HU for CT)")
+    parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
+    parser.add_argument("--axis", type=int, default=2, help="NIfTI slicing axis (2: axial for RAS volumes)")
+    parser.add_argument("--slices", type=int, nargs=2, metavar=("FIRST", "LAST"), help="NIfTI slice range")
+    parser.add_argument("--top_k", type=int, default=8, help="slices in a volume's montage")
+    parser.add_argument("--model_name", default="ViT-L-14-336", help="baseline backbone")
+    parser.add_argument("--pretrained", help="backbone weights (default: openai, or the checkpoint's)")
+    parser.add_argument("--image_size", type=int)
+    parser.add_argument("--sigma", type=float)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
+    return parser.parse_args(argv)
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, float, str]:
+    """The model, its decision threshold and where the threshold came from."""
+    if args.checkpoint_path:
+        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma)
+        stored = checkpoint.get("threshold")
+    else:
+        config = MedVMADConfig(
+            backbone=BackboneConfig(args.model_name, args.pretrained or "openai", args.image_size or 336),
+            dataset=args.dataset, adapters=False, learnable_prompts=False,
+            sigma=4.0 if args.sigma is None else args.sigma)
+        model, stored = MedVMAD(config).to(device), None
+    if args.threshold is not None:
+        return model.eval(), args.threshold, "--threshold"
+    if stored is not None:
+        return model.eval(), float(stored), "checkpoint"
+    return model.eval(), 0.5, "default 0.5 (no calibrated threshold)"
+
+
+@torch.inference_mode()
+def score_slices(model: MedVMAD, slices: list[np.ndarray], device: torch.device, precision: str,
+                 batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Scores [S] and maps (each [H,W] at its slice's own size) for RGB slices in [0,1]."""
+    size = model.config.backbone.image_size
+    scores, maps = [], []
+    for start in range(0, len(slices), batch_size):
+        chunk = slices[start:start + batch_size]
+        images = torch.stack([preprocess(image, size) for image in chunk]).to(device)
+        with autocast(device, precision):
+            output = model(images)
+        scores.append(output.image_score.float().cpu().numpy())
+        for image, heat in zip(chunk, output.anomaly_map.float().cpu().numpy()):
+            maps.append(cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR))
+    return np.concatenate(scores), maps
+
+
+def output_stem(path: str) -> str:
+    name = os.path.basename(path.rstrip(os.sep))
+    return name[:-7] if name.lower().endswith(".nii.gz") else os.path.splitext(name)[0]
+
+
+def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: float, source: str,
+           save_path: Path, top_k: int) -> dict:
+    """Write the overlay/montage PNG and the map; return the JSON record."""
+    stem = output_stem(scan.path)
+    to_uint8 = lambda image: (image * 255).round().astype(np.uint8)  # noqa: E731
+    np.save(save_path / f"{stem}.npy", np.stack(maps).astype(np.float16) if scan.slice_indices else
+            maps[0].astype(np.float16))
+    record = {"path": scan.path, "score": float(scores.max()), "threshold": threshold, "threshold_from": source}
+    record["decision"] = "anomalous" if record["score"] >= threshold else "normal"
+    if scan.slice_indices is None:
+        save_png(save_path / f"{stem}.png", overlay_panel(to_uint8(scan.slices[0]), maps[0], 0.0, 1.0,
+                                                          text=f"score {scores[0]:.3f} {record['decision']}"))
+        return record
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    panels = [overlay_panel(to_uint8(scan.slices[i]), maps[i], 0.0, 1.0,
+                            text=f"slice {scan.slice_indices[i]} score {scores[i]:.3f}") for i in order]
+    save_png(save_path / f"{stem}.png", montage(panels, columns=1))
+    record.update(
+        slice_scores={str(index): float(score) for index, score in zip(scan.slice_indices, scores)},
+        most_anomalous_slice=int(scan.slice_indices[int(order[0])]),
+        slices_over_threshold=[int(i) for i, s in zip(scan.slice_indices, scores) if s >= threshold])
+    return record
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.window and args.window_preset:
+        raise InputError("give --window or --window_preset, not both")
+    window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)
+    if os.path.isdir(args.image_path):
+        paths, in_folder = list_inputs(args.image_path), True
+        if not paths:
+            raise InputError(f"{args.image_path}: no image, DICOM or NIfTI files in this folder")
+    elif os.path.isfile(args.image_path):
+        paths, in_folder = [args.image_path], False
+    else:
+        raise InputError(f"--image_path {args.image_path}: no such file or folder")
+    device = resolve_device(args.device)
+    model, threshold, source = build(args, device)
+    save_path = Path(args.save_path)
+    save_path.mkdir(parents=True, exist_ok=True)
+
+    records = []
+    with open(save_path / "predictions.jsonl", "a", encoding="utf-8") as lines:
+        for path in paths:
+            try:
+                scan = read_scan(path, window, args.axis, tuple(args.slices) if args.slices else None)
+            except InputError as error:
+                if not in_folder:
+                    raise
+                print(f"skipped: {error}", file=sys.stderr)
+                continue
+            scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size)
+            record = report(scan, scores, maps, threshold, source, save_path, args.top_k)
+            lines.write(json.dumps(record) + "\n")
+            lines.flush()
+            print(json.dumps({k: record[k] for k in ("path", "score", "decision")}))
+            records.append(record)
+    if not records:
+        raise InputError(f"{args.image_path}: no file could be read")
+    return records
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,165 @@
+"""test_one_example.py and medical_io.py: every input format, outputs, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+import test_one_example
+from CLIP.MedVMAD import MedVMAD
+from CLIP.checkpoint import save_checkpoint
+from medical_io import read_scan
+from tests.conftest import tiny_config
+from utils import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> str:
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pth"
+    save_checkpoint(path, MedVMAD(tiny_config()), threshold=0.55, epoch=1)
+    return str(path)
+
+
+def brain_like(height: int = 48, width: int = 40) -> np.ndarray:
+    """uint8 [H,W] with a bright blob."""
+    yy, xx = np.mgrid[:height, :width]
+    image = 60 + 120 * np.exp(-((yy - 20) ** 2 + (xx - 18) ** 2) / 60.0)
+    image[0, 0], image[-1, -1] = 0, 255
+    return image.astype(np.uint8)
+
+
+def write_dicom(path: Path, raw: np.ndarray, photometric: str = "MONOCHROME2", window=(40, 400)) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = Dataset()
+    data.file_meta = meta
+    data.SOPClassUID, data.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    data.Modality = "CT"
+    data.Rows, data.Columns = raw.shape
+    data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 1
+    data.SamplesPerPixel, data.PhotometricInterpretation = 1, photometric
+    data.RescaleSlope, data.RescaleIntercept = 1, -1024
+    if window is not None:
+        data.WindowCenter, data.WindowWidth = window
+    data.PixelData = raw.astype(np.int16).tobytes()
+    data.save_as(path, enforce_file_format=True)
+
+
+def run(tmp_path: Path, image_path: Path, *extra: str) -> list[dict]:
+    return test_one_example.main(["--image_path", str(image_path), "--save_path", str(tmp_path / "out"),
+                                  "--device", "cpu", *extra])
+
+
+def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
+    image_path = tmp_path / "scan.png"
+    cv2.imwrite(str(image_path), brain_like())
+    [record] = run(tmp_path, image_path, "--checkpoint_path", checkpoint)
+    assert record["threshold"] == 0.55 and record["threshold_from"] == "checkpoint"
+    assert record["decision"] == ("anomalous" if record["score"] >= 0.55 else "normal")
+    assert 0 <= record["score"] <= 1
+    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))
+    assert overlay.shape == (48, 3 * 40, 3)
+    heat = np.load(tmp_path / "out" / "scan.npy")
+    assert heat.shape == (48, 40) and heat.dtype == np.float16
+    line = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    assert line["path"] == str(image_path) and line["score"] == record["score"]
+    [override] = run(tmp_path, image_path, "--checkpoint_path", checkpoint, "--threshold", "0.0")
+    assert override["decision"] == "anomalous" and override["threshold_from"] == "--threshold"
+
+
+def test_16bit_png_reads_like_its_8bit_version(tmp_path, checkpoint):
+    eight = brain_like()
+    cv2.imwrite(str(tmp_path / "a8.png"), eight)
+    cv2.imwrite(str(tmp_path / "a16.png"), eight.astype(np.uint16) * 257)
+    np.testing.assert_allclose(read_scan(str(tmp_path / "a16.png")).slices[0],
+                               read_scan(str(tmp_path / "a8.png")).slices[0], atol=1e-6)
+
+
+def test_same_image_as_png_and_2d_nifti_gives_the_same_score(tmp_path, checkpoint):
+    image = brain_like()
+    cv2.imwrite(str(tmp_path / "slice.png"), image)
+    nibabel.save(nibabel.Nifti1Image(image.astype(np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
+    [png] = run(tmp_path, tmp_path / "slice.png", "--checkpoint_path", checkpoint)
+    [nifti] = run(tmp_path, tmp_path / "slice.nii.gz", "--checkpoint_path", checkpoint, "--window", "0", "255")
+    assert nifti["score"] == pytest.approx(png["score"], abs=1e-6)
+
+
+def test_dicom_modality_lut_and_windows(tmp_path):
+    raw = np.linspace(0, 2048, 48 * 40).reshape(48, 40).astype(np.int16)
+    hu = raw.astype(np.float64) - 1024
+    write_dicom(tmp_path / "ct.dcm", raw)
+    own = read_scan(str(tmp_path / "ct.dcm")).slices[0][..., 0]        # file window: centre 40, width 400
+    np.testing.assert_allclose(own, np.clip((hu + 160) / 400, 0, 1), atol=1e-6)
+    liver = read_scan(str(tmp_path / "ct.dcm"), window=(-200, 250)).slices[0][..., 0]
+    np.testing.assert_allclose(liver, np.clip((hu + 200) / 450, 0, 1), atol=1e-6)
+    write_dicom(tmp_path / "inv", raw, photometric="MONOCHROME1")       # no extension: found by preamble
+    inverted = read_scan(str(tmp_path / "inv")).slices[0][..., 0]
+    np.testing.assert_allclose(inverted, 1 - own, atol=1e-6)
+
+
+def test_dicom_scores_with_the_baseline_and_a_preset(tmp_path):
+    write_dicom(tmp_path / "ct.dcm", np.linspace(0, 2048, 64 * 64).reshape(64, 64), window=None)
+    [record] = run(tmp_path, tmp_path / "ct.dcm", "--model_name", "tiny", "--pretrained", "none",
+                   "--image_size", "64", "--window_preset", "liver")
+    assert record["threshold_from"].startswith("default") and 0 <= record["score"] <= 1
+
+
+def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
+    volume = np.stack([brain_like() * (1 + 0.1 * s) for s in range(6)], axis=2).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    [record] = run(tmp_path, tmp_path / "vol.nii.gz", "--checkpoint_path", checkpoint,
+                   "--slices", "1", "4", "--top_k", "3")
+    scores = record["slice_scores"]
+    assert list(scores) == ["1", "2", "3", "4"]
+    assert record["score"] == max(scores.values())
+    assert record["most_anomalous_slice"] == int(max(scores, key=scores.get))
+    assert record["slices_over_threshold"] == [int(k) for k, v in scores.items() if v >= 0.55]
+    assert np.load(tmp_path / "out" / "vol.npy").shape == (4, 48, 40)
+    assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 48, 3 * 40, 3)
+
+
+def test_folder_with_a_corrupt_file_scores_the_rest(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "good.png"), brain_like())
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "notes.txt").write_text("ignored: not an image")
+    records = run(tmp_path, folder, "--checkpoint_path", checkpoint)
+    assert [Path(r["path"]).name for r in records] == ["good.png"]
+    error = capsys.readouterr().err
+    assert "skipped:" in error and "broken.png" in error
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.png", b"", "empty file"),
+    ("scan.xyz", b"data", "unknown file type"),
+    ("corrupt.nii.gz", b"garbage", "unreadable NIfTI"),
+])
+def test_bad_single_inputs_are_clear_errors(tmp_path, checkpoint, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        run(tmp_path, tmp_path / name, "--checkpoint_path", checkpoint)
+
+
+def test_4d_volume_exits_with_one_line(tmp_path, checkpoint):
+    nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), str(tmp_path / "v4.nii"))
+    done = subprocess.run([sys.executable, "test_one_example.py", "--image_path", str(tmp_path / "v4.nii"),
+                           "--checkpoint_path", checkpoint, "--save_path", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "4-D volume" in done.stderr
