@@ -136,13 +136,19 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return area
 
 
+def _pro_curve(h: _Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """FPR [V+1] and PRO [V+1] at every distinct threshold, from the highest down, with (0, 0) first."""
+    fpr = np.concatenate([[0.0], np.cumsum(h.neg) / h.neg.sum()])
+    pro = np.concatenate([[0.0], np.cumsum(h.region) / h.n_regions])
+    return fpr, pro
+
+
 def _aupro(h: _Histogram, fpr_limit: float) -> float:
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if h.n_regions == 0 or h.neg.sum() == 0:
         return _nan("AUPRO", "no anomalous region or no normal pixel")
-    fpr = np.concatenate([[0.0], np.cumsum(h.neg) / h.neg.sum()])
-    pro = np.concatenate([[0.0], np.cumsum(h.region) / h.n_regions])
+    fpr, pro = _pro_curve(h)
     return float(np.clip(_area_up_to(fpr, pro, fpr_limit) / fpr_limit, 0.0, 1.0))
 
 
@@ -178,6 +184,15 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     (every distinct threshold; PRO = mean over 8-connected regions of each image of the fraction
     of the region at or above the threshold) from FPR 0 to fpr_limit, divided by fpr_limit."""
     return _aupro(_histogram(masks, maps, regions=True), fpr_limit)
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact PRO-vs-FPR curve behind ``aupro`` (for plots): FPR [K] and PRO [K], FPR ascending.
+    masks, maps [N,H,W]; ValueError when there is no anomalous region or no normal pixel."""
+    h = _histogram(masks, maps, regions=True)
+    if h.n_regions == 0 or h.neg.sum() == 0:
+        raise ValueError("PRO curve needs an anomalous region and a normal pixel")
+    return _pro_curve(h)
 
 
 def aupro_legacy(masks: np.ndarray, maps: np.ndarray, num_thresholds: int = 200,

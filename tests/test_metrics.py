@@ -214,3 +214,15 @@ def test_aupro_legacy_close_to_aupro() -> None:
     legacy, exact = metrics.aupro_legacy(masks, maps), metrics.aupro(masks, maps)
     assert 0.0 <= legacy <= 1.0
     assert abs(legacy - exact) < 0.1
+
+
+def test_pro_curve_matches_hand_values_and_aupro():
+    """One 2-pixel region: half detected at the top threshold, fully at the next."""
+    masks = np.zeros((1, 2, 3), dtype=bool)
+    masks[0, 0, :2] = True
+    maps = np.array([[[0.9, 0.5, 0.1], [0.7, 0.3, 0.2]]], dtype=np.float32)
+    fpr, pro = metrics.pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr, [0, 0, 0.25, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(pro, [0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
+    area = 0.25 * 0.5 + 0.05 * 1.0  # FPR 0-0.25 at PRO 0.5, then 0.25-0.3 at PRO 1
+    assert metrics.aupro(masks, maps) == pytest.approx(area / 0.3)

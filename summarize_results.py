@@ -1,0 +1,74 @@
+"""Mean ± std over seeds of several test.py runs, as a pipe table (x100, one decimal).
+
+    python summarize_results.py --results results/fewshot/*/results.json --save_path results/fewshot
+
+Runs are grouped by dataset and by their ``--k_shot`` argument; each group's runs are the seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from utils import InputError, atomic_write_json, atomic_write_text, run_cli
+
+METRICS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
+           ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for a single run) of the finite values."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+
+def summarize(results: list[dict]) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
+    """{(dataset, k_shot): {metric: (mean, std, runs)}} over the given results.json contents."""
+    groups: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for result in results:
+        k_shot = int(result.get("args", {}).get("k_shot") or 0)
+        for name, values in result["datasets"].items():
+            for key, _ in METRICS:
+                groups[(name, k_shot)][key].append(values.get(key, math.nan))
+    return {group: {key: (*mean_std(values[key]), len(values[key])) for key, _ in METRICS}
+            for group, values in sorted(groups.items())}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", nargs="+", required=True, help="results.json files of test.py")
+    parser.add_argument("--save_path", help="folder for summary.json and summary.csv")
+    args = parser.parse_args(argv)
+    loaded = []
+    for path in args.results:
+        try:
+            loaded.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: not a readable results.json ({error})") from None
+    summary = summarize(loaded)
+    headers = ["dataset", "k", "runs"] + [title for _, title in METRICS]
+    cell = lambda m, s: "-" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"  # noqa: E731
+    rows = [[name, k or "zero-shot", next(iter(values.values()))[2]] + [cell(*values[key][:2]) for key, _ in METRICS]
+            for (name, k), values in summary.items()]
+    print(tabulate(rows, headers=headers, tablefmt="pipe"))
+    if args.save_path:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([headers] + rows)
+        atomic_write_text(Path(args.save_path) / "summary.csv", buffer.getvalue())
+        atomic_write_json(Path(args.save_path) / "summary.json", [
+            {"dataset": name, "k_shot": k, **{key: {"mean": v[0], "std": v[1], "runs": v[2]} for key, v in values.items()}}
+            for (name, k), values in summary.items()])
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

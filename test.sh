@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Evaluate every protocol (each its own table; see PROTOCOLS.md): run train.sh first, then
+#   bash test.sh [indomain|crossorgan|zeroshot|fewshot|all]      (default: all)
+# With no BMAD data under DATA_ROOT, the demo set and the tiny offline model are used.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA_ROOT=${DATA_ROOT:-data/BMAD}
+TARGETS=${TARGETS:-"Brain Liver"}
+K_SHOTS=${K_SHOTS:-"2 4 8 16"}
+SEEDS=${SEEDS:-"1 2 3"}
+BATCH_SIZE=${BATCH_SIZE:-8}
+DEVICE=${DEVICE:-auto}
+PRECISION=${PRECISION:-fp32}
+SAVE_ROOT=${SAVE_ROOT:-checkpoint}
+RESULTS=${RESULTS:-results}
+EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro legacy, --pretrained PATH
+
+if [ ! -d "$DATA_ROOT/Brain" ]; then
+  echo "no BMAD data in $DATA_ROOT: using the demo set"
+  DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"
+fi
+COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION $EXTRA"
+PROTOCOL=${1:-all}
+read -r -a targets <<< "$TARGETS"
+
+if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
+  for target in "${targets[@]}"; do
+    python test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/indomain/$target/best.pth" \
+      --save_path "$RESULTS/indomain/$target" $COMMON
+  done
+fi
+
+if [[ $PROTOCOL == crossorgan || $PROTOCOL == all ]]; then
+  # train on the first target, test on the second, and the reverse
+  python test.py --data_path "$DATA_ROOT/${targets[1]}" \
+    --checkpoint_path "$SAVE_ROOT/indomain/${targets[0]}/best.pth" --save_path "$RESULTS/crossorgan/${targets[0]}_to_${targets[1]}" $COMMON
+  python test.py --data_path "$DATA_ROOT/${targets[0]}" \
+    --checkpoint_path "$SAVE_ROOT/indomain/${targets[1]}/best.pth" --save_path "$RESULTS/crossorgan/${targets[1]}_to_${targets[0]}" $COMMON
+fi
+
+if [[ $PROTOCOL == zeroshot || $PROTOCOL == all ]]; then
+  for target in "${targets[@]}"; do
+    python test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/zeroshot/$target/best.pth" \
+      --save_path "$RESULTS/zeroshot/$target" $COMMON
+  done
+fi
+
+if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
+  for target in "${targets[@]}"; do
+    runs=()
+    for k in $K_SHOTS; do
+      for seed in $SEEDS; do
+        run="$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed"
+        python test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$run/best.pth" \
+          --k_shot "$k" --fewshot_seed "$seed" --save_path "$RESULTS/fewshot/$target/${k}shot_seed$seed" $COMMON
+        runs+=("$RESULTS/fewshot/$target/${k}shot_seed$seed/results.json")
+      done
+    done
+    python summarize_results.py --results "${runs[@]}" --save_path "$RESULTS/fewshot/$target"
+  done
+fi

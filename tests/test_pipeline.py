@@ -1,0 +1,153 @@
+"""End to end: train.py -> test.py on a small demo set with the tiny model (CPU)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import train
+from generate_dataset.demo import build_demo
+from utils import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--n_ctx", "4",
+        "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+
+
+def load_test_script():
+    """test.py by path: ``import test`` could find the standard library's test package."""
+    spec = importlib.util.spec_from_file_location("medvmad_test_script", ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+test_script = load_test_script()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    return build_demo(str(tmp_path_factory.mktemp("data")), n_train=4, n_valid=(8, 8), n_test=(6, 6),
+                      image_size=SIZE)
+
+
+def run_train(save_path: Path, root: str, *extra: str) -> dict:
+    return train.main(["--train_data_path", root, "--save_path", str(save_path), "--epoch", "2",
+                       "--learning_rate", "1e-3", *TINY, *extra])
+
+
+def test_train_then_test_writes_every_file(tmp_path, demo):
+    run_train(tmp_path / "run", demo)
+    for name in ("args.json", "train_log.txt", "epoch_1.pth", "epoch_2.pth", "best.pth"):
+        assert (tmp_path / "run" / name).is_file(), name
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
+    assert best["config"]["backbone"]["model_name"] == "tiny" and 0 <= best["threshold"] <= 1
+    assert best["epoch"] in (1, 2) and "optimizer" not in best
+    assert set(best["selection_metrics"]) >= {"image_auroc", "pixel_auroc"}
+
+    out = tmp_path / "results"
+    summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(tmp_path / "run" / "best.pth"),
+                                "--save_path", str(out), "--num_workers", "0", "--device", "cpu",
+                                "--batch_size", "5", "--visualize", "2"])
+    brain = summary["datasets"]["brain"]
+    assert brain["n_images"] == 12 and brain["n_abnormal"] == 6
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro"):
+        assert 0 <= brain[key] <= 1, key
+    written = json.loads((out / "results.json").read_text())
+    assert written["datasets"]["brain"] == pytest.approx(brain)
+    assert written["checkpoint"]["epoch"] == best["epoch"] and written["versions"]["torch"]
+
+    table = list(csv.reader((out / "results.csv").open()))
+    assert table[0] == ["dataset", "image AUROC", "image AP", "pixel AUROC", "pixel AUPRO"]
+    assert table[1][0] == "brain" and table[-1][0] == "mean"
+    assert table[1][1:] == [f"{100 * brain[k]:.1f}" for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")]
+
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 12
+    recomputed = roc_auc_score([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
+    assert recomputed == pytest.approx(brain["image_auroc"], abs=1e-6)
+    assert len(list((out / "visualization" / "brain" / "abnormal").glob("*.png"))) == 2
+    assert (out / "visualization" / "brain" / "roc_image.png").is_file()
+    assert (out / "visualization" / "brain" / "pro_pixel.png").is_file()
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, demo):
+    run_train(tmp_path / "whole", demo)
+    train.main(["--train_data_path", demo, "--save_path", str(tmp_path / "split"), "--epoch", "1",
+                "--learning_rate", "1e-3", *TINY])
+    run_train(tmp_path / "split", demo, "--resume")
+    whole = torch.load(tmp_path / "whole" / "epoch_2.pth", weights_only=True)["trainable"]
+    resumed = torch.load(tmp_path / "split" / "epoch_2.pth", weights_only=True)["trainable"]
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, demo, monkeypatch):
+    real_loss = train.medvmad_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        parts = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:  # epoch 1 has 3 steps of batch 4 on 12-13 images
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(train, "medvmad_loss", poisoned)
+    with pytest.raises(InputError, match=r"loss became nan at epoch 2 .*epoch_1\.pth"):
+        run_train(tmp_path / "run", demo)
+    kept = torch.load(tmp_path / "run" / "epoch_1.pth", weights_only=True)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["trainable"].values())
+    assert not (tmp_path / "run" / "epoch_2.pth").exists()
+
+
+def test_training_never_reads_the_test_split(tmp_path, demo):
+    copy = tmp_path / "Brain"
+    shutil.copytree(demo, copy)
+    for image in (copy / "test").rglob("*.png"):
+        image.write_bytes(b"unreadable")
+    shutil.rmtree(copy / "train")  # not used either: training reads valid/
+    run_train(tmp_path / "run", str(copy), "--epoch", "1")
+    assert (tmp_path / "run" / "best.pth").is_file()
+
+
+def test_zero_training_baseline_and_bad_inputs(tmp_path, demo):
+    summary = test_script.main(["--data_path", demo, "--model_name", "tiny", "--pretrained", "none",
+                                "--image_size", str(SIZE), "--save_path", str(tmp_path / "base"),
+                                "--num_workers", "0", "--device", "cpu", "--metrics", "image-level"])
+    assert summary["checkpoint"] is None and "pixel_auroc" not in summary["datasets"]["brain"]
+    with pytest.raises(InputError, match="missing"):
+        test_script.main(["--data_path", str(tmp_path / "missing"), "--model_name", "tiny", "--pretrained",
+                          "none", "--save_path", str(tmp_path / "x"), "--device", "cpu"])
+    checkpoint = tmp_path / "run" / "best.pth"
+    run_train(tmp_path / "run", demo, "--epoch", "1")
+    with pytest.raises(InputError, match="trained on tiny, not --model_name ViT-B-16"):
+        test_script.main(["--data_path", demo, "--checkpoint_path", str(checkpoint), "--model_name", "ViT-B-16",
+                          "--save_path", str(tmp_path / "x"), "--device", "cpu"])
+    not_a_checkpoint = tmp_path / "weights.pt"
+    torch.save({"visual.proj": torch.zeros(2)}, not_a_checkpoint)
+    with pytest.raises(InputError, match="not a MedVMAD checkpoint"):
+        test_script.main(["--data_path", demo, "--checkpoint_path", str(not_a_checkpoint),
+                          "--save_path", str(tmp_path / "x"), "--device", "cpu"])
+
+
+def test_fewshot_train_and_test_share_the_support_set(tmp_path, demo):
+    run = tmp_path / "fewshot"
+    train.main(["--train_data_path", demo, "--save_path", str(run), "--epoch", "1", "--k_shot", "2",
+                "--fewshot_seed", "3", *TINY])
+    support = run / "support_2shot_seed3.txt"
+    assert len([line for line in support.read_text().splitlines() if not line.startswith("#")]) == 4
+    summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(run / "best.pth"), "--k_shot", "2",
+                                "--fewshot_seed", "3", "--save_path", str(tmp_path / "res"),
+                                "--num_workers", "0", "--device", "cpu"])
+    assert summary["support_files"]["brain"] == str(support)
+    assert (tmp_path / "res" / "support_brain_2shot_seed3.txt").read_text() == support.read_text()
+    assert 0 <= summary["datasets"]["brain"]["pixel_auroc"] <= 1

@@ -1,0 +1,249 @@
+"""Train MedVMAD's prompts and adapters on labelled data; keep the checkpoint chosen on validation.
+
+    python train.py --train_data_path data/BMAD/Brain --save_path checkpoint/brain
+
+Without --train_data_path the demo set is built (once) and used. Training images come from
+--train_split of each root (default valid: BMAD's labelled split); model selection and the
+decision threshold use --valid_data_path, or a stratified held-out part of the training images.
+The target's test split is never read. Each epoch writes epoch_<n>.pth; best.pth is the kept one.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+from tqdm import tqdm
+
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.backbone import BackboneConfig
+from CLIP.checkpoint import read_checkpoint, save_checkpoint
+from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
+                     read_support, sample_support, save_support, split_holdout)
+from generate_dataset.demo import ensure_demo
+from inference import compute_metrics, predict
+from loss import LossWeights, medvmad_loss
+from utils import (InputError, atomic_write_json, autocast, resolve_device, run_cli,
+                   seed_everything, setup_logging, versions)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_path", nargs="+", help="training dataset roots; default: the demo set")
+    data.add_argument("--dataset", nargs="+", help="a name per training root (default: folder names)")
+    data.add_argument("--train_split", default="valid", help="split of the training roots to train on (default valid)")
+    data.add_argument("--valid_data_path", nargs="+", help="roots whose --valid_split selects the checkpoint; "
+                      "default: a held-out part of the training images")
+    data.add_argument("--valid_split", default="valid")
+    data.add_argument("--holdout_fraction", type=float, default=0.2,
+                      help="share of training images held out for selection when no --valid_data_path")
+    data.add_argument("--k_shot", type=int, default=0, help="few-shot: k normal + k abnormal images of the "
+                      "(single) training root's valid split, augmented x11; 0 = off")
+    data.add_argument("--fewshot_seed", type=int, default=1)
+    data.add_argument("--support_file", help="read the few-shot support set from this file instead of sampling")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name", default="ViT-L-14-336")
+    model.add_argument("--pretrained", default="openai", help="open_clip tag, local weights file, or none")
+    model.add_argument("--features_list", type=int, nargs="+", help="tapped layers, 1-based (default: 4 evenly spaced)")
+    model.add_argument("--image_size", type=int, default=336)
+    model.add_argument("--n_ctx", type=int, default=12, help="learnable context tokens per prompt")
+    model.add_argument("--depth", type=int, default=9, help="text layers with learnable deep tokens")
+    model.add_argument("--t_n_ctx", type=int, default=4, help="learnable deep tokens per text layer")
+    model.add_argument("--alpha", type=float, default=0.1, help="adapter weight: (1-2a) x + a seg + a det")
+    model.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of test maps, pixels")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epoch", type=int, default=10)
+    optim.add_argument("--batch_size", type=int, default=8)
+    optim.add_argument("--learning_rate", type=float, help="default 1e-4, or 1e-3 with --k_shot")
+    optim.add_argument("--focal_weight", type=float, default=1.0)
+    optim.add_argument("--dice_weight", type=float, default=1.0)
+    optim.add_argument("--image_weight", type=float, default=1.0)
+    optim.add_argument("--seed", type=int, default=111)
+    run = parser.add_argument_group("run")
+    run.add_argument("--save_path", default="checkpoint/demo", help="folder for checkpoints, log and args.json")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"],
+                     help="autocast for the forward pass; learnable weights stay fp32")
+    run.add_argument("--num_workers", type=int, default=2)
+    run.add_argument("--resume", nargs="?", const="latest", default=None,
+                     help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
+    args = parser.parse_args(argv)
+    if args.learning_rate is None:
+        args.learning_rate = 1e-3 if args.k_shot else 1e-4
+    return args
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain types and tensors (``weights_only`` loadable)."""
+    version, python_state, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(python_state), gauss],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def latest_epoch_checkpoint(save_path: Path) -> Path | None:
+    """The epoch_<n>.pth with the highest n in ``save_path``."""
+    found = [(int(m.group(1)), p) for p in save_path.glob("epoch_*.pth")
+             if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
+    return max(found)[1] if found else None
+
+
+def training_data(args, roots: list[str], names: list[str], logger) -> tuple[torch.utils.data.Dataset, list[Sample]]:
+    """The training dataset and the samples used for model selection (never a test split)."""
+    if args.k_shot:
+        if len(roots) != 1:
+            raise InputError("--k_shot adapts to one target: give exactly one --train_data_path")
+        pool = list_samples(roots[0], "valid")
+        support_file = Path(args.save_path) / f"support_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
+        if args.support_file:
+            support = read_support(args.support_file, roots[0])
+        else:
+            support = sample_support(pool, args.k_shot, args.fewshot_seed)
+        save_support(str(support_file), support, roots[0])
+        logger.info(f"few-shot support ({len(support)} images) written to {support_file}")
+        base = MedicalDataset(support, args.image_size)
+        items = [base[i] for i in range(len(base))]
+        images, masks = augment_support(torch.stack([it["image"] for it in items]),
+                                        torch.stack([it["mask"] for it in items]), seed=args.fewshot_seed)
+        repeats = images.shape[0] // len(items)
+        labels = torch.tensor([it["label"] for it in items]).repeat(repeats)
+        has_mask = torch.tensor([it["has_mask"] for it in items]).repeat(repeats)
+        # Selection data for few-shot: the un-augmented support images (no other labelled target data).
+        return TensorDataset(images, masks, labels, has_mask), support
+    parts, selection = [], []
+    for root, name in zip(roots, names):
+        samples = list_samples(root, args.train_split)
+        if not args.valid_data_path:
+            samples, held_out = split_holdout(samples, args.holdout_fraction, args.seed)
+            selection += held_out
+        logger.info(describe(samples, f"{name}/{args.train_split} (training)"))
+        parts.append(MedicalDataset(samples, args.image_size))
+    for root in args.valid_data_path or []:
+        selection += list_samples(root, args.valid_split)
+    logger.info(describe(selection, "model selection"))
+    return ConcatDataset(parts), selection
+
+
+def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, masks, labels, has_mask) from a MedicalDataset dict batch or a TensorDataset tuple."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["mask"], batch["label"], batch["has_mask"]
+    return tuple(batch)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    save_path = Path(args.save_path)
+    logger = setup_logging(save_path, "train_log.txt")
+    device = resolve_device(args.device)
+    roots = args.train_data_path or [ensure_demo()]
+    names = args.dataset or [dataset_name(root) for root in roots]
+    if len(names) != len(roots):
+        raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --train_data_path roots")
+
+    resume_from = None
+    if args.resume:
+        resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None:
+            raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
+    atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
+    seed_everything(args.seed)
+
+    train_set, selection_samples = training_data(args, roots, names, logger)
+    prompt_name = names[0] if len(set(names)) == 1 else "organ"
+    config = MedVMADConfig(
+        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size), dataset=prompt_name,
+        features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
+        t_n_ctx=args.t_n_ctx, sigma=args.sigma)
+    try:
+        model = MedVMAD(config).to(device)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
+    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight)
+    logger.info(f"model {args.model_name} ({args.pretrained}) image_size {args.image_size} "
+                f"layers {model.features_list}; {sum(p.numel() for p in parameters):,} trainable parameters")
+
+    start_epoch, best = 1, {"score": -math.inf, "epoch": None}
+    if resume_from is not None:
+        state = read_checkpoint(resume_from)
+        if state["config"] != config.to_dict():
+            raise InputError(f"--resume {resume_from}: its model config differs from this run's flags")
+        model.load_trainable_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
+
+    selection_loader = DataLoader(MedicalDataset(selection_samples, args.image_size), batch_size=args.batch_size,
+                                  num_workers=args.num_workers)
+    last_good = resume_from
+    for epoch in range(start_epoch, args.epoch + 1):
+        model.train()
+        order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order,
+                            num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
+        sums: dict[str, float] = {}
+        progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False)
+        for step, batch in enumerate(progress, start=1):
+            images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
+            with autocast(device, args.precision):
+                output = model(images)
+            parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
+            if not torch.isfinite(parts["loss"]):
+                raise InputError(f"loss became {parts['loss'].item()} at epoch {epoch} step {step} "
+                                 f"(try a lower --learning_rate or --precision fp32); last good checkpoint: "
+                                 f"{last_good or 'none yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(parts["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
+        averages = {key: value / max(len(loader), 1) for key, value in sums.items()}
+
+        predictions = predict(model, selection_loader, device, args.precision, desc="selection")
+        values = compute_metrics(predictions)
+        present = [values[key] for key in ("image_auroc", "pixel_auroc") if not math.isnan(values.get(key, math.nan))]
+        score = float(np.mean(present)) if present else -averages["loss"]
+        threshold = values.get("image_f1_threshold", 0.5)
+        extra = dict(epoch=epoch, threshold=float(threshold), selection_metrics=values, train_loss=averages,
+                     args=vars(args))
+        # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
+        improved = bool(args.k_shot) or score > best["score"]
+        if improved:
+            best = {"score": score, "epoch": epoch}
+        epoch_path = save_path / f"epoch_{epoch}.pth"
+        save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
+                        scaler=scaler.state_dict(), rng=rng_state())
+        if improved:
+            save_checkpoint(save_path / "best.pth", model, **extra)
+        last_good = epoch_path
+        logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in averages.items())
+                    + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values))
+                    + (" | kept as best.pth" if improved else ""))
+    logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
+    return {"best": best, "save_path": str(save_path)}
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train MedVMAD for each protocol of ../docs (PROTOCOLS.md): edit the variables, then
+#   bash train.sh [indomain|zeroshot|fewshot|all]      (default: all)
+# indomain also serves the cross-organ protocol (train on one organ, test on the other: test.sh).
+# With no BMAD data under DATA_ROOT, the demo set is built and the tiny offline model is used.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA_ROOT=${DATA_ROOT:-data/BMAD}            # holds Brain/, Liver/, Retina_RESC/, ... (BMAD layout)
+TARGETS=${TARGETS:-"Brain Liver"}            # datasets reported in the tables
+SOURCES=${SOURCES:-"Brain Liver Retina_RESC Retina_OCT2017 Chest Histopathology"}  # leave-one-out pool
+MODEL_NAME=${MODEL_NAME:-ViT-L-14-336}
+PRETRAINED=${PRETRAINED:-openai}              # or /path/to/ViT-L-14-336.pt offline
+IMAGE_SIZE=${IMAGE_SIZE:-336}
+EPOCH=${EPOCH:-10}
+BATCH_SIZE=${BATCH_SIZE:-8}
+FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-50}
+K_SHOTS=${K_SHOTS:-"2 4 8 16"}
+SEEDS=${SEEDS:-"1 2 3"}
+DEVICE=${DEVICE:-auto}
+PRECISION=${PRECISION:-fp32}
+SAVE_ROOT=${SAVE_ROOT:-checkpoint}
+EXTRA=${EXTRA:-}                               # any further train.py flags
+
+if [ ! -d "$DATA_ROOT/Brain" ]; then
+  echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
+  DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; SOURCES="Brain BrainCoronal"
+  MODEL_NAME=tiny; PRETRAINED=none; IMAGE_SIZE=224; EPOCH=${DEMO_EPOCH:-3}; FEWSHOT_EPOCH=${DEMO_EPOCH:-3}
+  python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT')"
+fi
+COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED --image_size $IMAGE_SIZE --batch_size $BATCH_SIZE
+        --device $DEVICE --precision $PRECISION $EXTRA"
+PROTOCOL=${1:-all}
+
+if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
+  for target in $TARGETS; do   # (a) in-domain and (b) cross-organ: train on the target's labelled valid split
+    python train.py --train_data_path "$DATA_ROOT/$target" --train_split valid --epoch "$EPOCH" \
+      --save_path "$SAVE_ROOT/indomain/$target" $COMMON
+  done
+fi
+
+if [[ $PROTOCOL == zeroshot || $PROTOCOL == all ]]; then
+  for target in $TARGETS; do   # (c) MVFA leave-one-out: train on every other dataset, never on the target
+    others=()
+    for source in $SOURCES; do
+      [[ $source != "$target" && -d $DATA_ROOT/$source ]] && others+=("$DATA_ROOT/$source")
+    done
+    python train.py --train_data_path "${others[@]}" --train_split test --epoch "$EPOCH" \
+      --save_path "$SAVE_ROOT/zeroshot/$target" $COMMON
+  done
+fi
+
+if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
+  for target in $TARGETS; do   # (d) k normal + k abnormal images of the target's valid split, x11 augmented
+    for k in $K_SHOTS; do
+      for seed in $SEEDS; do
+        python train.py --train_data_path "$DATA_ROOT/$target" --k_shot "$k" --fewshot_seed "$seed" \
+          --epoch "$FEWSHOT_EPOCH" --save_path "$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed" $COMMON
+      done
+    done
+  done
+fi
