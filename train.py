@@ -139,6 +139,14 @@ def training_data(args, roots: list[str], names: list[str], logger) -> tuple[tor
     return ConcatDataset(parts), selection
 
 
+def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
+    """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
+    return MedVMADConfig(
+        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size), dataset=prompt_name,
+        features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
+        t_n_ctx=args.t_n_ctx, sigma=args.sigma)
+
+
 def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, masks, labels, has_mask) from a MedicalDataset dict batch or a TensorDataset tuple."""
     if isinstance(batch, dict):
@@ -165,11 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
 
     train_set, selection_samples = training_data(args, roots, names, logger)
-    prompt_name = names[0] if len(set(names)) == 1 else "organ"
-    config = MedVMADConfig(
-        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size), dataset=prompt_name,
-        features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
-        t_n_ctx=args.t_n_ctx, sigma=args.sigma)
+    config = model_config(args, names[0] if len(set(names)) == 1 else "organ")
     try:
         model = MedVMAD(config).to(device)
     except ValueError as error:

@@ -44,7 +44,7 @@ class MedVMADConfig:
 
 @dataclass
 class MedVMADOutput:
-    image_score: torch.Tensor      # [B] in [0,1]
+    image_score: torch.Tensor      # [B] in [0,1]: (mean image-term probability + map max) / 2
     anomaly_map: torch.Tensor      # [B,H,W] in [0,1], mean of layer maps, smoothed
     layer_maps: torch.Tensor       # [B,L,H,W] abnormal probability per tapped layer (unsmoothed)
     image_logits: torch.Tensor     # [B,T,2] normal/abnormal logits of the image-level terms
@@ -186,12 +186,16 @@ class MedVMAD(nn.Module):
 
         image_logits = [self._logits(global_embedding, text)]                            # [B,2]
         for features in det_features:
-            # Detection branch: mean of patch-level logits, so each layer votes once.
-            image_logits.append(self._logits(features, text).mean(dim=1))
+            # Detection branch: the logits of the most abnormal patch (a lesion may be tiny).
+            logits = self._logits(features, text)                                          # [B,N,2]
+            top = (logits[..., 1] - logits[..., 0]).argmax(dim=1)
+            image_logits.append(logits[torch.arange(logits.shape[0], device=logits.device), top])
         image_logits = torch.stack(image_logits, dim=1)                                   # [B,T,2]
-        image_score = image_logits.softmax(dim=-1)[..., 1].mean(dim=1)
-
         text_map = gaussian_blur(layer_maps.mean(dim=1), self.config.sigma)
+        # Image score: the image-level terms' mean abnormal probability, averaged with the map's
+        # maximum (the map localises small lesions that the image-level terms miss).
+        image_score = 0.5 * image_logits.softmax(dim=-1)[..., 1].mean(dim=1) + 0.5 * text_map.flatten(1).amax(dim=1)
+
         normalised = [features / features.norm(dim=-1, keepdim=True) for features in seg_features]
         anomaly_map, bank_map = text_map, None
         if self.memory_bank is not None:

@@ -197,7 +197,8 @@ def test_zero_training_baseline_uses_projected_tokens_and_ensemble():
     with torch.no_grad():
         out = model(images)
         global_embedding = model.backbone.clip.encode_image(images)
-        expected = model._logits(global_embedding, model.text_features()).softmax(-1)[:, 1]
+        global_probability = model._logits(global_embedding, model.text_features()).softmax(-1)[:, 1]
+    expected = 0.5 * global_probability + 0.5 * out.anomaly_map.flatten(1).max(dim=1).values
     assert torch.allclose(out.image_score, expected, atol=1e-5)
     assert out.image_logits.shape == (2, 1, 2)
 
