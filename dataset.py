@@ -220,6 +220,12 @@ def describe(samples: list[Sample], name: str) -> str:
             f"{len(abnormal)} abnormal; {empty} abnormal with empty mask, {no_mask} without mask)")
 
 
+def table_name(root: str) -> str:
+    """The name a dataset root goes by in tables and logs: its folder's name ("Brain", "Liver")."""
+    path = Path(os.path.abspath(root))
+    return path.parent.name if path.suffix.lower() == ".json" else path.name
+
+
 def dataset_name(root: str) -> str:
     """Organ name from the data folder's name ("BraTS2021" -> "brain"), else the lowercase name."""
     path = Path(os.path.abspath(root))

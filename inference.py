@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 import metrics
 from CLIP.MedVMAD import MedVMAD
-from utils import autocast
+from dataset import MedicalDataset, Sample, augment_support
+from utils import InputError, autocast
 
 
 @dataclass
@@ -61,3 +62,18 @@ def compute_metrics(predictions: Predictions, pixel: bool = True, image: bool = 
         if aupro_variant == "legacy":
             results["pixel_aupro"] = metrics.aupro_legacy(predictions.masks, predictions.maps)
     return results
+
+
+def memory_bank_from_support(model: MedVMAD, support: list[Sample], seed: int, device: torch.device,
+                             batch_size: int = 8) -> tuple[int, int]:
+    """Build the model's few-shot bank from the normal images of ``support``, each with 10 seeded
+    augmentations (MVFA's x11). Returns (normal images, copies of each)."""
+    normal = MedicalDataset([s for s in support if s.label == 0], model.config.backbone.image_size)
+    if len(normal) < 2:
+        raise InputError("the memory bank needs at least 2 normal support images (--k_shot >= 2)")
+    images = torch.stack([normal[i]["image"] for i in range(len(normal))])
+    augmented, _ = augment_support(images, torch.zeros(images.shape[0], *images.shape[-2:]), seed=seed)
+    copies = augmented.shape[0] // len(normal)
+    groups = torch.arange(len(normal)).repeat(copies)  # augment_support: row i comes from image i % K
+    model.build_memory_bank(augmented.to(device), groups.to(device), batch_size)
+    return len(normal), copies

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     cell = lambda m, s: "-" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"  # noqa: E731
     rows = [[name, k or "zero-shot", next(iter(values.values()))[2]] + [cell(*values[key][:2]) for key, _ in METRICS]
             for (name, k), values in summary.items()]
-    print(tabulate(rows, headers=headers, tablefmt="pipe"))
+    print(tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True))
     if args.save_path:
         buffer = io.StringIO()
         csv.writer(buffer).writerows([headers] + rows)

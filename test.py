@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_curve
 from tabulate import tabulate
 from torch.utils.data import DataLoader
@@ -26,10 +25,10 @@ import metrics
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
-from dataset import (MedicalDataset, augment_support, dataset_name, describe, list_samples, read_support,
-                     sample_support, save_support)
+from dataset import (MedicalDataset, dataset_name, describe, list_samples, read_support, sample_support,
+                     save_support, table_name)
 from generate_dataset.demo import ensure_demo
-from inference import Predictions, compute_metrics, predict
+from inference import Predictions, compute_metrics, memory_bank_from_support, predict
 from utils import (InputError, atomic_write_json, atomic_write_text, resolve_device, run_cli,
                    seed_everything, setup_logging, versions)
 from visualization import overlay_panel, save_curve, save_png, to_display
@@ -41,7 +40,8 @@ TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", nargs="+", help="dataset roots (BMAD layout or meta.json); default: the demo set")
-    parser.add_argument("--dataset", nargs="+", help="a name per root, for prompts and table rows (default: folder names)")
+    parser.add_argument("--dataset", nargs="+", help="a name per root for the table rows (default: folder names); "
+                        "the organ in it (brain, liver, ...) picks the baseline's prompt wording")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
     parser.add_argument("--save_path", default="results/test", help="folder for results files")
@@ -105,15 +105,8 @@ def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name:
         support = sample_support(list_samples(root, "valid"), args.k_shot, args.fewshot_seed)
     written = save_path / f"support_{name}_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
     save_support(str(written), support, root)
-    normal = MedicalDataset([s for s in support if s.label == 0], model.config.backbone.image_size)
-    if len(normal) < 2:
-        raise InputError("the memory bank needs at least 2 normal support images (--k_shot >= 2)")
-    images = torch.stack([normal[i]["image"] for i in range(len(normal))])
-    augmented, _ = augment_support(images, torch.zeros(images.shape[0], *images.shape[-2:]), seed=args.fewshot_seed)
-    groups = torch.arange(len(normal)).repeat(augmented.shape[0] // len(normal))
-    model.build_memory_bank(augmented.to(device), groups.to(device), args.batch_size)
-    logger.info(f"{name}: memory bank from {len(normal)} normal support images x{augmented.shape[0] // len(normal)} "
-                f"({source}; written to {written})")
+    count, copies = memory_bank_from_support(model, support, args.fewshot_seed, device, args.batch_size)
+    logger.info(f"{name}: memory bank from {count} normal support images x{copies} ({source}; written to {written})")
     return source
 
 
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     device = resolve_device(args.device)
     roots = args.data_path or [ensure_demo()]
-    names = args.dataset or [dataset_name(root) for root in roots]
+    names = args.dataset or [table_name(root) for root in roots]
     if len(names) != len(roots):
         raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --data_path roots")
 
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(describe(samples, f"{name}/{args.split}"))
         dataset = MedicalDataset(samples, image_size)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-        model.set_dataset(name)
+        model.set_dataset(dataset_name(name))
         if args.k_shot:
             support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger)
         predictions = predict(model, loader, device, args.precision, keep_maps=want_pixel or args.visualize > 0,
@@ -196,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     headers = ["dataset"] + [title for _, title in TABLE_COLUMNS]
     rows = format_table(results)
     aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
-    logger.info("\n" + tabulate(rows, headers=headers, tablefmt="pipe") + f"\n({aupro_note}; values x100)")
+    table = tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+    logger.info(f"\n{table}\n({aupro_note}; values x100)")
 
     buffer = io.StringIO()
     csv.writer(buffer).writerows([headers] + rows)

@@ -19,6 +19,7 @@ EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro leg
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set"
   DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"
+  python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
 COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION $EXTRA"
 PROTOCOL=${1:-all}

@@ -24,7 +24,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
 from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
-                     read_support, sample_support, save_support, split_holdout)
+                     read_support, sample_support, save_support, split_holdout, table_name)
 from generate_dataset.demo import ensure_demo
 from inference import compute_metrics, predict
 from loss import LossWeights, medvmad_loss
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_path", nargs="+", help="training dataset roots; default: the demo set")
-    data.add_argument("--dataset", nargs="+", help="a name per training root (default: folder names)")
+    data.add_argument("--dataset", nargs="+", help="a name per training root (default: folder names); "
+                      "the organ in it (brain, liver, ...) picks the prompts' initial wording")
     data.add_argument("--train_split", default="valid", help="split of the training roots to train on (default valid)")
     data.add_argument("--valid_data_path", nargs="+", help="roots whose --valid_split selects the checkpoint; "
                       "default: a held-out part of the training images")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger = setup_logging(save_path, "train_log.txt")
     device = resolve_device(args.device)
     roots = args.train_data_path or [ensure_demo()]
-    names = args.dataset or [dataset_name(root) for root in roots]
+    names = args.dataset or [table_name(root) for root in roots]
     if len(names) != len(roots):
         raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --train_data_path roots")
 
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
 
     train_set, selection_samples = training_data(args, roots, names, logger)
-    config = model_config(args, names[0] if len(set(names)) == 1 else "organ")
+    organs = {dataset_name(name) for name in names}
+    config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
     try:
         model = MedVMAD(config).to(device)
     except ValueError as error:

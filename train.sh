@@ -26,7 +26,7 @@ if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
   DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; SOURCES="Brain BrainCoronal"
   MODEL_NAME=tiny; PRETRAINED=none; IMAGE_SIZE=224; EPOCH=${DEMO_EPOCH:-3}; FEWSHOT_EPOCH=${DEMO_EPOCH:-3}
-  python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT')"
+  python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
 COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED --image_size $IMAGE_SIZE --batch_size $BATCH_SIZE
         --device $DEVICE --precision $PRECISION $EXTRA"

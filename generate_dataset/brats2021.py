@@ -78,6 +78,15 @@ def write_png(path: str, image: np.ndarray) -> None:
         raise InputError(f"cannot write {path}")
 
 
+def write_sample(root: str, split: str, cls: str, name: str, image: np.ndarray,
+                 lesion: np.ndarray | None = None) -> None:
+    """Write one BMAD sample: ``split/cls/img/name`` (uint8 [H,W]) and, for a lesion mask (bool
+    [H,W]), ``split/cls/anomaly_mask/name`` as 0/255."""
+    write_png(os.path.join(root, split, cls, "img", name), image)
+    if lesion is not None:
+        write_png(os.path.join(root, split, cls, "anomaly_mask", name), lesion.astype(np.uint8) * 255)
+
+
 def check_empty_target(save_path: str) -> None:
     """Refuse to write into a non-empty folder (old slices of another split would leak)."""
     if os.path.isdir(save_path) and os.listdir(save_path):
@@ -174,11 +183,8 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
                 if split_name == "train" and cls == "Ungood":
                     continue  # BMAD trains on normal slices only
                 name = f"{case}_{z}.png"
-                write_png(os.path.join(save_path, split_name, cls, "img", name),
-                          display(scaled[:, :, z]))
-                if cls == "Ungood":
-                    write_png(os.path.join(save_path, split_name, cls, "anomaly_mask", name),
-                              display(lesion.astype(np.uint8) * 255))
+                write_sample(save_path, split_name, cls, name, display(scaled[:, :, z]),
+                             display(lesion) if cls == "Ungood" else None)
                 counts[f"{split_name}/{cls}"] += 1
     info = dict(source="BraTS2021", modality=modality, slice_range=[first, last], seed=seed,
                 split=list(split), counts=counts, **groups)

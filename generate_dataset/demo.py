@@ -42,7 +42,7 @@ from scipy.ndimage import gaussian_filter
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.brats2021 import display, write_png  # noqa: E402
+from generate_dataset.brats2021 import display, write_sample  # noqa: E402
 from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
 
 VIEWS = {"axial": ("Brain", 2), "coronal": ("BrainCoronal", 1)}  # view -> (folder, RAS axis)
@@ -147,10 +147,7 @@ def _write_split(root: str, split: str, cls: str, count: int, seed: int,
         rng = np.random.default_rng([seed, split_id, int(abnormal), i])
         image, _, delta, index = make_sample(images, masks, abnormal, rng)
         name = f"{i:03d}_{z_kept[index]}.png"
-        write_png(os.path.join(root, split, cls, "img", name), image)
-        if abnormal:
-            write_png(os.path.join(root, split, cls, "anomaly_mask", name),
-                      (delta > 0).astype(np.uint8) * 255)
+        write_sample(root, split, cls, name, image, delta > 0 if abnormal else None)
 
 
 def _is_complete(root: str) -> bool:

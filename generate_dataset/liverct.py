@@ -36,7 +36,7 @@ from tqdm import tqdm
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_dataset.brats2021 import (check_empty_target, display, load_volume,  # noqa: E402
-                                        split_cases, write_png)
+                                        split_cases, write_sample)
 from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
 
 BTCV_LIVER = 6
@@ -117,8 +117,7 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
             liver = label[:, :, z] == BTCV_LIVER
             if liver.any():
                 image = np.where(liver, window_hu(volume[:, :, z], low, high), 0).astype(np.uint8)
-                write_png(os.path.join(save_path, "train", "good", "img", f"{number}_{z}.png"),
-                          display(image))
+                write_sample(save_path, "train", "good", f"{number}_{z}.png", display(image))
                 counts["train/good"] += 1
 
     for split_name, numbers in (("valid", valid_ids), ("test", test_ids)):
@@ -132,10 +131,8 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
                 cls = "Ungood" if tumour.any() else "good"
                 name = f"{number}_{z}.png"
                 image = np.where(liver, window_hu(volume[:, :, z], low, high), 0).astype(np.uint8)
-                write_png(os.path.join(save_path, split_name, cls, "img", name), display(image))
-                if cls == "Ungood":
-                    write_png(os.path.join(save_path, split_name, cls, "anomaly_mask", name),
-                              display(tumour.astype(np.uint8) * 255))
+                write_sample(save_path, split_name, cls, name, display(image),
+                             display(tumour) if cls == "Ungood" else None)
                 counts[f"{split_name}/{cls}"] += 1
 
     info = dict(source="BTCV+LiTS", hu_window=[low, high], seed=seed, valid_fraction=valid_fraction,

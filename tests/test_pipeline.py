@@ -56,26 +56,26 @@ def test_train_then_test_writes_every_file(tmp_path, demo):
     summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(tmp_path / "run" / "best.pth"),
                                 "--save_path", str(out), "--num_workers", "0", "--device", "cpu",
                                 "--batch_size", "5", "--visualize", "2"])
-    brain = summary["datasets"]["brain"]
+    brain = summary["datasets"]["Brain"]
     assert brain["n_images"] == 12 and brain["n_abnormal"] == 6
     for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro"):
         assert 0 <= brain[key] <= 1, key
     written = json.loads((out / "results.json").read_text())
-    assert written["datasets"]["brain"] == pytest.approx(brain)
+    assert written["datasets"]["Brain"] == pytest.approx(brain)
     assert written["checkpoint"]["epoch"] == best["epoch"] and written["versions"]["torch"]
 
     table = list(csv.reader((out / "results.csv").open()))
     assert table[0] == ["dataset", "image AUROC", "image AP", "pixel AUROC", "pixel AUPRO"]
-    assert table[1][0] == "brain" and table[-1][0] == "mean"
+    assert table[1][0] == "Brain" and table[-1][0] == "mean"
     assert table[1][1:] == [f"{100 * brain[k]:.1f}" for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")]
 
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == 12
     recomputed = roc_auc_score([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
     assert recomputed == pytest.approx(brain["image_auroc"], abs=1e-6)
-    assert len(list((out / "visualization" / "brain" / "abnormal").glob("*.png"))) == 2
-    assert (out / "visualization" / "brain" / "roc_image.png").is_file()
-    assert (out / "visualization" / "brain" / "pro_pixel.png").is_file()
+    assert len(list((out / "visualization" / "Brain" / "abnormal").glob("*.png"))) == 2
+    assert (out / "visualization" / "Brain" / "roc_image.png").is_file()
+    assert (out / "visualization" / "Brain" / "pro_pixel.png").is_file()
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, demo):
@@ -123,7 +123,7 @@ def test_zero_training_baseline_and_bad_inputs(tmp_path, demo):
     summary = test_script.main(["--data_path", demo, "--model_name", "tiny", "--pretrained", "none",
                                 "--image_size", str(SIZE), "--save_path", str(tmp_path / "base"),
                                 "--num_workers", "0", "--device", "cpu", "--metrics", "image-level"])
-    assert summary["checkpoint"] is None and "pixel_auroc" not in summary["datasets"]["brain"]
+    assert summary["checkpoint"] is None and "pixel_auroc" not in summary["datasets"]["Brain"]
     with pytest.raises(InputError, match="missing"):
         test_script.main(["--data_path", str(tmp_path / "missing"), "--model_name", "tiny", "--pretrained",
                           "none", "--save_path", str(tmp_path / "x"), "--device", "cpu"])
@@ -148,6 +148,25 @@ def test_fewshot_train_and_test_share_the_support_set(tmp_path, demo):
     summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(run / "best.pth"), "--k_shot", "2",
                                 "--fewshot_seed", "3", "--save_path", str(tmp_path / "res"),
                                 "--num_workers", "0", "--device", "cpu"])
-    assert summary["support_files"]["brain"] == str(support)
-    assert (tmp_path / "res" / "support_brain_2shot_seed3.txt").read_text() == support.read_text()
-    assert 0 <= summary["datasets"]["brain"]["pixel_auroc"] <= 1
+    assert summary["support_files"]["Brain"] == str(support)
+    assert (tmp_path / "res" / "support_Brain_2shot_seed3.txt").read_text() == support.read_text()
+    assert 0 <= summary["datasets"]["Brain"]["pixel_auroc"] <= 1
+
+
+def test_dataset_without_masks_trains_with_the_image_loss_only(tmp_path, demo, monkeypatch):
+    copy = tmp_path / "Brain"
+    shutil.copytree(demo, copy)
+    shutil.rmtree(copy / "valid" / "Ungood" / "anomaly_mask")
+    seen = []
+    real_loss = train.medvmad_loss
+
+    def spy(output, masks, labels, has_mask, weights):
+        seen.append(has_mask.clone())
+        return real_loss(output, masks, labels, has_mask, weights)
+
+    monkeypatch.setattr(train, "medvmad_loss", spy)
+    run_train(tmp_path / "run", str(copy), "--epoch", "1")
+    labels_without_mask = torch.cat(seen)
+    assert labels_without_mask.sum() < len(labels_without_mask)  # abnormal images carry no mask
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
+    assert "pixel_auroc" not in best["selection_metrics"] and "image_auroc" in best["selection_metrics"]

@@ -1,0 +1,33 @@
+"""summarize_results.py: mean ± std over support seeds."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import summarize_results
+
+
+def result(k: int, auroc: float, aupro: float | None) -> dict:
+    values = {"image_auroc": auroc, "image_ap": 0.5, "pixel_auroc": 0.9}
+    if aupro is not None:
+        values["pixel_aupro"] = aupro
+    return {"args": {"k_shot": k}, "datasets": {"brain": values}}
+
+
+def test_mean_and_sample_std_per_dataset_and_k(tmp_path):
+    runs = [result(2, 0.6, 0.3), result(2, 0.8, 0.5), result(2, 0.7, None), result(4, 0.9, 0.4)]
+    paths = []
+    for i, run in enumerate(runs):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps(run))
+        paths.append(str(path))
+    summary = summarize_results.main(["--results", *paths, "--save_path", str(tmp_path / "out")])
+    mean, std, count = summary[("brain", 2)]["image_auroc"]
+    assert (mean, std, count) == (pytest.approx(0.7), pytest.approx(0.1), 3)
+    assert summary[("brain", 2)]["pixel_aupro"][:2] == (pytest.approx(0.4), pytest.approx(math.sqrt(0.02)))
+    assert summary[("brain", 4)]["image_auroc"][:2] == (pytest.approx(0.9), 0.0)
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written[0]["k_shot"] == 2 and written[0]["image_auroc"]["runs"] == 3
+    assert "70.0 ± 10.0" in (tmp_path / "out" / "summary.csv").read_text()
