@@ -207,7 +207,7 @@ def list_samples(root: str, split: str) -> list[Sample]:
         raise InputError(f"data path {root} does not exist")
     meta = _meta_path(root)
     samples = _list_meta(meta, split) if meta else _list_bmad(root, split)
-    logger.info(describe(samples, f"{dataset_name(root)}/{split}"))
+    logger.info(describe(samples, f"{table_name(root)}/{split}"))
     return samples
 
 

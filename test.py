@@ -25,7 +25,7 @@ import metrics
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
-from dataset import (MedicalDataset, dataset_name, describe, list_samples, read_support, sample_support,
+from dataset import (MedicalDataset, dataset_name, list_samples, read_support, sample_support,
                      save_support, table_name)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, memory_bank_from_support, predict
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     score_rows = [["dataset", "path", "label", "score"]]
     support_sources: dict[str, str] = {}
     for root, name in zip(roots, names):
-        samples = list_samples(root, args.split)
-        logger.info(describe(samples, f"{name}/{args.split}"))
+        samples = list_samples(root, args.split)  # logs the counts per class
         dataset = MedicalDataset(samples, image_size)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
         model.set_dataset(dataset_name(name))

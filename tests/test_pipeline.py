@@ -170,3 +170,22 @@ def test_dataset_without_masks_trains_with_the_image_loss_only(tmp_path, demo, m
     assert labels_without_mask.sum() < len(labels_without_mask)  # abnormal images carry no mask
     best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
     assert "pixel_auroc" not in best["selection_metrics"] and "image_auroc" in best["selection_metrics"]
+
+
+def test_test_split_without_masks_gets_image_metrics_only(tmp_path, demo):
+    copy = tmp_path / "Brain"
+    shutil.copytree(demo, copy)
+    shutil.rmtree(copy / "test" / "Ungood" / "anomaly_mask")
+    summary = test_script.main(["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none",
+                                "--image_size", str(SIZE), "--save_path", str(tmp_path / "res"),
+                                "--num_workers", "0", "--device", "cpu"])
+    values = summary["datasets"]["Brain"]
+    assert 0 <= values["image_auroc"] <= 1 and "pixel_auroc" not in values
+    assert (tmp_path / "res" / "results.csv").read_text().splitlines()[1].endswith(",-,-")
+    for image in (copy / "test" / "good" / "img").glob("*.png"):
+        image.unlink()
+    for image in (copy / "test" / "Ungood" / "img").glob("*.png"):
+        image.unlink()
+    with pytest.raises(InputError, match="test"):
+        test_script.main(["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none",
+                          "--save_path", str(tmp_path / "res2"), "--device", "cpu"])
