@@ -1,6 +1,8 @@
 """MedVMAD model tests on the tiny random-weight backbone (CPU, seconds)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +247,48 @@ def test_pixel_loss_skipped_without_masks(tiny_model):
                          torch.zeros(2, dtype=torch.bool), LossWeights())
     assert float(parts["focal"]) == 0 and float(parts["dice"]) == 0
     assert torch.allclose(parts["loss"], parts["image"])
+
+
+def test_vit_l_14_336_architecture_and_defaults():
+    """The default backbone's wiring at 240 px, random weights (no download)."""
+    model = MedVMAD(MedVMADConfig(BackboneConfig("ViT-L-14-336", "none", 240), depth=1))
+    backbone = model.backbone
+    assert (backbone.width, backbone.embed_dim, backbone.num_layers) == (1024, 768, 24)
+    assert backbone.grid_size == (17, 17) and model.features_list == [6, 12, 18, 24]
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 240, 240))
+    assert out.anomaly_map.shape == (1, 240, 240) and out.patch_features[0].shape == (1, 289, 768)
+
+
+def test_openai_weights_get_quick_gelu(monkeypatch):
+    seen = {}
+
+    def fake_create_model(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise RuntimeError("Failed to download weights (test)")
+
+    monkeypatch.setattr("open_clip.create_model", fake_create_model)
+    with pytest.raises(InputError, match="--pretrained /path/to/ViT-L-14-336.pt"):
+        Backbone(BackboneConfig())
+    assert seen["name"] == "ViT-L-14-336" and seen["pretrained"] == "openai"
+    assert seen["force_quick_gelu"] is True and seen["force_image_size"] == 336
+    with pytest.raises(InputError):
+        Backbone(BackboneConfig("ViT-B-16", "none", 224))
+    assert seen["force_quick_gelu"] is False and seen["pretrained"] is None
+
+
+def test_local_dir_model_loads_config_and_weights(tmp_path):
+    import json
+
+    source = Backbone(BackboneConfig("tiny", "none", 224))
+    with torch.no_grad():
+        source.clip.visual.proj.add_(1.0)
+    folder = tmp_path / "tiny-local"
+    folder.mkdir()
+    config = json.loads((Path(__file__).resolve().parents[1] / "CLIP" / "model_configs" / "tiny.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    torch.save(source.clip.state_dict(), folder / "open_clip_pytorch_model.bin")
+    loaded = Backbone(BackboneConfig(f"local-dir:{folder}", "none", 224))
+    assert torch.equal(loaded.clip.visual.proj, source.clip.visual.proj)
+    assert loaded.tokenize(["a brain"]).shape == (1, 77)
