@@ -15,6 +15,7 @@ IMAGE_SIZE=${IMAGE_SIZE:-336}
 EPOCH=${EPOCH:-10}
 BATCH_SIZE=${BATCH_SIZE:-8}
 FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-50}
+LEARNING_RATE=${LEARNING_RATE:-}             # empty: train.py's default (1e-4, or 1e-3 few-shot)
 K_SHOTS=${K_SHOTS:-"2 4 8 16"}
 SEEDS=${SEEDS:-"1 2 3"}
 DEVICE=${DEVICE:-auto}
@@ -25,11 +26,12 @@ EXTRA=${EXTRA:-}                               # any further train.py flags
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
   DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; SOURCES="Brain BrainCoronal"
-  MODEL_NAME=tiny; PRETRAINED=none; IMAGE_SIZE=224; EPOCH=${DEMO_EPOCH:-3}; FEWSHOT_EPOCH=${DEMO_EPOCH:-3}
+  MODEL_NAME=tiny; PRETRAINED=none; IMAGE_SIZE=224; LEARNING_RATE=1e-3
+  EPOCH=${DEMO_EPOCH:-15}; FEWSHOT_EPOCH=${DEMO_FEWSHOT_EPOCH:-3}
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
 COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED --image_size $IMAGE_SIZE --batch_size $BATCH_SIZE
-        --device $DEVICE --precision $PRECISION $EXTRA"
+        --device $DEVICE --precision $PRECISION ${LEARNING_RATE:+--learning_rate $LEARNING_RATE} $EXTRA"
 PROTOCOL=${1:-all}
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
