@@ -4,7 +4,6 @@ No I/O and no argument parsing: ``MedVMAD(config)`` builds the model, ``forward(
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -223,8 +222,16 @@ class MedVMAD(nn.Module):
         """
         self.memory_bank = None
         self.eval()
-        outputs = [self(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
-        features = [torch.cat([out.patch_features[layer] for out in outputs]) for layer in range(len(self.features_list))]
+        layer_features: list[list[torch.Tensor]] = [[] for _ in self.features_list]
+        text_maps, text_scores = [], []
+        for start in range(0, len(images), batch_size):  # keep only what the bank needs
+            output = self(images[start:start + batch_size])
+            for kept, features in zip(layer_features, output.patch_features):
+                kept.append(features)
+            text_maps.append(output.text_map)
+            text_scores.append(output.image_score)
+        features = [torch.cat(kept) for kept in layer_features]                          # L x [K,N,E]
+        text_maps, text_scores = torch.cat(text_maps), torch.cat(text_scores)
         patches = features[0].shape[1]
         bank = MemoryBank([f.reshape(-1, f.shape[-1]) for f in features], groups.repeat_interleave(patches))
         size = (images.shape[-2], images.shape[-1])
@@ -232,8 +239,6 @@ class MedVMAD(nn.Module):
             self._bank_map(bank.distances([f[start:start + batch_size] for f in features],
                                           exclude=groups[start:start + batch_size]), size)
             for start in range(0, len(images), batch_size)])
-        text_maps = torch.cat([out.text_map for out in outputs])
-        text_scores = torch.cat([out.image_score for out in outputs])
         bank_scores = bank_maps.flatten(1).max(dim=1).values
         bank.statistics.copy_(torch.stack([torch.stack([values.mean(), values.std()]) for values in
                                            (text_maps, bank_maps, text_scores, bank_scores)]))

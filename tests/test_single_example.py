@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import nibabel
 import numpy as np
-import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
