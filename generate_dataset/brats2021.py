@@ -87,6 +87,13 @@ def write_sample(root: str, split: str, cls: str, name: str, image: np.ndarray,
         write_png(os.path.join(root, split, cls, "anomaly_mask", name), lesion.astype(np.uint8) * 255)
 
 
+def write_split_info(save_path: str, info: dict) -> dict:
+    """Write ``split.json`` (sources, split and counts) beside the data, log the counts, return ``info``."""
+    atomic_write_json(os.path.join(save_path, "split.json"), info)
+    logger.info("wrote %s: %s", save_path, ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
+    return info
+
+
 def check_empty_target(save_path: str) -> None:
     """Refuse to write into a non-empty folder (old slices of another split would leak)."""
     if os.path.isdir(save_path) and os.listdir(save_path):
@@ -188,9 +195,7 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
                 counts[f"{split_name}/{cls}"] += 1
     info = dict(source="BraTS2021", modality=modality, slice_range=[first, last], seed=seed,
                 split=list(split), counts=counts, **groups)
-    atomic_write_json(os.path.join(save_path, "split.json"), info)
-    logger.info("wrote %s: %s", save_path, ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return info
+    return write_split_info(save_path, info)
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_dataset.brats2021 import (check_empty_target, display, load_volume,  # noqa: E402
-                                        split_cases, write_sample)
-from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
+                                        split_cases, write_sample, write_split_info)
+from utils import InputError, run_cli, setup_logging  # noqa: E402
 
 BTCV_LIVER = 6
 LITS_LIVER, LITS_TUMOUR = 1, 2
@@ -137,9 +137,7 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
 
     info = dict(source="BTCV+LiTS", hu_window=[low, high], seed=seed, valid_fraction=valid_fraction,
                 counts=counts, train=sorted(btcv), valid=valid_ids, test=test_ids)
-    atomic_write_json(os.path.join(save_path, "split.json"), info)
-    logger.info("wrote %s: %s", save_path, ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return info
+    return write_split_info(save_path, info)
 
 
 def main() -> None:
