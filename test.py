@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", nargs="+", help="a name per root for the table rows (default: folder names); "
                         "the organ in it (brain, liver, ...) picks the baseline's prompt wording")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="skip unreadable images and bad masks (listed in the log) instead of stopping")
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
     parser.add_argument("--save_path", default="results/test", help="folder for results files")
     parser.add_argument("--metrics", default="image-pixel-level",
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     support_sources: dict[str, str] = {}
     for root, name in zip(roots, names):
         samples = list_samples(root, args.split)  # logs the counts per class
-        dataset = MedicalDataset(samples, image_size)
+        dataset = MedicalDataset(samples, image_size, skip_bad=args.skip_bad)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
         model.set_dataset(dataset_name(name))
         if args.k_shot:

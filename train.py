@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--valid_split", default="valid")
     data.add_argument("--holdout_fraction", type=float, default=0.2,
                       help="share of training images held out for selection when no --valid_data_path")
+    data.add_argument("--skip_bad", action="store_true",
+                      help="skip unreadable images and bad masks (listed in the log) instead of stopping")
     data.add_argument("--k_shot", type=int, default=0, help="few-shot: k normal + k abnormal images of the "
                       "(single) training root's valid split, augmented x11; 0 = off")
     data.add_argument("--fewshot_seed", type=int, default=1)
@@ -133,7 +135,7 @@ def training_data(args, roots: list[str], names: list[str], logger) -> tuple[tor
             samples, held_out = split_holdout(samples, args.holdout_fraction, args.seed)
             selection += held_out
         logger.info(describe(samples, f"{name}/{args.train_split} (training)"))
-        parts.append(MedicalDataset(samples, args.image_size))
+        parts.append(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad))
     for root in args.valid_data_path or []:
         selection += list_samples(root, args.valid_split)
     logger.info(describe(selection, "model selection"))
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         start_epoch, best = state["epoch"] + 1, state["best"]
         logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
 
-    selection_loader = DataLoader(MedicalDataset(selection_samples, args.image_size), batch_size=args.batch_size,
+    selection_loader = DataLoader(MedicalDataset(selection_samples, args.image_size, skip_bad=args.skip_bad),
+                                  batch_size=args.batch_size,
                                   num_workers=args.num_workers)
     last_good = resume_from
     for epoch in range(start_epoch, args.epoch + 1):

@@ -189,3 +189,17 @@ def test_test_split_without_masks_gets_image_metrics_only(tmp_path, demo):
     with pytest.raises(InputError, match="test"):
         test_script.main(["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none",
                           "--save_path", str(tmp_path / "res2"), "--device", "cpu"])
+
+
+def test_skip_bad_scores_the_readable_images_and_says_so(tmp_path, demo, capsys):
+    copy = tmp_path / "Brain"
+    shutil.copytree(demo, copy)
+    broken = sorted((copy / "test" / "good" / "img").glob("*.png"))[0]
+    broken.write_bytes(b"not a png")
+    flags = ["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE),
+             "--save_path", str(tmp_path / "res"), "--num_workers", "0", "--device", "cpu", "--metrics", "image-level"]
+    with pytest.raises(InputError, match=broken.name):
+        test_script.main(flags)
+    summary = test_script.main(flags + ["--skip_bad"])
+    assert summary["datasets"]["Brain"]["n_images"] == 11
+    assert "skipped 1 bad sample" in capsys.readouterr().err
