@@ -5,8 +5,11 @@ Intensity rules (documented in the README):
 - DICOM: the modality LUT (rescale slope/intercept, so CT is in HU), then a window: ``--window LOW
   HIGH``, a preset, or the file's own WindowCenter/Width; without any, the 0.5-99.5 percentiles.
   MONOCHROME1 is inverted so that dense tissue is bright.
-- NIfTI: ``--window`` or a preset when given; otherwise the 0.5-99.5 percentiles of the non-zero
-  voxels of the whole volume (the rule the dataset converters use), so every slice shares one scale.
+- NIfTI: ``--window`` or a preset when given; otherwise the BraTS converter's rule (0.5-99.5
+  percentiles of the voxels > 0, background 0), so every slice shares one scale. Volumes are turned
+  to RAS and their slices shown as the converters write them (anterior or superior up, patient's
+  right on the left), so a raw volume's slice scores as its converted PNG does; a 2-D NIfTI is kept
+  as stored.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataset import load_image
+from generate_dataset.brats2021 import display, scale_intensity
 from utils import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -71,10 +75,9 @@ def apply_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return ((np.clip(values.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
 
 
-def percentile_window(values: np.ndarray, nonzero_only: bool = False) -> tuple[float, float]:
-    """The 0.5 and 99.5 percentiles (of non-zero values when asked and any exist)."""
-    selected = values[values != 0] if nonzero_only and np.any(values != 0) else values.ravel()
-    low, high = (float(v) for v in np.percentile(selected, [0.5, 99.5]))
+def percentile_window(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5 and 99.5 percentiles of ``values``."""
+    low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
     return (low, high) if high > low else (low, low + 1.0)
 
 
@@ -111,27 +114,41 @@ def _read_nifti(path: str, window: tuple[float, float] | None, axis: int,
     import nibabel
 
     try:
-        volume = np.asarray(nibabel.load(path).dataobj, dtype=np.float32)
+        image = nibabel.load(path)
+        volume = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
-    volume = np.squeeze(volume) if volume.ndim > 3 else volume
+    while volume.ndim > 2 and volume.shape[-1] == 1:  # [X,Y,1] is a 2-D image, [X,Y,Z,1] a volume
+        volume = volume[..., 0]
     if volume.size == 0:
         raise InputError(f"{path}: empty volume")
     if volume.ndim == 4:
         raise InputError(f"{path}: 4-D volume {volume.shape}; extract one 3-D volume first")
-    low, high = window or percentile_window(volume, nonzero_only=True)
-    scaled = apply_window(volume, low, high)
-    if scaled.ndim == 2:
-        return Scan(path, [_gray_to_rgb(scaled)], None)
+    if volume.ndim == 2:  # a 2-D image: kept as stored, like a PNG of the same array
+        return Scan(path, [_gray_to_rgb(_scale(volume, window, path))], None)
     if not 0 <= axis < 3:
         raise InputError(f"--axis {axis}: a 3-D volume has axes 0, 1, 2")
+    # As the converters write BMAD slices: RAS orientation, shown anterior/superior up.
+    scaled = _scale(np.asarray(nibabel.as_closest_canonical(image).dataobj, dtype=np.float32), window, path)
     count = scaled.shape[axis]
     first, last = slice_range if slice_range else (0, count - 1)
     if not 0 <= first <= last < count:
         raise InputError(f"--slices {first} {last}: the volume has slices 0..{count - 1} along axis {axis}")
     indices = list(range(first, last + 1))
-    slices = [_gray_to_rgb(np.take(scaled, index, axis=axis)) for index in indices]
+    slices = [_gray_to_rgb(display(np.take(scaled, index, axis=axis))) for index in indices]
     return Scan(path, slices, indices)
+
+
+def _scale(values: np.ndarray, window: tuple[float, float] | None, path: str) -> np.ndarray:
+    """NIfTI intensities -> [0,1]: the window when given, else the BraTS converter's rule (0.5-99.5
+    percentiles of voxels > 0 to 0-255, background 0), so slices look as in training."""
+    if window is not None:
+        return apply_window(values, *window)
+    try:
+        return scale_intensity(values).astype(np.float32) / 255
+    except InputError:
+        raise InputError(f"{path}: no voxel > 0 to scale; pass --window LOW HIGH "
+                         f"(or --window_preset liver for CT)") from None
 
 
 def read_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,

@@ -128,8 +128,31 @@ def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
     assert record["score"] == max(scores.values())
     assert record["most_anomalous_slice"] == int(max(scores, key=scores.get))
     assert record["slices_over_threshold"] == [int(k) for k, v in scores.items() if v >= 0.55]
-    assert np.load(tmp_path / "out" / "vol.npy").shape == (4, 48, 40)
-    assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 48, 3 * 40, 3)
+    # slices are shown as the converters write them: [X,Y] stored -> [Y,X] displayed
+    assert np.load(tmp_path / "out" / "vol.npy").shape == (4, 40, 48)
+    assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 40, 3 * 48, 3)
+
+
+def test_raw_volume_slice_scores_as_its_converted_png(tmp_path, checkpoint):
+    """A BraTS volume scored slice by slice equals the converter's PNG of that slice, scored."""
+    from generate_dataset.brats2021 import convert
+
+    rng = np.random.default_rng(0)
+    case = tmp_path / "raw" / "BraTS2021_00007"
+    case.mkdir(parents=True)
+    flair = np.zeros((40, 48, 8), np.float32)
+    flair[5:35, 6:42] = rng.uniform(100, 900, size=(30, 36, 8))
+    seg = np.zeros_like(flair, dtype=np.uint8)
+    seg[10:20, 10:20, 3] = 2
+    for name, data in (("flair", flair), ("seg", seg)):
+        for other in ("t1", "t1ce", "t2"):
+            nibabel.save(nibabel.Nifti1Image(flair, np.eye(4)), str(case / f"BraTS2021_00007_{other}.nii.gz"))
+        nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), str(case / f"BraTS2021_00007_{name}.nii.gz"))
+    convert(str(tmp_path / "raw"), str(tmp_path / "bmad"), slice_range=(3, 3), split=(0, 0, 1))
+    [png] = run(tmp_path, tmp_path / "bmad" / "test" / "Ungood" / "img" / "00007_3.png", "--checkpoint_path", checkpoint)
+    [volume] = run(tmp_path, case / "BraTS2021_00007_flair.nii.gz", "--checkpoint_path", checkpoint,
+                   "--slices", "3", "3")
+    assert volume["slice_scores"]["3"] == pytest.approx(png["score"], abs=1e-6)
 
 
 def test_folder_with_a_corrupt_file_scores_the_rest(tmp_path, checkpoint, capsys):
