@@ -41,13 +41,13 @@ def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tenso
     tapped layers and use only images with known masks; the image term is the mean BCE of every
     image-level term (global embedding and each detection layer).
     """
-    labels = labels.float()
-    terms = output.image_logits.softmax(dim=-1)[..., 1].clamp(EPS, 1 - EPS)   # [B,T]
+    labels = labels.float()  # losses in fp32, also when the forward pass ran under autocast
+    terms = output.image_logits.float().softmax(dim=-1)[..., 1].clamp(EPS, 1 - EPS)   # [B,T]
     image = F.binary_cross_entropy(terms, labels[:, None].expand_as(terms))
     zero = image.new_zeros(())
     focal, dice = zero, zero
     if bool(has_mask.any()):
-        maps = output.layer_maps[has_mask]                                      # [b,L,H,W]
+        maps = output.layer_maps[has_mask].float()                              # [b,L,H,W]
         target = masks[has_mask].float()
         for layer in range(maps.shape[1]):
             focal = focal + focal_loss(maps[:, layer], target)

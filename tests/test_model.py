@@ -308,3 +308,18 @@ def test_torchscript_archives_are_told_from_state_dicts(tmp_path):
 def test_offline_hf_hub_model_is_a_clear_error():
     with pytest.raises(InputError, match="could not download"):
         Backbone(BackboneConfig("hf-hub:timm/ViT-B-16-SigLIP", "none", 224))
+
+
+def test_bf16_autocast_training_step_keeps_fp32_weights(tiny_model):
+    from utils import autocast
+
+    images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    with autocast(torch.device("cpu"), "bf16"):
+        out = tiny_model(images)
+    assert out.anomaly_map.dtype == torch.bfloat16
+    parts = medvmad_loss(out, torch.zeros(2, TINY_SIZE, TINY_SIZE), torch.tensor([0, 1]),
+                         torch.ones(2, dtype=torch.bool), LossWeights())
+    assert parts["loss"].dtype == torch.float32 and torch.isfinite(parts["loss"])
+    parts["loss"].backward()
+    weight = tiny_model.seg_adapters[0].down.weight
+    assert weight.dtype == torch.float32 and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
