@@ -203,3 +203,12 @@ def test_skip_bad_scores_the_readable_images_and_says_so(tmp_path, demo, capsys)
     summary = test_script.main(flags + ["--skip_bad"])
     assert summary["datasets"]["Brain"]["n_images"] == 11
     assert "skipped 1 bad sample" in capsys.readouterr().err
+
+
+def test_valid_data_path_selects_on_another_dataset_and_trains_on_all(tmp_path, demo):
+    other = build_demo(str(tmp_path / "other"), n_train=2, n_valid=(3, 3), n_test=(2, 2), image_size=SIZE,
+                       view="coronal")
+    run_train(tmp_path / "run", demo, "--epoch", "1", "--valid_data_path", other)
+    log = (tmp_path / "run" / "train_log.txt").read_text()
+    assert "Brain/valid (training): 16 images" in log
+    assert "model selection: 6 images (3 normal, 3 abnormal" in log
