@@ -110,8 +110,9 @@ class LearnablePrompts(nn.Module):
         self.depth = depth
         self.n_slots = t_n_ctx if depth > 0 else 0
         prefix = f"a {entry['modality']} image of a"
-        states = (_state_phrase(entry["normal"][1], entry["organ"]),
-                  _state_phrase(entry["abnormal"][3], entry["organ"]))
+        abnormal = next((state for state in entry["abnormal"] if state.startswith("with")), entry["abnormal"][-1])
+        states = (_state_phrase(entry["normal"][-1 if len(entry["normal"]) < 2 else 1], entry["organ"]),
+                  _state_phrase(abnormal, entry["organ"]))
         width = backbone.text_width
 
         with torch.no_grad():

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the organ in it (brain, liver, ...) picks the baseline's prompt wording")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--skip_bad", action="store_true",
-                        help="skip unreadable images and bad masks (listed in the log) instead of stopping")
+                        help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
     parser.add_argument("--save_path", default="results/test", help="folder for results files")
     parser.add_argument("--metrics", default="image-pixel-level",
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     roots = args.data_path or [ensure_demo()]
     names = args.dataset or [table_name(root) for root in roots]
+    if len(set(names)) != len(names):
+        raise InputError(f"dataset names {names} repeat: give distinct names with --dataset")
     if len(names) != len(roots):
         raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --data_path roots")
 

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--holdout_fraction", type=float, default=0.2,
                       help="share of training images held out for selection when no --valid_data_path")
     data.add_argument("--skip_bad", action="store_true",
-                      help="skip unreadable images and bad masks (listed in the log) instead of stopping")
+                      help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
     data.add_argument("--k_shot", type=int, default=0, help="few-shot: k normal + k abnormal images of the "
                       "(single) training root's valid split, augmented x11; 0 = off")
     data.add_argument("--fewshot_seed", type=int, default=1)
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     roots = args.train_data_path or [ensure_demo()]
     names = args.dataset or [table_name(root) for root in roots]
+    if len(set(names)) != len(names):
+        raise InputError(f"dataset names {names} repeat: give distinct names with --dataset")
     if len(names) != len(roots):
         raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --train_data_path roots")
 

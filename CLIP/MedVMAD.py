@@ -93,6 +93,8 @@ class MedVMAD(nn.Module):
         bad = [layer for layer in config.features_list if not 1 <= layer <= num_layers]
         if bad:
             raise ValueError(f"--features_list {bad}: layers are 1-based, the model has {num_layers}")
+        if len(set(config.features_list)) != len(config.features_list):
+            raise ValueError(f"--features_list {config.features_list}: layers repeat")
         self.features_list = list(config.features_list)
         width, embed_dim = self.backbone.width, self.backbone.embed_dim
         self.seg_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
@@ -178,7 +180,15 @@ class MedVMAD(nn.Module):
         if hook is None:
             seg_features = [self.backbone.project_tokens(tapped[layer][:, 1:]) for layer in self.features_list]
 
-        size = (images.shape[-2], images.shape[-1])
+        # Similarities, maps and scores in fp32 even under autocast: low precision ties the scores.
+        with torch.autocast(images.device.type, enabled=False):
+            return self._score(global_embedding.float(), [f.float() for f in seg_features],
+                               [f.float() for f in det_features], text.float(), images.shape[-2:])
+
+    def _score(self, global_embedding: torch.Tensor, seg_features: list[torch.Tensor],
+               det_features: list[torch.Tensor], text: torch.Tensor, size: torch.Size) -> MedVMADOutput:
+        """Maps and scores from the global embedding [B,E] and per-layer patch features [B,N,E]."""
+        size = (int(size[0]), int(size[1]))
         probabilities = torch.stack([self._logits(features, text).softmax(dim=-1)[..., 1]
                                      for features in seg_features], dim=1)                # [B,L,N]
         layer_maps = self._upsample(probabilities, size)                                 # [B,L,H,W]

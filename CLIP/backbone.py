@@ -31,7 +31,7 @@ class BackboneConfig:
     model_name: str = "ViT-L-14-336"  # open_clip name, ``hf-hub:org/repo`` or ``local-dir:/path``
     pretrained: str = "openai"        # open_clip tag, a local .pt/.bin/.safetensors file, or ``none``
     image_size: int = 336             # input side; positional embeddings are resized to it
-    quick_gelu: bool | None = None    # None: on for OpenAI weights (tag or TorchScript file)
+    quick_gelu: bool | None = None    # None: on for OpenAI weights (tag or TorchScript file); resolved at load
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,9 +59,9 @@ def _create_clip(config: BackboneConfig) -> nn.Module:
     if use_file and not os.path.isfile(pretrained):
         raise InputError(f"--pretrained {pretrained}: no such weights file")
     torchscript = use_file and _is_torchscript_archive(pretrained)
+    if config.quick_gelu is None:  # resolved once and kept in the config, so checkpoints rebuild it
+        config.quick_gelu = not has_schema and (pretrained.lower() == "openai" or torchscript)
     quick_gelu = config.quick_gelu
-    if quick_gelu is None:
-        quick_gelu = pretrained.lower() == "openai" or torchscript
     kwargs = dict(
         pretrained=None if has_schema or pretrained.lower() == "none" else pretrained,
         force_quick_gelu=quick_gelu,

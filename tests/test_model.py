@@ -316,10 +316,30 @@ def test_bf16_autocast_training_step_keeps_fp32_weights(tiny_model):
     images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     with autocast(torch.device("cpu"), "bf16"):
         out = tiny_model(images)
-    assert out.anomaly_map.dtype == torch.bfloat16
+    assert out.anomaly_map.dtype == torch.float32 and out.image_score.dtype == torch.float32  # no bf16 ties
     parts = medvmad_loss(out, torch.zeros(2, TINY_SIZE, TINY_SIZE), torch.tensor([0, 1]),
                          torch.ones(2, dtype=torch.bool), LossWeights())
     assert parts["loss"].dtype == torch.float32 and torch.isfinite(parts["loss"])
     parts["loss"].backward()
     weight = tiny_model.seg_adapters[0].down.weight
     assert weight.dtype == torch.float32 and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("organ", ["brain", "liver", "retina", "chest", "histopathology", "organ", "mydata"])
+def test_learnable_prompts_build_for_every_organ_and_unknown_names(organ):
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(dataset=organ))
+    model.eval()
+    with torch.no_grad():
+        text = model.text_features()
+    assert text.shape == (2, 32) and not torch.allclose(text[0], text[1])
+
+
+def test_quick_gelu_is_resolved_into_the_config():
+    backbone = Backbone(BackboneConfig("tiny", "none", TINY_SIZE))
+    assert backbone.config.quick_gelu is False
+
+
+def test_duplicate_features_list_is_refused():
+    with pytest.raises(ValueError, match="repeat"):
+        MedVMAD(tiny_config(features_list=[2, 2]))
