@@ -467,8 +467,13 @@ def sample_support(samples: list[Sample], k: int, seed: int) -> list[Sample]:
     return support
 
 
+def _folder(root: str) -> str:
+    """The folder support paths are relative to: the root, or the folder of a meta.json root."""
+    return os.path.dirname(root) if root.lower().endswith(".json") else root
+
+
 def _relative(path: str, root: str) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
+    return Path(os.path.relpath(path, _folder(root))).as_posix()
 
 
 def save_support(path: str, support: list[Sample], root: str) -> None:
@@ -520,7 +525,7 @@ def read_support(path: str, root: str, iteration: int = 0) -> list[Sample]:
         if len(fields) not in (2, 3) or fields[0] not in ("0", "1"):
             raise InputError(f"support file {path}, line {number}: expected "
                              f"'label<TAB>image[<TAB>mask]', got {line!r}")
-        files = [os.path.join(root, *field.split("/")) for field in fields[1:]]
+        files = [os.path.join(_folder(root), *field.split("/")) for field in fields[1:]]
         for file in files:
             if not os.path.isfile(file):
                 raise InputError(f"support file {path} names {file}, which does not exist")

@@ -298,3 +298,17 @@ def test_split_holdout_by_patient():
     assert {s.label for s in held} == {0, 1} and 0.15 < len(held) / len(samples) < 0.35
     assert split_holdout(samples, 0.2, seed=0) == (kept, held)
     assert split_holdout(samples, 0, seed=0) == (samples, [])
+
+
+def test_support_file_round_trip_with_a_meta_json_root(tmp_path):
+    from generate_dataset.demo import build_demo
+    from generate_dataset.folder import build_index
+
+    root = build_demo(str(tmp_path / "d"), n_train=1, n_valid=(2, 2), n_test=(1, 1), image_size=32)
+    meta = tmp_path / "mine" / "meta.json"
+    build_index(str(meta), f"{root}/valid/good/img", f"{root}/valid/Ungood/img",
+                masks=f"{root}/valid/Ungood/anomaly_mask", splits=("valid",))
+    samples = list_samples(str(meta), "valid")
+    support = sample_support(samples, 2, seed=1)
+    save_support(str(tmp_path / "s.txt"), support, str(meta))
+    assert read_support(str(tmp_path / "s.txt"), str(meta)) == support
