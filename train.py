@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Flags a resumed run must share with the run it continues (the model config is compared too).
+RESUME_KEYS = ("train_data_path", "dataset", "train_split", "valid_data_path", "valid_split", "holdout_fraction",
+               "k_shot", "fewshot_seed", "support_file", "batch_size", "learning_rate", "focal_weight",
+               "dice_weight", "image_weight", "seed", "precision", "skip_bad")
+
+
 def rng_state() -> dict:
     """Python, numpy and torch RNG states as plain types and tensors (``weights_only`` loadable)."""
     version, python_state, gauss = random.getstate()
@@ -196,9 +202,14 @@ def main(argv: list[str] | None = None) -> dict:
         state = read_checkpoint(resume_from)
         if state["config"] != config.to_dict():
             raise InputError(f"--resume {resume_from}: its model config differs from this run's flags")
+        changed = [key for key in RESUME_KEYS if state["args"].get(key) != vars(args).get(key)]
+        if changed:
+            raise InputError(f"--resume {resume_from}: the run was started with other "
+                             + ", ".join(f"--{key} {state['args'].get(key)}" for key in changed))
         model.load_trainable_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the stopped run did not use amp
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
