@@ -226,6 +226,16 @@ def table_name(root: str) -> str:
     return path.parent.name if path.suffix.lower() == ".json" else path.name
 
 
+def dataset_names(roots: list[str], names: list[str] | None) -> list[str]:
+    """Table names for dataset roots: the given ``--dataset`` names, else the folder names; distinct."""
+    names = names or [table_name(root) for root in roots]
+    if len(names) != len(roots):
+        raise InputError(f"--dataset gives {len(names)} names for {len(roots)} dataset roots")
+    if len(set(names)) != len(names):
+        raise InputError(f"dataset names {names} repeat: give distinct names with --dataset")
+    return names
+
+
 def dataset_name(root: str) -> str:
     """Organ name from the data folder's name ("BraTS2021" -> "brain"), else the lowercase name."""
     path = Path(os.path.abspath(root))

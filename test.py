@@ -26,7 +26,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
 from dataset import (MedicalDataset, dataset_name, list_samples, read_support, sample_support,
-                     save_support, table_name)
+                     save_support, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, memory_bank_from_support, predict
 from utils import (InputError, atomic_write_json, atomic_write_text, resolve_device, run_cli,
@@ -152,11 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     device = resolve_device(args.device)
     roots = args.data_path or [ensure_demo()]
-    names = args.dataset or [table_name(root) for root in roots]
-    if len(set(names)) != len(names):
-        raise InputError(f"dataset names {names} repeat: give distinct names with --dataset")
-    if len(names) != len(roots):
-        raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --data_path roots")
+    names = dataset_names(roots, args.dataset)
 
     model, checkpoint = build_model(args, device)
     if args.fewshot_weight is not None:

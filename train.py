@@ -24,7 +24,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
 from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
-                     read_support, sample_support, save_support, split_holdout, table_name)
+                     read_support, sample_support, save_support, split_holdout, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import compute_metrics, predict
 from loss import LossWeights, medvmad_loss
@@ -117,12 +117,11 @@ def training_data(args, roots: list[str], names: list[str], logger) -> tuple[tor
     if args.k_shot:
         if len(roots) != 1:
             raise InputError("--k_shot adapts to one target: give exactly one --train_data_path")
-        pool = list_samples(roots[0], "valid")
         support_file = Path(args.save_path) / f"support_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
         if args.support_file:
             support = read_support(args.support_file, roots[0])
         else:
-            support = sample_support(pool, args.k_shot, args.fewshot_seed)
+            support = sample_support(list_samples(roots[0], "valid"), args.k_shot, args.fewshot_seed)
         save_support(str(support_file), support, roots[0])
         logger.info(f"few-shot support ({len(support)} images) written to {support_file}")
         base = MedicalDataset(support, args.image_size)
@@ -169,11 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger = setup_logging(save_path, "train_log.txt")
     device = resolve_device(args.device)
     roots = args.train_data_path or [ensure_demo()]
-    names = args.dataset or [table_name(root) for root in roots]
-    if len(set(names)) != len(names):
-        raise InputError(f"dataset names {names} repeat: give distinct names with --dataset")
-    if len(names) != len(roots):
-        raise InputError(f"--dataset gives {len(names)} names for {len(roots)} --train_data_path roots")
+    names = dataset_names(roots, args.dataset)
 
     resume_from = None
     if args.resume:
