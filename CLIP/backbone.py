@@ -6,7 +6,10 @@ Upstream renames and reorders these between releases; keep every such access her
 """
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +25,10 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+logger = logging.getLogger("medvmad")
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -31,10 +38,43 @@ class BackboneConfig:
     model_name: str = "ViT-L-14-336"  # open_clip name, ``hf-hub:org/repo`` or ``local-dir:/path``
     pretrained: str = "openai"        # open_clip tag, a local .pt/.bin/.safetensors file, or ``none``
     image_size: int = 336             # input side; positional embeddings are resized to it
-    quick_gelu: bool | None = None    # None: on for OpenAI weights (tag or TorchScript file); resolved at load
+    quick_gelu: bool | None = None    # None (auto): see ``quick_gelu_rule``; resolved at load
+    image_mean: tuple[float, float, float] | None = None  # None: the model's preprocess config
+    image_std: tuple[float, float, float] | None = None   # None: the model's preprocess config
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BackboneConfig":
+        """Inverse of ``to_dict``. Checkpoints written before ``image_mean``/``image_std`` were
+        stored were trained with OpenAI's constants, so those are what they rebuild with."""
+        values = dict(values)
+        for key, default in (("image_mean", OPENAI_MEAN), ("image_std", OPENAI_STD)):
+            values[key] = tuple(values[key]) if values.get(key) is not None else \
+                (default if key not in values else None)
+        return cls(**values)
+
+
+def quick_gelu_rule(model_name: str, pretrained: str, torchscript: bool) -> str | None:
+    """Why OpenAI-trained weights (which need QuickGELU) are assumed, or None when they are not.
+
+    QuickGELU is on for the ``openai`` tag, OpenAI's TorchScript archives, ``*-quickgelu`` model
+    names, and weights files or hub/local repos whose name says ``openai`` (e.g. open_clip's
+    ``timm/vit_large_patch14_clip_336.openai``).
+    """
+    name, weights = model_name.lower(), pretrained.lower()
+    if weights == "openai":
+        return "--pretrained openai"
+    if torchscript:
+        return "OpenAI TorchScript archive"
+    if name.endswith("-quickgelu"):
+        return "a -quickgelu model name"
+    if "openai" in name.split(":", 1)[-1]:
+        return f"the model name {model_name} says openai"
+    if weights != "none" and "openai" in weights:
+        return f"the weights file {pretrained} says openai"
+    return None
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -51,8 +91,31 @@ def default_features_list(num_layers: int, count: int = 4) -> list[int]:
     return [round(num_layers * (i + 1) / count) for i in range(count)]
 
 
+def _torchscript_state_dict(path: str, folder: str) -> str:
+    """Save the state dict of an OpenAI TorchScript archive as a plain tensor file in ``folder``.
+
+    The archive is read with ``torch.jit.load`` only (never unpickled as a checkpoint), so a file
+    that merely looks like an archive cannot run code; the copy is then read with ``weights_only``.
+    """
+    try:
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as error:  # torch raises many types for a damaged or crafted archive
+        raise InputError(f"--pretrained {path}: not a loadable TorchScript archive "
+                         f"({type(error).__name__})") from None
+    # OpenAI's extra entries, and the causal mask (a derived buffer that scripting keeps)
+    for key in [key for key in state if key.split(".")[-1] in ("input_resolution", "context_length",
+                                                                 "vocab_size", "attn_mask")]:
+        del state[key]
+    plain = os.path.join(folder, "openai_state_dict.pt")
+    torch.save({key: value.detach().clone() for key, value in state.items()}, plain)
+    return plain
+
+
 def _create_clip(config: BackboneConfig) -> nn.Module:
-    """Build the open_clip model, turning every loading failure into one clear ``InputError``."""
+    """Build the open_clip model, turning every loading failure into one clear ``InputError``.
+
+    Resolves ``config.quick_gelu`` (auto) in place and logs the choice.
+    """
     pretrained = config.pretrained
     use_file = pretrained.lower() != "none" and (os.sep in pretrained or os.path.splitext(pretrained)[1] != "")
     has_schema = config.model_name.startswith(("hf-hub:", "local-dir:"))
@@ -60,14 +123,26 @@ def _create_clip(config: BackboneConfig) -> nn.Module:
         raise InputError(f"--pretrained {pretrained}: no such weights file")
     torchscript = use_file and _is_torchscript_archive(pretrained)
     if config.quick_gelu is None:  # resolved once and kept in the config, so checkpoints rebuild it
-        config.quick_gelu = not has_schema and (pretrained.lower() == "openai" or torchscript)
-    quick_gelu = config.quick_gelu
-    kwargs = dict(
-        pretrained=None if has_schema or pretrained.lower() == "none" else pretrained,
-        force_quick_gelu=quick_gelu,
-        force_image_size=config.image_size,
-        weights_only=not torchscript,
-    )
+        reason = quick_gelu_rule(config.model_name, "none" if has_schema else pretrained, torchscript)
+        config.quick_gelu = reason is not None
+        logger.info(f"QuickGELU {'on' if reason else 'off'} (--quick_gelu auto: "
+                    f"{reason or 'no sign of OpenAI weights'})")
+    else:
+        logger.info(f"QuickGELU {'on' if config.quick_gelu else 'off'} (set explicitly)")
+    with tempfile.TemporaryDirectory(prefix="medvmad_weights_") as folder:
+        weights = _torchscript_state_dict(pretrained, folder) if torchscript else pretrained
+        kwargs = dict(
+            pretrained=None if has_schema or pretrained.lower() == "none" else weights,
+            force_quick_gelu=config.quick_gelu,
+            force_image_size=config.image_size,
+            weights_only=True,  # never unpickle code from a weights file
+        )
+        return _call_open_clip(config, kwargs)
+
+
+def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:
+    """``open_clip.create_model`` with its failures turned into one-line ``InputError``s."""
+    pretrained = config.pretrained
     try:
         # Seeded so that a random-init backbone (--pretrained none) is rebuilt identically from a
         # checkpoint's config (with the same library versions); loaded weights overwrite it anyway.
@@ -92,6 +167,9 @@ def _create_clip(config: BackboneConfig) -> nn.Module:
             raise InputError(f"--pretrained {pretrained} does not fit {config.model_name}: "
                              f"{message.splitlines()[1].strip() if len(message.splitlines()) > 1 else message}") from None
         raise
+    except pickle.UnpicklingError:
+        raise InputError(f"--pretrained {pretrained}: holds more than tensors; refusing to unpickle it, "
+                         f"since that could run code (save the weights as .safetensors)") from None
     except (FileNotFoundError, ValueError) as error:
         raise InputError(f"could not load {config.model_name}: {error}") from None
 
@@ -109,6 +187,19 @@ class Backbone(nn.Module):
         visual = self.clip.visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise InputError(f"--model_name {config.model_name}: MedVMAD needs a ViT image tower")
+        # Normalisation the weights were trained with (tag, hub or local-dir config; OpenAI's
+        # values for the openai tag and for plain files), unless the config overrides it.
+        preprocess = getattr(visual, "preprocess_cfg", {})
+        for key, name in (("image_mean", "mean"), ("image_std", "std")):
+            given = getattr(config, key)
+            values = tuple(float(v) for v in (given if given is not None else preprocess.get(name, ())))
+            if len(values) == 1:
+                values = values * 3
+            if len(values) != 3 or (key == "image_std" and min(values) <= 0):
+                raise InputError(f"--{key} {list(values)}: give 3 values (std > 0)")
+            setattr(config, key, values)
+            self.register_buffer(key, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
+        logger.info(f"image normalisation mean {config.image_mean} std {config.image_std}")
 
     # ---- sizes, read from the model ----
     @property
@@ -142,6 +233,11 @@ class Backbone(nn.Module):
         return self.clip.positional_embedding.shape[0]
 
     @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights live."""
+        return self.clip.logit_scale.device
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         """CLIP's learned inverse temperature, exp(logit_scale) (100 for OpenAI CLIP)."""
         return self.clip.logit_scale.exp()
@@ -153,6 +249,10 @@ class Backbone(nn.Module):
         return self
 
     # ---- image side ----
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [0,1] -> the mean/std normalisation the weights were trained with."""
+        return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+
     def encode_image(self, images: torch.Tensor, taps: Sequence[int],
                      after_layer: LayerHook | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the ViT block by block.

@@ -39,18 +39,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | None = None,
-               image_size: int | None = None, sigma: float | None = None) -> tuple[MedVMAD, dict[str, Any]]:
+               image_size: int | None = None, sigma: float | None = None,
+               **backbone_overrides: Any) -> tuple[MedVMAD, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as, on ``device``.
 
     ``pretrained`` overrides where the backbone weights are read from, ``image_size`` and
-    ``sigma`` override the evaluation resolution and smoothing.
+    ``sigma`` override the evaluation resolution and smoothing; ``backbone_overrides`` (e.g.
+    ``image_mean``) replace other ``BackboneConfig`` fields when not None.
     """
     payload = read_checkpoint(path)
     config = MedVMADConfig.from_dict(payload["config"])
-    if pretrained is not None:
-        config.backbone.pretrained = pretrained
-    if image_size is not None:
-        config.backbone.image_size = image_size
+    overrides = dict(backbone_overrides, pretrained=pretrained, image_size=image_size)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config.backbone, key, value)
     if sigma is not None:
         config.sigma = sigma
     model = MedVMAD(config)
