@@ -1,4 +1,10 @@
-"""Training losses: focal + dice on every tapped layer's pixel map, BCE on the image-level terms."""
+"""Training losses: focal + dice on every tapped layer's pixel map, BCE on the image-level terms.
+
+Everything is computed from logits, in log space: a pixel or image that is confidently wrong (a
+logit gap of 40, say) still gets a gradient of about 1, where clamping probabilities before a log
+would give exactly zero. For two classes, log-softmax over (normal, abnormal) logits is
+``logsigmoid(±gap)`` with ``gap = abnormal - normal``, which is what the functions below take.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,21 +14,30 @@ import torch.nn.functional as F
 
 from CLIP.MedVMAD import MedVMADOutput
 
-EPS = 1e-6
 
+def focal_loss(logit_gap: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss, mean over pixels.
 
-def focal_loss(probability: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Binary focal loss, mean over pixels. probability, target [...] with target in {0,1}."""
-    probability = probability.clamp(EPS, 1 - EPS)
-    positive = -target * (1 - probability) ** gamma * probability.log()
-    negative = -(1 - target) * probability ** gamma * (1 - probability).log()
+    logit_gap [...]: abnormal - normal logit (p = sigmoid(gap)); target [...] in {0,1}.
+    Loss per pixel: -y (1-p)^g log p - (1-y) p^g log(1-p).
+    """
+    log_p, log_not_p = F.logsigmoid(logit_gap), F.logsigmoid(-logit_gap)
+    positive = -target * log_not_p.mul(gamma).exp() * log_p
+    negative = -(1 - target) * log_p.mul(gamma).exp() * log_not_p
     return (positive + negative).mean()
 
 
-def dice_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice over the whole batch (smoothing 1, so an all-normal batch is well defined)."""
+def dice_loss(logit_gap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(logit_gap) over the whole batch (smoothing 1: an all-normal batch is defined)."""
+    probability = torch.sigmoid(logit_gap)
     intersection = (probability * target).sum()
     return 1 - (2 * intersection + 1) / (probability.sum() + target.sum() + 1)
+
+
+def image_bce(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of every image-level term: image_logits [B,T,2] (normal, abnormal), labels [B]."""
+    gap = image_logits[..., 1] - image_logits[..., 0]                               # [B,T]
+    return F.binary_cross_entropy_with_logits(gap, labels[:, None].expand_as(gap))
 
 
 @dataclass
@@ -38,19 +53,18 @@ def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tenso
 
     masks [B,H,W] in {0,1}; labels [B]; has_mask [B] bool: images whose mask is known (normal
     images always; abnormal ones only for datasets with masks). The pixel terms are summed over
-    tapped layers and use only images with known masks; the image term is the mean BCE of every
-    image-level term (global embedding and each detection layer).
+    tapped layers, on the upsampled per-layer logits, and use only images with known masks; the
+    image term is the mean BCE of every image-level term (global embedding and each detection layer).
     """
     labels = labels.float()  # losses in fp32, also when the forward pass ran under autocast
-    terms = output.image_logits.float().softmax(dim=-1)[..., 1].clamp(EPS, 1 - EPS)   # [B,T]
-    image = F.binary_cross_entropy(terms, labels[:, None].expand_as(terms))
+    image = image_bce(output.image_logits.float(), labels)
     zero = image.new_zeros(())
     focal, dice = zero, zero
     if bool(has_mask.any()):
-        maps = output.layer_maps[has_mask].float()                              # [b,L,H,W]
+        logits = output.layer_logits[has_mask].float()                           # [b,L,H,W]
         target = masks[has_mask].float()
-        for layer in range(maps.shape[1]):
-            focal = focal + focal_loss(maps[:, layer], target)
-            dice = dice + dice_loss(maps[:, layer], target)
+        for layer in range(logits.shape[1]):
+            focal = focal + focal_loss(logits[:, layer], target)
+            dice = dice + dice_loss(logits[:, layer], target)
     total = weights.focal * focal + weights.dice * dice + weights.image * image
     return {"loss": total, "focal": focal.detach(), "dice": dice.detach(), "image": image.detach()}

@@ -81,11 +81,11 @@ def ensemble_texts(name: str) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def ensemble_text_features(backbone: Backbone, name: str, device: torch.device) -> torch.Tensor:
+def ensemble_text_features(backbone: Backbone, name: str) -> torch.Tensor:
     """The fixed zero-training text features [2,E] (normal, abnormal): mean of normalised sentences."""
     features = []
     for sentences in ensemble_texts(name):
-        embedding = backbone.encode_text(backbone.tokenize(sentences).to(device))
+        embedding = backbone.encode_text(backbone.tokenize(sentences).to(backbone.device))
         embedding = embedding / embedding.norm(dim=-1, keepdim=True)
         mean = embedding.mean(dim=0)
         features.append(mean / mean.norm())
@@ -116,7 +116,7 @@ class LearnablePrompts(nn.Module):
         width = backbone.text_width
 
         with torch.no_grad():
-            device = backbone.clip.token_embedding.weight.device
+            device = backbone.device
             prefix_ids = backbone.tokenize([prefix])[0].to(device)
             prefix_len = int(prefix_ids.argmax()) - 1  # word tokens between SOS and EOS
             prefix_embed = backbone.token_embedding(prefix_ids[1:1 + prefix_len])

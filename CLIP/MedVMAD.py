@@ -37,19 +37,27 @@ class MedVMADConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "MedVMADConfig":
         values = dict(values)
-        values["backbone"] = BackboneConfig(**values["backbone"])
+        values["backbone"] = BackboneConfig.from_dict(values["backbone"])
         return cls(**values)
 
 
 @dataclass
 class MedVMADOutput:
-    image_score: torch.Tensor      # [B] in [0,1]: (mean image-term probability + map max) / 2
-    anomaly_map: torch.Tensor      # [B,H,W] in [0,1], mean of layer maps, smoothed
-    layer_maps: torch.Tensor       # [B,L,H,W] abnormal probability per tapped layer (unsmoothed)
+    # [B] in [0,1]. Without a memory bank: (mean image-term probability + text_map max) / 2; with
+    # one: the bank's combination of that score and the bank map's maximum (see memory_bank.py).
+    image_score: torch.Tensor
+    # [B,H,W] in [0,1]. Without a bank: text_map; with one: the bank's combination of text_map and bank_map.
+    anomaly_map: torch.Tensor
+    layer_logits: torch.Tensor     # [B,L,H,W] abnormal - normal logit per tapped layer, upsampled bilinearly
     image_logits: torch.Tensor     # [B,T,2] normal/abnormal logits of the image-level terms
     patch_features: list[torch.Tensor]  # per layer [B,N,E], L2-normalised segmentation features
-    text_map: torch.Tensor         # [B,H,W] smoothed text map (equals anomaly_map without a bank)
+    text_map: torch.Tensor         # [B,H,W] mean over layers of sigmoid(layer_logits), smoothed
     bank_map: torch.Tensor | None  # [B,H,W] smoothed memory-bank distance map, when a bank is built
+
+    @property
+    def layer_maps(self) -> torch.Tensor:
+        """[B,L,H,W] abnormal probability per tapped layer (unsmoothed)."""
+        return torch.sigmoid(self.layer_logits)
 
 
 class Adapter(nn.Module):
@@ -106,7 +114,7 @@ class MedVMAD(nn.Module):
         self._text_cache: torch.Tensor | None = None
         self._ensemble_name: str | None = None
         self.memory_bank: MemoryBank | None = None
-        self.to(self.backbone.clip.logit_scale.device)
+        self.to(self.backbone.device)
 
     # ---- parameters ----
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -139,8 +147,7 @@ class MedVMAD(nn.Module):
         """[2,E] normal/abnormal text features; cached unless prompts are being trained."""
         if self.prompts is None:
             if self._text_cache is None or self._ensemble_name != self.config.dataset:
-                self._text_cache = ensemble_text_features(self.backbone, self.config.dataset,
-                                                          self.backbone.logit_scale.device)
+                self._text_cache = ensemble_text_features(self.backbone, self.config.dataset)
                 self._ensemble_name = self.config.dataset
             return self._text_cache
         if self.training and torch.is_grad_enabled():
@@ -161,7 +168,11 @@ class MedVMAD(nn.Module):
         return self.backbone.logit_scale * features @ text.t()
 
     def forward(self, images: torch.Tensor) -> MedVMADOutput:
-        """images [B,3,H,W] (CLIP-normalised) -> scores, maps and per-layer maps."""
+        """images [B,3,H,W] RGB in [0,1] -> scores, maps and per-layer maps.
+
+        The images are normalised here, with the mean/std of the backbone's weights.
+        """
+        images = self.backbone.normalize(images)
         text = self.text_features().to(images.dtype)
         seg_features: list[torch.Tensor] = []
         det_features: list[torch.Tensor] = []
@@ -189,9 +200,11 @@ class MedVMAD(nn.Module):
                det_features: list[torch.Tensor], text: torch.Tensor, size: torch.Size) -> MedVMADOutput:
         """Maps and scores from the global embedding [B,E] and per-layer patch features [B,N,E]."""
         size = (int(size[0]), int(size[1]))
-        probabilities = torch.stack([self._logits(features, text).softmax(dim=-1)[..., 1]
-                                     for features in seg_features], dim=1)                # [B,L,N]
-        layer_maps = self._upsample(probabilities, size)                                 # [B,L,H,W]
+        gaps = torch.stack([self._logits(features, text).diff(dim=-1)[..., 0]
+                            for features in seg_features], dim=1)                         # [B,L,N]
+        # Logits are upsampled (as MVFA does), then turned into probabilities: 2-class softmax of
+        # bilinear logits = sigmoid of the bilinear logit gap. The loss works on the same logits.
+        layer_logits = self._upsample(gaps, size)                                         # [B,L,H,W]
 
         image_logits = [self._logits(global_embedding, text)]                            # [B,2]
         for features in det_features:
@@ -200,7 +213,7 @@ class MedVMAD(nn.Module):
             top = (logits[..., 1] - logits[..., 0]).argmax(dim=1)
             image_logits.append(logits[torch.arange(logits.shape[0], device=logits.device), top])
         image_logits = torch.stack(image_logits, dim=1)                                   # [B,T,2]
-        text_map = gaussian_blur(layer_maps.mean(dim=1), self.config.sigma)
+        text_map = gaussian_blur(torch.sigmoid(layer_logits).mean(dim=1), self.config.sigma)
         # Image score: the image-level terms' mean abnormal probability, averaged with the map's
         # maximum (the map localises small lesions that the image-level terms miss).
         image_score = 0.5 * image_logits.softmax(dim=-1)[..., 1].mean(dim=1) + 0.5 * text_map.flatten(1).amax(dim=1)
@@ -211,7 +224,7 @@ class MedVMAD(nn.Module):
             bank_map = self._bank_map(self.memory_bank.distances(normalised), size)
             anomaly_map, image_score = self.memory_bank.combine(text_map, bank_map, image_score,
                                                                 self.config.fewshot_weight)
-        return MedVMADOutput(image_score, anomaly_map, layer_maps, image_logits, normalised, text_map, bank_map)
+        return MedVMADOutput(image_score, anomaly_map, layer_logits, image_logits, normalised, text_map, bank_map)
 
     def _upsample(self, patch_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Per-layer patch values [B,L,N] -> bilinear maps [B,L,H,W]."""
@@ -225,7 +238,7 @@ class MedVMAD(nn.Module):
 
     @torch.no_grad()
     def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor, batch_size: int = 8) -> None:
-        """Build the few-shot bank from normal support images [K,3,H,W] (augmentations included).
+        """Build the few-shot bank from normal support images [K,3,H,W] in [0,1] (augmentations included).
 
         groups [K]: the original support image of each row, so that statistics are computed leaving
         each support image out together with its augmentations.
