@@ -25,9 +25,21 @@ Two ways to describe a data set, both read by ``list_samples(root, split)``:
    with ``<split>`` in train/valid/test; all classes of a split are listed together.
 
 Rules for both: normal images have an all-zero mask; abnormal images without a mask are allowed
-only when no abnormal image of the split has one (classification-only data). Masks are binarised
-with ``> 0`` over the colour channels; a mask with no zero pixel is taken to be saved through a
-colormap, and its darkest value is background.
+only when no abnormal image of the split has one (classification-only data).
+
+Mask reading rule (``load_mask``):
+
+1. A palette image (PNG "P" mode, as saved through a colormap with an index per class): index 0
+   is background, any other index is lesion, whatever the colours.
+2. Otherwise the value is the maximum over the colour channels (alpha dropped), and
+   a. a mask holding a 0 is lesion where the value is > 0 (0/1, 0/255, and colormaps with a black
+      background, as BMAD's masks were saved);
+   b. a mask of a single value is all lesion when that value is 1 or the type's maximum (255,
+      65535), and an error otherwise (it could be an empty mask drawn in a non-black colour);
+   c. a mask with no 0 and several values was drawn through a colormap with a non-black
+      background: its darkest value is background.
+
+Images are returned in [0,1] RGB; the model normalises them with its own mean/std.
 
 Support-set files (``save_support``): UTF-8 text, ``#`` lines are comments, one sample a line::
 
@@ -52,11 +64,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from utils import InputError, atomic_write_text
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_FOLDERS = ("anomaly_mask", "label")
 SPLITS = ("train", "valid", "test")
@@ -286,37 +297,52 @@ def load_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, 2::-1])  # BGR(A) -> RGB
 
 
+def _palette_indices(path: str) -> np.ndarray | None:
+    """The palette indices [H,W] of a palette ("P" mode) image, or None for any other image."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image) if image.mode == "P" else None
+    except (OSError, UnidentifiedImageError):
+        return None  # not for PIL: cv2 reads it (or says it is unreadable)
+
+
 def load_mask(path: str) -> np.ndarray:
-    """Mask as bool [H,W]: nonzero in any colour channel; darkest value is background if none is 0."""
+    """Mask as bool [H,W], by the mask reading rule in this module's docstring."""
+    indices = _palette_indices(path)
+    if indices is not None:
+        return indices > 0
     mask = _read(path)
     if mask.ndim == 3:
         mask = mask[:, :, :3].max(axis=2)
-    background = mask.min() if mask.min() > 0 else 0  # colormap-saved: background drawn non-black
-    return mask > background
-
-
-def _normalise(image: torch.Tensor) -> torch.Tensor:
-    """[3,S,S] in [0,1] -> CLIP mean/std normalised."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (image - mean) / std
+    low, high = mask.min(), mask.max()
+    if low == 0:
+        return mask > 0
+    if low == high:
+        full = {1, np.iinfo(mask.dtype).max} if mask.dtype.kind in "ui" else {1}
+        if low in full:
+            return np.ones(mask.shape, dtype=bool)
+        raise InputError(f"mask {path} holds the single value {low} everywhere: neither empty (0) "
+                         f"nor all lesion (1 or {max(full)}); save it as 0/255")
+    return mask > low  # colormap with a non-black background: the darkest value is background
 
 
 def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """[H,W,3] or [H,W] float in [0,1] -> FloatTensor [3,S,S]: bicubic resize, clip, CLIP mean/std."""
+    """[H,W,3] or [H,W] float in [0,1] -> FloatTensor [3,S,S] in [0,1].
+
+    Bicubic with anti-aliasing (as CLIP's PIL resize): shrinking a 512 px slice keeps no moiré.
+    """
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    resized = cv2.resize(image.astype(np.float32), (image_size, image_size),
-                         interpolation=cv2.INTER_CUBIC)
-    tensor = torch.from_numpy(np.clip(resized, 0.0, 1.0)).permute(2, 0, 1).contiguous()
-    return _normalise(tensor)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    resized = F.interpolate(tensor, size=(image_size, image_size), mode="bicubic", align_corners=False,
+                            antialias=True)
+    return resized[0].clamp(0.0, 1.0).contiguous()
 
 
 def _resize_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
-    """bool [H,W] -> FloatTensor [S,S] in {0,1}, nearest neighbour."""
-    resized = cv2.resize(mask.astype(np.uint8), (image_size, image_size),
-                         interpolation=cv2.INTER_NEAREST)
-    return torch.from_numpy(resized.astype(np.float32))
+    """bool [H,W] -> FloatTensor [S,S] in {0,1}, nearest neighbour at pixel centres (as the image)."""
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=(image_size, image_size), mode="nearest-exact")[0, 0]
 
 
 def _load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +363,7 @@ def _random_transform(image: torch.Tensor, mask: torch.Tensor,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same random 90° rotation, flips, small rotation and shift on image [3,S,S] and mask [S,S].
 
-    The image is CLIP-normalised; uncovered borders are filled with black. Random numbers come
+    The image is in [0,1]; uncovered borders are filled with black (0). Random numbers come
     from ``generator`` (CPU), or torch's global one, which DataLoader seeds per worker.
     """
     k = int(torch.randint(4, (1,), generator=generator))
@@ -351,9 +377,7 @@ def _random_transform(image: torch.Tensor, mask: torch.Tensor,
                           [math.sin(angle), math.cos(angle), float(shift[1])]],
                          dtype=image.dtype, device=image.device)
     grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
-    black = _normalise(torch.zeros(3, 1, 1)).to(image)
-    image = F.grid_sample((image - black)[None], grid, mode="bilinear", padding_mode="zeros",
-                          align_corners=False)[0] + black
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     mask = F.grid_sample(mask[None, None], grid, mode="nearest", padding_mode="zeros",
                          align_corners=False)[0, 0]
     return image, mask
@@ -363,7 +387,7 @@ def augment_support(images: torch.Tensor, masks: torch.Tensor, n_aug: int = 10,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Originals plus ``n_aug`` augmented copies (like MVFA's x11), seeded.
 
-    images [K,3,S,S] CLIP-normalised, masks [K,S,S] -> [K*(1+n_aug),3,S,S], [K*(1+n_aug),S,S];
+    images [K,3,S,S] in [0,1], masks [K,S,S] -> [K*(1+n_aug),3,S,S], [K*(1+n_aug),S,S];
     output row i comes from input row i % K, so labels repeat as ``labels.repeat(1 + n_aug)``.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -378,7 +402,7 @@ def augment_support(images: torch.Tensor, masks: torch.Tensor, n_aug: int = 10,
 # ----------------------------------------------------------------------------- dataset
 
 class MedicalDataset(torch.utils.data.Dataset):
-    """Samples -> dict(image [3,S,S] CLIP-normalised, mask [S,S] in {0,1}, label, has_mask, path).
+    """Samples -> dict(image [3,S,S] RGB in [0,1], mask [S,S] in {0,1}, label, has_mask, path).
 
     ``has_mask`` is True when the pixel ground truth is known (normal, or abnormal with a mask).
     ``augment`` applies the same random flips/rotations/shifts to image and mask (few-shot).

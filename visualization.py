@@ -8,14 +8,10 @@ import cv2
 import numpy as np
 import torch
 
-from dataset import CLIP_MEAN, CLIP_STD
-
 
 def to_display(image: torch.Tensor) -> np.ndarray:
-    """Undo CLIP normalisation: [3,H,W] tensor -> uint8 RGB [H,W,3]."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    rgb = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    """Model input [3,H,W] RGB in [0,1] -> uint8 RGB [H,W,3]."""
+    rgb = image.float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
     return (rgb * 255).round().astype(np.uint8)
 
 

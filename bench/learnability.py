@@ -26,7 +26,7 @@ import metrics  # noqa: E402
 import train  # noqa: E402
 from CLIP.checkpoint import load_model  # noqa: E402
 from CLIP.MedVMAD import MedVMAD  # noqa: E402
-from dataset import CLIP_MEAN, CLIP_STD, MedicalDataset, list_samples  # noqa: E402
+from dataset import MedicalDataset, list_samples  # noqa: E402
 from generate_dataset.demo import ensure_demo  # noqa: E402
 from inference import Predictions, predict  # noqa: E402
 
@@ -57,8 +57,7 @@ def main() -> None:
 
     test_set = MedicalDataset(list_samples(root, "test"), args.image_size)
     loader = DataLoader(test_set, batch_size=16, num_workers=2)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    intensity = np.stack([(test_set[i]["image"] * std + mean).mean(0).numpy() for i in range(len(test_set))])
+    intensity = np.stack([test_set[i]["image"].mean(0).numpy() for i in range(len(test_set))])
     brain = intensity > 1e-3                     # demo images are exactly 0 outside the brain
     device = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""MedVMAD eval forward (text cached) vs open_clip's bare encode_image on the same backbone.
+"""MedVMAD eval forward (text cached) vs the same backbone's bare tapped-free image pass.
 
     python bench/model_overhead.py [--model_name ViT-B-16 --image_size 240 --batch_size 8]
 
@@ -42,15 +42,15 @@ def main() -> None:
     device = torch.device(args.device)
     config = MedVMADConfig(BackboneConfig(args.model_name, "none", args.image_size))
     model = MedVMAD(config).to(device).eval()
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    clip = model.backbone.clip
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    backbone = model.backbone
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     def bare() -> None:
-        clip.encode_image(images)
+        backbone.encode_image(backbone.normalize(images), [])
         sync()
 
     def medvmad() -> None:

@@ -3,8 +3,8 @@
     python bench/train_step.py [--model_name ViT-B-16 --image_size 240 --batch_size 8 --device cpu]
 
 Both are measured in the same run (random weights, median of repeats, interleaved). The training
-step is forward + loss + backward + Adam step of prompts and adapters; the baseline is open_clip's
-``encode_image`` under no_grad. Also printed: training steps/s, test images/s (eval forward, text
+step is forward + loss + backward + Adam step of prompts and adapters; the baseline is the same
+backbone's plain image pass (no taps, no adapters) under no_grad. Also printed: training steps/s, test images/s (eval forward, text
 cached) and, on CUDA, peak GPU memory of each. Last line: ``train_step_ratio R``.
 """
 from __future__ import annotations
@@ -38,13 +38,13 @@ def main() -> None:
     device = torch.device(args.device)
     model = MedVMAD(MedVMADConfig(BackboneConfig(args.model_name, "none", args.image_size))).to(device)
     size = args.image_size
-    images = torch.randn(args.batch_size, 3, size, size, device=device)
+    images = torch.rand(args.batch_size, 3, size, size, device=device)
     masks = torch.zeros(args.batch_size, size, size, device=device)
     masks[: args.batch_size // 2, size // 4: size // 2, size // 4: size // 2] = 1
     labels = (masks.flatten(1).amax(dim=1) > 0).long()
     has_mask = torch.ones(args.batch_size, dtype=torch.bool, device=device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.5, 0.999))
-    clip = model.backbone.clip
+    backbone = model.backbone
 
     def sync() -> None:
         if device.type == "cuda":
@@ -52,7 +52,7 @@ def main() -> None:
 
     def bare() -> None:
         with torch.no_grad(), autocast(device, args.precision):
-            clip.encode_image(images)
+            backbone.encode_image(backbone.normalize(images), [])
         sync()
 
     def evaluate() -> None:
