@@ -1,6 +1,7 @@
 """Batched scoring of a dataset and its metrics; shared by test.py, train.py (validation) and benches."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,31 @@ def compute_metrics(predictions: Predictions, pixel: bool = True, image: bool = 
         if aupro_variant == "legacy":
             results["pixel_aupro"] = metrics.aupro_legacy(predictions.masks, predictions.maps)
     return results
+
+
+SELECTION_KEYS = ("image_auroc", "pixel_auroc")
+
+
+def selection_summary(per_source: dict[str, dict[str, float]],
+                      has_masks: dict[str, bool]) -> tuple[float | None, dict[str, float]]:
+    """Model-selection score from each selection source's own metrics.
+
+    Sources are never pooled: domains score on different scales, and one source without masks
+    must not drop the pixel metric of the others. Image AUROC is averaged over the sources, pixel
+    AUROC over the sources with masks; the score is the mean of those two averages (of the one
+    present). Returns (score or None when no metric is defined, {"image_auroc": mean,
+    "pixel_auroc": mean, "<source>/<metric>": value, ...}).
+    """
+    summary: dict[str, float] = {}
+    for key in SELECTION_KEYS:
+        values = [metrics_[key] for name, metrics_ in per_source.items()
+                  if (key == "image_auroc" or has_masks[name]) and not math.isnan(metrics_.get(key, math.nan))]
+        if values:
+            summary[key] = float(np.mean(values))
+    for name, metrics_ in per_source.items():
+        summary.update({f"{name}/{key}": value for key, value in metrics_.items()})
+    present = [summary[key] for key in SELECTION_KEYS if key in summary]
+    return (float(np.mean(present)) if present else None), summary
 
 
 def memory_bank_from_support(model: MedVMAD, support: list[Sample], seed: int, device: torch.device,

@@ -29,8 +29,8 @@ from dataset import (MedicalDataset, dataset_name, list_samples, read_support, s
                      save_support, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, memory_bank_from_support, predict
-from utils import (InputError, atomic_write_json, atomic_write_text, resolve_device, run_cli,
-                   seed_everything, setup_logging, versions)
+from utils import (InputError, add_backbone_override_args, atomic_write_json, atomic_write_text,
+                   backbone_overrides, resolve_device, run_cli, seed_everything, setup_logging, versions)
 from visualization import overlay_panel, save_curve, save_png, to_display
 
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default=None,
                         help="backbone weights: open_clip tag, local file, or none (default: openai for the "
                              "baseline, the checkpoint's own otherwise)")
+    add_backbone_override_args(parser)
     parser.add_argument("--features_list", type=int, nargs="+", help="baseline tapped layers, 1-based")
     parser.add_argument("--image_size", type=int, help="default: the checkpoint's, or 336 for the baseline")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -78,13 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace, device) -> tuple[MedVMAD, dict | None]:
     """The checkpoint's model, or the zero-training baseline."""
     if args.checkpoint_path:
-        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma)
+        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
+                                       **backbone_overrides(args))
         trained_on = model.config.backbone.model_name
         if args.model_name and args.model_name != trained_on:
             raise InputError(f"--checkpoint_path {args.checkpoint_path} was trained on {trained_on}, "
                              f"not --model_name {args.model_name}")
         return model, checkpoint
-    backbone = BackboneConfig(args.model_name or "ViT-L-14-336", args.pretrained or "openai", args.image_size or 336)
+    backbone = BackboneConfig(args.model_name or "ViT-L-14-336", args.pretrained or "openai", args.image_size or 336,
+                              **backbone_overrides(args))
     config = MedVMADConfig(backbone=backbone, features_list=args.features_list, adapters=False,
                            learnable_prompts=False, sigma=4.0 if args.sigma is None else args.sigma)
     try:

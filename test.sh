@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate every protocol (each its own table; see PROTOCOLS.md): run train.sh first, then
+# Evaluate every protocol, each its own table (in-domain, cross-organ, leave-one-out zero-shot,
+# few-shot; README "Protocols"): run train.sh first, then
 #   bash test.sh [indomain|crossorgan|zeroshot|fewshot|all]      (default: all)
 # With no BMAD data under DATA_ROOT, the demo set and the tiny offline model are used.
 set -euo pipefail

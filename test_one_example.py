@@ -25,7 +25,7 @@ from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
 from dataset import preprocess
 from medical_io import WINDOW_PRESETS, Scan, list_inputs, read_scan
-from utils import InputError, autocast, resolve_device, run_cli
+from utils import InputError, add_backbone_override_args, autocast, backbone_overrides, resolve_device, run_cli
 from visualization import montage, overlay_panel, save_png
 
 
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=8, help="slices in a volume's montage")
     parser.add_argument("--model_name", default="ViT-L-14-336", help="baseline backbone")
     parser.add_argument("--pretrained", help="backbone weights (default: openai, or the checkpoint's)")
+    add_backbone_override_args(parser)
     parser.add_argument("--image_size", type=int)
     parser.add_argument("--sigma", type=float)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -55,11 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, float, str]:
     """The model, its decision threshold and where the threshold came from."""
     if args.checkpoint_path:
-        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma)
+        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
+                                       **backbone_overrides(args))
         stored = checkpoint.get("threshold")
     else:
         config = MedVMADConfig(
-            backbone=BackboneConfig(args.model_name, args.pretrained or "openai", args.image_size or 336),
+            backbone=BackboneConfig(args.model_name, args.pretrained or "openai", args.image_size or 336,
+                                    **backbone_overrides(args)),
             dataset=args.dataset, adapters=False, learnable_prompts=False,
             sigma=4.0 if args.sigma is None else args.sigma)
         model, stored = MedVMAD(config).to(device), None

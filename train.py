@@ -26,10 +26,11 @@ from CLIP.checkpoint import read_checkpoint, save_checkpoint
 from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
                      read_support, sample_support, save_support, split_holdout, dataset_names)
 from generate_dataset.demo import ensure_demo
-from inference import compute_metrics, predict
+from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
-from utils import (InputError, atomic_write_json, autocast, resolve_device, run_cli,
-                   seed_everything, setup_logging, versions)
+from metrics import image_metrics
+from utils import (InputError, add_backbone_override_args, atomic_write_json, autocast, backbone_overrides,
+                   resolve_device, run_cli, seed_everything, setup_logging, versions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name", default="ViT-L-14-336")
     model.add_argument("--pretrained", default="openai", help="open_clip tag, local weights file, or none")
+    add_backbone_override_args(model)
     model.add_argument("--features_list", type=int, nargs="+", help="tapped layers, 1-based (default: 4 evenly spaced)")
     model.add_argument("--image_size", type=int, default=336)
     model.add_argument("--n_ctx", type=int, default=12, help="learnable context tokens per prompt")
@@ -112,8 +114,9 @@ def latest_epoch_checkpoint(save_path: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def training_data(args, roots: list[str], names: list[str], logger) -> tuple[torch.utils.data.Dataset, list[Sample]]:
-    """The training dataset and the samples used for model selection (never a test split)."""
+def training_data(args, roots: list[str], names: list[str],
+                  logger) -> tuple[torch.utils.data.Dataset, dict[str, list[Sample]]]:
+    """The training dataset and, per source, the samples used for model selection (never a test split)."""
     if args.k_shot:
         if len(roots) != 1:
             raise InputError("--k_shot adapts to one target: give exactly one --train_data_path")
@@ -132,25 +135,31 @@ def training_data(args, roots: list[str], names: list[str], logger) -> tuple[tor
         labels = torch.tensor([it["label"] for it in items]).repeat(repeats)
         has_mask = torch.tensor([it["has_mask"] for it in items]).repeat(repeats)
         # Selection data for few-shot: the un-augmented support images (no other labelled target data).
-        return TensorDataset(images, masks, labels, has_mask), support
-    parts, selection = [], []
+        return TensorDataset(images, masks, labels, has_mask), {names[0]: support}
+    parts, selection = [], {}
     for root, name in zip(roots, names):
         samples = list_samples(root, args.train_split)
         if not args.valid_data_path:
-            samples, held_out = split_holdout(samples, args.holdout_fraction, args.seed)
-            selection += held_out
+            samples, selection[name] = split_holdout(samples, args.holdout_fraction, args.seed)
         logger.info(describe(samples, f"{name}/{args.train_split} (training)"))
         parts.append(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad))
-    for root in args.valid_data_path or []:
-        selection += list_samples(root, args.valid_split)
-    logger.info(describe(selection, "model selection"))
+    if args.valid_data_path:
+        for root, name in zip(args.valid_data_path, dataset_names(args.valid_data_path, None)):
+            selection[name] = list_samples(root, args.valid_split)
+    selection = {name: samples for name, samples in selection.items() if samples}
+    if not selection:
+        raise InputError("no images to select the checkpoint on: give --valid_data_path or a "
+                         "--holdout_fraction above 0")
+    for name, samples in selection.items():
+        logger.info(describe(samples, f"{name} (model selection)"))
     return ConcatDataset(parts), selection
 
 
 def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
     """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
     return MedVMADConfig(
-        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size), dataset=prompt_name,
+        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size, **backbone_overrides(args)),
+        dataset=prompt_name,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)
 
@@ -209,9 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         start_epoch, best = state["epoch"] + 1, state["best"]
         logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
 
-    selection_loader = DataLoader(MedicalDataset(selection_samples, args.image_size, skip_bad=args.skip_bad),
-                                  batch_size=args.batch_size,
-                                  num_workers=args.num_workers)
+    selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
+                                          batch_size=args.batch_size, num_workers=args.num_workers)
+                         for name, samples in selection_samples.items()}
     last_good = resume_from
     for epoch in range(start_epoch, args.epoch + 1):
         model.train()
@@ -238,11 +247,17 @@ def main(argv: list[str] | None = None) -> dict:
             progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
         averages = {key: value / max(len(loader), 1) for key, value in sums.items()}
 
-        predictions = predict(model, selection_loader, device, args.precision, desc="selection")
-        values = compute_metrics(predictions)
-        present = [values[key] for key in ("image_auroc", "pixel_auroc") if not math.isnan(values.get(key, math.nan))]
-        score = float(np.mean(present)) if present else -averages["loss"]
-        threshold = values.get("image_f1_threshold", 0.5)
+        per_source, has_masks, labels, scores = {}, {}, [], []
+        for name, selection_loader in selection_loaders.items():
+            predictions = predict(model, selection_loader, device, args.precision, desc=f"selection {name}")
+            per_source[name], has_masks[name] = compute_metrics(predictions), predictions.has_masks
+            labels.append(predictions.labels)
+            scores.append(predictions.scores)
+        score, values = selection_summary(per_source, has_masks)
+        score = -averages["loss"] if score is None else score
+        # One decision threshold for the model: F1-max over the selection images of every source.
+        threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
+        threshold = 0.5 if math.isnan(threshold) else threshold
         extra = dict(epoch=epoch, threshold=float(threshold), selection_metrics=values, train_loss=averages,
                      args=vars(args))
         # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
@@ -256,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
             save_checkpoint(save_path / "best.pth", model, **extra)
         last_good = epoch_path
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in averages.items())
-                    + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values))
+                    + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
+                                                 if k.endswith(SELECTION_KEYS))
                     + (" | kept as best.pth" if improved else ""))
     logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
     return {"best": best, "save_path": str(save_path)}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train MedVMAD for each protocol of ../docs (PROTOCOLS.md): edit the variables, then
+# Train MedVMAD for each protocol (in-domain, leave-one-out zero-shot, few-shot; README "Protocols"):
+# edit the variables, then
 #   bash train.sh [indomain|zeroshot|fewshot|all]      (default: all)
 # indomain also serves the cross-organ protocol (train on one organ, test on the other: test.sh).
 # With no BMAD data under DATA_ROOT, the demo set is built and the tiny offline model is used.
