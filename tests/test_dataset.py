@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (CLIP_MEAN, CLIP_STD, MedicalDataset, Sample, augment_support, dataset_name,
+from dataset import (MedicalDataset, _resize_mask, Sample, augment_support, dataset_name,
                      describe, list_samples, load_image, load_mask, preprocess, read_support,
                      sample_support, save_support, split_holdout)
 from utils import InputError
@@ -203,15 +203,74 @@ def test_colormap_masks(tmp_path):
     palette.save(tmp_path / "viridis.png")
     np.testing.assert_array_equal(load_mask(str(tmp_path / "viridis.png")), index > 0)
     # an empty mask through that palette stays empty
-    Image.fromarray(np.zeros((6, 6), np.uint8), "P").save(tmp_path / "empty.png")
+    empty = Image.fromarray(np.zeros((6, 6), np.uint8), "P")
+    empty.putpalette([68, 1, 84, 253, 231, 37] + [0] * 762)
+    empty.save(tmp_path / "empty.png")
     assert not load_mask(str(tmp_path / "empty.png")).any()
+    # a full-lesion mask through that palette is all lesion, though drawn in one colour
+    full = Image.fromarray(np.ones((6, 6), np.uint8), "P")
+    full.putpalette([68, 1, 84, 253, 231, 37] + [0] * 762)
+    full.save(tmp_path / "full.png")
+    assert load_mask(str(tmp_path / "full.png")).all()
+    # the same picture flattened to RGB (no palette): the darkest colour is background
+    rgb = np.where(index[..., None] > 0, [37, 231, 253], [84, 1, 68]).astype(np.uint8)  # BGR
+    np.testing.assert_array_equal(load_mask(write(tmp_path / "viridis_rgb.png", rgb)), index > 0)
 
 
-def test_preprocess_normalises():
-    tensor = preprocess(np.full((10, 14), 0.5, np.float32), 8)
-    expected = (0.5 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    assert tensor.shape == (3, 8, 8)
-    torch.testing.assert_close(tensor[:, 3, 3], expected)
+@pytest.mark.parametrize("dtype, lesion", [(np.uint8, 1), (np.uint8, 255), (np.uint16, 1), (np.uint16, 65535)])
+def test_masks_read_as_saved(tmp_path, dtype, lesion):
+    """0/1, 0/255 (8- and 16-bit) read as they are; a mask that is lesion everywhere is all lesion."""
+    values = np.zeros((5, 7), dtype)
+    values[1:4, 4:6] = lesion
+    np.testing.assert_array_equal(load_mask(write(tmp_path / "m.png", values)), values > 0)
+    full = load_mask(write(tmp_path / "full.png", np.full((5, 7), lesion, dtype)))
+    assert full.shape == (5, 7) and full.all()
+    assert not load_mask(write(tmp_path / "empty.png", np.zeros((5, 7), dtype))).any()
+
+
+def test_uniform_mask_of_another_value_is_refused(tmp_path):
+    path = write(tmp_path / "grey.png", np.full((4, 4), 84, np.uint8))
+    with pytest.raises(InputError, match="grey.png"):
+        load_mask(path)
+
+
+def test_preprocess_keeps_values_in_unit_range_and_orientation():
+    image = np.zeros((10, 14), np.float32)
+    image[:5, 7:] = 1.0                                  # top-right quarter bright
+    tensor = preprocess(image, 8)
+    assert tensor.shape == (3, 8, 8) and tensor.dtype == torch.float32
+    assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
+    torch.testing.assert_close(tensor[:, 1, 6], torch.ones(3))   # still top-right, not transposed
+    torch.testing.assert_close(tensor[:, 6, 1], torch.zeros(3))
+    flat = preprocess(np.full((10, 14), 0.5, np.float32), 8)
+    torch.testing.assert_close(flat, torch.full((3, 8, 8), 0.5))
+
+
+def test_downsampling_is_anti_aliased_like_pil_bicubic():
+    """A 1-pixel stripe pattern shrunk 512 -> 240 averages to grey (no moiré), as PIL's bicubic does."""
+    stripes = np.zeros((512, 512), np.float32)
+    stripes[:, ::2] = 1.0
+    ours = preprocess(stripes, 240)[0].numpy()
+    reference = np.asarray(Image.fromarray(stripes, "F").resize((240, 240), Image.BICUBIC))
+    interior = (slice(4, -4), slice(4, -4))
+    assert abs(float(ours[interior].mean()) - 0.5) < 0.01 and float(ours[interior].std()) < 0.02
+    np.testing.assert_allclose(ours[interior], reference[interior], atol=0.02)
+    aliased = cv2.resize(stripes, (240, 240), interpolation=cv2.INTER_CUBIC)
+    assert float(aliased[interior].std()) > 0.1  # what the plain cubic resize did
+    rng = np.random.default_rng(0)
+    smooth = cv2.GaussianBlur(rng.random((300, 200)).astype(np.float32), (0, 0), 3)
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    reference = np.asarray(Image.fromarray(smooth, "F").resize((64, 64), Image.BICUBIC))
+    np.testing.assert_allclose(preprocess(smooth, 64)[0].numpy(), np.clip(reference, 0, 1), atol=0.02)
+
+
+def test_masks_resize_by_nearest_pixel_centre():
+    mask = np.zeros((512, 512), bool)
+    mask[100:228, 300:428] = True
+    resized = _resize_mask(mask, 64)
+    expected = np.zeros((64, 64), np.float32)
+    expected[12:28, 37:53] = 1                          # [100, 228) / 8 and [300, 428) / 8
+    np.testing.assert_array_equal(resized.numpy(), expected)
 
 
 def test_dataset_name():
@@ -261,8 +320,8 @@ def _bright_square_batch(k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bright(images: torch.Tensor) -> torch.Tensor:
-    """Pixels of a CLIP-normalised batch that are brighter than 0.5."""
-    return images[:, 0] * CLIP_STD[0] + CLIP_MEAN[0] > 0.5
+    """Pixels of a [0,1] batch that are brighter than 0.5."""
+    return images[:, 0] > 0.5
 
 
 def test_augment_support_keeps_alignment():

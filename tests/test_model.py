@@ -1,15 +1,17 @@
 """MedVMAD model tests on the tiny random-weight backbone (CPU, seconds)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from scipy import ndimage
 
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig, gaussian_blur
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig, MedVMADOutput, gaussian_blur
 from CLIP.backbone import Backbone, BackboneConfig, default_features_list
 from loss import LossWeights, dice_loss, focal_loss, medvmad_loss
 from tests.conftest import TINY_SIZE, tiny_config
@@ -53,8 +55,26 @@ def test_any_image_size_resizes_positional_embeddings():
     assert out.anomaly_map.shape == (1, 96, 96)
 
 
-def test_logits_use_clip_temperature(tiny_model):
-    assert torch.isclose(tiny_model.backbone.logit_scale, torch.tensor(1 / 0.07), rtol=1e-5)
+def test_logits_are_clip_logit_scale_times_cosine():
+    """Image and per-layer logits = exp(logit_scale) x cosine, for OpenAI's scale of 100 (not 1/0.07)."""
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(adapters=False, learnable_prompts=False)).eval()
+    with torch.no_grad():
+        model.backbone.clip.logit_scale.fill_(math.log(100.0))
+        images = torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
+        out = model(images)
+        text = model.text_features()
+        global_embedding = model.backbone.encode_image(model.backbone.normalize(images), [])[0]
+    cosine = F.normalize(global_embedding, dim=-1) @ text.t()
+    torch.testing.assert_close(out.image_logits[:, 0], 100.0 * cosine, atol=1e-4, rtol=1e-5)
+    grid = TINY_SIZE // 16
+    for layer, features in enumerate(out.patch_features):
+        gap = 100.0 * (features @ text[1] - features @ text[0])                  # [B,N], row-major patches
+        expected = F.interpolate(gap.reshape(2, 1, grid, grid), size=(TINY_SIZE, TINY_SIZE),
+                                 mode="bilinear", align_corners=False)[:, 0]
+        torch.testing.assert_close(out.layer_logits[:, layer], expected, atol=1e-4, rtol=1e-5)
+    expected_map = gaussian_blur(torch.sigmoid(out.layer_logits).mean(dim=1), model.config.sigma)
+    torch.testing.assert_close(out.anomaly_map, expected_map)
 
 
 def test_backbone_frozen_prompts_and_adapters_learn(tiny_model):
@@ -88,7 +108,8 @@ def test_adapters_change_the_residual_stream(tiny_model):
         adapted = tiny_model(images).image_logits[:, 0]
         tiny_model.config.alpha = 0.0
         plain = tiny_model(images).image_logits[:, 0]
-        bare = tiny_model._logits(tiny_model.backbone.clip.encode_image(images), tiny_model.text_features())
+        backbone = tiny_model.backbone
+        bare = tiny_model._logits(backbone.encode_image(backbone.normalize(images), [])[0], tiny_model.text_features())
     assert torch.allclose(plain, bare, atol=1e-4)
     assert not torch.allclose(adapted, plain, atol=1e-3)
 
@@ -198,7 +219,7 @@ def test_zero_training_baseline_uses_projected_tokens_and_ensemble():
     images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():
         out = model(images)
-        global_embedding = model.backbone.clip.encode_image(images)
+        global_embedding = model.backbone.encode_image(model.backbone.normalize(images), [])[0]
         global_probability = model._logits(global_embedding, model.text_features()).softmax(-1)[:, 1]
     expected = 0.5 * global_probability + 0.5 * out.anomaly_map.flatten(1).max(dim=1).values
     assert torch.allclose(out.image_score, expected, atol=1e-5)
@@ -213,11 +234,56 @@ def test_gaussian_blur_matches_scipy():
 
 
 def test_focal_and_dice_hand_values():
-    p = torch.tensor([0.5, 0.9])
+    gap = torch.tensor([0.0, math.log(9.0)])           # p = 0.5 and 0.9
     y = torch.tensor([1.0, 0.0])
     expected_focal = (0.25 * np.log(2) + 0.81 * -np.log(0.1)) / 2
-    assert float(focal_loss(p, y)) == pytest.approx(expected_focal, rel=1e-5)
-    assert float(dice_loss(p, y)) == pytest.approx(1 - (2 * 0.5 + 1) / (1.4 + 1 + 1), rel=1e-6)
+    assert float(focal_loss(gap, y)) == pytest.approx(expected_focal, rel=1e-5)
+    assert float(dice_loss(gap, y)) == pytest.approx(1 - (2 * 0.5 + 1) / (1.4 + 1 + 1), rel=1e-6)
+
+
+def _output(layer_logits: torch.Tensor, image_logits: torch.Tensor) -> MedVMADOutput:
+    """A model output holding only what the loss reads."""
+    empty = torch.zeros(0)
+    return MedVMADOutput(empty, empty, layer_logits, image_logits, [], empty, None)
+
+
+def test_loss_equals_hand_computation_at_moderate_gaps():
+    """Focal + dice per layer on sigmoid(gap), BCE per image term, written out with numpy."""
+    rng = np.random.default_rng(0)
+    gaps = rng.uniform(-3, 3, (3, 2, 5, 6))                                   # [B,L,H,W]
+    masks = (rng.random((3, 5, 6)) > 0.6).astype(np.float64)
+    image_logits = rng.uniform(-3, 3, (3, 4, 2))
+    labels = np.array([0, 1, 1])
+    has_mask = np.array([True, False, True])
+    parts = medvmad_loss(_output(torch.tensor(gaps, dtype=torch.float32), torch.tensor(image_logits, dtype=torch.float32)),
+                         torch.tensor(masks), torch.tensor(labels), torch.tensor(has_mask), LossWeights(2.0, 3.0, 0.5))
+    p, y = 1 / (1 + np.exp(-gaps[has_mask])), masks[has_mask]
+    focal = sum(np.mean(-y * (1 - p[:, l]) ** 2 * np.log(p[:, l]) - (1 - y) * p[:, l] ** 2 * np.log(1 - p[:, l]))
+                for l in range(2))
+    dice = sum(1 - (2 * (p[:, l] * y).sum() + 1) / (p[:, l].sum() + y.sum() + 1) for l in range(2))
+    q = 1 / (1 + np.exp(-(image_logits[..., 1] - image_logits[..., 0])))
+    bce = np.mean(-(labels[:, None] * np.log(q) + (1 - labels[:, None]) * np.log(1 - q)))
+    assert float(parts["focal"]) == pytest.approx(focal, rel=1e-5)
+    assert float(parts["dice"]) == pytest.approx(dice, rel=1e-5)
+    assert float(parts["image"]) == pytest.approx(bce, rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(2 * focal + 3 * dice + 0.5 * bce, rel=1e-5)
+
+
+def test_confidently_wrong_pixel_and_image_still_get_gradient():
+    """A logit gap of 40 the wrong way: the old clamp at 1e-6 gave exactly zero gradient here."""
+    layer_logits = torch.full((1, 1, 2, 2), -40.0, requires_grad=True)      # says normal everywhere
+    image_logits = torch.tensor([[[0.0, -40.0]]], requires_grad=True)       # says normal
+    masks = torch.ones(1, 2, 2)                                             # but it is a lesion
+    parts = medvmad_loss(_output(layer_logits, image_logits), masks, torch.tensor([1]),
+                         torch.tensor([True]), LossWeights())
+    parts["loss"].backward()
+    loss = parts["loss"].detach()
+    assert torch.isfinite(loss) and float(loss) > 40
+    pixel_grad, image_grad = layer_logits.grad, image_logits.grad
+    assert torch.isfinite(pixel_grad).all() and torch.isfinite(image_grad).all()
+    # d focal / d gap -> -1 per pixel, averaged over 4 pixels; d BCE / d gap -> -1
+    torch.testing.assert_close(pixel_grad, torch.full_like(pixel_grad, -0.25), atol=1e-3, rtol=0)
+    torch.testing.assert_close(image_grad, torch.tensor([[[1.0, -1.0]]]), atol=1e-6, rtol=0)
 
 
 def test_overfits_a_batch_with_a_lesion_mask(tiny_model):

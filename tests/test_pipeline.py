@@ -213,4 +213,4 @@ def test_valid_data_path_selects_on_another_dataset_and_trains_on_all(tmp_path, 
     run_train(tmp_path / "run", demo, "--epoch", "1", "--valid_data_path", other)
     log = (tmp_path / "run" / "train_log.txt").read_text()
     assert "Brain/valid (training): 16 images" in log
-    assert "model selection: 6 images (3 normal, 3 abnormal" in log
+    assert "BrainCoronal (model selection): 6 images (3 normal, 3 abnormal" in log
