@@ -27,17 +27,16 @@ Two ways to describe a data set, both read by ``list_samples(root, split)``:
 Rules for both: normal images have an all-zero mask; abnormal images without a mask are allowed
 only when no abnormal image of the split has one (classification-only data).
 
-Mask reading rule (``load_mask``):
+Mask reading rule (``load_mask``): a mask's value is the maximum over its colour channels (palette
+images are decoded to their colours; where a varying alpha channel is 0, the value is 0). Then
 
-1. A palette image (PNG "P" mode, as saved through a colormap with an index per class): index 0
-   is background, any other index is lesion, whatever the colours.
-2. Otherwise the value is the maximum over the colour channels (alpha dropped), and
-   a. a mask holding a 0 is lesion where the value is > 0 (0/1, 0/255, and colormaps with a black
-      background, as BMAD's masks were saved);
-   b. a mask of a single value is all lesion when that value is 1 or the type's maximum (255,
-      65535), and an error otherwise (it could be an empty mask drawn in a non-black colour);
-   c. a mask with no 0 and several values was drawn through a colormap with a non-black
-      background: its darkest value is background.
+a. a mask holding a 0 is lesion where the value is > 0 (0/1, 0/255, colormaps with a black
+   background as BMAD's masks were saved, palette images whose background is black);
+b. a mask with no 0 and several values was drawn through a colormap with a non-black
+   background: its darkest value is background;
+c. a mask of a single value is all lesion when that value is 1 or the type's maximum (255,
+   65535); otherwise a palette image is read by its index (0 = background, else lesion) and any
+   other image is refused (it could be an empty mask drawn in a non-black colour).
 
 Images are returned in [0,1] RGB; the model normalises them with its own mean/std.
 
@@ -308,22 +307,26 @@ def _palette_indices(path: str) -> np.ndarray | None:
 
 def load_mask(path: str) -> np.ndarray:
     """Mask as bool [H,W], by the mask reading rule in this module's docstring."""
-    indices = _palette_indices(path)
-    if indices is not None:
-        return indices > 0
-    mask = _read(path)
+    mask = _read(path)  # palette images come decoded to their colours
     if mask.ndim == 3:
+        transparent = mask[:, :, 3] == 0 if mask.shape[2] == 4 and mask[:, :, 3].min() < mask[:, :, 3].max() \
+            else None
         mask = mask[:, :, :3].max(axis=2)
+        if transparent is not None:  # a varying alpha channel: fully transparent pixels are background
+            mask = np.where(transparent, 0, mask)
     low, high = mask.min(), mask.max()
     if low == 0:
         return mask > 0
-    if low == high:
-        full = {1, np.iinfo(mask.dtype).max} if mask.dtype.kind in "ui" else {1}
-        if low in full:
-            return np.ones(mask.shape, dtype=bool)
-        raise InputError(f"mask {path} holds the single value {low} everywhere: neither empty (0) "
-                         f"nor all lesion (1 or {max(full)}); save it as 0/255")
-    return mask > low  # colormap with a non-black background: the darkest value is background
+    if low < high:
+        return mask > low  # colormap with a non-black background: the darkest value is background
+    full = {1, np.iinfo(mask.dtype).max} if mask.dtype.kind in "ui" else {1}
+    if low in full:
+        return np.ones(mask.shape, dtype=bool)
+    indices = _palette_indices(path)
+    if indices is not None:  # one colour everywhere: its palette index says background (0) or lesion
+        return indices > 0
+    raise InputError(f"mask {path} holds the single value {low} everywhere: neither empty (0) "
+                     f"nor all lesion (1 or {max(full)}); save it as 0/255")
 
 
 def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:

@@ -68,20 +68,19 @@ def compute_metrics(predictions: Predictions, pixel: bool = True, image: bool = 
 SELECTION_KEYS = ("image_auroc", "pixel_auroc")
 
 
-def selection_summary(per_source: dict[str, dict[str, float]],
-                      has_masks: dict[str, bool]) -> tuple[float | None, dict[str, float]]:
+def selection_summary(per_source: dict[str, dict[str, float]]) -> tuple[float | None, dict[str, float]]:
     """Model-selection score from each selection source's own metrics.
 
     Sources are never pooled: domains score on different scales, and one source without masks
     must not drop the pixel metric of the others. Image AUROC is averaged over the sources, pixel
-    AUROC over the sources with masks; the score is the mean of those two averages (of the one
+    AUROC over the sources with masks (``compute_metrics`` gives pixel metrics only to those); a
+    metric that is NaN (one class only) is left out. The score is the mean of those two averages (of the one
     present). Returns (score or None when no metric is defined, {"image_auroc": mean,
     "pixel_auroc": mean, "<source>/<metric>": value, ...}).
     """
     summary: dict[str, float] = {}
     for key in SELECTION_KEYS:
-        values = [metrics_[key] for name, metrics_ in per_source.items()
-                  if (key == "image_auroc" or has_masks[name]) and not math.isnan(metrics_.get(key, math.nan))]
+        values = [metrics_[key] for metrics_ in per_source.values() if not math.isnan(metrics_.get(key, math.nan))]
         if values:
             summary[key] = float(np.mean(values))
     for name, metrics_ in per_source.items():

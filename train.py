@@ -107,6 +107,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def config_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the config fields that differ between two config dicts, with both values."""
+    differing = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differing += config_differences(old, new, f"{prefix}{key}.")
+        elif (list(old) if isinstance(old, tuple) else old) != (list(new) if isinstance(new, tuple) else new):
+            differing.append(f"{prefix}{key} ({old} vs {new})")
+    return differing
+
+
 def latest_epoch_checkpoint(save_path: Path) -> Path | None:
     """The epoch_<n>.pth with the highest n in ``save_path``."""
     found = [(int(m.group(1)), p) for p in save_path.glob("epoch_*.pth")
@@ -204,8 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
         state = read_checkpoint(resume_from)
-        if state["config"] != config.to_dict():
-            raise InputError(f"--resume {resume_from}: its model config differs from this run's flags")
+        differing = config_differences(state["config"], config.to_dict())
+        if differing:
+            raise InputError(f"--resume {resume_from}: its model config differs from this run's in "
+                             + ", ".join(differing) + " (a checkpoint from before a field existed lacks it)")
         changed = [key for key in RESUME_KEYS if state["args"].get(key) != vars(args).get(key)]
         if changed:
             raise InputError(f"--resume {resume_from}: the run was started with other "
@@ -247,13 +261,15 @@ def main(argv: list[str] | None = None) -> dict:
             progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
         averages = {key: value / max(len(loader), 1) for key, value in sums.items()}
 
-        per_source, has_masks, labels, scores = {}, {}, [], []
+        per_source, labels, scores = {}, [], []
         for name, selection_loader in selection_loaders.items():
             predictions = predict(model, selection_loader, device, args.precision, desc=f"selection {name}")
-            per_source[name], has_masks[name] = compute_metrics(predictions), predictions.has_masks
+            per_source[name] = compute_metrics(predictions)
+            if math.isnan(per_source[name]["image_auroc"]):
+                logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
             labels.append(predictions.labels)
             scores.append(predictions.scores)
-        score, values = selection_summary(per_source, has_masks)
+        score, values = selection_summary(per_source)
         score = -averages["loss"] if score is None else score
         # One decision threshold for the model: F1-max over the selection images of every source.
         threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]

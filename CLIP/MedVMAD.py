@@ -54,11 +54,6 @@ class MedVMADOutput:
     text_map: torch.Tensor         # [B,H,W] mean over layers of sigmoid(layer_logits), smoothed
     bank_map: torch.Tensor | None  # [B,H,W] smoothed memory-bank distance map, when a bank is built
 
-    @property
-    def layer_maps(self) -> torch.Tensor:
-        """[B,L,H,W] abnormal probability per tapped layer (unsmoothed)."""
-        return torch.sigmoid(self.layer_logits)
-
 
 class Adapter(nn.Module):
     """Bottleneck width -> embed_dim -> width, LeakyReLU, no bias (MVFA's design)."""

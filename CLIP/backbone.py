@@ -56,25 +56,42 @@ class BackboneConfig:
         return cls(**values)
 
 
-def quick_gelu_rule(model_name: str, pretrained: str, torchscript: bool) -> str | None:
-    """Why OpenAI-trained weights (which need QuickGELU) are assumed, or None when they are not.
+def _names_in_path(path: str) -> list[str]:
+    """The names that say what a weights file is: its file name, its folder, and the repo name of a
+    Hugging Face cache path (``models--org--repo``), lower case."""
+    parts = Path(path.lower()).parts
+    return list(parts[-2:]) + [part for part in parts if part.startswith("models--")]
 
-    QuickGELU is on for the ``openai`` tag, OpenAI's TorchScript archives, ``*-quickgelu`` model
-    names, and weights files or hub/local repos whose name says ``openai`` (e.g. open_clip's
+
+def quick_gelu_rule(model_name: str, pretrained: str, torchscript: bool) -> str | None:
+    """Why QuickGELU-trained weights are assumed, or None when they are not.
+
+    QuickGELU is on for the ``openai`` tag and open_clip tags trained with it (e.g. ViT-B-32
+    ``laion400m_e32``), OpenAI's TorchScript archives, ``*-quickgelu`` model names, and weights
+    files or hub/local repos whose name says ``openai`` (e.g. open_clip's
     ``timm/vit_large_patch14_clip_336.openai``).
     """
     name, weights = model_name.lower(), pretrained.lower()
     if weights == "openai":
         return "--pretrained openai"
+    if not name.startswith(("hf-hub:", "local-dir:")) and weights != "none":
+        tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if tag:
+            return f"the tag {pretrained} was trained with it" if tag.get("quick_gelu") else None
     if torchscript:
         return "OpenAI TorchScript archive"
     if name.endswith("-quickgelu"):
         return "a -quickgelu model name"
-    if "openai" in name.split(":", 1)[-1]:
+    if any("openai" in part for part in _names_in_path(name.split(":", 1)[-1])):
         return f"the model name {model_name} says openai"
-    if weights != "none" and "openai" in weights:
+    if weights != "none" and any("openai" in part for part in _names_in_path(weights)):
         return f"the weights file {pretrained} says openai"
     return None
+
+
+def _uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether the built model runs QuickGELU (its config may turn it on whatever was asked)."""
+    return any(type(module).__name__ == "QuickGELU" for module in model.modules())
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -121,23 +138,28 @@ def _create_clip(config: BackboneConfig) -> nn.Module:
     has_schema = config.model_name.startswith(("hf-hub:", "local-dir:"))
     if use_file and not os.path.isfile(pretrained):
         raise InputError(f"--pretrained {pretrained}: no such weights file")
-    torchscript = use_file and _is_torchscript_archive(pretrained)
-    if config.quick_gelu is None:  # resolved once and kept in the config, so checkpoints rebuild it
-        reason = quick_gelu_rule(config.model_name, "none" if has_schema else pretrained, torchscript)
-        config.quick_gelu = reason is not None
-        logger.info(f"QuickGELU {'on' if reason else 'off'} (--quick_gelu auto: "
-                    f"{reason or 'no sign of OpenAI weights'})")
-    else:
-        logger.info(f"QuickGELU {'on' if config.quick_gelu else 'off'} (set explicitly)")
+    torchscript = use_file and not has_schema and _is_torchscript_archive(pretrained)  # schema: ignored
+    asked = config.quick_gelu
+    reason = quick_gelu_rule(config.model_name, "none" if has_schema else pretrained, torchscript) \
+        if asked is None else "set explicitly"
     with tempfile.TemporaryDirectory(prefix="medvmad_weights_") as folder:
         weights = _torchscript_state_dict(pretrained, folder) if torchscript else pretrained
         kwargs = dict(
             pretrained=None if has_schema or pretrained.lower() == "none" else weights,
-            force_quick_gelu=config.quick_gelu,
+            force_quick_gelu=bool(asked) if asked is not None else reason is not None,
             force_image_size=config.image_size,
             weights_only=True,  # never unpickle code from a weights file
         )
-        return _call_open_clip(config, kwargs)
+        model = _call_open_clip(config, kwargs)
+    # Resolved once from the built model and kept in the config, so checkpoints rebuild it.
+    config.quick_gelu = _uses_quick_gelu(model)
+    if asked is False and config.quick_gelu:
+        raise InputError(f"--quick_gelu off: the model config of {config.model_name} turns QuickGELU on")
+    if asked is None and config.quick_gelu and reason is None:
+        reason = "the model config sets it"
+    logger.info(f"QuickGELU {'on' if config.quick_gelu else 'off'} "
+                f"({reason if asked is not None else '--quick_gelu auto: ' + (reason or 'no sign of QuickGELU weights')})")
+    return model
 
 
 def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:

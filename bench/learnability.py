@@ -7,7 +7,7 @@ held-out part), then scores the test split with the FINAL weights (not the best 
 test pixel AUROC before and after training, over all pixels and over pixels inside the brain only
 (background is easy: raw intensity alone separates it), beside a no-learning baseline that uses the
 raw image intensity as the anomaly map. Last line: ``pixel_auroc_after X brain_pixel_auroc_after Y``
-(targets: >= 0.90 and >= 0.80).
+(targets: >= 0.95 and >= 0.90).
 """
 from __future__ import annotations
 

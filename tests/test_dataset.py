@@ -212,6 +212,15 @@ def test_colormap_masks(tmp_path):
     full.putpalette([68, 1, 84, 253, 231, 37] + [0] * 762)
     full.save(tmp_path / "full.png")
     assert load_mask(str(tmp_path / "full.png")).all()
+    # a palette whose index 0 is white (PIL's quantize does this): read by colour, not by index
+    quantized = Image.fromarray(index * 255, "L").convert("RGB").quantize(2)
+    assert quantized.getpalette()[:3] == [255, 255, 255]                 # white is index 0
+    quantized.save(tmp_path / "quantized.png")
+    np.testing.assert_array_equal(load_mask(str(tmp_path / "quantized.png")), index > 0)
+    # white lesion on a fully transparent white background: transparency is background
+    rgba = np.dstack([np.full((6, 6), 255, np.uint8)] * 3 + [(index * 255).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+    np.testing.assert_array_equal(load_mask(str(tmp_path / "transparent.png")), index > 0)
     # the same picture flattened to RGB (no palette): the darkest colour is background
     rgb = np.where(index[..., None] > 0, [37, 231, 253], [84, 1, 68]).astype(np.uint8)  # BGR
     np.testing.assert_array_equal(load_mask(write(tmp_path / "viridis_rgb.png", rgb)), index > 0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 from torch.utils.data import DataLoader
 
 import test_one_example
@@ -27,6 +27,7 @@ from generate_dataset.demo import build_demo
 from inference import predict, selection_summary
 from tests.conftest import TINY_SIZE, tiny_config
 from utils import InputError
+from visualization import to_display
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,11 +50,15 @@ def activations(backbone: Backbone) -> set[str]:
     ("ViT-L-14-336", "openai", False, True),
     ("ViT-L-14-336", "none", True, True),
     ("ViT-B-32-quickgelu", "laion400m_e32", False, True),
+    ("ViT-B-32", "laion400m_e32", False, True),                     # open_clip's tag was trained with it
     ("hf-hub:timm/vit_large_patch14_clip_336.openai", "none", False, True),
     ("local-dir:/models/vit_large_patch14_clip_336.openai", "none", False, True),
     ("ViT-L-14-336", "/weights/vit_large_patch14_clip_336.openai/open_clip_model.safetensors", False, True),
     ("ViT-L-14", "laion2b_s32b_b82k", False, False),
     ("ViT-L-14-336", "/weights/ViT-L-14-336.safetensors", False, False),
+    ("ViT-L-14-336", "/home/openai_runs/laion/laion2b.safetensors", False, False),  # a folder far up
+    ("ViT-L-14-336", "/hf/models--timm--vit_large_patch14_clip_336.openai/snapshots/1a/model.safetensors",
+     False, True),
     ("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "none", False, False),
     ("tiny", "none", False, False),
 ])
@@ -94,6 +99,19 @@ def test_quick_gelu_for_a_local_dir_by_name(tmp_path):
     save_file(tiny_state(), str(folder / "open_clip_model.safetensors"))
     backbone = Backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE))
     assert backbone.config.quick_gelu is True and activations(backbone) == {"QuickGELU"}
+
+
+def test_model_config_that_sets_quick_gelu_is_what_is_stored_and_off_is_refused(tmp_path):
+    folder = tmp_path / "tiny-qg"
+    folder.mkdir()
+    config = json.loads((ROOT / "CLIP" / "model_configs" / "tiny.json").read_text())
+    config["quick_gelu"] = True
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    save_file(tiny_state(), str(folder / "open_clip_model.safetensors"))
+    backbone = Backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE))
+    assert backbone.config.quick_gelu is True and activations(backbone) == {"QuickGELU"}
+    with pytest.raises(InputError, match="--quick_gelu off"):
+        Backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE, quick_gelu=False))
 
 
 def test_quick_gelu_flag_reaches_the_config():
@@ -191,7 +209,8 @@ def test_normalisation_comes_from_the_model_config(tmp_path):
     torch.testing.assert_close(out.image_logits[:, 0], scale * F.normalize(by_hand, dim=-1) @ text.t())
     assert not torch.allclose(out.image_logits[:, 0], scale * F.normalize(with_openai, dim=-1) @ text.t(), atol=1e-3)
 
-    overridden = Backbone(BackboneConfig(name, "none", TINY_SIZE, image_mean=(0.2, 0.3, 0.4), image_std=(0.1, 0.2, 0.3)))
+    overridden = Backbone(BackboneConfig(name, "none", TINY_SIZE, image_mean=(0.2, 0.3, 0.4),
+                                         image_std=(0.1, 0.2, 0.3)))
     x = torch.full((1, 3, 2, 2), 0.6)
     torch.testing.assert_close(overridden.normalize(x)[0, :, 0, 0], torch.tensor([4.0, 1.5, 2 / 3]))
 
@@ -200,19 +219,43 @@ def test_default_normalisation_for_files_and_old_checkpoints(tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_file(tiny_state(), str(path))
     assert Backbone(BackboneConfig("tiny", str(path), TINY_SIZE)).config.image_mean == OPENAI_MEAN
+    name = local_dir_model(tmp_path, {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     torch.manual_seed(0)
-    model = MedVMAD(tiny_config(backbone=BackboneConfig("tiny", "none", TINY_SIZE, image_mean=(0.5,) * 3,
-                                                        image_std=(0.5,) * 3)))
-    save_checkpoint(tmp_path / "new.pth", model)
+    save_checkpoint(tmp_path / "new.pth", MedVMAD(tiny_config(backbone=BackboneConfig(name, "none", TINY_SIZE))))
     stored = torch.load(tmp_path / "new.pth", weights_only=True)
     assert tuple(stored["config"]["backbone"]["image_mean"]) == (0.5,) * 3
     assert load_model(tmp_path / "new.pth", torch.device("cpu"))[0].config.backbone.image_std == (0.5,) * 3
-    # a checkpoint written before image_mean/std were stored was trained with OpenAI's constants
+    # a checkpoint written before image_mean/std were stored was trained with OpenAI's constants,
+    # even on a model whose own config now says 0.5
     for key in ("image_mean", "image_std"):
         del stored["config"]["backbone"][key]
     torch.save(stored, tmp_path / "old.pth")
     old, _ = load_model(tmp_path / "old.pth", torch.device("cpu"))
     assert old.config.backbone.image_mean == OPENAI_MEAN and old.config.backbone.image_std == OPENAI_STD
+
+
+def test_normalisation_flags_reach_the_model_in_every_script(tmp_path):
+    """--image_mean/--image_std through test.py, test_one_example.py and a checkpoint's load."""
+    from tests.test_pipeline import test_script
+
+    flags = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu",
+             "--image_mean", "0.1", "0.2", "0.3", "--image_std", "0.4", "0.5", "0.6"]
+    device = torch.device("cpu")
+    baseline, _ = test_script.build_model(test_script.parse_args(flags), device)
+    single, _, _ = test_one_example.build(test_one_example.parse_args(["--image_path", "x.png", *flags]), device)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck.pth", MedVMAD(tiny_config()))
+    from_checkpoint, _ = test_script.build_model(
+        test_script.parse_args(["--checkpoint_path", str(tmp_path / "ck.pth"), *flags[6:]]), device)
+    x = torch.full((1, 3, 1, 1), 0.5)
+    for model in (baseline, single, from_checkpoint):
+        assert model.config.backbone.image_mean == (0.1, 0.2, 0.3)
+        torch.testing.assert_close(model.backbone.normalize(x).flatten(), torch.tensor([1.0, 0.6, 1 / 3]))
+
+
+def test_to_display_draws_model_input_as_it_is():
+    image = torch.tensor([[[0.0, 0.5]], [[1.0, 0.25]], [[0.2, 1.2]]])           # [3,1,2] RGB
+    np.testing.assert_array_equal(to_display(image), [[[0, 255, 51], [128, 64, 255]]])
 
 
 # ----------------------------------------------------------------------------- orientation
@@ -294,8 +337,9 @@ def test_lesion_in_a_corner_peaks_there_single_example(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- model selection
 
 def test_selection_summary_hand_values():
-    per_source = {"Brain": {"image_auroc": 0.8, "pixel_auroc": 0.9}, "Chest": {"image_auroc": 0.6}}
-    score, summary = selection_summary(per_source, {"Brain": True, "Chest": False})
+    per_source = {"Brain": {"image_auroc": 0.8, "pixel_auroc": 0.9}, "Chest": {"image_auroc": 0.6},
+                  "Retina": {"image_auroc": float("nan"), "pixel_auroc": float("nan")}}   # one class only
+    score, summary = selection_summary(per_source)
     assert summary["image_auroc"] == pytest.approx(0.7) and summary["pixel_auroc"] == pytest.approx(0.9)
     assert score == pytest.approx(0.8)
     assert summary["Brain/pixel_auroc"] == 0.9 and summary["Chest/image_auroc"] == 0.6
@@ -319,11 +363,13 @@ def test_selection_is_per_source_with_one_masked_and_one_maskless_source(tmp_pat
     assert "BrainCoronal/pixel_auroc" not in values and "pixel_auroc" in values
 
     model, _ = load_model(run / "epoch_1.pth", torch.device("cpu"))
-    reference = {}
+    reference, labels, scores = {}, [], []
     for root, name in ((brain, "Brain"), (coronal, "BrainCoronal")):
         _, held_out = split_holdout(list_samples(root, "valid"), 0.2, 111)
         predictions = predict(model, DataLoader(MedicalDataset(held_out, size), batch_size=4), torch.device("cpu"))
         reference[name] = roc_auc_score(predictions.labels, predictions.scores)
+        labels.append(predictions.labels)
+        scores.append(predictions.scores)
         if name == "Brain":
             reference["pixel"] = roc_auc_score(predictions.masks.ravel(), predictions.maps.astype(np.float64).ravel())
     assert values["Brain/image_auroc"] == pytest.approx(reference["Brain"], abs=1e-6)
@@ -331,5 +377,10 @@ def test_selection_is_per_source_with_one_masked_and_one_maskless_source(tmp_pat
     assert values["image_auroc"] == pytest.approx((reference["Brain"] + reference["BrainCoronal"]) / 2, abs=1e-6)
     assert values["pixel_auroc"] == pytest.approx(reference["pixel"], abs=1e-4)
     assert saved["best"]["score"] == pytest.approx((values["image_auroc"] + values["pixel_auroc"]) / 2)
+    # one decision threshold: F1-max over both sources' selection images together
+    labels, scores = np.concatenate(labels), np.concatenate(scores)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    best_f1 = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+    assert f1_score(labels, scores >= saved["threshold"]) == pytest.approx(best_f1, abs=1e-6)
     log = (run / "train_log.txt").read_text()
     assert "Brain/pixel_auroc" in log and "BrainCoronal/image_auroc" in log

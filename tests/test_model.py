@@ -38,10 +38,10 @@ def test_output_shapes_and_ranges(tiny_model):
         out = tiny_model(torch.randn(3, 3, TINY_SIZE, TINY_SIZE))
     assert out.image_score.shape == (3,)
     assert out.anomaly_map.shape == (3, TINY_SIZE, TINY_SIZE)
-    assert out.layer_maps.shape == (3, 4, TINY_SIZE, TINY_SIZE)
+    assert out.layer_logits.shape == (3, 4, TINY_SIZE, TINY_SIZE)
     assert out.image_logits.shape == (3, 5, 2)
     assert len(out.patch_features) == 4 and out.patch_features[0].shape == (3, 16, 32)
-    for tensor in (out.image_score, out.anomaly_map, out.layer_maps):
+    for tensor in (out.image_score, out.anomaly_map):
         assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
 
 
@@ -96,7 +96,7 @@ def test_maps_of_different_layers_differ(tiny_model):
         out = tiny_model(torch.randn(2, 3, TINY_SIZE, TINY_SIZE))
     for i in range(4):
         for j in range(i + 1, 4):
-            assert float((out.layer_maps[:, i] - out.layer_maps[:, j]).abs().max()) > 1e-3
+            assert float((out.layer_logits[:, i] - out.layer_logits[:, j]).abs().max()) > 1e-3
             assert not torch.allclose(out.patch_features[i], out.patch_features[j])
 
 
@@ -255,8 +255,9 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
     image_logits = rng.uniform(-3, 3, (3, 4, 2))
     labels = np.array([0, 1, 1])
     has_mask = np.array([True, False, True])
-    parts = medvmad_loss(_output(torch.tensor(gaps, dtype=torch.float32), torch.tensor(image_logits, dtype=torch.float32)),
-                         torch.tensor(masks), torch.tensor(labels), torch.tensor(has_mask), LossWeights(2.0, 3.0, 0.5))
+    output = _output(torch.tensor(gaps, dtype=torch.float32), torch.tensor(image_logits, dtype=torch.float32))
+    parts = medvmad_loss(output, torch.tensor(masks), torch.tensor(labels), torch.tensor(has_mask),
+                         LossWeights(2.0, 3.0, 0.5))
     p, y = 1 / (1 + np.exp(-gaps[has_mask])), masks[has_mask]
     focal = sum(np.mean(-y * (1 - p[:, l]) ** 2 * np.log(p[:, l]) - (1 - y) * p[:, l] ** 2 * np.log(1 - p[:, l]))
                 for l in range(2))
@@ -269,21 +270,25 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
     assert float(parts["loss"]) == pytest.approx(2 * focal + 3 * dice + 0.5 * bce, rel=1e-5)
 
 
-def test_confidently_wrong_pixel_and_image_still_get_gradient():
-    """A logit gap of 40 the wrong way: the old clamp at 1e-6 gave exactly zero gradient here."""
-    layer_logits = torch.full((1, 1, 2, 2), -40.0, requires_grad=True)      # says normal everywhere
-    image_logits = torch.tensor([[[0.0, -40.0]]], requires_grad=True)       # says normal
-    masks = torch.ones(1, 2, 2)                                             # but it is a lesion
-    parts = medvmad_loss(_output(layer_logits, image_logits), masks, torch.tensor([1]),
+@pytest.mark.parametrize("label", [1, 0])
+def test_confidently_wrong_pixel_and_image_still_get_gradient(label):
+    """A logit gap of 40 the wrong way, for a lesion called normal and a normal image called abnormal:
+    the old clamp at 1e-6 gave exactly zero gradient here."""
+    wrong = -40.0 if label else 40.0
+    layer_logits = torch.full((1, 1, 2, 2), wrong, requires_grad=True)
+    image_logits = torch.tensor([[[0.0, wrong]]], requires_grad=True)
+    masks = torch.full((1, 2, 2), float(label))
+    parts = medvmad_loss(_output(layer_logits, image_logits), masks, torch.tensor([label]),
                          torch.tensor([True]), LossWeights())
     parts["loss"].backward()
     loss = parts["loss"].detach()
     assert torch.isfinite(loss) and float(loss) > 40
     pixel_grad, image_grad = layer_logits.grad, image_logits.grad
     assert torch.isfinite(pixel_grad).all() and torch.isfinite(image_grad).all()
-    # d focal / d gap -> -1 per pixel, averaged over 4 pixels; d BCE / d gap -> -1
-    torch.testing.assert_close(pixel_grad, torch.full_like(pixel_grad, -0.25), atol=1e-3, rtol=0)
-    torch.testing.assert_close(image_grad, torch.tensor([[[1.0, -1.0]]]), atol=1e-6, rtol=0)
+    # d focal / d gap -> -/+1 per pixel, averaged over 4 pixels; d BCE / d gap -> -/+1
+    sign = -1.0 if label else 1.0
+    torch.testing.assert_close(pixel_grad, torch.full_like(pixel_grad, 0.25 * sign), atol=1e-3, rtol=0)
+    torch.testing.assert_close(image_grad, torch.tensor([[[-sign, sign]]]), atol=1e-6, rtol=0)
 
 
 def test_overfits_a_batch_with_a_lesion_mask(tiny_model):
