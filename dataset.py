@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from utils import InputError, atomic_write_text
+from utils import InputError, atomic_write_text, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_FOLDERS = ("anomaly_mask", "label")
@@ -166,6 +166,25 @@ def _list_bmad(root: str, split: str) -> list[Sample]:
     return samples
 
 
+def _meta_entry(entry: object, base: str, where: str) -> Sample:
+    """One meta.json entry as a Sample; any malformed field is an InputError naming ``where``."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{where} is {type(entry).__name__}, not an object with img_path and anomaly")
+    image, mask, label = entry.get("img_path"), entry.get("mask_path") or None, entry.get("anomaly")
+    if not isinstance(image, str) or not image:
+        raise InputError(f"{where}: img_path must be a non-empty string, got {image!r}")
+    if mask is not None and not isinstance(mask, str):
+        raise InputError(f"{where}: mask_path must be a string or empty, got {mask!r}")
+    # Exactly 0 or 1: a 2, -1 or 0.9 is a mistake to report, never a label to round.
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 1):
+        raise InputError(f"{where}: anomaly must be 0 (normal) or 1 (abnormal), got {label!r}")
+    image, mask = os.path.join(base, image), os.path.join(base, mask) if mask else None
+    for path in (image, mask):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"{where} names {path}, which does not exist")
+    return Sample(image, mask if label == 1 else None, int(label))
+
+
 def _list_meta(meta_path: str, split: str) -> list[Sample]:
     """Samples of one split from a meta.json index (paths relative to its folder)."""
     base = os.path.dirname(meta_path)
@@ -173,23 +192,22 @@ def _list_meta(meta_path: str, split: str) -> list[Sample]:
         with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot read index {meta_path}: {error}") from error
-    if not isinstance(meta, dict) or not isinstance(meta.get(split), dict):
+        raise InputError(f"cannot read index {meta_path}: {one_line(str(error))}") from None
+    if not isinstance(meta, dict) or split not in meta:
         raise InputError(f"index {meta_path} has no {split!r} split")
-    samples = []
+    if not isinstance(meta[split], dict) or not all(isinstance(v, list) for v in meta[split].values()):
+        raise InputError(f"index {meta_path}: split {split!r} must map class names to lists of entries, "
+                         f"got {json.dumps(meta[split])[:60]}")
+    samples, seen = [], {}
     for cls_name, entries in meta[split].items():
         for index, entry in enumerate(entries):
-            try:
-                image = os.path.join(base, entry["img_path"])
-                mask = os.path.join(base, entry["mask_path"]) if entry.get("mask_path") else None
-                label = int(entry["anomaly"])
-            except (KeyError, TypeError, ValueError) as error:
-                raise InputError(f"index {meta_path}: {split}/{cls_name}[{index}] lacks a valid "
-                                 f"img_path or anomaly ({error})") from error
-            for path in (image, mask):
-                if path is not None and not os.path.isfile(path):
-                    raise InputError(f"index {meta_path} names {path}, which does not exist")
-            samples.append(Sample(image, mask if label == 1 else None, label))
+            where = f"index {meta_path}: {split}/{cls_name}[{index}]"
+            sample = _meta_entry(entry, base, where)
+            key = os.path.normpath(sample.image_path)
+            if key in seen:  # a repeated entry would be counted twice in every metric
+                raise InputError(f"{where} lists {sample.image_path} again (first at {seen[key]})")
+            seen[key] = f"{split}/{cls_name}[{index}]"
+            samples.append(sample)
     if not samples:
         raise InputError(f"index {meta_path} has no images in split {split!r}")
     abnormal = [s for s in samples if s.label == 1]
@@ -270,6 +288,9 @@ def _read(path: str) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {error}") from error
     if image is None:
         raise InputError(f"cannot read image {path} (empty, corrupt or not an image)")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise InputError(f"image {path} holds {int((~np.isfinite(image)).sum())} NaN or infinite value(s); "
+                         f"fix or remove the file")
     return image
 
 
@@ -566,5 +587,7 @@ def read_support(path: str, root: str, iteration: int = 0) -> list[Sample]:
         for file in files:
             if not os.path.isfile(file):
                 raise InputError(f"support file {path} names {file}, which does not exist")
+        if any(s.image_path == files[0] for s in support):
+            raise InputError(f"support file {path}, line {number}: {files[0]} is listed twice")
         support.append(Sample(files[0], files[1] if len(files) == 2 else None, int(fields[0])))
     return support

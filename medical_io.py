@@ -5,6 +5,7 @@ Intensity rules (documented in the README):
 - DICOM: the modality LUT (rescale slope/intercept, so CT is in HU), then a window: ``--window LOW
   HIGH``, a preset, or the file's own WindowCenter/Width; without any, the 0.5-99.5 percentiles.
   MONOCHROME1 is inverted so that dense tissue is bright.
+- Any NaN or infinite value (float TIFF/DICOM/NIfTI) refuses the file, naming it.
 - NIfTI: ``--window`` or a preset when given; otherwise the BraTS converter's rule (0.5-99.5
   percentiles of the voxels > 0, background 0), so every slice shares one scale. Volumes are turned
   to RAS and their slices shown as the converters write them (anterior or superior up, patient's
@@ -13,6 +14,7 @@ Intensity rules (documented in the README):
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -81,6 +83,15 @@ def percentile_window(values: np.ndarray) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
+def _check_finite(values: np.ndarray, path: str) -> np.ndarray:
+    """``values`` unchanged; a NaN or infinite value is refused, naming the file (a window or the
+    percentiles would otherwise turn the whole scan black and call it normal)."""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(f"{path}: holds {bad} NaN or infinite value(s) of {values.size}; fix or remove the file")
+    return values
+
+
 def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2)
 
@@ -89,16 +100,22 @@ def _read_dicom(path: str, window: tuple[float, float] | None) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
+    pydicom_log = logging.getLogger("pydicom")  # it logs a decoder failure's traceback; we report one line
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)
     try:
         data = pydicom.dcmread(path)
         pixels = data.pixel_array
     except Exception as error:
         raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
+    finally:
+        pydicom_log.setLevel(level)
+    _check_finite(pixels, path)
     if pixels.ndim == 3 and data.get("SamplesPerPixel", 1) == 3:
         return (pixels.astype(np.float32) / np.iinfo(pixels.dtype).max).clip(0, 1)
     if pixels.ndim != 2:
         raise InputError(f"{path}: multi-frame DICOM with shape {pixels.shape}; export one frame per file")
-    values = apply_modality_lut(pixels, data).astype(np.float32)
+    values = _check_finite(apply_modality_lut(pixels, data).astype(np.float32), path)
     if window is None and "WindowCenter" in data and "WindowWidth" in data:
         center = float(np.atleast_1d(data.WindowCenter)[0])
         width = float(np.atleast_1d(data.WindowWidth)[0])
@@ -118,6 +135,7 @@ def _read_nifti(path: str, window: tuple[float, float] | None, axis: int,
         volume = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
+    _check_finite(volume, path)
     while volume.ndim > 2 and volume.shape[-1] == 1:  # [X,Y,1] is a 2-D image, [X,Y,Z,1] a volume
         volume = volume[..., 0]
     if volume.size == 0:

@@ -29,16 +29,19 @@ from dataset import (MedicalDataset, dataset_name, list_samples, read_support, s
                      save_support, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, memory_bank_from_support, predict
-from utils import (InputError, add_backbone_override_args, atomic_write_json, atomic_write_text,
-                   backbone_overrides, resolve_device, run_cli, seed_everything, setup_logging, versions)
+from utils import (MANIFEST, ArgumentParser, InputError, add_backbone_override_args, atomic_write_json,
+                   atomic_write_text, backbone_overrides, device_name, locked_folder, non_negative_float,
+                   non_negative_int, positive_int, prepare_output_dir, resolve_device, run_cli, seed_everything,
+                   setup_logging, unit_interval, versions)
 from visualization import overlay_panel, save_curve, save_png, to_display
 
+RESULT_FILES = ("results.json", "results.csv", "scores.csv", MANIFEST)  # checked free before the run
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
                  ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", nargs="+", help="dataset roots (BMAD layout or meta.json); default: the demo set")
     parser.add_argument("--dataset", nargs="+", help="a name per root for the table rows (default: folder names); "
                         "the organ in it (brain, liver, ...) picks the baseline's prompt wording")
@@ -57,22 +60,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="backbone weights: open_clip tag, local file, or none (default: openai for the "
                              "baseline, the checkpoint's own otherwise)")
     add_backbone_override_args(parser)
-    parser.add_argument("--features_list", type=int, nargs="+", help="baseline tapped layers, 1-based")
-    parser.add_argument("--image_size", type=int, help="default: the checkpoint's, or 336 for the baseline")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--sigma", type=float, help="Gaussian smoothing of the maps in pixels (default: 4 or the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--features_list", type=positive_int, nargs="+", help="baseline tapped layers, 1-based")
+    parser.add_argument("--image_size", type=positive_int, help="default: the checkpoint's, or 336 for the baseline; "
+                        "a multiple of the backbone's patch size")
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--sigma", type=non_negative_float,
+                        help="Gaussian smoothing of the maps in pixels (default: 4 or the checkpoint's)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+    parser.add_argument("--num_workers", type=non_negative_int, default=2)
+    parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
-    parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--seed", type=non_negative_int, default=111)
     fewshot = parser.add_argument_group("few-shot (memory bank of normal support patches)")
-    fewshot.add_argument("--k_shot", type=int, default=0, help="k normal + k abnormal support images; 0 = off")
-    fewshot.add_argument("--fewshot_seed", type=int, default=1)
+    fewshot.add_argument("--k_shot", type=non_negative_int, default=0, help="k normal + k abnormal support images; 0 = off")
+    fewshot.add_argument("--fewshot_seed", type=non_negative_int, default=1)
     fewshot.add_argument("--support_file", help="support set file (default: the one beside the checkpoint, "
                          "else sampled from the dataset's valid split with --fewshot_seed)")
-    fewshot.add_argument("--fewshot_weight", type=float, help="weight of the memory-bank map (default 0.5)")
+    fewshot.add_argument("--fewshot_weight", type=unit_interval, help="weight of the memory-bank map (default 0.5)")
     return parser.parse_args(argv)
 
 
@@ -149,6 +154,13 @@ def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    save_path = prepare_output_dir(args.save_path, files=RESULT_FILES)  # before any work is done
+    with locked_folder(save_path):  # two evaluations into one folder would mix their results files
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """The evaluation itself, writing into ``args.save_path`` (checked and locked by ``main``)."""
     started = time.time()
     save_path = Path(args.save_path)
     logger = setup_logging(save_path, "test_log.txt")

@@ -25,30 +25,32 @@ from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
 from dataset import preprocess
 from medical_io import WINDOW_PRESETS, Scan, list_inputs, read_scan
-from utils import InputError, add_backbone_override_args, autocast, backbone_overrides, resolve_device, run_cli
+from utils import (ArgumentParser, InputError, add_backbone_override_args, autocast, backbone_overrides, device_name,
+                   finite_float, non_negative_float, non_negative_int, one_line, positive_int, prepare_output_dir,
+                   resolve_device, run_cli, unit_interval)
 from visualization import montage, overlay_panel, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image_path", required=True, help="image, DICOM, NIfTI, or a folder of them")
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
     parser.add_argument("--save_path", default="results/one_example")
-    parser.add_argument("--threshold", type=float, help="decision threshold (default: the checkpoint's)")
+    parser.add_argument("--threshold", type=unit_interval, help="decision threshold (default: the checkpoint's)")
     parser.add_argument("--dataset", default="brain", help="organ wording of the zero-training baseline")
-    parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                         help="intensity window for DICOM/NIfTI (HU for CT)")
     parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
-    parser.add_argument("--axis", type=int, default=2, help="NIfTI slicing axis (2: axial for RAS volumes)")
-    parser.add_argument("--slices", type=int, nargs=2, metavar=("FIRST", "LAST"), help="NIfTI slice range")
-    parser.add_argument("--top_k", type=int, default=8, help="slices in a volume's montage")
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="NIfTI slicing axis (2: axial for RAS volumes)")
+    parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="NIfTI slice range")
+    parser.add_argument("--top_k", type=positive_int, default=8, help="slices in a volume's montage")
     parser.add_argument("--model_name", default="ViT-L-14-336", help="baseline backbone")
     parser.add_argument("--pretrained", help="backbone weights (default: openai, or the checkpoint's)")
     add_backbone_override_args(parser)
-    parser.add_argument("--image_size", type=int)
-    parser.add_argument("--sigma", type=float)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--image_size", type=positive_int, help="a multiple of the backbone's patch size")
+    parser.add_argument("--sigma", type=non_negative_float)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
     return parser.parse_args(argv)
 
@@ -69,6 +71,9 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, floa
     if args.threshold is not None:
         return model.eval(), args.threshold, "--threshold"
     if stored is not None:
+        if not isinstance(stored, (int, float)) or not 0 <= stored <= 1:  # NaN fails too
+            raise InputError(f"--checkpoint_path {args.checkpoint_path}: its threshold {stored!r} is not a number "
+                             f"in [0, 1]; give --threshold")
         return model.eval(), float(stored), "checkpoint"
     return model.eval(), 0.5, "default 0.5 (no calibrated threshold)"
 
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.window and args.window_preset:
         raise InputError("give --window or --window_preset, not both")
     window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)
+    save_path = prepare_output_dir(args.save_path, files=("predictions.jsonl",))
     if os.path.isdir(args.image_path):
         paths, in_folder = list_inputs(args.image_path), True
         if not paths:
@@ -134,8 +140,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise InputError(f"--image_path {args.image_path}: no such file or folder")
     device = resolve_device(args.device)
     model, threshold, source = build(args, device)
-    save_path = Path(args.save_path)
-    save_path.mkdir(parents=True, exist_ok=True)
 
     records = []
     with open(save_path / "predictions.jsonl", "a", encoding="utf-8") as lines:
@@ -145,11 +149,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except InputError as error:
                 if not in_folder:
                     raise
-                print(f"skipped: {error}", file=sys.stderr)
+                print(f"skipped: {one_line(str(error))}", file=sys.stderr)
                 continue
             scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size)
+            if not np.isfinite(scores).all():  # never a decision from a NaN score
+                raise InputError(f"{path}: the model gave a NaN score (are the checkpoint's weights finite?)")
             record = report(scan, scores, maps, threshold, source, save_path, args.top_k)
-            lines.write(json.dumps(record) + "\n")
+            lines.write(json.dumps(record, allow_nan=False) + "\n")
             lines.flush()
             print(json.dumps({k: record[k] for k in ("path", "score", "decision")}))
             records.append(record)

@@ -29,12 +29,14 @@ from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from metrics import image_metrics
-from utils import (InputError, add_backbone_override_args, atomic_write_json, autocast, backbone_overrides,
-                   resolve_device, run_cli, seed_everything, setup_logging, versions)
+from utils import (ArgumentParser, InputError, add_backbone_override_args, atomic_write_json, autocast,
+                   backbone_overrides, device_name, locked_folder, non_negative_float, non_negative_int,
+                   positive_float, positive_int, prepare_output_dir, resolve_device, run_cli, seed_everything,
+                   setup_logging, unit_interval, versions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_path", nargs="+", help="training dataset roots; default: the demo set")
     data.add_argument("--dataset", nargs="+", help="a name per training root (default: folder names); "
@@ -43,42 +45,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--valid_data_path", nargs="+", help="roots whose --valid_split selects the checkpoint; "
                       "default: a held-out part of the training images")
     data.add_argument("--valid_split", default="valid")
-    data.add_argument("--holdout_fraction", type=float, default=0.2,
+    data.add_argument("--holdout_fraction", type=unit_interval, default=0.2,
                       help="share of training images held out for selection when no --valid_data_path")
     data.add_argument("--skip_bad", action="store_true",
                       help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
-    data.add_argument("--k_shot", type=int, default=0, help="few-shot: k normal + k abnormal images of the "
+    data.add_argument("--k_shot", type=non_negative_int, default=0, help="few-shot: k normal + k abnormal images of the "
                       "(single) training root's valid split, augmented x11; 0 = off")
-    data.add_argument("--fewshot_seed", type=int, default=1)
+    data.add_argument("--fewshot_seed", type=non_negative_int, default=1)
     data.add_argument("--support_file", help="read the few-shot support set from this file instead of sampling")
     model = parser.add_argument_group("model")
     model.add_argument("--model_name", default="ViT-L-14-336")
     model.add_argument("--pretrained", default="openai", help="open_clip tag, local weights file, or none")
     add_backbone_override_args(model)
-    model.add_argument("--features_list", type=int, nargs="+", help="tapped layers, 1-based (default: 4 evenly spaced)")
-    model.add_argument("--image_size", type=int, default=336)
-    model.add_argument("--n_ctx", type=int, default=12, help="learnable context tokens per prompt")
-    model.add_argument("--depth", type=int, default=9, help="text layers with learnable deep tokens")
-    model.add_argument("--t_n_ctx", type=int, default=4, help="learnable deep tokens per text layer")
-    model.add_argument("--alpha", type=float, default=0.1, help="adapter weight: (1-2a) x + a seg + a det")
-    model.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of test maps, pixels")
+    model.add_argument("--features_list", type=positive_int, nargs="+", help="tapped layers, 1-based (default: 4 evenly spaced)")
+    model.add_argument("--image_size", type=positive_int, default=336,
+                       help="input side, a multiple of the backbone's patch size (14 for ViT-L-14)")
+    model.add_argument("--n_ctx", type=positive_int, default=12, help="learnable context tokens per prompt")
+    model.add_argument("--depth", type=non_negative_int, default=9, help="text layers with learnable deep tokens")
+    model.add_argument("--t_n_ctx", type=positive_int, default=4, help="learnable deep tokens per text layer")
+    model.add_argument("--alpha", type=unit_interval, default=0.1, help="adapter weight: (1-2a) x + a seg + a det")
+    model.add_argument("--sigma", type=non_negative_float, default=4.0, help="Gaussian smoothing of test maps, pixels")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epoch", type=int, default=10)
-    optim.add_argument("--batch_size", type=int, default=8)
-    optim.add_argument("--learning_rate", type=float, help="default 1e-4, or 1e-3 with --k_shot")
-    optim.add_argument("--focal_weight", type=float, default=1.0)
-    optim.add_argument("--dice_weight", type=float, default=1.0)
-    optim.add_argument("--image_weight", type=float, default=1.0)
-    optim.add_argument("--seed", type=int, default=111)
+    optim.add_argument("--epoch", type=positive_int, default=10)
+    optim.add_argument("--batch_size", type=positive_int, default=8)
+    optim.add_argument("--learning_rate", type=positive_float, help="default 1e-4, or 1e-3 with --k_shot")
+    optim.add_argument("--focal_weight", type=non_negative_float, default=1.0)
+    optim.add_argument("--dice_weight", type=non_negative_float, default=1.0)
+    optim.add_argument("--image_weight", type=non_negative_float, default=1.0)
+    optim.add_argument("--seed", type=non_negative_int, default=111)
     run = parser.add_argument_group("run")
     run.add_argument("--save_path", default="checkpoint/demo", help="folder for checkpoints, log and args.json")
-    run.add_argument("--device", default="auto")
+    run.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
     run.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"],
                      help="autocast for the forward pass; learnable weights stay fp32")
-    run.add_argument("--num_workers", type=int, default=2)
-    run.add_argument("--resume", nargs="?", const="latest", default=None,
-                     help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
+    run.add_argument("--num_workers", type=non_negative_int, default=2)
+    used = run.add_mutually_exclusive_group()
+    used.add_argument("--resume", nargs="?", const="latest", default=None,
+                      help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
+    used.add_argument("--overwrite", action="store_true",
+                      help="start afresh in a --save_path that holds another run (its checkpoints are deleted)")
     args = parser.parse_args(argv)
+    if args.focal_weight + args.dice_weight + args.image_weight == 0:
+        raise InputError("--focal_weight, --dice_weight and --image_weight are all 0: nothing to train")
     if args.learning_rate is None:
         args.learning_rate = 1e-3 if args.k_shot else 1e-4
     return args
@@ -117,6 +125,56 @@ def config_differences(stored: dict, current: dict, prefix: str = "") -> list[st
         elif (list(old) if isinstance(old, tuple) else old) != (list(new) if isinstance(new, tuple) else new):
             differing.append(f"{prefix}{key} ({old} vs {new})")
     return differing
+
+
+RUN_MARKERS = ("args.json", "best.pth", "epoch_*.pth")  # files that show a folder holds a run
+RUN_FILES = RUN_MARKERS + ("train_log.txt", "support_*shot_seed*.txt")  # what a run writes
+
+
+def claim_folder(save_path: Path, args: argparse.Namespace) -> list[Path]:
+    """Make sure this run does not mix with another in ``save_path`` (call it under the folder's lock).
+
+    A folder holding a run is refused unless ``--resume`` continues it or ``--overwrite`` is given;
+    with ``--overwrite`` the old run's files are deleted (so a later ``--resume`` cannot pick up its
+    checkpoints) and returned.
+    """
+    found = sorted(path for pattern in RUN_MARKERS for path in save_path.glob(pattern))
+    if args.resume or not found:
+        return []
+    if not args.overwrite:
+        raise InputError(f"--save_path {save_path} holds another run ({', '.join(p.name for p in found[:3])}"
+                         f"{' ...' if len(found) > 3 else ''}); continue it with --resume, replace it with "
+                         f"--overwrite, or choose another --save_path")
+    old = sorted(path for pattern in RUN_FILES for path in save_path.glob(pattern))
+    for path in old:
+        path.unlink()
+    return old
+
+
+def read_resume_state(path: Path, config: MedVMADConfig, args: argparse.Namespace) -> dict:
+    """The state of the run to continue, checked to be an epoch checkpoint of this very run."""
+    state = read_checkpoint(path, "--resume")
+    missing = [key for key in ("optimizer", "rng", "epoch", "best", "args") if key not in state]
+    if missing:
+        raise InputError(f"--resume {path} holds no {'/'.join(missing)} state ({path.name} keeps only the model, "
+                         f"as best.pth does); resume from an epoch_<n>.pth")
+    differing = config_differences(state["config"], config.to_dict())
+    if differing:
+        raise InputError(f"--resume {path}: its model config differs from this run's in "
+                         + ", ".join(differing) + " (a checkpoint from before a field existed lacks it)")
+    if not isinstance(state["args"], dict):
+        raise InputError(f"--resume {path}: its saved arguments are damaged")
+    changed = [key for key in RESUME_KEYS if state["args"].get(key) != vars(args).get(key)]
+    if changed:
+        raise InputError(f"--resume {path}: the run was started with other "
+                         + ", ".join(f"--{key} {state['args'].get(key)}" for key in changed))
+    return state
+
+
+def diverged(what: str, where: str, last_good: Path | None) -> InputError:
+    """The one-line error that stops a diverging run and names the checkpoint to go back to."""
+    return InputError(f"{what} {where} (try a lower --learning_rate or --precision fp32); "
+                      f"last good checkpoint: {last_good or 'none yet'}")
 
 
 def latest_epoch_checkpoint(save_path: Path) -> Path | None:
@@ -185,8 +243,18 @@ def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    save_path = prepare_output_dir(args.save_path)
+    with locked_folder(save_path):  # a second run into this folder is refused while this one lives
+        removed = claim_folder(save_path, args)
+        return train(args, removed)
+
+
+def train(args: argparse.Namespace, removed: list[Path]) -> dict:
+    """The run itself, in ``args.save_path`` (claimed and locked by ``main``)."""
     save_path = Path(args.save_path)
     logger = setup_logging(save_path, "train_log.txt")
+    if removed:
+        logger.info(f"--overwrite: deleted the previous run's {', '.join(p.name for p in removed)}")
     device = resolve_device(args.device)
     roots = args.train_data_path or [ensure_demo()]
     names = dataset_names(roots, args.dataset)
@@ -196,7 +264,6 @@ def main(argv: list[str] | None = None) -> dict:
         resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
         if resume_from is None:
             raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
-    atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
     seed_everything(args.seed)
 
     train_set, selection_samples = training_data(args, roots, names, logger)
@@ -215,22 +282,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
-        state = read_checkpoint(resume_from)
-        differing = config_differences(state["config"], config.to_dict())
-        if differing:
-            raise InputError(f"--resume {resume_from}: its model config differs from this run's in "
-                             + ", ".join(differing) + " (a checkpoint from before a field existed lacks it)")
-        changed = [key for key in RESUME_KEYS if state["args"].get(key) != vars(args).get(key)]
-        if changed:
-            raise InputError(f"--resume {resume_from}: the run was started with other "
-                             + ", ".join(f"--{key} {state['args'].get(key)}" for key in changed))
-        model.load_trainable_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when the stopped run did not use amp
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        state = read_resume_state(resume_from, config, args)
+        try:
+            model.load_trainable_state_dict(state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):  # empty when the stopped run did not use amp
+                scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
+                             f"({type(error).__name__}: {error})") from None
         start_epoch, best = state["epoch"] + 1, state["best"]
         logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
+    atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
 
     selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
                                           batch_size=args.batch_size, num_workers=args.num_workers)
@@ -249,13 +313,13 @@ def main(argv: list[str] | None = None) -> dict:
                 output = model(images)
             parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
             if not torch.isfinite(parts["loss"]):
-                raise InputError(f"loss became {parts['loss'].item()} at epoch {epoch} step {step} "
-                                 f"(try a lower --learning_rate or --precision fp32); last good checkpoint: "
-                                 f"{last_good or 'none yet'}")
+                raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
+            if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():  # a NaN gradient
+                raise diverged("a weight became NaN or infinite", f"at epoch {epoch} step {step}", last_good)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
@@ -264,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         per_source, labels, scores = {}, [], []
         for name, selection_loader in selection_loaders.items():
             predictions = predict(model, selection_loader, device, args.precision, desc=f"selection {name}")
+            if not np.isfinite(predictions.scores).all():  # finite weights can still overflow in the forward pass
+                raise diverged(f"selection scores on {name} became NaN", f"after epoch {epoch}", last_good)
             per_source[name] = compute_metrics(predictions)
             if math.isnan(per_source[name]["image_auroc"]):
                 logger.warning(f"{name}: selection images are all of one class; left out of the selection score")

@@ -1,15 +1,22 @@
-"""Small shared helpers: user-facing errors, atomic writes, seeding, device choice, logging."""
+"""Small shared helpers: user-facing errors, flag validators, output folders, atomic writes, seeding,
+device choice, logging."""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,29 +29,186 @@ class InputError(Exception):
     """
 
 
+def one_line(message: str) -> str:
+    """A (possibly multi-line) error message as one line, its lines joined with " | ".
+
+    Raised inside a DataLoader worker, an ``InputError`` is re-raised with the worker's traceback
+    in its message: only the original message, after the last ``InputError: ``, is kept.
+    """
+    message = message.rsplit("InputError: ", 1)[-1]
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip()) or "bad input"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are ``InputError``s: one line, exit code 2."""
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a script's ``main``; report an ``InputError`` as one line and exit non-zero."""
     try:
         main()
     except InputError as error:
-        # Raised inside a DataLoader worker, the message carries the worker's traceback: keep the
-        # last line, which is the original message.
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else "bad input"
-        print(f"error: {message.split('InputError: ', 1)[-1]}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+# ----------------------------------------------------------------------------- flag validators
+# argparse ``type=`` functions: a bad value is refused at parse time with the flag's name.
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, counts, epochs)."""
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds, shots, workers, depths; 0 turns a feature off)."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (no NaN, no inf)."""
+    return _number(float, text)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (loss weights, smoothing)."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (weights of a mix, thresholds on probabilities, fractions)."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (availability is checked by ``resolve_device``)."""
+    if not DEVICE_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+# ----------------------------------------------------------------------------- output folders
+
+def prepare_output_dir(path: str | os.PathLike, flag: str = "--save_path",
+                       files: tuple[str, ...] = ()) -> Path:
+    """Create the output folder ``path`` (checked before any work starts) and return it.
+
+    Refused with an ``InputError`` naming ``flag``: a path that is a file or lies under one, a
+    folder that cannot be written, and any of ``files`` (names the run will write there) taken by
+    a folder.
+    """
+    folder = Path(path)
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == folder else f"lies under {parent}, which is"
+            raise InputError(f"{flag} {path} {where} a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: the folder is not writable")
+    for name in files:
+        if (folder / name).is_dir():
+            raise InputError(f"{flag} {path}: {name} is taken by a folder; move it away or choose another {flag}")
+    return folder
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike, flag: str = "--save_path") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.lock``) while a run writes there.
+
+    A second run into the same folder is refused with an ``InputError`` at once. The OS releases
+    the lock when the process ends, so a killed run leaves no stale lock. Inside the lock, temp
+    files of interrupted atomic writes (``.<name>.<random>.tmp``) are removed: no live run owns them.
+    """
+    handle = open(Path(folder) / ".lock", "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{flag} {folder} is in use by another running process; wait for it to "
+                             f"end or choose another {flag}") from None
+        remove_stale_temp_files(folder)
+        yield
+    finally:
+        handle.close()
+
+
+TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")  # what ``_atomic_write`` names its temp files
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that interrupted atomic writes left in ``folder``; returns them.
+
+    Only safe while no other process writes into ``folder`` (see ``locked_folder``).
+    """
+    stale = [path for path in Path(folder).iterdir() if path.is_file() and TEMP_FILE.fullmatch(path.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then ``os.replace`` it into place."""
+    """Write through a temp file in the same folder, then ``os.replace`` it into place.
+
+    The file gets the permissions of a plainly created one (0666 less the umask, 0644 usually),
+    not mkstemp's 0600, so that a shared results folder stays readable by the group.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -68,6 +232,40 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Atomically ``torch.save`` ``obj`` to ``path``."""
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+MANIFEST = "manifest.json"
+
+
+def write_result_files(folder: str | os.PathLike, files: dict[str, str]) -> None:
+    """Write several result files of one run as one unit: ``folder/manifest.json`` comes last.
+
+    The old manifest is removed first and each file is written atomically, so after a kill the
+    folder either has a manifest whose files (name -> sha256) all belong to one run, or none.
+    ``read_manifest`` tells which case holds.
+    """
+    folder = Path(folder)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for name, text in files.items():
+        atomic_write_text(folder / name, text)
+    digests = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in files.items()}
+    atomic_write_json(folder / MANIFEST, {"files": digests})
+
+
+def read_manifest(folder: str | os.PathLike) -> list[str]:
+    """The result files of ``folder`` that ``write_result_files`` finished writing, checked against
+    their digests; an ``InputError`` when there is no manifest (an interrupted or older run) or a
+    file does not match it."""
+    folder = Path(folder)
+    try:
+        digests = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{folder}: no valid {MANIFEST}; the run that wrote it was interrupted") from None
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise InputError(f"{path} does not match {folder / MANIFEST}: files of two runs are mixed")
+    return list(digests)
 
 
 def seed_everything(seed: int) -> None:
@@ -102,9 +300,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; otherwise ``torch.device(name)``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_NAME.fullmatch(name):
+        raise InputError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name} asked for, but MPS is not available; use --device cpu")
     return device
 
 

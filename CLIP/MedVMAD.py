@@ -222,10 +222,19 @@ class MedVMAD(nn.Module):
         return MedVMADOutput(image_score, anomaly_map, layer_logits, image_logits, normalised, text_map, bank_map)
 
     def _upsample(self, patch_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Per-layer patch values [B,L,N] -> bilinear maps [B,L,H,W]."""
+        """Per-layer patch values [B,L,N] -> bilinear maps [B,L,H,W].
+
+        Each patch value lands on the pixels its patch covers. When the side is not a multiple of
+        the patch size, the ViT never sees the last partial patch: the map is upsampled onto the
+        covered pixels and its edge repeated over the rest, so it does not shift or stretch.
+        """
         batch, layers, _ = patch_values.shape
         grid = patch_values.reshape(batch, layers, *self.backbone.grid_size)
-        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        covered = [cells * patch for cells, patch in zip(self.backbone.grid_size, self.backbone.patch_size)]
+        maps = F.interpolate(grid, size=covered, mode="bilinear", align_corners=False)
+        if covered == list(size):
+            return maps
+        return F.pad(maps, (0, size[1] - covered[1], 0, size[0] - covered[0]), mode="replicate")
 
     def _bank_map(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bank distances [B,L,N] -> smoothed mean map [B,H,W]."""

@@ -188,12 +188,26 @@ def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:
         if "Error(s) in loading state_dict" in message:
             raise InputError(f"--pretrained {pretrained} does not fit {config.model_name}: "
                              f"{message.splitlines()[1].strip() if len(message.splitlines()) > 1 else message}") from None
+        if os.path.isfile(pretrained):
+            raise _unreadable_weights(pretrained, error) from None
         raise
-    except pickle.UnpicklingError:
-        raise InputError(f"--pretrained {pretrained}: holds more than tensors; refusing to unpickle it, "
-                         f"since that could run code (save the weights as .safetensors)") from None
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # a pickle that names code, not only tensors
+            raise InputError(f"--pretrained {pretrained}: holds more than tensors; refusing to unpickle it, "
+                             f"since that could run code (save the weights as .safetensors)") from None
+        raise _unreadable_weights(pretrained, error) from None
     except (FileNotFoundError, ValueError) as error:
         raise InputError(f"could not load {config.model_name}: {error}") from None
+    except Exception as error:  # safetensors, zip and pickle readers raise many types for a damaged file
+        if os.path.isfile(pretrained):
+            raise _unreadable_weights(pretrained, error) from None
+        raise
+
+
+def _unreadable_weights(path: str, error: Exception) -> InputError:
+    """The error for a weights file that no reader understands (random bytes, text, truncated)."""
+    return InputError(f"--pretrained {path}: not a readable weights file ({type(error).__name__}); expected "
+                      f"a state dict (.pt/.bin), OpenAI's TorchScript .pt, or .safetensors")
 
 
 class Backbone(nn.Module):
@@ -209,6 +223,14 @@ class Backbone(nn.Module):
         visual = self.clip.visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise InputError(f"--model_name {config.model_name}: MedVMAD needs a ViT image tower")
+        patch = visual.patch_size[0]
+        if config.image_size < patch:
+            raise InputError(f"--image_size {config.image_size} is smaller than {config.model_name}'s patch size "
+                             f"{patch}; use at least {patch}")
+        if config.image_size % patch:  # the ViT drops the last partial patch; MedVMAD._upsample keeps maps aligned
+            logger.warning(f"--image_size {config.image_size} is not a multiple of the patch size {patch}: the last "
+                           f"{config.image_size % patch} pixel rows/columns are not seen by the model (their map "
+                           f"values repeat the edge); {config.image_size // patch * patch} would avoid that")
         # Normalisation the weights were trained with (tag, hub or local-dir config; OpenAI's
         # values for the openai tag and for plain files), unless the config overrides it.
         preprocess = getattr(visual, "preprocess_cfg", {})
@@ -241,6 +263,10 @@ class Backbone(nn.Module):
     @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.clip.visual.grid_size)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.clip.visual.patch_size)
 
     @property
     def text_width(self) -> int:

@@ -7,11 +7,13 @@ reads it. The frozen CLIP weights are not stored: ``config.backbone`` names wher
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from typing import Any
 
 import torch
 
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.backbone import BackboneConfig
 from utils import InputError, atomic_torch_save, versions
 
 FORMAT = "medvmad-checkpoint-1"
@@ -25,39 +27,82 @@ def save_checkpoint(path: str | os.PathLike, model: MedVMAD, **extra: Any) -> No
     atomic_torch_save(payload, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint dict with ``weights_only=True``; anything else is a clear ``InputError``."""
+def read_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint_path") -> dict[str, Any]:
+    """Read and check a checkpoint dict with ``weights_only=True``; anything else is a clear
+    ``InputError`` that names ``flag`` (the option the path came from).
+
+    Checked: the format marker, ``trainable`` (finite tensors by name) and ``config`` (see
+    ``checkpoint_config``), so a caller can index them without a ``KeyError``.
+    """
     if not os.path.isfile(path):
-        raise InputError(f"--checkpoint_path {path}: no such file")
+        raise InputError(f"{flag} {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
-        raise InputError(f"--checkpoint_path {path}: not a readable checkpoint ({type(error).__name__})") from None
+        raise InputError(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}); "
+                         f"give a best.pth or epoch_<n>.pth written by train.py") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InputError(f"--checkpoint_path {path}: not a MedVMAD checkpoint (no '{FORMAT}' marker)")
+        raise InputError(f"{flag} {path}: not a MedVMAD checkpoint (no '{FORMAT}' marker)")
+    trainable = payload.get("trainable")
+    if not isinstance(trainable, dict) or not all(isinstance(name, str) and isinstance(value, torch.Tensor)
+                                                  for name, value in trainable.items()):
+        raise InputError(f"{flag} {path}: holds no 'trainable' tensors by name; the file is damaged")
+    broken = [name for name, value in trainable.items() if not torch.isfinite(value).all()]
+    if broken:
+        raise InputError(f"{flag} {path}: {len(broken)} tensor(s) hold NaN or inf (e.g. {broken[0]}); "
+                         f"the run diverged before this file was written")
+    checkpoint_config(payload, path, flag)
     return payload
 
 
+def _fields(values: Any, schema: type, where: str, required: tuple[str, ...]) -> dict:
+    """``values`` as a dict of ``schema``'s fields: unknown keys and missing ``required`` ones refused."""
+    if not isinstance(values, dict):
+        raise ValueError(f"'{where}' is {type(values).__name__}, not a dict")
+    known = {field.name for field in fields(schema)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown '{where}' key(s) {unknown} (written by another MedVMAD version?)")
+    missing = [key for key in required if key not in values]
+    if missing:
+        raise ValueError(f"'{where}' lacks {missing}")
+    return values
+
+
+def checkpoint_config(payload: dict[str, Any], path: str | os.PathLike,
+                      flag: str = "--checkpoint_path") -> MedVMADConfig:
+    """The model config stored in a checkpoint. A key this version does not know is refused; a
+    missing optional key takes its default (older files keep loading); the backbone's name,
+    weights and image size are required."""
+    try:
+        values = dict(_fields(payload.get("config"), MedVMADConfig, "config", ("backbone",)))
+        values["backbone"] = _fields(values["backbone"], BackboneConfig, "config.backbone",
+                                     ("model_name", "pretrained", "image_size"))
+        return MedVMADConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{flag} {path}: bad model config: {error}") from None
+
+
 def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | None = None,
-               image_size: int | None = None, sigma: float | None = None,
+               image_size: int | None = None, sigma: float | None = None, flag: str = "--checkpoint_path",
                **backbone_overrides: Any) -> tuple[MedVMAD, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as, on ``device``.
 
     ``pretrained`` overrides where the backbone weights are read from, ``image_size`` and
     ``sigma`` override the evaluation resolution and smoothing; ``backbone_overrides`` (e.g.
-    ``image_mean``) replace other ``BackboneConfig`` fields when not None.
+    ``image_mean``) replace other ``BackboneConfig`` fields when not None. Errors name ``flag``.
     """
-    payload = read_checkpoint(path)
-    config = MedVMADConfig.from_dict(payload["config"])
+    payload = read_checkpoint(path, flag)
+    config = checkpoint_config(payload, path, flag)
     overrides = dict(backbone_overrides, pretrained=pretrained, image_size=image_size)
     for key, value in overrides.items():
         if value is not None:
             setattr(config.backbone, key, value)
     if sigma is not None:
         config.sigma = sigma
-    model = MedVMAD(config)
     try:
+        model = MedVMAD(config)
         model.load_trainable_state_dict(payload["trainable"])
-    except ValueError as error:
-        raise InputError(f"--checkpoint_path {path}: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{flag} {path}: {error}") from None
     return model.to(device), payload

@@ -21,7 +21,6 @@ Usage: ``python generate_dataset/brats2021.py --raw_path BraTS2021 --save_path d
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -36,7 +35,8 @@ from tqdm import tqdm
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
+from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_float, non_negative_int,  # noqa: E402
+                   prepare_output_dir, run_cli, setup_logging)
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 SPLITS = ("train", "valid", "test")
@@ -95,8 +95,8 @@ def write_split_info(save_path: str, info: dict) -> dict:
 
 
 def check_empty_target(save_path: str) -> None:
-    """Refuse to write into a non-empty folder (old slices of another split would leak)."""
-    if os.path.isdir(save_path) and os.listdir(save_path):
+    """Create the output folder; refuse a non-empty one (old slices of another split would leak)."""
+    if any(prepare_output_dir(save_path).iterdir()):
         raise InputError(f"save path {save_path} is not empty; choose a new folder")
 
 
@@ -168,8 +168,8 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
     first, last = slice_range
     if first > last or first < 0:
         raise InputError(f"bad slice range {slice_range}")
+    check_empty_target(save_path)  # before any work
     cases = find_cases(raw_path, modality)
-    check_empty_target(save_path)
     groups = dict(zip(SPLITS, split_cases(list(cases), split, seed)))
     counts = {f"{name}/{cls}": 0 for name in SPLITS for cls in ("good", "Ungood")}
     for split_name, case_ids in groups.items():
@@ -198,18 +198,18 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
     return write_split_info(save_path, info)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raw_path", required=True, help="folder of BraTS2021_XXXXX case folders")
     parser.add_argument("--save_path", required=True, help="new folder for the BMAD layout")
     parser.add_argument("--modality", default="flair", choices=MODALITIES)
-    parser.add_argument("--slice_range", type=int, nargs=2, default=(60, 99), metavar=("FIRST", "LAST"),
+    parser.add_argument("--slice_range", type=non_negative_int, nargs=2, default=(60, 99), metavar=("FIRST", "LAST"),
                         help="axial slices kept, both ends included (BMAD: 60 99)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
-    parser.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2),
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the patient split")
+    parser.add_argument("--split", type=non_negative_float, nargs=3, default=(0.7, 0.1, 0.2),
                         metavar=("TRAIN", "VALID", "TEST"),
                         help="patient fractions summing to 1, or patient counts")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logging(None)
     convert(args.raw_path, args.save_path, args.modality, tuple(args.slice_range), args.seed,
             tuple(args.split))

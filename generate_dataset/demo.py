@@ -24,7 +24,6 @@ seconds on a CPU; the folder appears only when complete.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -43,7 +42,8 @@ from scipy.ndimage import gaussian_filter
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_dataset.brats2021 import display, write_sample  # noqa: E402
-from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
+from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,  # noqa: E402
+                   prepare_output_dir, run_cli, setup_logging)
 
 VIEWS = {"axial": ("Brain", 2), "coronal": ("BrainCoronal", 1)}  # view -> (folder, RAS axis)
 DEFAULT_PATH = str(Path(__file__).resolve().parents[1] / "data" / "demo")
@@ -200,17 +200,19 @@ def ensure_demo(save_path: str = DEFAULT_PATH, view: str = "axial") -> str:
     return build_demo(save_path, view=view)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--save_path", default=DEFAULT_PATH,
                         help="parent folder; the set goes to <save_path>/Brain")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=40, help="normal training images")
-    parser.add_argument("--n_valid", type=int, nargs=2, default=(40, 40), metavar=("NORMAL", "ABNORMAL"))
-    parser.add_argument("--n_test", type=int, nargs=2, default=(40, 40), metavar=("NORMAL", "ABNORMAL"))
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    # Every count >= 1: a split without normal or abnormal images has no AUROC.
+    parser.add_argument("--n_train", type=positive_int, default=40, help="normal training images")
+    parser.add_argument("--n_valid", type=positive_int, nargs=2, default=(40, 40), metavar=("NORMAL", "ABNORMAL"))
+    parser.add_argument("--n_test", type=positive_int, nargs=2, default=(40, 40), metavar=("NORMAL", "ABNORMAL"))
     parser.add_argument("--view", choices=sorted(VIEWS), default="axial",
                         help="axial (Brain/) or coronal (BrainCoronal/: a second domain for cross-domain demos)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    prepare_output_dir(args.save_path)
     setup_logging(None)
     build_demo(args.save_path, args.seed, args.n_train, tuple(args.n_valid), tuple(args.n_test), view=args.view)
 

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import SPLITS, Sample, dataset_name, describe, list_images, pair_masks  # noqa: E402
-from utils import InputError, atomic_write_json, run_cli, setup_logging  # noqa: E402
+from utils import ArgumentParser, InputError, atomic_write_json, prepare_output_dir, run_cli, setup_logging  # noqa: E402
 
 logger = logging.getLogger("medvmad")
 
@@ -52,6 +51,7 @@ def build_index(save_path: str, normal: str | None, abnormal: str | None, masks:
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, not {split!r}")
     base = os.path.dirname(os.path.abspath(save_path))
+    prepare_output_dir(base, f"--save_path {save_path}: the folder", files=(os.path.basename(save_path),))
     cls_name = cls_name or dataset_name(base)
     normal_images = _images(normal, "normal") if normal else []
     abnormal_images = _images(abnormal, "abnormal") if abnormal else []
@@ -80,8 +80,8 @@ def build_index(save_path: str, normal: str | None, abnormal: str | None, masks:
     return index
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--normal", help="folder of normal images")
     parser.add_argument("--abnormal", help="folder of abnormal images")
     parser.add_argument("--masks", help="folder of masks for the abnormal images (paired by stem)")
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=["test"], choices=SPLITS,
                         help="split(s) these images form")
     parser.add_argument("--cls_name", help="class name in the index (default: organ of the folder name)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logging(None)
     build_index(args.save_path, args.normal, args.abnormal, args.masks, tuple(args.split), args.cls_name)
 

@@ -23,7 +23,6 @@ Usage: ``python generate_dataset/liverct.py --btcv_path BTCV --lits_path LiTS --
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -37,7 +36,8 @@ if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_dataset.brats2021 import (check_empty_target, display, load_volume,  # noqa: E402
                                         split_cases, write_sample, write_split_info)
-from utils import InputError, run_cli, setup_logging  # noqa: E402
+from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,  # noqa: E402
+                   setup_logging, unit_interval)
 
 BTCV_LIVER = 6
 LITS_LIVER, LITS_TUMOUR = 1, 2
@@ -106,8 +106,8 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
         raise InputError(f"bad HU window {hu_window}")
     if not 0 <= valid_fraction <= 1:
         raise InputError(f"valid fraction must be in [0, 1], got {valid_fraction}")
+    check_empty_target(save_path)  # before any work
     btcv, lits = find_btcv(btcv_path), find_lits(lits_path)
-    check_empty_target(save_path)
     valid_ids, test_ids = split_cases(list(lits), (valid_fraction, 1 - valid_fraction), seed)
     counts = {"train/good": 0, "valid/good": 0, "valid/Ungood": 0, "test/good": 0, "test/Ungood": 0}
 
@@ -140,16 +140,16 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
     return write_split_info(save_path, info)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--btcv_path", required=True, help="BTCV folder holding img/ and label/")
     parser.add_argument("--lits_path", required=True, help="folder with LiTS volume-N / segmentation-N")
     parser.add_argument("--save_path", required=True, help="new folder for the BMAD layout")
-    parser.add_argument("--hu_window", type=float, nargs=2, default=(-200, 250), metavar=("LOW", "HIGH"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the LiTS valid/test split")
-    parser.add_argument("--valid_fraction", type=float, default=0.1,
+    parser.add_argument("--hu_window", type=finite_float, nargs=2, default=(-200, 250), metavar=("LOW", "HIGH"))
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the LiTS valid/test split")
+    parser.add_argument("--valid_fraction", type=unit_interval, default=0.1,
                         help="share of LiTS volumes in valid/ (the rest go to test/)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logging(None)
     convert(args.btcv_path, args.lits_path, args.save_path, tuple(args.hu_window), args.seed,
             args.valid_fraction)
