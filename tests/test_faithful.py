@@ -66,7 +66,8 @@ def test_quick_gelu_auto_rule(model_name, pretrained, torchscript, expected):
     assert (quick_gelu_rule(model_name, pretrained, torchscript) is not None) is expected
 
 
-def test_quick_gelu_for_weights_files_by_name_and_logged(tmp_path, caplog):
+def test_quick_gelu_for_weights_files_by_name_and_logged(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("medvmad"), "propagate", True)  # setup_logging turns it off
     state = tiny_state()
     openai_file = tmp_path / "vit_tiny.openai.safetensors"
     other_file = tmp_path / "vit_tiny.safetensors"
