@@ -32,6 +32,14 @@ def pngs(root: Path, pattern: str) -> list[Path]:
     return sorted(root.glob(pattern))
 
 
+def reference_scale(volume: np.ndarray) -> np.ndarray:
+    """The documented BraTS rule written out: 0.5/99.5 percentiles of the voxels > 0 -> 0/255,
+    clipped and rounded; background 0 (an independent reference for the converter's scaling)."""
+    low, high = np.percentile(volume[volume > 0], [0.5, 99.5])
+    scaled = np.round(np.clip((volume.astype(np.float64) - low) / (high - low), 0, 1) * 255)
+    return np.where(volume > 0, scaled, 0).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- BraTS2021
 
 SHAPE = (24, 20, 12)
@@ -62,6 +70,7 @@ def brats_raw(tmp_path) -> tuple[Path, dict]:
 
 
 def test_brats_conversion(tmp_path, brats_raw):
+    """Patients split whole; each PNG is the percentile-scaled RAS slice shown anterior up, right on the left."""
     raw, cases = brats_raw
     out = tmp_path / "Brain"
     info = brats2021.convert(str(raw), str(out), slice_range=(3, 9), seed=1, split=(3, 1, 2))
@@ -75,8 +84,8 @@ def test_brats_conversion(tmp_path, brats_raw):
             case, z = path.stem.split("_")
             assert case in case_ids and 3 <= int(z) <= 9 and len(case) == 5
             volume, seg = cases[case]
-            scaled = brats2021.scale_intensity(volume)
-            np.testing.assert_array_equal(read(path), scaled[:, :, int(z)].T[::-1, ::-1])
+            expected = reference_scale(volume)[:, :, int(z)].T[::-1, ::-1]
+            np.testing.assert_array_equal(read(path), expected)
             lesion = seg[:, :, int(z)] > 0
             assert (path.parts[-3] == "Ungood") == lesion.any()
             if lesion.any():
@@ -86,6 +95,9 @@ def test_brats_conversion(tmp_path, brats_raw):
         # every slice in range of a non-train patient is kept, normal or abnormal
         if split != "train":
             assert len(pngs(out / split, "*/img/*.png")) == 7 * len(case_ids)
+        for cls in ("good", "Ungood"):
+            assert info["counts"][f"{split}/{cls}"] == len(pngs(out / split / cls, "img/*.png"))
+    assert sum(info["counts"].values()) > 0
     samples = list_samples(str(out), "test")
     assert MedicalDataset(samples, 16).has_masks
 
@@ -99,17 +111,22 @@ def test_brats_orientation_of_stored_lps_volume(tmp_path):
     save_nifti(raw / "BraTS2021_00042_seg.nii.gz", np.zeros(SHAPE, np.uint8), np.diag([-1.0, -1.0, 1.0, 1.0]))
     brats2021.convert(str(tmp_path / "raw"), str(tmp_path / "out"), slice_range=(4, 4), split=(0, 0, 1))
     image = read(tmp_path / "out" / "test" / "good" / "img" / "00042_4.png")
-    expected = brats2021.scale_intensity(volume)[:, :, 4].T
-    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(image, reference_scale(volume)[:, :, 4].T)
 
 
-def test_scale_intensity():
-    volume = np.zeros((10, 10, 10), np.float32)
-    volume[2:8, 2:8, 2:8] = np.linspace(1, 1000, 216).reshape(6, 6, 6)
+def test_scale_intensity_hand_values():
+    """Brain voxels 1..1000: percentiles 0.5 -> 5.995 and 99.5 -> 995.005 map to 0 and 255, rounded."""
+    volume = np.zeros((12, 12, 12), np.float32)
+    volume[1:11, 1:11, 1:11] = np.arange(1, 1001, dtype=np.float32).reshape(10, 10, 10)
     scaled = brats2021.scale_intensity(volume)
     assert scaled.dtype == np.uint8 and (scaled[volume == 0] == 0).all()
-    assert scaled.max() == 255 and scaled[volume > 0].min() == 0
-    assert (np.diff(scaled[volume > 0].astype(int)) >= 0).all()  # monotonic
+    value = lambda v: int(scaled[volume == v][0])  # noqa: E731
+    # (v - 5.995) / 989.01 * 255: 1 -> -1.3 (clipped), 6 -> 0.001, 100 -> 24.24, 700 -> 178.94,
+    # 994 -> 254.74, 995 -> 254.999, 1000 -> 256.3 (clipped)
+    assert [value(v) for v in (1, 6, 100, 700, 994, 995, 1000)] == [0, 0, 24, 179, 255, 255, 255]
+    assert value(500) == 127 and value(5) == 0
+    with pytest.raises(InputError, match="no brain"):
+        brats2021.scale_intensity(np.zeros((4, 4, 4), np.float32))
 
 
 def test_split_counts():
@@ -179,11 +196,21 @@ def liver_volumes(tmp_path) -> tuple[Path, Path, dict, dict]:
 
 
 def test_window_hu():
+    """[-200, 250] HU -> 0..255 by hand: 25 HU -> 225/450*255 = 127.5 -> 128, 70 HU -> 153."""
     hu = np.array([-1000, -200, 25, 70, 250, 1000])
     np.testing.assert_array_equal(liverct.window_hu(hu, -200, 250), [0, 0, 128, 153, 255, 255])
 
 
+# The window [-200, 250] by hand for the HU values liver_volumes draws from.
+WINDOWED = {-1000: 0, -200: 0, 70: 153, 250: 255, 1000: 255}
+
+
+def hand_window(ct: np.ndarray) -> np.ndarray:
+    return np.vectorize(WINDOWED.__getitem__)(ct).astype(np.uint8)
+
+
 def test_liver_conversion(tmp_path):
+    """BTCV liver slices train, LiTS volumes split valid/test; images windowed, non-liver zeroed, mask = label 2."""
     btcv_path, lits_path, btcv, lits = liver_volumes(tmp_path)
     out = tmp_path / "Liver"
     info = liverct.convert(str(btcv_path), str(lits_path), str(out), seed=0, valid_fraction=0.4)
@@ -195,11 +222,12 @@ def test_liver_conversion(tmp_path):
         number, z = path.stem.split("_")
         ct, label = btcv[number]
         liver = label[:, :, int(z)] == 6
-        expected = np.where(liver, liverct.window_hu(ct[:, :, int(z)], -200, 250), 0)
+        expected = np.where(liver, hand_window(ct[:, :, int(z)]), 0)
         np.testing.assert_array_equal(read(path), expected.T[::-1, ::-1])
     for split in ("valid", "test"):
         names = {p.stem for p in pngs(out / split, "*/img/*.png")}
         assert {n.split("_")[0] for n in names} == set(info[split])
+        assert names == {f"{n}_{z}" for n in info[split] for z in range(1, 7)}  # every liver slice, no other
         for path in pngs(out / split, "*/img/*.png"):
             number, z = path.stem.split("_")
             ct, label = lits[number]
@@ -207,7 +235,7 @@ def test_liver_conversion(tmp_path):
             assert seg.any() and (path.parts[-3] == "Ungood") == (seg == 2).any()
             image = read(path)
             assert (image[(seg == 0).T[::-1, ::-1]] == 0).all()  # outside the liver zeroed
-            expected = np.where(seg >= 1, liverct.window_hu(ct[:, :, int(z)], -200, 250), 0)
+            expected = np.where(seg >= 1, hand_window(ct[:, :, int(z)]), 0)
             np.testing.assert_array_equal(image, expected.T[::-1, ::-1])
             if path.parts[-3] == "Ungood":
                 mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
