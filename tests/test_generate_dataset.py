@@ -14,6 +14,7 @@ import pytest
 
 from dataset import MedicalDataset, dataset_name, list_samples
 from generate_dataset import brats2021, demo, folder, liverct
+from tests.conftest import reference_scale
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +31,6 @@ def read(path) -> np.ndarray:
 
 def pngs(root: Path, pattern: str) -> list[Path]:
     return sorted(root.glob(pattern))
-
-
-def reference_scale(volume: np.ndarray) -> np.ndarray:
-    """The documented BraTS rule written out: 0.5/99.5 percentiles of the voxels > 0 -> 0/255,
-    clipped and rounded; background 0 (an independent reference for the converter's scaling)."""
-    low, high = np.percentile(volume[volume > 0], [0.5, 99.5])
-    scaled = np.round(np.clip((volume.astype(np.float64) - low) / (high - low), 0, 1) * 255)
-    return np.where(volume > 0, scaled, 0).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- BraTS2021

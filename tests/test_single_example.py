@@ -17,27 +17,43 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import test_one_example
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
+from dataset import load_image, preprocess
 from medical_io import read_scan
-from tests.conftest import tiny_config
+from tests.conftest import TINY_SIZE, reference_scale, tiny_config
 from utils import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def checkpointed_model() -> MedVMAD:
+    """The model the ``checkpoint`` fixture saves, built afresh (a reference that skips load_model)."""
+    torch.manual_seed(0)
+    return MedVMAD(tiny_config()).eval()
+
+
 @pytest.fixture
 def checkpoint(tmp_path) -> str:
-    torch.manual_seed(0)
     path = tmp_path / "tiny.pth"
-    save_checkpoint(path, MedVMAD(tiny_config()), threshold=0.55, epoch=1)
+    save_checkpoint(path, checkpointed_model(), threshold=0.55, epoch=1)
     return str(path)
 
 
-def brain_like(height: int = 48, width: int = 40) -> np.ndarray:
+def brain_like(height: int = 48, width: int = 40, centre: tuple[int, int] = (20, 18)) -> np.ndarray:
     """uint8 [H,W] with a bright blob."""
     yy, xx = np.mgrid[:height, :width]
-    image = 60 + 120 * np.exp(-((yy - 20) ** 2 + (xx - 18) ** 2) / 60.0)
+    image = 60 + 120 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 60.0)
     image[0, 0], image[-1, -1] = 0, 255
     return image.astype(np.uint8)
+
+
+@torch.no_grad()
+def reference_score(model: MedVMAD, path: Path) -> tuple[float, np.ndarray]:
+    """Score and map of one PNG by hand: model on the preprocessed image, map resized back (bilinear)."""
+    image = load_image(str(path))
+    output = model(preprocess(image, TINY_SIZE)[None])
+    heat = cv2.resize(output.anomaly_map[0].numpy(), (image.shape[1], image.shape[0]),
+                      interpolation=cv2.INTER_LINEAR)
+    return float(output.image_score[0]), heat
 
 
 def write_dicom(path: Path, raw: np.ndarray, photometric: str = "MONOCHROME2", window=(40, 400)) -> None:
@@ -65,16 +81,26 @@ def run(tmp_path: Path, image_path: Path, *extra: str) -> list[dict]:
 
 
 def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
+    """Score and map equal the checkpointed model's on the image; overlay = image | jet(map) | blend."""
     image_path = tmp_path / "scan.png"
-    cv2.imwrite(str(image_path), brain_like())
+    bgr = np.stack([brain_like(), brain_like(centre=(30, 25)), 255 - brain_like()], axis=2)  # channels differ
+    cv2.imwrite(str(image_path), bgr)
     [record] = run(tmp_path, image_path, "--checkpoint_path", checkpoint)
+    score, expected_heat = reference_score(checkpointed_model(), image_path)
+    assert record["score"] == pytest.approx(score, abs=1e-6)
     assert record["threshold"] == 0.55 and record["threshold_from"] == "checkpoint"
     assert record["decision"] == ("anomalous" if record["score"] >= 0.55 else "normal")
-    assert 0 <= record["score"] <= 1
-    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))
-    assert overlay.shape == (48, 3 * 40, 3)
     heat = np.load(tmp_path / "out" / "scan.npy")
     assert heat.shape == (48, 40) and heat.dtype == np.float16
+    np.testing.assert_allclose(heat, expected_heat, atol=2e-3)  # float16 storage
+    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))  # BGR as stored
+    assert overlay.shape == (48, 3 * 40, 3)
+    below_text = slice(16, None)  # the score text is drawn over the top rows
+    image_panel, heat_panel, blend = (overlay[below_text, i * 40:(i + 1) * 40].astype(int) for i in range(3))
+    np.testing.assert_array_equal(image_panel, bgr[below_text])
+    jet = cv2.applyColorMap(np.clip(expected_heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)  # fixed 0-1 scale
+    assert np.abs(heat_panel - jet[below_text]).max() <= 4
+    assert np.abs(blend - (0.55 * image_panel + 0.45 * heat_panel)).max() <= 2
     line = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
     assert line["path"] == str(image_path) and line["score"] == record["score"]
     [override] = run(tmp_path, image_path, "--checkpoint_path", checkpoint, "--threshold", "0.0")
@@ -112,24 +138,39 @@ def test_dicom_modality_lut_and_windows(tmp_path):
 
 
 def test_dicom_scores_with_the_baseline_and_a_preset(tmp_path):
+    """The liver preset is the BMAD window [-200, 250] HU, applied to the baseline's DICOM input."""
     write_dicom(tmp_path / "ct.dcm", np.linspace(0, 2048, 64 * 64).reshape(64, 64), window=None)
-    [record] = run(tmp_path, tmp_path / "ct.dcm", "--model_name", "tiny", "--pretrained", "none",
-                   "--image_size", "64", "--window_preset", "liver")
-    assert record["threshold_from"].startswith("default") and 0 <= record["score"] <= 1
+    baseline = ["--model_name", "tiny", "--pretrained", "none", "--image_size", "64"]
+    [liver] = run(tmp_path, tmp_path / "ct.dcm", *baseline, "--window_preset", "liver")
+    [explicit] = run(tmp_path, tmp_path / "ct.dcm", *baseline, "--window", "-200", "250")
+    assert liver["threshold_from"].startswith("default") and liver["threshold"] == 0.5
+    assert liver["score"] == pytest.approx(explicit["score"], abs=1e-7)
 
 
 def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
-    volume = np.stack([brain_like() * (1 + 0.1 * s) for s in range(6)], axis=2).astype(np.float32)
-    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    """An LPS-stored volume: slice z scores as the PNG of its percentile-scaled, RAS-displayed slice."""
+    volume = np.stack([brain_like(centre=(8 + 6 * s, 10 + 3 * s)) * (1 + 0.1 * s) for s in range(6)],
+                      axis=2).astype(np.float32)  # [X=48, Y=40, Z=6], the blob moves with z
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nibabel.save(nibabel.Nifti1Image(volume, lps), str(tmp_path / "vol.nii.gz"))
     [record] = run(tmp_path, tmp_path / "vol.nii.gz", "--checkpoint_path", checkpoint,
                    "--slices", "1", "4", "--top_k", "3")
     scores = record["slice_scores"]
     assert list(scores) == ["1", "2", "3", "4"]
+    # LPS -> RAS flips X and Y; shown anterior up, right on the left flips both back: the stored slice, transposed
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for z in range(1, 5):
+        cv2.imwrite(str(pngs / f"{z}.png"), reference_scale(volume)[:, :, z].T)
+    model = checkpointed_model()
+    expected = {str(z): reference_score(model, pngs / f"{z}.png")[0] for z in range(1, 5)}
+    assert scores == pytest.approx(expected, abs=1e-5)
     assert record["score"] == max(scores.values())
     assert record["most_anomalous_slice"] == int(max(scores, key=scores.get))
     assert record["slices_over_threshold"] == [int(k) for k, v in scores.items() if v >= 0.55]
-    # slices are shown as the converters write them: [X,Y] stored -> [Y,X] displayed
-    assert np.load(tmp_path / "out" / "vol.npy").shape == (4, 40, 48)
+    maps = np.load(tmp_path / "out" / "vol.npy")
+    assert maps.shape == (4, 40, 48)  # [X,Y] stored -> [Y,X] displayed
+    np.testing.assert_allclose(maps[2], reference_score(model, pngs / "3.png")[1], atol=2e-3)
     assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 40, 3 * 48, 3)
 
 
