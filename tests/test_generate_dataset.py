@@ -123,6 +123,7 @@ def test_scale_intensity_hand_values():
 
 
 def test_split_counts():
+    """Patient counts per split: largest-remainder fractions, or whole counts; impossible splits refused."""
     assert brats2021.split_counts(10, (0.7, 0.1, 0.2)) == [7, 1, 2]
     assert sum(brats2021.split_counts(11, (0.7, 0.1, 0.2))) == 11
     assert brats2021.split_counts(10, (5, 2, 1)) == [5, 2, 1]
@@ -131,6 +132,7 @@ def test_split_counts():
 
 
 def test_brats_bad_input(tmp_path, brats_raw):
+    """Missing folders, modality files or seg files and a non-empty target are errors naming the path."""
     raw, _ = brats_raw
     with pytest.raises(InputError, match="nope"):
         brats2021.convert(str(tmp_path / "nope"), str(tmp_path / "out"))
@@ -150,6 +152,7 @@ def test_brats_bad_input(tmp_path, brats_raw):
 
 
 def test_brats_cli_reports_one_line(tmp_path):
+    """The converter's command line exits 2 with one line naming the missing folder."""
     result = subprocess.run([sys.executable, str(REPO / "generate_dataset" / "brats2021.py"),
                              "--raw_path", str(tmp_path / "missing"), "--save_path", str(tmp_path / "o")],
                             capture_output=True, text=True, cwd=tmp_path)
@@ -237,6 +240,7 @@ def test_liver_conversion(tmp_path):
 
 
 def test_liver_bad_input(tmp_path):
+    """Missing folders, a volume without segmentation and an inverted HU window are errors."""
     btcv_path, lits_path, _, _ = liver_volumes(tmp_path)
     with pytest.raises(InputError, match="nope"):
         liverct.convert(str(tmp_path / "nope"), str(lits_path), str(tmp_path / "out"))
@@ -251,6 +255,7 @@ def test_liver_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- folder index
 
 def test_folder_index(tmp_path):
+    """meta.json paths are relative to its folder, masks pair by stem, splits update independently."""
     rng = np.random.default_rng(0)
     for name in ("normal", "abnormal", "masks"):
         (tmp_path / name).mkdir()
@@ -287,6 +292,7 @@ def files(root: str) -> dict[str, bytes]:
 
 
 def test_demo_deterministic_and_readable(tmp_path):
+    """Same seed, same bytes; another seed differs; a complete build is reused, not rebuilt."""
     root = demo.build_demo(str(tmp_path / "a"), seed=0, **SMALL)
     assert root == str(tmp_path / "a" / "Brain") and dataset_name(root) == "brain"
     same = files(demo.build_demo(str(tmp_path / "b"), seed=0, **SMALL))
@@ -304,6 +310,7 @@ def test_demo_deterministic_and_readable(tmp_path):
 
 
 def test_demo_masks_are_exactly_the_lesions(tmp_path):
+    """Each written mask is exactly the pixels the lesion brightened, all inside the brain."""
     root = demo.build_demo(str(tmp_path), seed=5, **SMALL)
     images, masks, _ = demo.template_slices()
     for i, path in enumerate(sorted(Path(root, "test", "Ungood", "anomaly_mask").glob("*.png"))):
@@ -315,6 +322,7 @@ def test_demo_masks_are_exactly_the_lesions(tmp_path):
 
 
 def test_demo_lesions_vary_and_stay_in_brain():
+    """Normal samples have no lesion; lesions stay in the brain and vary from small to large."""
     images, masks, _ = demo.template_slices()
     areas = []
     for i in range(30):
@@ -328,6 +336,7 @@ def test_demo_lesions_vary_and_stay_in_brain():
 
 
 def test_demo_refuses_foreign_folder(tmp_path):
+    """A Brain/ folder not built by the demo is never overwritten."""
     (tmp_path / "Brain").mkdir()
     (tmp_path / "Brain" / "mine.txt").write_text("user data")
     with pytest.raises(InputError, match="Brain"):

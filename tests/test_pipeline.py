@@ -166,6 +166,7 @@ def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch):
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, demo):
+    """A run stopped after epoch 1 and resumed ends with bit-identical weights; changed flags are refused."""
     run_train(tmp_path / "whole", demo)
     train.main(["--train_data_path", demo, "--save_path", str(tmp_path / "split"), "--epoch", "1",
                 "--learning_rate", "1e-3", *TINY])
@@ -180,6 +181,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, demo):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, demo, monkeypatch):
+    """A NaN loss stops the run naming the last good checkpoint, which stays finite and intact."""
     real_loss = train.medvmad_loss
     calls = {"n": 0}
 
@@ -199,6 +201,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 def test_training_never_reads_the_test_split(tmp_path, demo):
+    """Training and selection read valid/ only: unreadable test/ and no train/ do not matter."""
     copy = tmp_path / "Brain"
     shutil.copytree(demo, copy)
     for image in (copy / "test").rglob("*.png"):
@@ -209,6 +212,7 @@ def test_training_never_reads_the_test_split(tmp_path, demo):
 
 
 def test_zero_training_baseline_and_bad_inputs(tmp_path, demo):
+    """The baseline runs without a checkpoint; missing data, a foreign backbone or a non-checkpoint are errors."""
     summary = test_script.main(["--data_path", demo, "--model_name", "tiny", "--pretrained", "none",
                                 "--image_size", str(SIZE), "--save_path", str(tmp_path / "base"),
                                 "--num_workers", "0", "--device", "cpu", "--metrics", "image-level"])
@@ -278,6 +282,7 @@ def test_best_checkpoint_is_the_epoch_with_the_best_mean_of_image_and_pixel_auro
 
 
 def test_dataset_without_masks_trains_with_the_image_loss_only(tmp_path, demo, monkeypatch):
+    """Abnormal images without masks train with the image loss and select on image AUROC only."""
     copy = tmp_path / "Brain"
     shutil.copytree(demo, copy)
     shutil.rmtree(copy / "valid" / "Ungood" / "anomaly_mask")
@@ -297,6 +302,7 @@ def test_dataset_without_masks_trains_with_the_image_loss_only(tmp_path, demo, m
 
 
 def test_test_split_without_masks_gets_image_metrics_only(tmp_path, demo):
+    """A test split without masks gets sklearn's image AUROC and '-' for pixel metrics; an empty one is an error."""
     copy = tmp_path / "Brain"
     shutil.copytree(demo, copy)
     shutil.rmtree(copy / "test" / "Ungood" / "anomaly_mask")
@@ -318,6 +324,7 @@ def test_test_split_without_masks_gets_image_metrics_only(tmp_path, demo):
 
 
 def test_skip_bad_scores_the_readable_images_and_says_so(tmp_path, demo, capsys):
+    """An unreadable test image stops the run unless --skip_bad, which scores the rest and says so."""
     copy = tmp_path / "Brain"
     shutil.copytree(demo, copy)
     broken = sorted((copy / "test" / "good" / "img").glob("*.png"))[0]
@@ -332,6 +339,7 @@ def test_skip_bad_scores_the_readable_images_and_says_so(tmp_path, demo, capsys)
 
 
 def test_valid_data_path_selects_on_another_dataset_and_trains_on_all(tmp_path, demo):
+    """--valid_data_path selects on that dataset's valid split and trains on all training images."""
     other = build_demo(str(tmp_path / "other"), n_train=2, n_valid=(3, 3), n_test=(2, 2), image_size=SIZE,
                        view="coronal")
     run_train(tmp_path / "run", demo, "--epoch", "1", "--valid_data_path", other)

@@ -108,6 +108,7 @@ def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
 
 
 def test_16bit_png_reads_like_its_8bit_version(tmp_path, checkpoint):
+    """16-bit PNGs are divided by 65535, so v*257 reads as the 8-bit v/255."""
     eight = brain_like()
     cv2.imwrite(str(tmp_path / "a8.png"), eight)
     cv2.imwrite(str(tmp_path / "a16.png"), eight.astype(np.uint16) * 257)
@@ -116,6 +117,7 @@ def test_16bit_png_reads_like_its_8bit_version(tmp_path, checkpoint):
 
 
 def test_same_image_as_png_and_2d_nifti_gives_the_same_score(tmp_path, checkpoint):
+    """A 2-D NIfTI is kept as stored (no transpose): it scores as the PNG of the same array."""
     image = brain_like()
     cv2.imwrite(str(tmp_path / "slice.png"), image)
     nibabel.save(nibabel.Nifti1Image(image.astype(np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
@@ -125,6 +127,7 @@ def test_same_image_as_png_and_2d_nifti_gives_the_same_score(tmp_path, checkpoin
 
 
 def test_dicom_modality_lut_and_windows(tmp_path):
+    """DICOM: rescale to HU, then the file's window or --window, by hand; MONOCHROME1 is inverted."""
     raw = np.linspace(0, 2048, 48 * 40).reshape(48, 40).astype(np.int16)
     hu = raw.astype(np.float64) - 1024
     write_dicom(tmp_path / "ct.dcm", raw)
@@ -197,6 +200,7 @@ def test_raw_volume_slice_scores_as_its_converted_png(tmp_path, checkpoint):
 
 
 def test_folder_with_a_corrupt_file_scores_the_rest(tmp_path, checkpoint, capsys):
+    """In a folder, a corrupt file is reported and skipped, non-image files ignored."""
     folder = tmp_path / "scans"
     folder.mkdir()
     cv2.imwrite(str(folder / "good.png"), brain_like())
@@ -214,12 +218,14 @@ def test_folder_with_a_corrupt_file_scores_the_rest(tmp_path, checkpoint, capsys
     ("corrupt.nii.gz", b"garbage", "unreadable NIfTI"),
 ])
 def test_bad_single_inputs_are_clear_errors(tmp_path, checkpoint, name, content, message):
+    """Empty, unknown or corrupt single inputs raise InputError naming the problem."""
     (tmp_path / name).write_bytes(content)
     with pytest.raises(InputError, match=message):
         run(tmp_path, tmp_path / name, "--checkpoint_path", checkpoint)
 
 
 def test_4d_volume_exits_with_one_line(tmp_path, checkpoint):
+    """A 4-D NIfTI exits with status 2 and one 'error:' line."""
     nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), str(tmp_path / "v4.nii"))
     done = subprocess.run([sys.executable, "test_one_example.py", "--image_path", str(tmp_path / "v4.nii"),
                            "--checkpoint_path", checkpoint, "--save_path", str(tmp_path / "out")],
