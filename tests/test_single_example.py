@@ -177,6 +177,19 @@ def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
     assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 40, 3 * 48, 3)
 
 
+def test_nifti_axis_picks_the_slicing_axis(tmp_path):
+    """--axis 0/1/2 slice the RAS volume along that axis; each slice is shown transposed, both axes flipped."""
+    volume = np.random.default_rng(1).uniform(1, 100, (6, 5, 4)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    scaled = reference_scale(volume) / 255
+    by_axis = {0: lambda i: scaled[i, :, :], 1: lambda i: scaled[:, i, :], 2: lambda i: scaled[:, :, i]}
+    for axis, take in by_axis.items():
+        scan = read_scan(str(tmp_path / "v.nii.gz"), axis=axis)
+        assert scan.slice_indices == list(range(volume.shape[axis]))
+        for index, image in zip(scan.slice_indices, scan.slices):
+            np.testing.assert_allclose(image[..., 0], take(index).T[::-1, ::-1], atol=1e-6)
+
+
 def test_raw_volume_slice_scores_as_its_converted_png(tmp_path, checkpoint):
     """A BraTS volume scored slice by slice equals the converter's PNG of that slice, scored."""
     from generate_dataset.brats2021 import convert
