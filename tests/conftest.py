@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,3 +27,11 @@ def tiny_config(**overrides) -> MedVMADConfig:
 def tiny_model() -> MedVMAD:
     torch.manual_seed(0)
     return MedVMAD(tiny_config())
+
+
+def reference_scale(volume: np.ndarray) -> np.ndarray:
+    """The documented BraTS/NIfTI rule written out: 0.5/99.5 percentiles of the voxels > 0 -> 0/255,
+    clipped and rounded, background 0 (an independent reference for ``brats2021.scale_intensity``)."""
+    low, high = np.percentile(volume[volume > 0], [0.5, 99.5])
+    scaled = np.round(np.clip((volume.astype(np.float64) - low) / (high - low), 0, 1) * 255)
+    return np.where(volume > 0, scaled, 0).astype(np.uint8)

@@ -14,6 +14,7 @@ import pytest
 
 from dataset import MedicalDataset, dataset_name, list_samples
 from generate_dataset import brats2021, demo, folder, liverct
+from tests.conftest import reference_scale
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ def brats_raw(tmp_path) -> tuple[Path, dict]:
 
 
 def test_brats_conversion(tmp_path, brats_raw):
+    """Patients split whole; each PNG is the percentile-scaled RAS slice shown anterior up, right on the left."""
     raw, cases = brats_raw
     out = tmp_path / "Brain"
     info = brats2021.convert(str(raw), str(out), slice_range=(3, 9), seed=1, split=(3, 1, 2))
@@ -75,8 +77,8 @@ def test_brats_conversion(tmp_path, brats_raw):
             case, z = path.stem.split("_")
             assert case in case_ids and 3 <= int(z) <= 9 and len(case) == 5
             volume, seg = cases[case]
-            scaled = brats2021.scale_intensity(volume)
-            np.testing.assert_array_equal(read(path), scaled[:, :, int(z)].T[::-1, ::-1])
+            expected = reference_scale(volume)[:, :, int(z)].T[::-1, ::-1]
+            np.testing.assert_array_equal(read(path), expected)
             lesion = seg[:, :, int(z)] > 0
             assert (path.parts[-3] == "Ungood") == lesion.any()
             if lesion.any():
@@ -86,6 +88,9 @@ def test_brats_conversion(tmp_path, brats_raw):
         # every slice in range of a non-train patient is kept, normal or abnormal
         if split != "train":
             assert len(pngs(out / split, "*/img/*.png")) == 7 * len(case_ids)
+        for cls in ("good", "Ungood"):
+            assert info["counts"][f"{split}/{cls}"] == len(pngs(out / split / cls, "img/*.png"))
+    assert sum(info["counts"].values()) > 0
     samples = list_samples(str(out), "test")
     assert MedicalDataset(samples, 16).has_masks
 
@@ -99,20 +104,26 @@ def test_brats_orientation_of_stored_lps_volume(tmp_path):
     save_nifti(raw / "BraTS2021_00042_seg.nii.gz", np.zeros(SHAPE, np.uint8), np.diag([-1.0, -1.0, 1.0, 1.0]))
     brats2021.convert(str(tmp_path / "raw"), str(tmp_path / "out"), slice_range=(4, 4), split=(0, 0, 1))
     image = read(tmp_path / "out" / "test" / "good" / "img" / "00042_4.png")
-    expected = brats2021.scale_intensity(volume)[:, :, 4].T
-    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(image, reference_scale(volume)[:, :, 4].T)
 
 
-def test_scale_intensity():
-    volume = np.zeros((10, 10, 10), np.float32)
-    volume[2:8, 2:8, 2:8] = np.linspace(1, 1000, 216).reshape(6, 6, 6)
+def test_scale_intensity_hand_values():
+    """Brain voxels 1..1000: percentiles 0.5 -> 5.995 and 99.5 -> 995.005 map to 0 and 255, rounded."""
+    volume = np.zeros((12, 12, 12), np.float32)
+    volume[1:11, 1:11, 1:11] = np.arange(1, 1001, dtype=np.float32).reshape(10, 10, 10)
     scaled = brats2021.scale_intensity(volume)
     assert scaled.dtype == np.uint8 and (scaled[volume == 0] == 0).all()
-    assert scaled.max() == 255 and scaled[volume > 0].min() == 0
-    assert (np.diff(scaled[volume > 0].astype(int)) >= 0).all()  # monotonic
+    value = lambda v: int(scaled[volume == v][0])  # noqa: E731
+    # (v - 5.995) / 989.01 * 255: 1 -> -1.3 (clipped), 6 -> 0.001, 100 -> 24.24, 700 -> 178.94,
+    # 994 -> 254.74, 995 -> 254.999, 1000 -> 256.3 (clipped)
+    assert [value(v) for v in (1, 6, 100, 700, 994, 995, 1000)] == [0, 0, 24, 179, 255, 255, 255]
+    assert value(500) == 127 and value(5) == 0
+    with pytest.raises(InputError, match="no brain"):
+        brats2021.scale_intensity(np.zeros((4, 4, 4), np.float32))
 
 
 def test_split_counts():
+    """Patient counts per split: largest-remainder fractions, or whole counts; impossible splits refused."""
     assert brats2021.split_counts(10, (0.7, 0.1, 0.2)) == [7, 1, 2]
     assert sum(brats2021.split_counts(11, (0.7, 0.1, 0.2))) == 11
     assert brats2021.split_counts(10, (5, 2, 1)) == [5, 2, 1]
@@ -121,6 +132,7 @@ def test_split_counts():
 
 
 def test_brats_bad_input(tmp_path, brats_raw):
+    """Missing folders, modality files or seg files and a non-empty target are errors naming the path."""
     raw, _ = brats_raw
     with pytest.raises(InputError, match="nope"):
         brats2021.convert(str(tmp_path / "nope"), str(tmp_path / "out"))
@@ -140,6 +152,7 @@ def test_brats_bad_input(tmp_path, brats_raw):
 
 
 def test_brats_cli_reports_one_line(tmp_path):
+    """The converter's command line exits 2 with one line naming the missing folder."""
     result = subprocess.run([sys.executable, str(REPO / "generate_dataset" / "brats2021.py"),
                              "--raw_path", str(tmp_path / "missing"), "--save_path", str(tmp_path / "o")],
                             capture_output=True, text=True, cwd=tmp_path)
@@ -179,11 +192,21 @@ def liver_volumes(tmp_path) -> tuple[Path, Path, dict, dict]:
 
 
 def test_window_hu():
+    """[-200, 250] HU -> 0..255 by hand: 25 HU -> 225/450*255 = 127.5 -> 128, 70 HU -> 153."""
     hu = np.array([-1000, -200, 25, 70, 250, 1000])
     np.testing.assert_array_equal(liverct.window_hu(hu, -200, 250), [0, 0, 128, 153, 255, 255])
 
 
+# The window [-200, 250] by hand for the HU values liver_volumes draws from.
+WINDOWED = {-1000: 0, -200: 0, 70: 153, 250: 255, 1000: 255}
+
+
+def hand_window(ct: np.ndarray) -> np.ndarray:
+    return np.vectorize(WINDOWED.__getitem__)(ct).astype(np.uint8)
+
+
 def test_liver_conversion(tmp_path):
+    """BTCV liver slices train, LiTS volumes split valid/test; images windowed, non-liver zeroed, mask = label 2."""
     btcv_path, lits_path, btcv, lits = liver_volumes(tmp_path)
     out = tmp_path / "Liver"
     info = liverct.convert(str(btcv_path), str(lits_path), str(out), seed=0, valid_fraction=0.4)
@@ -195,11 +218,12 @@ def test_liver_conversion(tmp_path):
         number, z = path.stem.split("_")
         ct, label = btcv[number]
         liver = label[:, :, int(z)] == 6
-        expected = np.where(liver, liverct.window_hu(ct[:, :, int(z)], -200, 250), 0)
+        expected = np.where(liver, hand_window(ct[:, :, int(z)]), 0)
         np.testing.assert_array_equal(read(path), expected.T[::-1, ::-1])
     for split in ("valid", "test"):
         names = {p.stem for p in pngs(out / split, "*/img/*.png")}
         assert {n.split("_")[0] for n in names} == set(info[split])
+        assert names == {f"{n}_{z}" for n in info[split] for z in range(1, 7)}  # every liver slice, no other
         for path in pngs(out / split, "*/img/*.png"):
             number, z = path.stem.split("_")
             ct, label = lits[number]
@@ -207,7 +231,7 @@ def test_liver_conversion(tmp_path):
             assert seg.any() and (path.parts[-3] == "Ungood") == (seg == 2).any()
             image = read(path)
             assert (image[(seg == 0).T[::-1, ::-1]] == 0).all()  # outside the liver zeroed
-            expected = np.where(seg >= 1, liverct.window_hu(ct[:, :, int(z)], -200, 250), 0)
+            expected = np.where(seg >= 1, hand_window(ct[:, :, int(z)]), 0)
             np.testing.assert_array_equal(image, expected.T[::-1, ::-1])
             if path.parts[-3] == "Ungood":
                 mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
@@ -216,6 +240,7 @@ def test_liver_conversion(tmp_path):
 
 
 def test_liver_bad_input(tmp_path):
+    """Missing folders, a volume without segmentation and an inverted HU window are errors."""
     btcv_path, lits_path, _, _ = liver_volumes(tmp_path)
     with pytest.raises(InputError, match="nope"):
         liverct.convert(str(tmp_path / "nope"), str(lits_path), str(tmp_path / "out"))
@@ -230,6 +255,7 @@ def test_liver_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- folder index
 
 def test_folder_index(tmp_path):
+    """meta.json paths are relative to its folder, masks pair by stem, splits update independently."""
     rng = np.random.default_rng(0)
     for name in ("normal", "abnormal", "masks"):
         (tmp_path / name).mkdir()
@@ -266,6 +292,7 @@ def files(root: str) -> dict[str, bytes]:
 
 
 def test_demo_deterministic_and_readable(tmp_path):
+    """Same seed, same bytes; another seed differs; a complete build is reused, not rebuilt."""
     root = demo.build_demo(str(tmp_path / "a"), seed=0, **SMALL)
     assert root == str(tmp_path / "a" / "Brain") and dataset_name(root) == "brain"
     same = files(demo.build_demo(str(tmp_path / "b"), seed=0, **SMALL))
@@ -283,6 +310,7 @@ def test_demo_deterministic_and_readable(tmp_path):
 
 
 def test_demo_masks_are_exactly_the_lesions(tmp_path):
+    """Each written mask is exactly the pixels the lesion brightened, all inside the brain."""
     root = demo.build_demo(str(tmp_path), seed=5, **SMALL)
     images, masks, _ = demo.template_slices()
     for i, path in enumerate(sorted(Path(root, "test", "Ungood", "anomaly_mask").glob("*.png"))):
@@ -294,6 +322,7 @@ def test_demo_masks_are_exactly_the_lesions(tmp_path):
 
 
 def test_demo_lesions_vary_and_stay_in_brain():
+    """Normal samples have no lesion; lesions stay in the brain and vary from small to large."""
     images, masks, _ = demo.template_slices()
     areas = []
     for i in range(30):
@@ -307,6 +336,7 @@ def test_demo_lesions_vary_and_stay_in_brain():
 
 
 def test_demo_refuses_foreign_folder(tmp_path):
+    """A Brain/ folder not built by the demo is never overwritten."""
     (tmp_path / "Brain").mkdir()
     (tmp_path / "Brain" / "mine.txt").write_text("user data")
     with pytest.raises(InputError, match="Brain"):

@@ -17,27 +17,43 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import test_one_example
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
+from dataset import load_image, preprocess
 from medical_io import read_scan
-from tests.conftest import tiny_config
+from tests.conftest import TINY_SIZE, reference_scale, tiny_config
 from utils import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def checkpointed_model() -> MedVMAD:
+    """The model the ``checkpoint`` fixture saves, built afresh (a reference that skips load_model)."""
+    torch.manual_seed(0)
+    return MedVMAD(tiny_config()).eval()
+
+
 @pytest.fixture
 def checkpoint(tmp_path) -> str:
-    torch.manual_seed(0)
     path = tmp_path / "tiny.pth"
-    save_checkpoint(path, MedVMAD(tiny_config()), threshold=0.55, epoch=1)
+    save_checkpoint(path, checkpointed_model(), threshold=0.55, epoch=1)
     return str(path)
 
 
-def brain_like(height: int = 48, width: int = 40) -> np.ndarray:
+def brain_like(height: int = 48, width: int = 40, centre: tuple[int, int] = (20, 18)) -> np.ndarray:
     """uint8 [H,W] with a bright blob."""
     yy, xx = np.mgrid[:height, :width]
-    image = 60 + 120 * np.exp(-((yy - 20) ** 2 + (xx - 18) ** 2) / 60.0)
+    image = 60 + 120 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 60.0)
     image[0, 0], image[-1, -1] = 0, 255
     return image.astype(np.uint8)
+
+
+@torch.no_grad()
+def reference_score(model: MedVMAD, path: Path) -> tuple[float, np.ndarray]:
+    """Score and map of one PNG by hand: model on the preprocessed image, map resized back (bilinear)."""
+    image = load_image(str(path))
+    output = model(preprocess(image, TINY_SIZE)[None])
+    heat = cv2.resize(output.anomaly_map[0].numpy(), (image.shape[1], image.shape[0]),
+                      interpolation=cv2.INTER_LINEAR)
+    return float(output.image_score[0]), heat
 
 
 def write_dicom(path: Path, raw: np.ndarray, photometric: str = "MONOCHROME2", window=(40, 400)) -> None:
@@ -65,16 +81,26 @@ def run(tmp_path: Path, image_path: Path, *extra: str) -> list[dict]:
 
 
 def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
+    """Score and map equal the checkpointed model's on the image; overlay = image | jet(map) | blend."""
     image_path = tmp_path / "scan.png"
-    cv2.imwrite(str(image_path), brain_like())
+    bgr = np.stack([brain_like(), brain_like(centre=(30, 25)), 255 - brain_like()], axis=2)  # channels differ
+    cv2.imwrite(str(image_path), bgr)
     [record] = run(tmp_path, image_path, "--checkpoint_path", checkpoint)
+    score, expected_heat = reference_score(checkpointed_model(), image_path)
+    assert record["score"] == pytest.approx(score, abs=1e-6)
     assert record["threshold"] == 0.55 and record["threshold_from"] == "checkpoint"
     assert record["decision"] == ("anomalous" if record["score"] >= 0.55 else "normal")
-    assert 0 <= record["score"] <= 1
-    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))
-    assert overlay.shape == (48, 3 * 40, 3)
     heat = np.load(tmp_path / "out" / "scan.npy")
     assert heat.shape == (48, 40) and heat.dtype == np.float16
+    np.testing.assert_allclose(heat, expected_heat, atol=2e-3)  # float16 storage
+    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))  # BGR as stored
+    assert overlay.shape == (48, 3 * 40, 3)
+    below_text = slice(16, None)  # the score text is drawn over the top rows
+    image_panel, heat_panel, blend = (overlay[below_text, i * 40:(i + 1) * 40].astype(int) for i in range(3))
+    np.testing.assert_array_equal(image_panel, bgr[below_text])
+    jet = cv2.applyColorMap(np.clip(expected_heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)  # fixed 0-1 scale
+    assert np.abs(heat_panel - jet[below_text]).max() <= 4
+    assert np.abs(blend - (0.55 * image_panel + 0.45 * heat_panel)).max() <= 2
     line = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
     assert line["path"] == str(image_path) and line["score"] == record["score"]
     [override] = run(tmp_path, image_path, "--checkpoint_path", checkpoint, "--threshold", "0.0")
@@ -82,6 +108,7 @@ def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
 
 
 def test_16bit_png_reads_like_its_8bit_version(tmp_path, checkpoint):
+    """16-bit PNGs are divided by 65535, so v*257 reads as the 8-bit v/255."""
     eight = brain_like()
     cv2.imwrite(str(tmp_path / "a8.png"), eight)
     cv2.imwrite(str(tmp_path / "a16.png"), eight.astype(np.uint16) * 257)
@@ -90,6 +117,7 @@ def test_16bit_png_reads_like_its_8bit_version(tmp_path, checkpoint):
 
 
 def test_same_image_as_png_and_2d_nifti_gives_the_same_score(tmp_path, checkpoint):
+    """A 2-D NIfTI is kept as stored (no transpose): it scores as the PNG of the same array."""
     image = brain_like()
     cv2.imwrite(str(tmp_path / "slice.png"), image)
     nibabel.save(nibabel.Nifti1Image(image.astype(np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
@@ -99,6 +127,7 @@ def test_same_image_as_png_and_2d_nifti_gives_the_same_score(tmp_path, checkpoin
 
 
 def test_dicom_modality_lut_and_windows(tmp_path):
+    """DICOM: rescale to HU, then the file's window or --window, by hand; MONOCHROME1 is inverted."""
     raw = np.linspace(0, 2048, 48 * 40).reshape(48, 40).astype(np.int16)
     hu = raw.astype(np.float64) - 1024
     write_dicom(tmp_path / "ct.dcm", raw)
@@ -112,25 +141,53 @@ def test_dicom_modality_lut_and_windows(tmp_path):
 
 
 def test_dicom_scores_with_the_baseline_and_a_preset(tmp_path):
+    """The liver preset is the BMAD window [-200, 250] HU, applied to the baseline's DICOM input."""
     write_dicom(tmp_path / "ct.dcm", np.linspace(0, 2048, 64 * 64).reshape(64, 64), window=None)
-    [record] = run(tmp_path, tmp_path / "ct.dcm", "--model_name", "tiny", "--pretrained", "none",
-                   "--image_size", "64", "--window_preset", "liver")
-    assert record["threshold_from"].startswith("default") and 0 <= record["score"] <= 1
+    baseline = ["--model_name", "tiny", "--pretrained", "none", "--image_size", "64"]
+    [liver] = run(tmp_path, tmp_path / "ct.dcm", *baseline, "--window_preset", "liver")
+    [explicit] = run(tmp_path, tmp_path / "ct.dcm", *baseline, "--window", "-200", "250")
+    assert liver["threshold_from"].startswith("default") and liver["threshold"] == 0.5
+    assert liver["score"] == pytest.approx(explicit["score"], abs=1e-7)
 
 
 def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
-    volume = np.stack([brain_like() * (1 + 0.1 * s) for s in range(6)], axis=2).astype(np.float32)
-    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    """An LPS-stored volume: slice z scores as the PNG of its percentile-scaled, RAS-displayed slice."""
+    volume = np.stack([brain_like(centre=(8 + 6 * s, 10 + 3 * s)) * (1 + 0.1 * s) for s in range(6)],
+                      axis=2).astype(np.float32)  # [X=48, Y=40, Z=6], the blob moves with z
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nibabel.save(nibabel.Nifti1Image(volume, lps), str(tmp_path / "vol.nii.gz"))
     [record] = run(tmp_path, tmp_path / "vol.nii.gz", "--checkpoint_path", checkpoint,
                    "--slices", "1", "4", "--top_k", "3")
     scores = record["slice_scores"]
     assert list(scores) == ["1", "2", "3", "4"]
+    # LPS -> RAS flips X and Y; shown anterior up, right on the left flips both back: the stored slice, transposed
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for z in range(1, 5):
+        cv2.imwrite(str(pngs / f"{z}.png"), reference_scale(volume)[:, :, z].T)
+    model = checkpointed_model()
+    expected = {str(z): reference_score(model, pngs / f"{z}.png")[0] for z in range(1, 5)}
+    assert scores == pytest.approx(expected, abs=1e-5)
     assert record["score"] == max(scores.values())
     assert record["most_anomalous_slice"] == int(max(scores, key=scores.get))
     assert record["slices_over_threshold"] == [int(k) for k, v in scores.items() if v >= 0.55]
-    # slices are shown as the converters write them: [X,Y] stored -> [Y,X] displayed
-    assert np.load(tmp_path / "out" / "vol.npy").shape == (4, 40, 48)
+    maps = np.load(tmp_path / "out" / "vol.npy")
+    assert maps.shape == (4, 40, 48)  # [X,Y] stored -> [Y,X] displayed
+    np.testing.assert_allclose(maps[2], reference_score(model, pngs / "3.png")[1], atol=2e-3)
     assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 40, 3 * 48, 3)
+
+
+def test_nifti_axis_picks_the_slicing_axis(tmp_path):
+    """--axis 0/1/2 slice the RAS volume along that axis; each slice is shown transposed, both axes flipped."""
+    volume = np.random.default_rng(1).uniform(1, 100, (6, 5, 4)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    scaled = reference_scale(volume) / 255
+    by_axis = {0: lambda i: scaled[i, :, :], 1: lambda i: scaled[:, i, :], 2: lambda i: scaled[:, :, i]}
+    for axis, take in by_axis.items():
+        scan = read_scan(str(tmp_path / "v.nii.gz"), axis=axis)
+        assert scan.slice_indices == list(range(volume.shape[axis]))
+        for index, image in zip(scan.slice_indices, scan.slices):
+            np.testing.assert_allclose(image[..., 0], take(index).T[::-1, ::-1], atol=1e-6)
 
 
 def test_raw_volume_slice_scores_as_its_converted_png(tmp_path, checkpoint):
@@ -156,6 +213,7 @@ def test_raw_volume_slice_scores_as_its_converted_png(tmp_path, checkpoint):
 
 
 def test_folder_with_a_corrupt_file_scores_the_rest(tmp_path, checkpoint, capsys):
+    """In a folder, a corrupt file is reported and skipped, non-image files ignored."""
     folder = tmp_path / "scans"
     folder.mkdir()
     cv2.imwrite(str(folder / "good.png"), brain_like())
@@ -173,12 +231,14 @@ def test_folder_with_a_corrupt_file_scores_the_rest(tmp_path, checkpoint, capsys
     ("corrupt.nii.gz", b"garbage", "unreadable NIfTI"),
 ])
 def test_bad_single_inputs_are_clear_errors(tmp_path, checkpoint, name, content, message):
+    """Empty, unknown or corrupt single inputs raise InputError naming the problem."""
     (tmp_path / name).write_bytes(content)
     with pytest.raises(InputError, match=message):
         run(tmp_path, tmp_path / name, "--checkpoint_path", checkpoint)
 
 
 def test_4d_volume_exits_with_one_line(tmp_path, checkpoint):
+    """A 4-D NIfTI exits with status 2 and one 'error:' line."""
     nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), str(tmp_path / "v4.nii"))
     done = subprocess.run([sys.executable, "test_one_example.py", "--image_path", str(tmp_path / "v4.nii"),
                            "--checkpoint_path", checkpoint, "--save_path", str(tmp_path / "out")],

@@ -17,6 +17,7 @@ def result(k: int, auroc: float, aupro: float | None) -> dict:
 
 
 def test_mean_and_sample_std_per_dataset_and_k(tmp_path):
+    """Hand-computed mean and sample std (ddof 1) per (dataset, k); a missing metric is skipped, not zero."""
     runs = [result(2, 0.6, 0.3), result(2, 0.8, 0.5), result(2, 0.7, None), result(4, 0.9, 0.4)]
     paths = []
     for i, run in enumerate(runs):
@@ -31,3 +32,22 @@ def test_mean_and_sample_std_per_dataset_and_k(tmp_path):
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert written[0]["k_shot"] == 2 and written[0]["image_auroc"]["runs"] == 3
     assert "70.0 ± 10.0" in (tmp_path / "out" / "summary.csv").read_text()
+
+
+def test_datasets_and_zero_shot_runs_are_separate_groups(tmp_path, capsys):
+    """Each (dataset, k) is its own group; runs without --k_shot are labelled zero-shot."""
+    runs = [{"args": {"k_shot": 0}, "datasets": {"brain": {"image_auroc": 0.5}, "liver": {"image_auroc": 0.9}}},
+            {"args": {}, "datasets": {"brain": {"image_auroc": 0.7}}},
+            {"args": {"k_shot": 4}, "datasets": {"liver": {"image_auroc": 0.2}}}]
+    paths = []
+    for i, run in enumerate(runs):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps(run))
+        paths.append(str(path))
+    summary = summarize_results.main(["--results", *paths, "--save_path", str(tmp_path / "out")])
+    assert sorted(summary) == [("brain", 0), ("liver", 0), ("liver", 4)]
+    assert summary[("brain", 0)]["image_auroc"] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
+    assert summary[("liver", 0)]["image_auroc"][:2] == (pytest.approx(0.9), 0.0)
+    assert math.isnan(summary[("liver", 4)]["pixel_auroc"][0])
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert rows[1].startswith("brain,zero-shot,2,60.0 ± 14.1,-") and rows[3].startswith("liver,4,1,20.0 ± 0.0")
