@@ -25,7 +25,7 @@ from scipy import ndimage
 CHUNK_PIXELS = 1 << 20  # pixels handled at once: temporaries of a few MB, reused
 # Negative pixels of float32/float64 scores are sorted in slabs of about this share of the
 # scores' bytes (one slab below SLAB_BYTES_MIN): one pass over the scores per slab.
-SLAB_FRACTION = 0.5
+SLAB_FRACTION = 0.4
 SLAB_BYTES_MIN = 1 << 28
 SAMPLE_IMAGES = 64  # images whose scores place the slab cuts
 _8_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -258,22 +258,23 @@ def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
         below.append(seen + left)
         equal.append(tied_right - left)
         seen += size
+    del buffer, slab
     below, equal = np.concatenate(below), np.concatenate(equal)
     # Entries in ascending order: the run below the first query, then per query its own entry
     # and the run of negatives above it (up to the next query).
-    is_pos = np.isin(query, pos_distinct, assume_unique=True)
-    q_pos, q_region, zeros = np.zeros(len(query)), np.zeros(len(query)), np.zeros(len(query))
-    q_pos[is_pos], q_region[is_pos] = pos_count, pos_region
-    interleave = lambda a, b: np.stack([a, b], 1).reshape(-1)  # noqa: E731
-    values = np.concatenate([[neg_min], interleave(_values(query, dtype),
-                                                   _values(query + query.dtype.type(1), dtype))])
-    neg = np.concatenate([[below[0] if len(query) else n_neg],
-                          interleave(equal, np.diff(np.append(below, n_neg)) - equal)])
-    pos = np.concatenate([[0.0], interleave(q_pos, zeros)])
-    region = np.concatenate([[0.0], interleave(q_region, zeros)])
+    size = 1 + 2 * len(query)
+    values, neg, pos, region = np.empty(size), np.empty(size), np.zeros(size), np.zeros(size)
+    values[0], values[1::2] = neg_min, _values(query, dtype)
+    values[2::2] = _values(query + query.dtype.type(1), dtype)
+    neg[0] = below[0] if len(query) else n_neg
+    neg[1::2] = equal
+    neg[2::2] = np.diff(np.append(below, n_neg))
+    neg[2::2] -= equal
+    del below, equal
+    at = 1 + 2 * np.searchsorted(query, pos_distinct)
+    pos[at], region[at] = pos_count, pos_region
     present = np.flatnonzero((neg > 0) | (pos > 0))[::-1]
-    return _Histogram(values[present], neg[present].astype(np.float64), pos[present],
-                      region[present], n_regions)
+    return _Histogram(values[present], neg[present], pos[present], region[present], n_regions)
 
 
 def _ranks(slab: np.ndarray, size: int, packed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -291,15 +292,17 @@ def _ranks(slab: np.ndarray, size: int, packed: bool) -> tuple[np.ndarray, np.nd
     slab.sort()
     at = np.concatenate([start + np.flatnonzero((slab[start:start + CHUNK_PIXELS] & one) == 0)
                          for start in range(0, len(slab), CHUNK_PIXELS)] + [np.zeros(0, np.int64)])
-    left = at - np.arange(len(at))
     # Negatives equal to a query follow it: step over short runs, binary-search long ones.
-    end, tied = at + 1, np.arange(len(at))
+    run = np.zeros(len(at), dtype=np.int64)
+    tied = np.flatnonzero(at + 1 < len(slab))
     for _ in range(16):
-        tied = tied[end[tied] < len(slab)]
-        tied = tied[slab[end[tied]] == (slab[at[tied]] | one)]
-        end[tied] += 1
-    end[tied] = np.searchsorted(slab, slab[at[tied]] | one, side="right")
-    return left, left + end - at - 1
+        tied = tied[slab[at[tied] + run[tied] + 1] == (slab[at[tied]] | one)]
+        run[tied] += 1
+        tied = tied[at[tied] + run[tied] + 1 < len(slab)]
+    run[tied] = np.searchsorted(slab, slab[at[tied]] | one, side="right") - at[tied] - 1
+    at -= np.arange(len(at))  # negatives below each query
+    run += at
+    return at, run
 
 
 def _histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
