@@ -274,7 +274,12 @@ def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
     at = 1 + 2 * np.searchsorted(query, pos_distinct)
     pos[at], region[at] = pos_count, pos_region
     present = np.flatnonzero((neg > 0) | (pos > 0))[::-1]
-    return _Histogram(values[present], neg[present], pos[present], region[present], n_regions)
+    kept = []
+    for array in (values, neg, pos, region):  # one copy at a time: peak memory
+        kept.append(array[present])
+        del array
+    del values, neg, pos, region
+    return _Histogram(*kept, n_regions)
 
 
 def _ranks(slab: np.ndarray, size: int, packed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -322,17 +327,20 @@ def _single_class(h: _Histogram) -> bool:
 def _auroc(h: _Histogram, what: str) -> float:
     if _single_class(h):
         return _nan(what, "only one class present")
-    pos_above = np.cumsum(h.pos) - h.pos
     # Each negative beats the positives scored strictly higher; ties count one half.
-    return float(np.sum(h.neg * (pos_above + 0.5 * h.pos)) / (h.pos.sum() * h.neg.sum()))
+    beaten = np.cumsum(h.pos)
+    beaten -= 0.5 * h.pos
+    return float(np.dot(h.neg, beaten) / (h.pos.sum() * h.neg.sum()))
 
 
 def _ap(h: _Histogram, what: str) -> float:
     if _single_class(h):
         return _nan(what, "only one class present")
     tp = np.cumsum(h.pos)
-    precision = tp / (tp + np.cumsum(h.neg))
-    return float(np.sum(h.pos * precision) / tp[-1])
+    called = np.cumsum(h.neg)
+    called += tp
+    np.divide(tp, called, out=called)  # precision at each threshold
+    return float(np.dot(h.pos, called) / tp[-1])
 
 
 def _f1_max(h: _Histogram, what: str) -> tuple[float, float]:
