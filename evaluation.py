@@ -19,9 +19,9 @@ from dataset import Sample, _meta_path, _patient
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max")
 # Pixel intervals use per-patient histograms over shared score bins: at most this many cells
-# (patients x bins) per histogram, and at most MAX_BINS bins.
+# (patients x bins) per histogram, and at most MAX_BINS bins (quantiles of the scores).
 HISTOGRAM_CELLS = 1 << 22
-MAX_BINS = 1 << 16
+MAX_BINS = 1 << 12
 REPLICATES_AT_ONCE = 64
 
 
@@ -88,16 +88,17 @@ def _bin_edges(maps: np.ndarray, n_bins: int) -> np.ndarray:
     """Ascending score edges [E <= n_bins]: the distinct values when there are few (exact
     intervals), else quantiles of a sample of whole images."""
     step = max(1, len(maps) // 64)
-    sample = np.unique(np.asarray(maps[::step], dtype=np.float64))
+    sample = np.unique(np.asarray(maps[::step]))
     if len(sample) <= n_bins and step == 1:
-        return sample
-    return np.unique(np.quantile(sample, np.linspace(0, 1, n_bins)))
+        return sample.astype(maps.dtype)
+    return np.unique(np.quantile(sample, np.linspace(0, 1, n_bins), method="nearest").astype(maps.dtype))
 
 
 def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
                      n_groups: int) -> GroupHistograms:
-    """Histograms of masks, maps [N,H,W] per patient (groups [N]); the bins resolve every
-    distinct value when there are at most MAX_BINS of them in a small set."""
+    """Histograms of masks, maps [N,H,W] per patient (groups [N]) over quantile bins of the
+    scores; the bins resolve every distinct value when a set of at most 64 images has at most
+    that many (then the replicates are exact)."""
     n_bins = int(np.clip(HISTOGRAM_CELLS // max(n_groups, 1), 256, MAX_BINS))
     edges = _bin_edges(maps, n_bins)
     size = len(edges) + 1
@@ -108,7 +109,7 @@ def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
     step = max(1, metrics.CHUNK_PIXELS // max(1, maps[0].size))
     for start in range(0, len(maps), step):
         mask = np.asarray(masks[start:start + step], dtype=bool)
-        chunk = np.asarray(maps[start:start + step], dtype=np.float64)
+        chunk = np.asarray(maps[start:start + step])
         local, group = np.unique(groups[start:start + step], return_inverse=True)
         raw = np.searchsorted(edges, chunk.reshape(len(chunk), -1))
         bins = raw + size * group[:, None]
@@ -129,23 +130,34 @@ def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
 def pixel_replicates(histograms: GroupHistograms, counts: np.ndarray,
                      fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
     """Pixel AUROC/AP/AUPRO/F1-max [R] of each replicate, counts [R, G]: each replicate's
-    histogram is the count-weighted sum of the patients' histograms (no re-sort)."""
-    results = {key: np.empty(len(counts)) for key in PIXEL_METRICS}
+    histogram is the count-weighted sum of the patients' histograms (no re-sort); the figures
+    follow metrics.py's definitions, vectorised over replicates (nan for single-class ones)."""
+    results = {key: [] for key in PIXEL_METRICS}
     for start in range(0, len(counts), REPLICATES_AT_ONCE):
         weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
         neg, pos, region = (weights @ h for h in (histograms.neg, histograms.pos, histograms.region))
         n_regions = weights @ histograms.n_regions
-        for row in range(len(weights)):
-            kept = (neg[row] > 0) | (pos[row] > 0)
-            h = metrics._Histogram(np.zeros(int(kept.sum())), neg[row][kept], pos[row][kept],
-                                   region[row][kept], int(round(n_regions[row])))
-            f1, _ = _quiet(metrics._f1_max, h, "pixel F1-max")
-            values = {"pixel_auroc": _quiet(metrics._auroc, h, "pixel AUROC"),
-                      "pixel_ap": _quiet(metrics._ap, h, "pixel AP"),
-                      "pixel_aupro": _quiet(metrics._aupro, h, fpr_limit), "pixel_f1_max": f1}
-            for key, value in values.items():
-                results[key][start + row] = value
-    return results
+        tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+        n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+        valid = ((n_pos > 0) & (n_neg > 0))[:, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            auroc = np.sum(neg * (tp - 0.5 * pos), axis=1) / (n_pos * n_neg)[:, 0]
+            precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+            ap = np.sum(pos * precision, axis=1) / n_pos[:, 0]
+            f1 = np.max(2 * tp / (n_pos + tp + fp), axis=1)
+            # Trapezoid area under PRO(FPR) from 0 to fpr_limit, the last segment interpolated.
+            zero = np.zeros((len(weights), 1))
+            fpr = np.hstack([zero, fp / n_neg])
+            pro = np.hstack([zero, np.cumsum(region, axis=1) / n_regions[:, None]])
+            x0, x1, y0, y1 = fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:]
+            end = np.minimum(x1, fpr_limit)
+            width = np.clip(end - x0, 0, None)
+            y_end = y0 + np.divide((y1 - y0) * (end - x0), x1 - x0, out=np.zeros_like(y0), where=x1 > x0)
+            aupro = np.clip(np.sum(width * (y0 + y_end) / 2, axis=1) / fpr_limit, 0.0, 1.0)
+        aupro[n_regions == 0] = np.nan
+        for key, value in zip(PIXEL_METRICS, (auroc, ap, aupro, f1)):
+            results[key].append(np.where(valid, value, np.nan))
+    return {key: np.concatenate(values) for key, values in results.items()}
 
 
 def patient_level(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
