@@ -145,15 +145,11 @@ def pixel_replicates(histograms: GroupHistograms, counts: np.ndarray,
             precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
             ap = np.sum(pos * precision, axis=1) / n_pos[:, 0]
             f1 = np.max(2 * tp / (n_pos + tp + fp), axis=1)
-            # Trapezoid area under PRO(FPR) from 0 to fpr_limit, the last segment interpolated.
             zero = np.zeros((len(weights), 1))
             fpr = np.hstack([zero, fp / n_neg])
             pro = np.hstack([zero, np.cumsum(region, axis=1) / n_regions[:, None]])
-            x0, x1, y0, y1 = fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:]
-            end = np.minimum(x1, fpr_limit)
-            width = np.clip(end - x0, 0, None)
-            y_end = y0 + np.divide((y1 - y0) * (end - x0), x1 - x0, out=np.zeros_like(y0), where=x1 > x0)
-            aupro = np.clip(np.sum(width * (y0 + y_end) / 2, axis=1) / fpr_limit, 0.0, 1.0)
+            area = metrics._clipped_area(fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:], fpr_limit)
+            aupro = np.clip(np.sum(area, axis=1) / fpr_limit, 0.0, 1.0)
         aupro[n_regions == 0] = np.nan
         for key, value in zip(PIXEL_METRICS, (auroc, ap, aupro, f1)):
             results[key].append(np.where(valid, value, np.nan))

@@ -28,6 +28,7 @@ CHUNK_PIXELS = 1 << 20  # pixels handled at once: temporaries of a few MB, reuse
 SLAB_FRACTION = 0.4
 SLAB_BYTES_MIN = 1 << 28
 SAMPLE_IMAGES = 64  # images whose scores place the slab cuts
+HIST_BLOCK = 1 << 20  # histogram entries read at once by the curve functions
 _8_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -273,10 +274,10 @@ def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
     del below, equal
     at = 1 + 2 * np.searchsorted(query, pos_distinct)
     pos[at], region[at] = pos_count, pos_region
-    present = np.flatnonzero((neg > 0) | (pos > 0))[::-1]
+    present = (neg > 0) | (pos > 0)
     kept = []
     for array in (values, neg, pos, region):  # one copy at a time: peak memory
-        kept.append(array[present])
+        kept.append(array[present][::-1])
         del array
     del values, neg, pos, region
     return _Histogram(*kept, n_regions)
@@ -324,44 +325,64 @@ def _single_class(h: _Histogram) -> bool:
     return h.pos.sum() == 0 or h.neg.sum() == 0
 
 
+def _blocks(h: _Histogram) -> Iterator[tuple[slice, float, float, float]]:
+    """Slices of HIST_BLOCK entries of ``h`` with the positives, negatives and region weight
+    of the entries before each: the curves are read block by block (small temporaries)."""
+    tp = fp = region = 0.0
+    for start in range(0, len(h.pos), HIST_BLOCK):
+        block = slice(start, start + HIST_BLOCK)
+        yield block, tp, fp, region
+        tp, fp, region = tp + h.pos[block].sum(), fp + h.neg[block].sum(), region + h.region[block].sum()
+
+
 def _auroc(h: _Histogram, what: str) -> float:
     if _single_class(h):
         return _nan(what, "only one class present")
     # Each negative beats the positives scored strictly higher; ties count one half.
-    beaten = np.cumsum(h.pos)
-    beaten -= 0.5 * h.pos
-    return float(np.dot(h.neg, beaten) / (h.pos.sum() * h.neg.sum()))
+    total = 0.0
+    for block, tp, _, _ in _blocks(h):
+        beaten = np.cumsum(h.pos[block])
+        beaten += tp - 0.5 * h.pos[block]
+        total += float(np.dot(h.neg[block], beaten))
+    return total / (h.pos.sum() * h.neg.sum())
 
 
 def _ap(h: _Histogram, what: str) -> float:
     if _single_class(h):
         return _nan(what, "only one class present")
-    tp = np.cumsum(h.pos)
-    called = np.cumsum(h.neg)
-    called += tp
-    np.divide(tp, called, out=called)  # precision at each threshold
-    return float(np.dot(h.pos, called) / tp[-1])
+    total = 0.0
+    for block, tp_before, fp_before, _ in _blocks(h):
+        tp = np.cumsum(h.pos[block])
+        tp += tp_before
+        called = np.cumsum(h.neg[block])
+        called += fp_before
+        called += tp
+        total += float(np.dot(h.pos[block], tp / called))  # precision at each threshold
+    return total / h.pos.sum()
 
 
 def _f1_max(h: _Histogram, what: str) -> tuple[float, float]:
     if _single_class(h):
         return _nan(what, "only one class present"), float("nan")
-    tp = np.cumsum(h.pos)
-    f1 = 2 * tp / (tp[-1] + tp + np.cumsum(h.neg))
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(h.values[best])
+    n_pos, best, at = h.pos.sum(), -1.0, 0
+    for block, tp_before, fp_before, _ in _blocks(h):
+        tp = np.cumsum(h.pos[block]) + tp_before
+        f1 = 2 * tp / (n_pos + tp + np.cumsum(h.neg[block]) + fp_before)
+        index = int(np.argmax(f1))
+        if f1[index] > best:  # the highest threshold among equal F1
+            best, at = float(f1[index]), block.start + index
+    return best, float(h.values[at])
 
 
-def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area under the curve (x [K] non-decreasing, y [K]) from x[0] to x_max,
-    interpolating the curve linearly at x_max."""
-    inside = int(np.searchsorted(x, x_max, side="right"))
-    area = float(np.sum(np.diff(x[:inside]) * (y[1:inside] + y[:inside - 1]) / 2))
-    if inside < len(x):
-        x0, x1, y0, y1 = x[inside - 1], x[inside], y[inside - 1], y[inside]
-        y_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-        area += (x_max - x0) * (y0 + y_max) / 2
-    return area
+def _clipped_area(x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray,
+                  x_max: float) -> np.ndarray:
+    """Trapezoid areas [..., K] of the segments (x0, y0)-(x1, y1) [..., K] (x0 <= x1) left of
+    x_max, a segment crossing x_max interpolated linearly there; sum them for the area."""
+    end = np.minimum(x1, x_max)
+    width = np.clip(end - x0, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y_end = y0 + np.divide((y1 - y0) * (end - x0), x1 - x0, out=np.zeros_like(y0), where=x1 > x0)
+    return width * (y0 + y_end) / 2
 
 
 def _pro_curve(h: _Histogram) -> tuple[np.ndarray, np.ndarray]:
@@ -374,10 +395,17 @@ def _pro_curve(h: _Histogram) -> tuple[np.ndarray, np.ndarray]:
 def _aupro(h: _Histogram, fpr_limit: float) -> float:
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    if h.n_regions == 0 or h.neg.sum() == 0:
+    n_neg = h.neg.sum()
+    if h.n_regions == 0 or n_neg == 0:
         return _nan("AUPRO", "no anomalous region or no normal pixel")
-    fpr, pro = _pro_curve(h)
-    return float(np.clip(_area_up_to(fpr, pro, fpr_limit) / fpr_limit, 0.0, 1.0))
+    area = 0.0
+    for block, _, fp, region in _blocks(h):
+        if fp / n_neg >= fpr_limit:
+            break
+        x = np.concatenate([[fp], np.cumsum(h.neg[block]) + fp]) / n_neg
+        y = np.concatenate([[region], np.cumsum(h.region[block]) + region]) / h.n_regions
+        area += float(np.sum(_clipped_area(x[:-1], x[1:], y[:-1], y[1:], fpr_limit)))
+    return float(np.clip(area / fpr_limit, 0.0, 1.0))
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:

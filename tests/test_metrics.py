@@ -126,10 +126,12 @@ def test_pixel_auroc_ap_match_sklearn(dtype: type, seed: int) -> None:
     assert suite["pixel_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
 
 
-def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    masks, maps = blob_data(1, np.float16, n=5)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    masks, maps = blob_data(1, dtype, n=5)
     whole = metrics.pixel_metrics(masks, maps)
     monkeypatch.setattr(metrics, "CHUNK_PIXELS", 1)  # one image per chunk
+    monkeypatch.setattr(metrics, "HIST_BLOCK", 3)  # curves read 3 entries at a time
     assert metrics.pixel_metrics(masks, maps) == pytest.approx(whole)
     assert metrics.f1_max(masks.ravel(), maps.ravel()) == pytest.approx(
         (whole["pixel_f1_max"], whole["pixel_f1_threshold"]))
