@@ -344,7 +344,7 @@ def _auroc(h: _Histogram, what: str) -> float:
         beaten = np.cumsum(h.pos[block])
         beaten += tp - 0.5 * h.pos[block]
         total += float(np.dot(h.neg[block], beaten))
-    return total / (h.pos.sum() * h.neg.sum())
+    return float(total / (h.pos.sum() * h.neg.sum()))
 
 
 def _ap(h: _Histogram, what: str) -> float:
@@ -358,7 +358,7 @@ def _ap(h: _Histogram, what: str) -> float:
         called += fp_before
         called += tp
         total += float(np.dot(h.pos[block], tp / called))  # precision at each threshold
-    return total / h.pos.sum()
+    return float(total / h.pos.sum())
 
 
 def _f1_max(h: _Histogram, what: str) -> tuple[float, float]:

@@ -161,21 +161,24 @@ def format_table(results: dict[str, dict[str, float]],
 
 
 def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] = TABLE_COLUMNS,
-             first: str = "dataset") -> list[list]:
-    """Header and one row per dataset: each metric x100 and, when bootstrapped, its interval."""
+             first: str = "dataset") -> list[list[str]]:
+    """The table as CSV rows (x100, one decimal, '-' when absent, a mean row); with bootstrap
+    intervals, each metric is followed by its ``low`` and ``high`` columns."""
     with_ci = any(f"{key}_ci" in values for values in results.values() for key, _ in columns)
+    plain = {name: {key: v for key, v in values.items() if not key.endswith("_ci")}
+             for name, values in results.items()}
     header = [first]
     for _, title in columns:
         header += [title, f"{title} low", f"{title} high"] if with_ci else [title]
     rows = [header]
-    for name, values in results.items():
-        row = [name]
-        for key, _ in columns:
-            value = values.get(key, math.nan)
-            row.append("" if math.isnan(value) else round(100 * value, 2))
+    for row in format_table(plain, columns):
+        values = results.get(row[0], {})
+        out = [row[0]]
+        for (key, _), text in zip(columns, row[1:]):
+            out.append(text)
             if with_ci:
-                row += ["" if math.isnan(v) else round(100 * v, 2) for v in values.get(f"{key}_ci", (math.nan,) * 2)]
-        rows.append(row)
+                out += [cell({"v": bound}, "v") for bound in values.get(f"{key}_ci", (math.nan, math.nan))]
+        rows.append(out)
     return rows
 
 
