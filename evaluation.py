@@ -64,15 +64,51 @@ def _quiet(function, *args):
 def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
                      counts: np.ndarray) -> dict[str, np.ndarray]:
     """Image AUROC/AP/F1-max [R] of each replicate: labels, scores [N], groups [N] (patient of
-    each image), counts [R, G] (draws of each patient); exact (the images are resampled)."""
+    each image), counts [R, G] (draws of each patient); exact. Per-patient histograms over the
+    distinct scores when they fit in HISTOGRAM_CELLS, else each replicate resampled and scored."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    n_groups = counts.shape[1]
+    if n_groups * len(values) <= HISTOGRAM_CELLS:
+        cell = groups * len(values) + inverse.reshape(-1)
+        neg, pos = (np.bincount(cell[labels == label], minlength=n_groups * len(values))
+                    .reshape(n_groups, -1)[:, ::-1].astype(np.float64) for label in (0, 1))
+        results = {key: [] for key in IMAGE_METRICS}
+        for start in range(0, len(counts), REPLICATES_AT_ONCE):
+            weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
+            curves = _curve_metrics(weights @ neg, weights @ pos)
+            for key in IMAGE_METRICS:
+                results[key].append(curves[key.replace("image_", "")])
+        return {key: np.concatenate(parts) for key, parts in results.items()}
     order = np.argsort(groups, kind="stable")
     results = {key: np.empty(len(counts)) for key in IMAGE_METRICS}
     for replicate, drawn in enumerate(counts):
         chosen = np.repeat(order, drawn[groups[order]])
-        values = _quiet(metrics.image_metrics, labels[chosen], scores[chosen])
+        scored = _quiet(metrics.image_metrics, labels[chosen], scores[chosen])
         for key in IMAGE_METRICS:
-            results[key][replicate] = values[key]
+            results[key][replicate] = scored[key]
     return results
+
+
+def _curve_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray | None = None,
+                   n_regions: np.ndarray | None = None, fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
+    """AUROC, AP, F1-max (and with ``region`` AUPRO) [R] of histograms neg, pos [R, B] (bins in
+    descending order of score), as metrics.py defines them; nan for single-class rows."""
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+    valid = ((n_pos > 0) & (n_neg > 0))[:, 0]
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["auroc"] = np.sum(neg * (tp - 0.5 * pos), axis=1) / (n_pos * n_neg)[:, 0]
+        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+        out["ap"] = np.sum(pos * precision, axis=1) / n_pos[:, 0]
+        out["f1_max"] = np.max(2 * tp / (n_pos + tp + fp), axis=1)
+        if region is not None:
+            zero = np.zeros((len(neg), 1))
+            fpr = np.hstack([zero, fp / n_neg])
+            pro = np.hstack([zero, np.cumsum(region, axis=1) / n_regions[:, None]])
+            area = metrics._clipped_area(fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:], fpr_limit)
+            out["aupro"] = np.where(n_regions > 0, np.clip(np.sum(area, axis=1) / fpr_limit, 0.0, 1.0), np.nan)
+    return {key: np.where(valid, value, np.nan) for key, value in out.items()}
 
 
 @dataclass
@@ -130,30 +166,15 @@ def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
 def pixel_replicates(histograms: GroupHistograms, counts: np.ndarray,
                      fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
     """Pixel AUROC/AP/AUPRO/F1-max [R] of each replicate, counts [R, G]: each replicate's
-    histogram is the count-weighted sum of the patients' histograms (no re-sort); the figures
-    follow metrics.py's definitions, vectorised over replicates (nan for single-class ones)."""
+    histogram is the count-weighted sum of the patients' histograms (no re-sort)."""
     results = {key: [] for key in PIXEL_METRICS}
     for start in range(0, len(counts), REPLICATES_AT_ONCE):
         weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
-        neg, pos, region = (weights @ h for h in (histograms.neg, histograms.pos, histograms.region))
-        n_regions = weights @ histograms.n_regions
-        tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
-        n_pos, n_neg = tp[:, -1:], fp[:, -1:]
-        valid = ((n_pos > 0) & (n_neg > 0))[:, 0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            auroc = np.sum(neg * (tp - 0.5 * pos), axis=1) / (n_pos * n_neg)[:, 0]
-            precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
-            ap = np.sum(pos * precision, axis=1) / n_pos[:, 0]
-            f1 = np.max(2 * tp / (n_pos + tp + fp), axis=1)
-            zero = np.zeros((len(weights), 1))
-            fpr = np.hstack([zero, fp / n_neg])
-            pro = np.hstack([zero, np.cumsum(region, axis=1) / n_regions[:, None]])
-            area = metrics._clipped_area(fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:], fpr_limit)
-            aupro = np.clip(np.sum(area, axis=1) / fpr_limit, 0.0, 1.0)
-        aupro[n_regions == 0] = np.nan
-        for key, value in zip(PIXEL_METRICS, (auroc, ap, aupro, f1)):
-            results[key].append(np.where(valid, value, np.nan))
-    return {key: np.concatenate(values) for key, values in results.items()}
+        curves = _curve_metrics(weights @ histograms.neg, weights @ histograms.pos,
+                                weights @ histograms.region, weights @ histograms.n_regions, fpr_limit)
+        for key in PIXEL_METRICS:
+            results[key].append(curves[key.replace("pixel_", "")])
+    return {key: np.concatenate(parts) for key, parts in results.items()}
 
 
 def patient_level(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,

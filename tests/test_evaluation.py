@@ -110,3 +110,14 @@ def test_meta_classes_map_paths_to_their_class(tmp_path):
     assert evaluation.meta_classes(str(tmp_path), "test") == {
         str(tmp_path / "b/1.png"): "brain", str(tmp_path / "l/2.png"): "liver"}
     assert evaluation.meta_classes(str(tmp_path / "nothing"), "test") == {}
+
+
+def test_image_replicates_without_histograms_agree(monkeypatch):
+    paths, labels, scores, _, _ = small_case(1)
+    groups, names = evaluation.groups_of(paths)
+    counts = evaluation.resample_counts(len(names), 30, seed=5)
+    by_histogram = evaluation.image_replicates(labels, scores, groups, counts)
+    monkeypatch.setattr(evaluation, "HISTOGRAM_CELLS", 1)  # too many cells: resample and score each
+    by_loop = evaluation.image_replicates(labels, scores, groups, counts)
+    for key, values in by_histogram.items():
+        np.testing.assert_allclose(values, by_loop[key], atol=1e-12)
