@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,17 +22,28 @@ class Predictions:
     paths: list[str]
     labels: np.ndarray            # int64 [N]
     scores: np.ndarray            # float32 [N]
-    maps: np.ndarray | None       # float16 [N,H,W] (float16 keeps the Brain test set at ~0.4 GB)
-    masks: np.ndarray | None      # bool [N,H,W]
+    maps: np.ndarray | None       # float32 [N,H,W] (or --map_dtype float16); np.memmap when streamed to disk
+    masks: np.ndarray | None      # bool [N,H,W]; np.memmap beside the maps when streamed
     has_masks: bool               # every abnormal image has a ground-truth mask
+
+
+MAPS_FILE, MASKS_FILE = "maps.npy", "masks.npy"
 
 
 @torch.inference_mode()
 def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision: str = "fp32",
-            keep_maps: bool = True, desc: str = "test") -> Predictions:
-    """Score every image of ``loader`` (batches of MedicalDataset items) in eval mode."""
+            keep_maps: bool = True, desc: str = "test", map_dtype: str = "float32",
+            maps_dir: str | os.PathLike | None = None) -> Predictions:
+    """Score every image of ``loader`` (batches of MedicalDataset items) in eval mode.
+
+    Maps are kept at ``map_dtype`` (float32: the model's own output; float16 halves the memory).
+    With ``maps_dir``, maps and masks are written batch by batch to ``maps_dir``/maps.npy and
+    masks.npy (memory-mappable .npy files) instead of RAM, for test sets larger than memory.
+    """
     model.eval()
-    paths, labels, scores, maps, masks = [], [], [], [], []
+    paths, labels, scores = [], [], []
+    maps = masks = None
+    filled = 0
     has_masks = True
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         with autocast(device, precision):
@@ -40,16 +53,40 @@ def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision:
         scores.append(output.image_score.float().cpu().numpy())
         has_masks &= bool(batch["has_mask"].all())
         if keep_maps:
-            maps.append(output.anomaly_map.to(torch.float16).cpu().numpy())
-            masks.append(batch["mask"].numpy() > 0.5)
+            batch_maps = output.anomaly_map.float().cpu().numpy()
+            if maps is None:
+                maps, masks = _map_storage((len(loader.dataset), *batch_maps.shape[1:]), map_dtype, maps_dir)
+            maps[filled:filled + len(batch_maps)] = batch_maps
+            masks[filled:filled + len(batch_maps)] = batch["mask"].numpy() > 0.5
+            filled += len(batch_maps)
+    if isinstance(maps, np.memmap):
+        maps.flush()
+        masks.flush()
     return Predictions(
         paths=paths,
         labels=np.concatenate(labels).astype(np.int64),
         scores=np.concatenate(scores).astype(np.float32),
-        maps=np.concatenate(maps) if keep_maps else None,
-        masks=np.concatenate(masks) if keep_maps else None,
+        maps=maps[:filled] if maps is not None else None,
+        masks=masks[:filled] if masks is not None else None,
         has_masks=has_masks,
     )
+
+
+def _map_storage(shape: tuple[int, ...], map_dtype: str, maps_dir: str | os.PathLike | None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Empty maps [N,H,W] of ``map_dtype`` and masks (bool): in RAM, or .npy memory maps."""
+    if map_dtype not in ("float32", "float16"):
+        raise InputError(f"map dtype must be float32 or float16, not {map_dtype}")
+    if maps_dir is None:
+        return np.empty(shape, dtype=map_dtype), np.empty(shape, dtype=bool)
+    Path(maps_dir).mkdir(parents=True, exist_ok=True)
+    return (np.lib.format.open_memmap(Path(maps_dir) / MAPS_FILE, mode="w+", dtype=map_dtype, shape=shape),
+            np.lib.format.open_memmap(Path(maps_dir) / MASKS_FILE, mode="w+", dtype=bool, shape=shape))
+
+
+def maps_bytes(n_images: int, image_size: int, map_dtype: str = "float32") -> int:
+    """Memory of the maps and masks of n_images square maps of image_size pixels."""
+    return n_images * image_size ** 2 * (np.dtype(map_dtype).itemsize + 1)
 
 
 def compute_metrics(predictions: Predictions, pixel: bool = True, image: bool = True,

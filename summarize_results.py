@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from utils import InputError, atomic_write_json, atomic_write_text, run_cli
+from utils import InputError, atomic_write_json, atomic_write_text, read_manifest, run_cli
 
 METRICS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
            ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     loaded = []
     for path in args.results:
+        read_manifest(Path(path).parent)  # refuses an interrupted run, or results of two runs mixed
         try:
             loaded.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as error:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from sklearn.metrics import roc_curve
 from tabulate import tabulate
 from torch.utils.data import DataLoader
 
+import evaluation
 import metrics
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
@@ -28,16 +32,19 @@ from CLIP.checkpoint import load_model
 from dataset import (MedicalDataset, dataset_name, list_samples, read_support, sample_support,
                      save_support, dataset_names)
 from generate_dataset.demo import ensure_demo
-from inference import Predictions, compute_metrics, memory_bank_from_support, predict
-from utils import (MANIFEST, ArgumentParser, InputError, add_backbone_override_args, atomic_write_json,
-                   atomic_write_text, backbone_overrides, device_name, locked_folder, non_negative_float,
-                   non_negative_int, positive_int, prepare_output_dir, resolve_device, run_cli, seed_everything,
-                   setup_logging, unit_interval, versions)
+from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
+from maps_io import save_maps
+from utils import (MANIFEST, ArgumentParser, InputError, add_backbone_override_args, backbone_overrides,
+                   device_name, locked_folder, non_negative_float, non_negative_int, positive_int,
+                   prepare_output_dir, resolve_device, run_cli, seed_everything, setup_logging, unit_interval,
+                   versions, write_result_files)
 from visualization import overlay_panel, save_curve, save_png, to_display
 
-RESULT_FILES = ("results.json", "results.csv", "scores.csv", MANIFEST)  # checked free before the run
+# Written together, manifest last (utils.write_result_files); checked free before the run.
+RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
                  ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
+PATIENT_COLUMNS = [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
     parser.add_argument("--seed", type=non_negative_int, default=111)
+    evaluation_args = parser.add_argument_group("evaluation")
+    evaluation_args.add_argument("--map_dtype", default="float32", choices=["float32", "float16"],
+                                 help="precision of the stored maps: float32 (the model's own output, exact metrics) "
+                                      "or float16 (half the memory; metrics describe the rounded maps)")
+    evaluation_args.add_argument("--max_ram_maps_gb", type=non_negative_float,
+                                 help="keep a dataset's maps and masks in RAM up to this size, else stream them to "
+                                      "memory-mapped files in --save_path (default: half the available memory)")
+    evaluation_args.add_argument("--save_maps", action="store_true",
+                                 help="write the maps, masks, paths, labels and scores to SAVE_PATH/maps/ "
+                                      "(read back with maps_io.load_maps)")
+    evaluation_args.add_argument("--bootstrap", type=non_negative_int, default=0, metavar="N",
+                                 help="95%% intervals from N resamples of patients (case ids of <case>_<slice> "
+                                      "names, else images); 0 = off")
+    evaluation_args.add_argument("--bootstrap_seed", type=non_negative_int, default=0)
     fewshot = parser.add_argument_group("few-shot (memory bank of normal support patches)")
     fewshot.add_argument("--k_shot", type=non_negative_int, default=0, help="k normal + k abnormal support images; 0 = off")
     fewshot.add_argument("--fewshot_seed", type=non_negative_int, default=1)
@@ -120,17 +141,117 @@ def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name:
     return source
 
 
-def format_table(results: dict[str, dict[str, float]]) -> list[list[str]]:
-    """Rows per dataset plus a mean row, metric values x100 with one decimal ('-' when absent)."""
-    def cell(value: float | None) -> str:
-        return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+def csv_text(rows: list[list]) -> str:
+    """Rows as CSV text."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
 
-    rows = [[name] + [cell(values.get(key)) for key, _ in TABLE_COLUMNS] for name, values in results.items()]
-    means = []
-    for key, _ in TABLE_COLUMNS:
+
+def cell(values: dict, key: str) -> str:
+    """A metric x100 with one decimal, '-' when absent or nan, and its interval when known."""
+    value = values.get(key)
+    if value is None or math.isnan(value):
+        return "-"
+    low, high = values.get(f"{key}_ci", (math.nan, math.nan))
+    text = f"{100 * value:.1f}"
+    return text if math.isnan(low) else f"{text} [{100 * low:.1f}\u2013{100 * high:.1f}]"
+
+
+def format_table(results: dict[str, dict[str, float]],
+                 columns: list[tuple[str, str]] = TABLE_COLUMNS) -> list[list[str]]:
+    """Rows per dataset plus a mean row, metric values x100 with one decimal ('-' when absent),
+    with the 95% interval as 'value [low-high]' when the results carry ``<metric>_ci``."""
+    rows = [[name] + [cell(values, key) for key, _ in columns] for name, values in results.items()]
+    means = {}
+    for key, _ in columns:
         present = [values[key] for values in results.values() if key in values and not math.isnan(values[key])]
-        means.append(cell(float(np.mean(present)) if present else None))
-    return rows + [["mean"] + means]
+        if present:
+            means[key] = float(np.mean(present))
+    return rows + [["mean"] + [cell(means, key) for key, _ in columns]]
+
+
+def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] = TABLE_COLUMNS,
+             first: str = "dataset") -> list[list[str]]:
+    """The table as CSV rows (x100, one decimal, '-' when absent, a mean row); with bootstrap
+    intervals, each metric is followed by its ``low`` and ``high`` columns."""
+    with_ci = any(f"{key}_ci" in values for values in results.values() for key, _ in columns)
+    plain = {name: {key: v for key, v in values.items() if not key.endswith("_ci")}
+             for name, values in results.items()}
+    header = [first]
+    for _, title in columns:
+        header += [title, f"{title} low", f"{title} high"] if with_ci else [title]
+    rows = [header]
+    for row in format_table(plain, columns):
+        values = results.get(row[0], {})
+        out = [row[0]]
+        for (key, _), text in zip(columns, row[1:]):
+            out.append(text)
+            if with_ci:
+                out += [cell({"v": bound}, "v") for bound in values.get(f"{key}_ci", (math.nan, math.nan))]
+        rows.append(out)
+    return rows
+
+
+def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name: str, save_path: Path,
+                 logger) -> Path | None:
+    """A temporary folder in save_path to stream the maps to, when they would not fit in RAM."""
+    budget = args.max_ram_maps_gb
+    if budget is None:
+        budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 2**30
+    need = maps_bytes(n_images, image_size, args.map_dtype)
+    if need <= budget * 2**30:
+        return None
+    logger.info(f"{name}: maps and masks take {need / 2**30:.1f} GB, over {budget:.1f} GB: streamed to "
+                f"memory-mapped files in {save_path}")
+    save_path.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=save_path, prefix=f".maps-{name}-"))
+
+
+def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions: Predictions,
+                     want_pixel: bool, want_image: bool, logger) -> tuple[dict, dict | None, dict]:
+    """Metrics of one dataset (with intervals under --bootstrap), its patient-level figures
+    (None without case ids) and its per-class metrics ({} unless meta.json has several classes)."""
+    values = compute_metrics(predictions, pixel=want_pixel, image=want_image, aupro_variant=args.aupro)
+    groups, patients = evaluation.groups_of(predictions.paths)
+    if args.bootstrap:
+        counts = evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed)
+        replicates = {}
+        if want_image:
+            replicates.update(evaluation.image_replicates(predictions.labels, predictions.scores, groups, counts))
+        if "pixel_auroc" in values:
+            histograms = evaluation.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
+            replicates.update(evaluation.pixel_replicates(histograms, counts))
+            if args.aupro == "legacy":  # intervals are of the standard AUPRO only
+                del replicates["pixel_aupro"]
+        values.update({f"{key}_ci": evaluation.interval(samples) for key, samples in replicates.items()})
+    patient_values = None
+    if want_image and len(patients) < len(predictions.paths):
+        labels, scores = evaluation.patient_level(predictions.labels, predictions.scores, groups, len(patients))
+        patient_values = {f"patient_{key[6:]}": value for key, value in metrics.image_metrics(labels, scores).items()}
+        patient_values.update(n_patients=len(patients), n_abnormal=int(labels.sum()))
+        if args.bootstrap:
+            own = np.arange(len(patients))
+            replicates = evaluation.image_replicates(
+                labels, scores, own, evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed))
+            patient_values.update({f"patient_{key[6:]}_ci": evaluation.interval(samples)
+                                   for key, samples in replicates.items()})
+    classes = evaluation.meta_classes(root, args.split)
+    per_class = {}
+    names = [classes.get(path) for path in predictions.paths]
+    if len(set(names) - {None}) > 1:
+        for class_name in sorted(set(names) - {None}):
+            chosen = np.flatnonzero([n == class_name for n in names])
+            subset = Predictions([predictions.paths[i] for i in chosen], predictions.labels[chosen],
+                                 predictions.scores[chosen],
+                                 None if predictions.maps is None else predictions.maps[chosen],
+                                 None if predictions.masks is None else predictions.masks[chosen],
+                                 predictions.has_masks)
+            per_class[class_name] = compute_metrics(subset, pixel=want_pixel, image=want_image,
+                                                    aupro_variant=args.aupro)
+        logger.info(f"\n{name} per class\n" + tabulate(format_table(per_class), headers=["class"] + [
+            title for _, title in TABLE_COLUMNS], tablefmt="pipe", disable_numparse=True))
+    return values, patient_values, per_class
 
 
 def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions: Predictions, count: int) -> None:
@@ -179,7 +300,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     want_image = args.metrics in ("image-level", "image-pixel-level")
     want_pixel = args.metrics in ("pixel-level", "image-pixel-level")
+    if args.bootstrap:
+        logger.info(f"bootstrap: {args.bootstrap} resamples of patients, seed {args.bootstrap_seed}")
     results: dict[str, dict[str, float]] = {}
+    patient_results: dict[str, dict[str, float]] = {}
     score_rows = [["dataset", "path", "label", "score"]]
     support_sources: dict[str, str] = {}
     for root, name in zip(roots, names):
@@ -189,33 +313,61 @@ def evaluate(args: argparse.Namespace) -> dict:
         model.set_dataset(dataset_name(name))
         if args.k_shot:
             support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger)
-        predictions = predict(model, loader, device, args.precision, keep_maps=want_pixel or args.visualize > 0,
-                              desc=name)
-        values = compute_metrics(predictions, pixel=want_pixel, image=want_image, aupro_variant=args.aupro)
-        if want_pixel and not predictions.has_masks:
-            logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
-        values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
-        results[name] = values
-        score_rows += [[name, path, int(label), f"{score:.6f}"]
-                       for path, label, score in zip(predictions.paths, predictions.labels, predictions.scores)]
-        if args.visualize > 0:
-            write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
+        keep_maps = want_pixel or args.visualize > 0 or args.save_maps
+        maps_dir = maps_dir_for(args, len(dataset), image_size, name, save_path, logger) if keep_maps else None
+        try:
+            predictions = predict(model, loader, device, args.precision, keep_maps=keep_maps, desc=name,
+                                  map_dtype=args.map_dtype, maps_dir=maps_dir)
+            values, patient_values, per_class = evaluate_dataset(args, name, root, predictions, want_pixel,
+                                                                 want_image, logger)
+            if want_pixel and not predictions.has_masks:
+                logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
+            values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
+            if per_class:
+                values["classes"] = per_class
+            results[name] = values
+            if patient_values is not None:
+                patient_results[name] = patient_values
+            score_rows += [[name, path, int(label), f"{score:.6f}"]
+                           for path, label, score in zip(predictions.paths, predictions.labels, predictions.scores)]
+            if args.visualize > 0:
+                write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
+            if args.save_maps:
+                save_maps(save_path / "maps", name, predictions)
+                logger.info(f"{name}: maps written to {save_path / 'maps'} (maps_io.load_maps)")
+        finally:
+            if maps_dir is not None:
+                shutil.rmtree(maps_dir, ignore_errors=True)
 
     headers = ["dataset"] + [title for _, title in TABLE_COLUMNS]
     rows = format_table(results)
     aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
+    interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
+                     if args.bootstrap else "")
     table = tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
-    logger.info(f"\n{table}\n({aupro_note}; values x100)")
-
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows([headers] + rows)
-    atomic_write_text(save_path / "results.csv", buffer.getvalue())
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(score_rows)
-    atomic_write_text(save_path / "scores.csv", buffer.getvalue())
+    logger.info(f"\n{table}\n({aupro_note}; values x100{interval_note})")
+    files = {"results.csv": csv_text(csv_rows(results))}
+    if patient_results:
+        shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
+                 for name, v in patient_results.items()}
+        patient_table = tabulate(format_table(shown, PATIENT_COLUMNS)[:-1],
+                                 headers=["dataset"] + [title for _, title in PATIENT_COLUMNS],
+                                 tablefmt="pipe", disable_numparse=True)
+        logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
+                    f"{patient_table}")
+        files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))
+    per_class = {f"{name}/{class_name}": class_values for name, values in results.items()
+                 for class_name, class_values in values.get("classes", {}).items()}
+    if per_class:
+        files["results_per_class.csv"] = csv_text(csv_rows(per_class, first="dataset/class"))
+    files["scores.csv"] = csv_text(score_rows)
     summary = {
         "datasets": results,
+        "patients": patient_results,
         "aupro": args.aupro,
+        "map_dtype": args.map_dtype,
+        "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
+                      "interval": "95% percentile"} if args.bootstrap else None,
         "support_files": support_sources,
         "args": vars(args),
         "checkpoint": None if checkpoint is None else {
@@ -224,8 +376,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         "versions": versions(),
         "seconds": round(time.time() - started, 2),
     }
-    atomic_write_json(save_path / "results.json", summary)
-    logger.info(f"results written to {save_path}")
+    files["results.json"] = json.dumps(summary, indent=2, default=str) + "\n"
+    write_result_files(save_path, files)  # all or nothing: a killed run leaves no manifest
+    logger.info(f"results written to {save_path} ({', '.join(files)}, {MANIFEST})")
     return summary
 
 

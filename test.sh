@@ -22,7 +22,8 @@ if [ ! -d "$DATA_ROOT/Brain" ]; then
   DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
-COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION $EXTRA"
+BOOTSTRAP=${BOOTSTRAP:-1000}                    # patient resamples for the 95% intervals; 0 = off
+COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION --bootstrap $BOOTSTRAP $EXTRA"
 PROTOCOL=${1:-all}
 read -r -a targets <<< "$TARGETS"
 

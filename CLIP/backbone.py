@@ -196,7 +196,9 @@ def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:
             raise InputError(f"--pretrained {pretrained}: holds more than tensors; refusing to unpickle it, "
                              f"since that could run code (save the weights as .safetensors)") from None
         raise _unreadable_weights(pretrained, error) from None
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # UnicodeDecodeError too, for random bytes
+        if os.path.isfile(pretrained):
+            raise _unreadable_weights(pretrained, error) from None
         raise InputError(f"could not load {config.model_name}: {error}") from None
     except Exception as error:  # safetensors, zip and pickle readers raise many types for a damaged file
         if os.path.isfile(pretrained):

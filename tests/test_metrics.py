@@ -126,10 +126,12 @@ def test_pixel_auroc_ap_match_sklearn(dtype: type, seed: int) -> None:
     assert suite["pixel_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
 
 
-def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    masks, maps = blob_data(1, np.float16, n=5)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    masks, maps = blob_data(1, dtype, n=5)
     whole = metrics.pixel_metrics(masks, maps)
     monkeypatch.setattr(metrics, "CHUNK_PIXELS", 1)  # one image per chunk
+    monkeypatch.setattr(metrics, "HIST_BLOCK", 3)  # curves read 3 entries at a time
     assert metrics.pixel_metrics(masks, maps) == pytest.approx(whole)
     assert metrics.f1_max(masks.ravel(), maps.ravel()) == pytest.approx(
         (whole["pixel_f1_max"], whole["pixel_f1_threshold"]))
@@ -216,13 +218,118 @@ def test_aupro_legacy_close_to_aupro() -> None:
     assert abs(legacy - exact) < 0.1
 
 
-def test_pro_curve_matches_hand_values_and_aupro():
-    """One 2-pixel region: half detected at the top threshold, fully at the next."""
+def on_polyline(x: np.ndarray, y: np.ndarray, px: float, py: float) -> bool:
+    """Whether (px, py) lies on the polyline through (x [K], y [K]) (x non-decreasing)."""
+    for x0, x1, y0, y1 in zip(x[:-1], x[1:], y[:-1], y[1:]):
+        if x0 - 1e-12 <= px <= x1 + 1e-12:
+            t = 0.0 if x1 == x0 else (px - x0) / (x1 - x0)
+            if x1 == x0 and min(y0, y1) - 1e-12 <= py <= max(y0, y1) + 1e-12:
+                return True
+            if x1 != x0 and abs(y0 + t * (y1 - y0) - py) < 1e-9:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_pro_curve_matches_hand_values_and_aupro(dtype: type) -> None:
+    """One 2-pixel region: half detected at the top threshold, fully at the next. Runs of
+    normal-only thresholds may be merged into one point: the polyline is the same."""
     masks = np.zeros((1, 2, 3), dtype=bool)
     masks[0, 0, :2] = True
-    maps = np.array([[[0.9, 0.5, 0.1], [0.7, 0.3, 0.2]]], dtype=np.float32)
+    maps = np.array([[[0.9, 0.5, 0.1], [0.7, 0.3, 0.2]]], dtype=dtype)
     fpr, pro = metrics.pro_curve(masks, maps)
-    np.testing.assert_allclose(fpr, [0, 0, 0.25, 0.25, 0.5, 0.75, 1.0])
-    np.testing.assert_allclose(pro, [0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
+    assert np.all(np.diff(fpr) >= 0) and fpr[0] == 0 and fpr[-1] == 1
+    for point in zip([0, 0, 0.25, 0.25, 0.5, 0.75, 1.0], [0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]):
+        assert on_polyline(fpr, pro, *point)
     area = 0.25 * 0.5 + 0.05 * 1.0  # FPR 0-0.25 at PRO 0.5, then 0.25-0.3 at PRO 1
     assert metrics.aupro(masks, maps) == pytest.approx(area / 0.3)
+
+
+def full_precision_data(seed: int, dtype: type, n: int = 4, size: int = 20):
+    """Blob masks and maps at the dtype's full precision (no rounding), some negative values,
+    signed zeros, a block of exact ties across classes and a saturated patch."""
+    masks, _ = blob_data(seed, np.float64, n=n, size=size)
+    rng = np.random.default_rng(seed)
+    maps = (rng.standard_normal(masks.shape) + 1.5 * masks * rng.random(masks.shape)).astype(dtype)
+    maps[0, :3, :3] = -0.0
+    maps[0, 3:6, :3] = 0.0
+    maps[1, :, :2] = maps[1, 0, 0]  # ties between normal and lesion pixels
+    maps[-1, -4:, -4:] = 1.0
+    return masks, maps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(3))
+def test_full_precision_matches_references(dtype: type, seed: int) -> None:
+    masks, maps = full_precision_data(seed, dtype)
+    labels, scores = masks.ravel(), maps.ravel()
+    suite = metrics.pixel_metrics(masks, maps)
+    assert suite["pixel_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert suite["pixel_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+    for limit in (0.3, 0.05):
+        assert metrics.aupro(masks, maps, limit) == pytest.approx(
+            reference_aupro(masks, maps, limit), abs=1e-9)
+    assert (suite["pixel_f1_max"], suite["pixel_f1_threshold"]) == pytest.approx(
+        brute_force_f1(labels, scores.astype(np.float64)))
+    assert metrics.pixel_auroc(masks, maps) == suite["pixel_auroc"]
+    assert metrics.pixel_ap(masks, maps) == suite["pixel_ap"]
+    # Rounding to float16 changes the figures: the full-precision path must not round.
+    assert metrics.pixel_ap(masks, maps.astype(np.float16)) != pytest.approx(suite["pixel_ap"], abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_slabs_and_wide_ranges_give_the_same_figures(dtype: type, monkeypatch, tmp_path) -> None:
+    masks, maps = full_precision_data(5, dtype, n=8)
+    maps[2] *= 1e30  # a key span too wide to pack the query flag: the binary-search path
+    maps[3] *= 1e-30
+    expected = {"pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+                "pixel_ap": average_precision_score(masks.ravel(), maps.ravel()),
+                "pixel_aupro": reference_aupro(masks, maps)}
+    whole = metrics.pixel_metrics(masks, maps)
+    monkeypatch.setattr(metrics, "SLAB_BYTES_MIN", 1)
+    monkeypatch.setattr(metrics, "SLAB_FRACTION", 0.2)  # 5 slabs, one pass each
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 3 * 20 * 20)  # 3 images per chunk
+    stored = np.lib.format.open_memmap(tmp_path / "maps.npy", mode="w+", dtype=dtype, shape=maps.shape)
+    stored[:] = maps
+    for source in (maps, stored):
+        sliced = metrics.pixel_metrics(masks, source)
+        assert sliced == pytest.approx(whole, abs=1e-12)
+        for key, value in expected.items():
+            assert sliced[key] == pytest.approx(value, abs=1e-9)
+
+
+def reference_aupro_legacy(masks: np.ndarray, maps: np.ndarray, num: int = 200,
+                           fpr_limit: float = 0.3) -> float:
+    """The 200-threshold variant computed directly on the pixels."""
+    low, high = float(maps.min()), float(maps.max())
+    regions = []
+    for image, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(image, labelled == i) for i in range(1, count + 1)]
+    fprs, pros = [], []
+    for threshold in low + (high - low) / num * np.arange(num):
+        predicted = maps > threshold
+        fprs.append((predicted & ~masks).sum() / (~masks).sum())
+        pros.append(np.mean([predicted[image][region].mean() for image, region in regions]))
+    fprs, pros = np.array(fprs), np.array(pros)
+    kept = fprs < fpr_limit
+    fprs, pros = fprs[kept][::-1], pros[kept][::-1]
+    fprs = (fprs - fprs[0]) / (fprs[-1] - fprs[0])
+    return float(np.sum(np.diff(fprs) * (pros[1:] + pros[:-1]) / 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_aupro_legacy_matches_reference(dtype: type) -> None:
+    masks, maps = blob_data(2, np.float64, n=5, size=32)
+    maps = maps + 1e-3 * np.random.default_rng(0).random(maps.shape)  # no rounding ties
+    maps = maps.astype(dtype)
+    assert metrics.aupro_legacy(masks, maps) == pytest.approx(reference_aupro_legacy(masks, maps), abs=1e-9)
+
+
+def test_infinite_scores_raise() -> None:
+    masks, maps = random_data(0, np.float32)
+    maps[1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match="inf"):
+        metrics.pixel_metrics(masks, maps)
+    with pytest.raises(ValueError, match="inf"):
+        metrics.image_auroc([0, 1], [0.2, -np.inf])

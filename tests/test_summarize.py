@@ -7,6 +7,7 @@ import math
 import pytest
 
 import summarize_results
+from utils import InputError, write_result_files
 
 
 def result(k: int, auroc: float, aupro: float | None) -> dict:
@@ -16,14 +17,19 @@ def result(k: int, auroc: float, aupro: float | None) -> dict:
     return {"args": {"k_shot": k}, "datasets": {"brain": values}}
 
 
+def write_runs(folder, runs: list[dict]) -> list[str]:
+    """Each run's results.json in its own folder, written as test.py writes it (manifest last)."""
+    paths = []
+    for i, run in enumerate(runs):
+        write_result_files(folder / f"r{i}", {"results.json": json.dumps(run)})
+        paths.append(str(folder / f"r{i}" / "results.json"))
+    return paths
+
+
 def test_mean_and_sample_std_per_dataset_and_k(tmp_path):
     """Hand-computed mean and sample std (ddof 1) per (dataset, k); a missing metric is skipped, not zero."""
     runs = [result(2, 0.6, 0.3), result(2, 0.8, 0.5), result(2, 0.7, None), result(4, 0.9, 0.4)]
-    paths = []
-    for i, run in enumerate(runs):
-        path = tmp_path / f"r{i}.json"
-        path.write_text(json.dumps(run))
-        paths.append(str(path))
+    paths = write_runs(tmp_path, runs)
     summary = summarize_results.main(["--results", *paths, "--save_path", str(tmp_path / "out")])
     mean, std, count = summary[("brain", 2)]["image_auroc"]
     assert (mean, std, count) == (pytest.approx(0.7), pytest.approx(0.1), 3)
@@ -39,11 +45,7 @@ def test_datasets_and_zero_shot_runs_are_separate_groups(tmp_path, capsys):
     runs = [{"args": {"k_shot": 0}, "datasets": {"brain": {"image_auroc": 0.5}, "liver": {"image_auroc": 0.9}}},
             {"args": {}, "datasets": {"brain": {"image_auroc": 0.7}}},
             {"args": {"k_shot": 4}, "datasets": {"liver": {"image_auroc": 0.2}}}]
-    paths = []
-    for i, run in enumerate(runs):
-        path = tmp_path / f"r{i}.json"
-        path.write_text(json.dumps(run))
-        paths.append(str(path))
+    paths = write_runs(tmp_path, runs)
     summary = summarize_results.main(["--results", *paths, "--save_path", str(tmp_path / "out")])
     assert sorted(summary) == [("brain", 0), ("liver", 0), ("liver", 4)]
     assert summary[("brain", 0)]["image_auroc"] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
@@ -51,3 +53,14 @@ def test_datasets_and_zero_shot_runs_are_separate_groups(tmp_path, capsys):
     assert math.isnan(summary[("liver", 4)]["pixel_auroc"][0])
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert rows[1].startswith("brain,zero-shot,2,60.0 ± 14.1,-") and rows[3].startswith("liver,4,1,20.0 ± 0.0")
+
+
+def test_interrupted_or_mixed_runs_are_refused(tmp_path):
+    """A results.json without its manifest (a killed run) or changed after it (two runs mixed) is refused."""
+    [path] = write_runs(tmp_path, [result(2, 0.6, 0.3)])
+    (tmp_path / "r0" / "results.json").write_text(json.dumps(result(2, 0.9, 0.3)))
+    with pytest.raises(InputError, match="mixed"):
+        summarize_results.main(["--results", path])
+    (tmp_path / "r0" / "manifest.json").unlink()
+    with pytest.raises(InputError, match="interrupted"):
+        summarize_results.main(["--results", path])

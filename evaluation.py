@@ -1,0 +1,201 @@
+"""Figures beyond one number per metric: bootstrap intervals over patients, patient-level
+detection, and per-class metrics of meta.json datasets.
+
+Patients are the case ids of BMAD slice names (``<case>_<slice>.png``, dataset._patient); an
+image whose name carries no slice number is its own patient.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+import metrics
+from dataset import Sample, _meta_path, _patient
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max")
+# Pixel intervals use per-patient histograms over shared score bins: at most this many cells
+# (patients x bins) per histogram, and at most MAX_BINS bins (quantiles of the scores).
+HISTOGRAM_CELLS = 1 << 22
+MAX_BINS = 1 << 12
+REPLICATES_AT_ONCE = 64
+
+
+def patient_of(path: str) -> str:
+    """Case id of an image path (``<case>_<slice>`` naming), the stem otherwise."""
+    return _patient(Sample(path, None, 0))
+
+
+def groups_of(paths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Patient index [N] of each image and the patient names [G], in order of first appearance."""
+    names: dict[str, int] = {}
+    index = np.array([names.setdefault(patient_of(path), len(names)) for path in paths], dtype=np.int64)
+    return index, list(names)
+
+
+def resample_counts(n_groups: int, n_replicates: int, seed: int) -> np.ndarray:
+    """How often each group is drawn [R, G] in each of n_replicates draws of n_groups groups
+    with replacement (numpy default_rng(seed))."""
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_replicates, n_groups))
+    counts = np.zeros((n_replicates, n_groups), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_replicates)[:, None], draws), 1)
+    return counts
+
+
+def interval(values: np.ndarray) -> list[float]:
+    """95% percentile interval [low, high] of replicate values [R], NaN replicates ignored."""
+    finite = values[~np.isnan(values)]
+    if not len(finite):
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
+
+
+def _quiet(function, *args):
+    """A metric of one replicate; single-class replicates give nan without a warning each."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return function(*args)
+
+
+def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                     counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Image AUROC/AP/F1-max [R] of each replicate: labels, scores [N], groups [N] (patient of
+    each image), counts [R, G] (draws of each patient); exact. Per-patient histograms over the
+    distinct scores when they fit in HISTOGRAM_CELLS, else each replicate resampled and scored."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    n_groups = counts.shape[1]
+    if n_groups * len(values) <= HISTOGRAM_CELLS:
+        cell = groups * len(values) + inverse.reshape(-1)
+        neg, pos = (np.bincount(cell[labels == label], minlength=n_groups * len(values))
+                    .reshape(n_groups, -1)[:, ::-1].astype(np.float64) for label in (0, 1))
+        results = {key: [] for key in IMAGE_METRICS}
+        for start in range(0, len(counts), REPLICATES_AT_ONCE):
+            weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
+            curves = _curve_metrics(weights @ neg, weights @ pos)
+            for key in IMAGE_METRICS:
+                results[key].append(curves[key.replace("image_", "")])
+        return {key: np.concatenate(parts) for key, parts in results.items()}
+    order = np.argsort(groups, kind="stable")
+    results = {key: np.empty(len(counts)) for key in IMAGE_METRICS}
+    for replicate, drawn in enumerate(counts):
+        chosen = np.repeat(order, drawn[groups[order]])
+        scored = _quiet(metrics.image_metrics, labels[chosen], scores[chosen])
+        for key in IMAGE_METRICS:
+            results[key][replicate] = scored[key]
+    return results
+
+
+def _curve_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray | None = None,
+                   n_regions: np.ndarray | None = None, fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
+    """AUROC, AP, F1-max (and with ``region`` AUPRO) [R] of histograms neg, pos [R, B] (bins in
+    descending order of score), as metrics.py defines them; nan for single-class rows."""
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+    valid = ((n_pos > 0) & (n_neg > 0))[:, 0]
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["auroc"] = np.sum(neg * (tp - 0.5 * pos), axis=1) / (n_pos * n_neg)[:, 0]
+        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+        out["ap"] = np.sum(pos * precision, axis=1) / n_pos[:, 0]
+        out["f1_max"] = np.max(2 * tp / (n_pos + tp + fp), axis=1)
+        if region is not None:
+            zero = np.zeros((len(neg), 1))
+            fpr = np.hstack([zero, fp / n_neg])
+            pro = np.hstack([zero, np.cumsum(region, axis=1) / n_regions[:, None]])
+            area = metrics._clipped_area(fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:], fpr_limit)
+            out["aupro"] = np.where(n_regions > 0, np.clip(np.sum(area, axis=1) / fpr_limit, 0.0, 1.0), np.nan)
+    return {key: np.where(valid, value, np.nan) for key, value in out.items()}
+
+
+@dataclass
+class GroupHistograms:
+    """Per-patient pixel counts over shared score bins (bins in descending order of score)."""
+    neg: np.ndarray        # float64 [G, B] normal pixels per bin
+    pos: np.ndarray        # float64 [G, B] lesion pixels per bin
+    region: np.ndarray     # float64 [G, B] sum of 1/region size of the lesion pixels per bin
+    n_regions: np.ndarray  # float64 [G] lesion regions per patient
+
+
+def _bin_edges(maps: np.ndarray, n_bins: int) -> np.ndarray:
+    """Ascending score edges [E <= n_bins]: the distinct values when there are few (exact
+    intervals), else quantiles of a sample of whole images."""
+    step = max(1, len(maps) // 64)
+    sample = np.unique(np.asarray(maps[::step]))
+    if len(sample) <= n_bins and step == 1:
+        return sample.astype(maps.dtype)
+    return np.unique(np.quantile(sample, np.linspace(0, 1, n_bins), method="nearest").astype(maps.dtype))
+
+
+def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
+                     n_groups: int) -> GroupHistograms:
+    """Histograms of masks, maps [N,H,W] per patient (groups [N]) over quantile bins of the
+    scores; the bins resolve every distinct value when a set of at most 64 images has at most
+    that many (then the replicates are exact)."""
+    n_bins = int(np.clip(HISTOGRAM_CELLS // max(n_groups, 1), 256, MAX_BINS))
+    edges = _bin_edges(maps, n_bins)
+    size = len(edges) + 1
+    neg = np.zeros((n_groups, size))
+    pos = np.zeros((n_groups, size))
+    region = np.zeros((n_groups, size))
+    n_regions = np.zeros(n_groups)
+    step = max(1, metrics.CHUNK_PIXELS // max(1, maps[0].size))
+    for start in range(0, len(maps), step):
+        mask = np.asarray(masks[start:start + step], dtype=bool)
+        chunk = np.asarray(maps[start:start + step])
+        local, group = np.unique(groups[start:start + step], return_inverse=True)
+        raw = np.searchsorted(edges, chunk.reshape(len(chunk), -1))
+        bins = raw + size * group[:, None]
+        flat_mask = mask.reshape(len(mask), -1)
+        total = np.bincount(bins.reshape(-1), minlength=len(local) * size).reshape(len(local), size)
+        lesion = np.bincount(bins[flat_mask], minlength=len(local) * size).reshape(len(local), size)
+        neg[local] += total - lesion
+        pos[local] += lesion
+        for image in np.flatnonzero(flat_mask.any(axis=1)):
+            sizes, count = metrics._region_sizes(mask[image:image + 1])
+            region[local[group[image]]] += np.bincount(raw[image][flat_mask[image]],
+                                                       weights=1.0 / sizes, minlength=size)
+            n_regions[local[group[image]]] += count
+    # Bin i holds scores in (edges[i-1], edges[i]]: descending order is the reversed bins.
+    return GroupHistograms(neg[:, ::-1], pos[:, ::-1], region[:, ::-1], n_regions)
+
+
+def pixel_replicates(histograms: GroupHistograms, counts: np.ndarray,
+                     fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
+    """Pixel AUROC/AP/AUPRO/F1-max [R] of each replicate, counts [R, G]: each replicate's
+    histogram is the count-weighted sum of the patients' histograms (no re-sort)."""
+    results = {key: [] for key in PIXEL_METRICS}
+    for start in range(0, len(counts), REPLICATES_AT_ONCE):
+        weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
+        curves = _curve_metrics(weights @ histograms.neg, weights @ histograms.pos,
+                                weights @ histograms.region, weights @ histograms.n_regions, fpr_limit)
+        for key in PIXEL_METRICS:
+            results[key].append(curves[key.replace("pixel_", "")])
+    return {key: np.concatenate(parts) for key, parts in results.items()}
+
+
+def patient_level(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                  n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patient labels and scores [G]: a patient is abnormal if any of its slices is, and scores
+    the maximum of its slice scores (the most suspicious slice decides, as a reader would)."""
+    patient_labels = np.zeros(n_groups, dtype=np.int64)
+    np.maximum.at(patient_labels, groups, labels)
+    patient_scores = np.full(n_groups, -np.inf)
+    np.maximum.at(patient_scores, groups, scores.astype(np.float64))
+    return patient_labels, patient_scores
+
+
+def meta_classes(root: str, split: str) -> dict[str, str]:
+    """Class name of each image path of ``split`` in the meta.json index of ``root`` ({} when
+    the dataset has no meta.json)."""
+    meta_path = _meta_path(root)
+    if meta_path is None:
+        return {}
+    with open(meta_path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    base = os.path.dirname(meta_path)
+    return {os.path.join(base, entry["img_path"]): name
+            for name, entries in meta.get(split, {}).items() for entry in entries}

@@ -1,0 +1,76 @@
+"""Saved test maps (test.py --save_maps): re-score a run, or compare it with other methods,
+without running the model again.
+
+One dataset ``NAME`` of a run is three files in ``<save_path>/maps/``:
+
+    NAME.npy         float32 [N,H,W] anomaly maps (or float16 with --map_dtype float16)
+    NAME_masks.npy   bool [N,H,W] ground-truth masks (all False for normal images)
+    NAME.json        {"paths": [N], "labels": [N], "scores": [N], "has_masks": bool}, row order
+                     of the arrays; written last
+
+Reading back (memory-mapped: a set larger than RAM is read chunk by chunk by metrics.py)::
+
+    from maps_io import load_maps
+    saved = load_maps("results/test/maps", "Brain")
+    metrics.pixel_metrics(saved.masks, saved.maps)
+
+Each file is written to a temporary name in the same folder and renamed into place, so an
+existing file is either kept whole or replaced whole, never left half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from inference import Predictions
+from utils import InputError, _atomic_write, atomic_write_json
+
+
+def save_maps(folder: str | os.PathLike, name: str, predictions: Predictions) -> None:
+    """Write the maps, masks, paths, labels and scores of ``predictions`` as ``folder``/NAME.*.
+    Maps streamed to a .npy memory map (inference.predict with maps_dir) are moved, not copied."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for array, target in ((predictions.maps, folder / f"{name}.npy"),
+                          (predictions.masks, folder / f"{name}_masks.npy")):
+        source = getattr(array, "filename", None)
+        if source is not None and Path(source).parent.stat().st_dev == folder.stat().st_dev:
+            array.flush()
+            os.replace(source, target)  # the whole file was written before the rename
+        else:
+            _atomic_write(target, lambda tmp, array=array: _save_npy(tmp, array))
+    atomic_write_json(folder / f"{name}.json", {
+        "paths": list(predictions.paths), "labels": predictions.labels.tolist(),
+        "scores": predictions.scores.tolist(), "has_masks": bool(predictions.has_masks)})
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    """np.save in chunks of images, so a memory-mapped array is never loaded whole."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+    step = max(1, (1 << 26) // max(1, array[0].nbytes))
+    for start in range(0, len(array), step):
+        out[start:start + step] = array[start:start + step]
+    out.flush()
+    del out
+
+
+def load_maps(folder: str | os.PathLike, name: str, mmap: bool = True) -> Predictions:
+    """The saved ``name`` of ``folder`` as Predictions (maps and masks memory-mapped unless
+    ``mmap`` is False). InputError when the files are missing or disagree."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / f"{name}.json").read_text())
+        mode = "r" if mmap else None
+        maps = np.load(folder / f"{name}.npy", mmap_mode=mode)
+        masks = np.load(folder / f"{name}_masks.npy", mmap_mode=mode)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read saved maps {name} in {folder}: {error}") from None
+    if not (len(index["paths"]) == len(maps) == len(masks)) or maps.shape != masks.shape:
+        raise InputError(f"saved maps {name} in {folder}: {len(index['paths'])} paths, maps "
+                         f"{maps.shape} and masks {masks.shape} do not match")
+    return Predictions(paths=index["paths"], labels=np.asarray(index["labels"], dtype=np.int64),
+                       scores=np.asarray(index["scores"], dtype=np.float32), maps=maps, masks=masks,
+                       has_masks=bool(index["has_masks"]))

@@ -1,0 +1,118 @@
+"""test.py's evaluation outputs on the demo set with the tiny model: float32 maps by default,
+streamed maps, --save_maps and its reader, bootstrap intervals, patient and per-class tables."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import metrics
+from maps_io import load_maps
+from test_pipeline import SIZE, test_script
+from generate_dataset.demo import build_demo
+
+BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--batch_size", "4",
+            "--num_workers", "0", "--device", "cpu", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    return build_demo(str(tmp_path_factory.mktemp("data")), n_train=2, n_valid=(2, 2), n_test=(5, 5),
+                      image_size=SIZE)
+
+
+def run(demo: str, out, *extra: str) -> dict:
+    return test_script.main(["--data_path", demo, "--save_path", str(out), *BASELINE, *extra])
+
+
+def test_saved_float32_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo):
+    summary = run(demo, tmp_path / "a", "--save_maps", "--bootstrap", "50", "--max_ram_maps_gb", "0")
+    name, values = next(iter(summary["datasets"].items()))
+    saved = load_maps(tmp_path / "a" / "maps", name)
+    assert saved.maps.dtype == np.float32 and isinstance(saved.maps, np.memmap)
+    assert saved.maps.shape == saved.masks.shape == (10, SIZE, SIZE)
+    assert len(saved.paths) == 10 and all(os.path.isfile(p) for p in saved.paths)
+    assert values["pixel_auroc"] == pytest.approx(roc_auc_score(saved.masks.ravel(), saved.maps.ravel()), abs=1e-9)
+    assert values["image_auroc"] == pytest.approx(roc_auc_score(saved.labels, saved.scores), abs=1e-6)
+    assert values["pixel_aupro"] == pytest.approx(metrics.aupro(saved.masks, saved.maps))
+    assert not [p for p in os.listdir(tmp_path / "a") if p.startswith(".maps-")]  # streamed files moved
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "pixel_ap"):
+        low, high = values[f"{key}_ci"]
+        assert low <= values[key] <= high and low < high
+    assert summary["bootstrap"]["seed"] == 0 and summary["bootstrap"]["replicates"] == 50
+    rows = list(csv.reader(open(tmp_path / "a" / "results.csv")))
+    assert rows[0][:4] == ["dataset", "image AUROC", "image AUROC low", "image AUROC high"]
+    assert rows[1][1:4] == [f"{100 * v:.1f}" for v in (values["image_auroc"], *values["image_auroc_ci"])]
+    assert rows[-1][0] == "mean"
+    log = (tmp_path / "a" / "test_log.txt").read_text()
+    low, high = values["pixel_auroc_ci"]
+    assert f"{100 * values['pixel_auroc']:.1f} [{100 * low:.1f}\u2013{100 * high:.1f}]" in log
+    # Demo names are <index>_<slice>: patients group the slices of one index.
+    patients = summary["patients"][name]
+    assert patients["n_patients"] == 5
+    groups = {}
+    for path, label, score in zip(saved.paths, saved.labels, saved.scores):
+        case = os.path.basename(path).split("_")[0]
+        old = groups.get(case, (0, -np.inf))
+        groups[case] = (max(old[0], int(label)), max(old[1], float(score)))
+    labels, scores = zip(*groups.values())
+    if 0 < sum(labels) < len(labels):
+        assert patients["patient_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert "patient level" in log
+
+    # The same run with float16 maps in RAM and no intervals: rounded figures, no "_ci".
+    half = run(demo, tmp_path / "b", "--map_dtype", "float16")["datasets"][name]
+    assert "pixel_auroc_ci" not in half
+    assert half["pixel_ap"] == pytest.approx(metrics.pixel_ap(saved.masks, saved.maps.astype(np.float16)))
+    assert half["pixel_ap"] != values["pixel_ap"]
+
+
+def test_save_maps_replaces_whole_files_and_a_failed_write_keeps_the_old(tmp_path, demo, monkeypatch):
+    run(demo, tmp_path, "--save_maps")
+    folder = tmp_path / "maps"
+    name = next(p.stem for p in folder.glob("*.json"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(path, array):
+        open(path, "wb").write(b"half")
+        raise OSError("disk full")
+    import maps_io
+    monkeypatch.setattr(maps_io, "_save_npy", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(demo, tmp_path, "--save_maps")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file left either
+    assert load_maps(folder, name).maps.shape[0] == 10
+
+
+def test_per_class_tables_for_a_meta_json_dataset(tmp_path, demo):
+    meta = {"test": {}}
+    for cls in ("good", "Ungood"):
+        folder = os.path.join(demo, "test", cls, "img")
+        for i, file in enumerate(sorted(os.listdir(folder))):
+            organ = "brain" if i % 2 == 0 else "liver"
+            entry = {"img_path": os.path.join("test", cls, "img", file), "anomaly": int(cls == "Ungood")}
+            if cls == "Ungood":
+                mask_dir = "anomaly_mask" if os.path.isdir(os.path.join(demo, "test", cls, "anomaly_mask")) else "label"
+                entry["mask_path"] = os.path.join("test", cls, mask_dir, file)
+            meta["test"].setdefault(organ, []).append(entry)
+    with open(os.path.join(demo, "meta.json"), "w") as handle:
+        json.dump(meta, handle)
+    try:
+        summary = run(demo, tmp_path, "--save_maps")
+    finally:
+        os.remove(os.path.join(demo, "meta.json"))
+    name, values = next(iter(summary["datasets"].items()))
+    assert set(values["classes"]) == {"brain", "liver"}
+    saved = load_maps(tmp_path / "maps", name)
+    classes = {os.path.join(demo, e["img_path"]): organ for organ, es in meta["test"].items() for e in es}
+    chosen = np.array([classes[p] == "liver" for p in saved.paths])
+    assert values["classes"]["liver"]["image_auroc"] == pytest.approx(
+        roc_auc_score(saved.labels[chosen], saved.scores[chosen]), abs=1e-6)
+    assert values["classes"]["liver"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(saved.masks[chosen].ravel(), saved.maps[chosen].ravel()), abs=1e-9)
+    rows = list(csv.reader(open(tmp_path / "results_per_class.csv")))
+    assert [r[0] for r in rows[1:]] == [f"{name}/brain", f"{name}/liver", "mean"]
