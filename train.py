@@ -23,6 +23,7 @@ from tqdm import tqdm
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
+from curves import log_epoch, tensorboard_writer
 from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
                      read_support, sample_support, save_support, split_holdout, dataset_names)
 from generate_dataset.demo import ensure_demo
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num_workers", type=int, default=2)
     run.add_argument("--resume", nargs="?", const="latest", default=None,
                      help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log losses and selection metrics to TensorBoard (needs the tensorboard package)")
     args = parser.parse_args(argv)
     if args.learning_rate is None:
         args.learning_rate = 1e-3 if args.k_shot else 1e-4
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           batch_size=args.batch_size, num_workers=args.num_workers)
                          for name, samples in selection_samples.items()}
     last_good = resume_from
+    writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
     for epoch in range(start_epoch, args.epoch + 1):
         model.train()
         order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))
                     + (" | kept as best.pth" if improved else ""))
+        log_epoch(save_path, epoch, averages, values, writer)  # metrics.csv and curves.png
     logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
     return {"best": best, "save_path": str(save_path)}
 
