@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(save_path / "predictions.jsonl", "a", encoding="utf-8") as lines:
         for path in paths:
             try:
-                scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None, args.series_uid)
+                scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None,
+                                  args.series_uid)
             except InputError as error:
                 if not in_folder:
                     raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,21 @@ import curves
 import train
 from generate_dataset.demo import build_demo
 from tests.test_pipeline import TINY
+
+
+@pytest.fixture(autouse=True)
+def keep_logging_as_it_was():
+    """train.main's setup_logging stops the medvmad logger propagating; later tests' caplog needs it."""
+    logger = logging.getLogger("medvmad")
+    propagate, level, handlers = logger.propagate, logger.level, list(logger.handlers)
+    yield
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        if handler not in handlers:
+            handler.close()
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.propagate, logger.level = propagate, level
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
