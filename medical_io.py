@@ -148,7 +148,7 @@ def _read_nifti(path: str, window: tuple[float, float] | None, axis: int,
         raise InputError(f"--axis {axis}: a 3-D volume has axes 0, 1, 2")
     # As the converters write BMAD slices: RAS orientation, shown anterior/superior up.
     canonical = np.asarray(nibabel.as_closest_canonical(image).dataobj, dtype=np.float32)
-    scaled = _scale(canonical.reshape(volume.shape), window, path)
+    scaled = _scale(canonical.reshape(canonical.shape[:3]), window, path)  # drops a trailing 1
     count = scaled.shape[axis]
     first, last = slice_range if slice_range else (0, count - 1)
     if not 0 <= first <= last < count:

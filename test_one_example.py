@@ -24,11 +24,12 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
 from dataset import preprocess
-from medical_io import WINDOW_PRESETS, Scan, list_inputs, read_scan
+from medical_io import WINDOW_PRESETS, Scan
 from utils import (ArgumentParser, InputError, add_backbone_override_args, autocast, backbone_overrides, device_name,
                    finite_float, non_negative_float, non_negative_int, one_line, positive_int, prepare_output_dir,
                    resolve_device, run_cli, unit_interval)
 from visualization import montage, overlay_panel, save_png
+from volume_io import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,9 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                         help="intensity window for DICOM/NIfTI (HU for CT)")
     parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
-    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="NIfTI slicing axis (2: axial for RAS volumes)")
-    parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="NIfTI slice range")
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="volume slicing axis (2: axial for RAS volumes)")
+    parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="volume slice range")
     parser.add_argument("--top_k", type=positive_int, default=8, help="slices in a volume's montage")
+    parser.add_argument("--series_uid", help="the DICOM series to score when a folder holds several")
+    parser.add_argument("--volume_format", choices=sorted(VOLUME_FORMATS), default="nifti",
+                        help="format of a volume's map and mask (nifti: .nii.gz, nrrd: .nrrd)")
     parser.add_argument("--model_name", default="ViT-L-14-336", help="baseline backbone")
     parser.add_argument("--pretrained", help="backbone weights (default: openai, or the checkpoint's)")
     add_backbone_override_args(parser)
@@ -101,7 +105,7 @@ def output_stem(path: str) -> str:
 
 
 def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: float, source: str,
-           save_path: Path, top_k: int) -> dict:
+           save_path: Path, top_k: int, volume_format: str = "nifti") -> dict:
     """Write the overlay/montage PNG and the map; return the JSON record."""
     stem = output_stem(scan.path)
     to_uint8 = lambda image: (image * 255).round().astype(np.uint8)  # noqa: E731
@@ -109,6 +113,8 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
             maps[0].astype(np.float16))
     record = {"path": scan.path, "score": float(scores.max()), "threshold": threshold, "threshold_from": source}
     record["decision"] = "anomalous" if record["score"] >= threshold else "normal"
+    record.update(write_maps(scan, maps, threshold, save_path, stem, volume_format),
+                  warnings=getattr(scan, "warnings", []))
     if scan.slice_indices is None:
         save_png(save_path / f"{stem}.png", overlay_panel(to_uint8(scan.slices[0]), maps[0], 0.0, 1.0,
                                                           text=f"score {scores[0]:.3f} {record['decision']}"))
@@ -130,7 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise InputError("give --window or --window_preset, not both")
     window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)
     save_path = prepare_output_dir(args.save_path, files=("predictions.jsonl",))
-    if os.path.isdir(args.image_path):
+    if is_series_folder(args.image_path):  # a DICOM series: one volume
+        paths, in_folder = [args.image_path], False
+    elif os.path.isdir(args.image_path):
         paths, in_folder = list_inputs(args.image_path), True
         if not paths:
             raise InputError(f"{args.image_path}: no image, DICOM or NIfTI files in this folder")
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(save_path / "predictions.jsonl", "a", encoding="utf-8") as lines:
         for path in paths:
             try:
-                scan = read_scan(path, window, args.axis, tuple(args.slices) if args.slices else None)
+                scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None,
+                                  args.series_uid)
             except InputError as error:
                 if not in_folder:
                     raise
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size)
             if not np.isfinite(scores).all():  # never a decision from a NaN score
                 raise InputError(f"{path}: the model gave a NaN score (are the checkpoint's weights finite?)")
-            record = report(scan, scores, maps, threshold, source, save_path, args.top_k)
+            record = report(scan, scores, maps, threshold, source, save_path, args.top_k, args.volume_format)
             lines.write(json.dumps(record, allow_nan=False) + "\n")
             lines.flush()
             print(json.dumps({k: record[k] for k in ("path", "score", "decision")}))

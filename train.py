@@ -23,6 +23,7 @@ from tqdm import tqdm
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
+from curves import log_epoch, tensorboard_writer
 from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
                      read_support, sample_support, save_support, split_holdout, dataset_names)
 from generate_dataset.demo import ensure_demo
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
     used.add_argument("--overwrite", action="store_true",
                       help="start afresh in a --save_path that holds another run (its checkpoints are deleted)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log losses and selection metrics to TensorBoard (needs the tensorboard package)")
     args = parser.parse_args(argv)
     if args.focal_weight + args.dice_weight + args.image_weight == 0:
         raise InputError("--focal_weight, --dice_weight and --image_weight are all 0: nothing to train")
@@ -300,6 +303,7 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
                                           batch_size=args.batch_size, num_workers=args.num_workers)
                          for name, samples in selection_samples.items()}
     last_good = resume_from
+    writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
     for epoch in range(start_epoch, args.epoch + 1):
         model.train()
         order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
@@ -356,6 +360,7 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))
                     + (" | kept as best.pth" if improved else ""))
+        log_epoch(save_path, epoch, averages, values, writer)  # metrics.csv and curves.png
     logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
     return {"best": best, "save_path": str(save_path)}
 

@@ -1,0 +1,214 @@
+"""A local web demo: drop a scan into the page, see where MedVMAD finds an anomaly.
+
+    python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth      # http://127.0.0.1:7860
+
+Upload a PNG/JPG, a DICOM file, a NIfTI/NRRD/MetaImage volume or a zipped DICOM series, or pick an
+image of the demo set. The page shows the overlay, the score and the decision at the checkpoint's
+threshold; a volume also gets a slice slider, the per-slice score plot and its most anomalous
+slices. The map (PNG, or a volume on the input's grid) and the mask can be downloaded.
+Reading, scoring and the output files are test_one_example.py's own (``read_input``,
+``score_slices``, ``report``), so the page shows the score the command line gives. Every
+test_one_example.py flag (--window, --axis, --threshold, --volume_format, --device ...) applies.
+Runs offline: no analytics, no share link, served on localhost only by default.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+import test_one_example  # noqa: E402
+from utils import InputError, resolve_device  # noqa: E402
+from visualization import overlay_panel  # noqa: E402
+from volume_io import read_input  # noqa: E402
+
+DEFAULT_CHECKPOINT = "checkpoint/indomain/Brain/best.pth"
+DEFAULT_DEMO = "data/demo/Brain"
+HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train.sh indomain` (about a minute "
+                  "on a CPU; it writes `checkpoint/indomain/Brain/best.pth`), then start the page again with "
+                  "`python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth`.")
+logger = logging.getLogger("medvmad.app")
+
+
+def demo_images(root: str, count: int = 12) -> list[str]:
+    """Up to ``count`` test images of the demo set, normal and anomalous alternating."""
+    classes = [sorted(Path(root, "test", name, "img").glob("*.png")) for name in ("good", "Ungood")]
+    mixed = [str(path) for pair in zip(*classes) for path in pair]
+    return mixed[:count]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def score_plot(indices: list[int], scores: np.ndarray, threshold: float, current: int | None = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 2.6), dpi=100)
+    axis.plot(indices, scores, marker="o", markersize=2)
+    axis.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+    if current is not None:
+        axis.axvline(current, color="gray", linewidth=1)
+    axis.set(xlabel="slice", ylabel="score", ylim=(0, 1))
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+class Scorer:
+    """Scores one file the way test_one_example.py does and keeps what the page needs."""
+
+    def __init__(self, model, threshold: float, source: str, args: argparse.Namespace, device):
+        self.model, self.threshold, self.source, self.args, self.device = model, threshold, source, args, device
+
+    def __call__(self, path: str) -> dict:
+        args = self.args
+        window = tuple(args.window) if args.window else test_one_example.WINDOW_PRESETS.get(args.window_preset)
+        scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None, args.series_uid)
+        scores, maps = test_one_example.score_slices(self.model, scan.slices, self.device, args.precision,
+                                                     args.batch_size)
+        out = Path(tempfile.mkdtemp(prefix="medvmad_app_"))
+        record = test_one_example.report(scan, scores, maps, self.threshold, self.source, out, args.top_k,
+                                         args.volume_format)
+        stem = test_one_example.output_stem(scan.path)
+        record["downloads"] = [p for p in (str(out / f"{stem}.png"), record.get("map_png"), record.get("mask_png"),
+                                           record.get("map_volume"), record.get("mask_volume")) if p]
+        record["overlay"] = str(out / f"{stem}.png")
+        record["view"] = {"images": [to_uint8(s) for s in scan.slices], "maps": maps, "scores": scores,
+                          "indices": scan.slice_indices}
+        return record
+
+
+def slice_panel(view: dict, threshold: float, index: int | None) -> np.ndarray:
+    position = 0 if view["indices"] is None else view["indices"].index(int(index))
+    score = float(view["scores"][position])
+    label = "" if view["indices"] is None else f"slice {view['indices'][position]} "
+    text = f"{label}score {score:.3f} {'anomalous' if score >= threshold else 'normal'}"
+    return overlay_panel(view["images"][position], view["maps"][position], 0.0, 1.0, text=text)
+
+
+def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None = None):
+    """The Gradio page. ``scorer`` None: the page explains how to get a checkpoint."""
+    import gradio as gr
+
+    with gr.Blocks(title="MedVMAD") as page:
+        gr.Markdown("# MedVMAD: anomaly maps for medical scans\nUpload a PNG/JPG, DICOM, NIfTI/NRRD/MetaImage "
+                    "volume or a zipped DICOM series, or pick a demo image.")
+        status = gr.Markdown(message or ("" if scorer else HOW_TO_GET_ONE), elem_id="status")
+        with gr.Row():
+            upload = gr.File(label="scan", file_count="single", type="filepath", elem_id="upload")
+            chooser = gr.Dropdown(choices=[(Path(p).name, p) for p in demo], value=None, label="demo image",
+                                  elem_id="demo", interactive=bool(demo))
+        with gr.Row():
+            score = gr.Textbox(label="score", interactive=False, elem_id="score")
+            decision = gr.Textbox(label="decision", interactive=False, elem_id="decision")
+        overlay = gr.Image(label="image | heat map | overlay", type="numpy", interactive=False, elem_id="overlay",
+                           height=300)
+        slider = gr.Slider(label="slice", minimum=0, maximum=1, step=1, value=0, visible=False, elem_id="slice")
+        plot = gr.Plot(label="score per slice", visible=False)
+        montage = gr.Image(label="most anomalous slices", type="filepath", interactive=False, visible=False)
+        files = gr.File(label="downloads: overlay, map, mask", file_count="multiple", interactive=False)
+        state = gr.State(None)
+
+        def run(path):
+            empty = ("", "", None, gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
+                     None, None)
+            if not path:
+                return (gr.Markdown(),) + empty
+            if scorer is None:
+                return (gr.Markdown(HOW_TO_GET_ONE),) + empty
+            try:
+                record = scorer(path)
+            except Exception as error:  # noqa: BLE001 - any bad upload: one line in the page and the log
+                line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                if not isinstance(error, InputError):
+                    line = f"{type(error).__name__}: {line}"
+                line = line.replace(os.path.dirname(path) + os.sep, "")
+                logger.warning("could not score %s: %s", os.path.basename(path), line)
+                return (gr.Markdown(f"**Could not score this file.** {line}"),) + empty
+            view, threshold = record["view"], record["threshold"]
+            logger.info("scored %s: score %.6f %s", os.path.basename(path), record["score"], record["decision"])
+            note = " ".join(f"Warning: {w.replace(os.path.dirname(path) + os.sep, '')}"
+                            for w in record.get("warnings", []))
+            verdict = f"{record['decision']} (threshold {threshold:.3f}, {record['threshold_from']})"
+            if view["indices"] is None:
+                return (gr.Markdown(note), f"{record['score']:.6f}", verdict, slice_panel(view, threshold, None),
+                        gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
+                        record["downloads"], view)
+            best = record["most_anomalous_slice"]
+            return (gr.Markdown(note), f"{record['score']:.6f}", verdict + f", most anomalous slice {best}",
+                    slice_panel(view, threshold, best),
+                    gr.Slider(minimum=view["indices"][0], maximum=view["indices"][-1], value=best, step=1,
+                              visible=True),
+                    gr.Plot(score_plot(view["indices"], view["scores"], threshold, best), visible=True),
+                    gr.Image(record["overlay"], visible=True), record["downloads"], view)
+
+        def show_slice(view, index):
+            if not view or view["indices"] is None:
+                return gr.Image(), gr.Plot()
+            threshold = scorer.threshold
+            return (slice_panel(view, threshold, index),
+                    gr.Plot(score_plot(view["indices"], view["scores"], threshold, int(index))))
+
+        outputs = [status, score, decision, overlay, slider, plot, montage, files, state]
+        upload.upload(run, inputs=upload, outputs=outputs)
+        chooser.input(run, inputs=chooser, outputs=outputs)
+        slider.release(show_slice, inputs=[state, slider], outputs=[overlay, plot])
+    return page
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """The page's own flags, then test_one_example.py's flags for everything about scoring."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Any test_one_example.py flag is also accepted.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: localhost only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--demo_path", default=DEFAULT_DEMO, help="dataset root whose test images are offered")
+    own, rest = parser.parse_known_args(argv)
+    scoring = test_one_example.parse_args(["--image_path", "(uploads)", *rest])
+    if scoring.checkpoint_path is None and os.path.isfile(DEFAULT_CHECKPOINT):
+        scoring.checkpoint_path = DEFAULT_CHECKPOINT
+    return own, scoring
+
+
+def load_scorer(args: argparse.Namespace) -> tuple[Scorer | None, str | None]:
+    """The scorer, or None and a message for the page when there is no usable checkpoint."""
+    if not args.checkpoint_path:
+        return None, None
+    if not os.path.isfile(args.checkpoint_path):
+        return None, f"**Checkpoint `{args.checkpoint_path}` not found.** " + HOW_TO_GET_ONE
+    device = resolve_device(args.device)
+    try:
+        model, threshold, source = test_one_example.build(args, device)
+    except InputError as error:
+        return None, f"**Could not load the checkpoint:** {error}"
+    return Scorer(model, threshold, source, args, device), None
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    own, scoring = parse_args(argv)
+    scorer, message = load_scorer(scoring)
+    if message or scorer is None:
+        logger.warning("no checkpoint loaded: the page says how to get one")
+    page = build_app(scorer, demo_images(own.demo_path), message)
+    page.launch(server_name=own.host, server_port=own.port, share=False, show_error=False,
+                footer_links=[], allowed_paths=[os.path.abspath(own.demo_path)])
+
+
+if __name__ == "__main__":
+    main()

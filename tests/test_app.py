@@ -1,0 +1,109 @@
+"""app.py in a real browser: headless Chromium (the Debian package) driven by Playwright.
+
+The page is served on a free localhost port; the test uploads a demo slice, a corrupt file and a
+small NIfTI volume, reads the score from the page and checks it against test_one_example.py's own
+score for the same file. Not skipped when the browser is missing: .ci/run installs it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import torch
+
+import app
+import test_one_example
+from CLIP.MedVMAD import MedVMAD
+from CLIP.checkpoint import save_checkpoint
+from generate_dataset.demo import build_demo
+from tests.conftest import tiny_config
+
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")
+SCREENSHOTS = os.environ.get("MEDVMAD_SCREENSHOTS")  # keep the screenshots here when set
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_no_checkpoint_page_says_how_to_get_one(tmp_path):
+    scorer, message = app.load_scorer(app.parse_args(["--checkpoint_path", str(tmp_path / "none.pth")])[1])
+    assert scorer is None and "not found" in message and "bash train.sh indomain" in message
+
+
+def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM and os.path.isfile(CHROMIUM), "no chromium: apt-get install -y chromium (.ci/run does)"
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pth"
+    save_checkpoint(checkpoint, MedVMAD(tiny_config()), threshold=0.5, epoch=1)
+    demo_root = build_demo(str(tmp_path / "demo"), n_train=1, n_valid=(1, 1), n_test=(2, 2), image_size=64)
+    demo_slice = app.demo_images(demo_root)[1]                       # an anomalous test image
+    rng = np.random.default_rng(0)
+    volume = tmp_path / "small.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(rng.uniform(0, 500, (40, 48, 5)).astype(np.float32), np.diag([1, 1, 2, 1.])),
+                 str(volume))
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"this is not a volume")
+
+    expected = {path: test_one_example.main(["--image_path", str(path), "--checkpoint_path", str(checkpoint),
+                                             "--save_path", str(tmp_path / "cli"), "--device", "cpu"])[0]
+                for path in (demo_slice, volume)}
+
+    own, scoring = app.parse_args(["--checkpoint_path", str(checkpoint), "--device", "cpu",
+                                   "--demo_path", demo_root])
+    scorer, message = app.load_scorer(scoring)
+    assert message is None
+    page_app = app.build_app(scorer, app.demo_images(demo_root))
+    port = free_port()
+    page_app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    footer_links=[], allowed_paths=[demo_root])
+    caplog.set_level(logging.INFO, logger="medvmad.app")
+    logging.getLogger("medvmad.app").addHandler(caplog.handler)  # seen even if "medvmad" stops propagating
+    shots = Path(SCREENSHOTS or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 1600})
+
+            def upload(path) -> str:
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.locator("#upload input[type=file]").set_input_files(str(path))
+                box = page.locator("#score textarea, #score input").first
+                expect(box).not_to_have_value("", timeout=30_000)
+                return box.input_value()
+
+            score = upload(demo_slice)
+            assert float(score) == pytest.approx(expected[demo_slice]["score"], abs=1e-6)
+            decision = page.locator("#decision textarea, #decision input").first.input_value()
+            assert decision.startswith(expected[demo_slice]["decision"])
+            page.screenshot(path=str(shots / "app_slice.png"), full_page=True)
+
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "corrupt.nii.gz"))
+            expect(page.locator("#status")).to_contain_text("Could not score this file", timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("corrupt.nii.gz: unreadable NIfTI")
+
+            score = upload(volume)                                     # the server kept running
+            assert float(score) == pytest.approx(expected[volume]["score"], abs=1e-6)
+            expect(page.locator("#slice")).to_be_visible()
+            best = expected[volume]["most_anomalous_slice"]
+            expect(page.locator("#slice input[type=number]")).to_have_value(str(best))
+            page.screenshot(path=str(shots / "app_volume.png"), full_page=True)
+            browser.close()
+    finally:
+        page_app.close()
+        logging.getLogger("medvmad.app").removeHandler(caplog.handler)
+    records = {id(r): r for r in caplog.records if r.name == "medvmad.app"}.values()  # each once
+    failures = [r.getMessage() for r in records if "could not score" in r.getMessage()]
+    assert len(failures) == 1 and "corrupt.nii.gz" in failures[0] and "\n" not in failures[0]
+    assert (shots / "app_volume.png").stat().st_size > 10_000
