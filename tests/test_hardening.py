@@ -2,7 +2,6 @@
 the file, or is refused before any work starts; never a traceback or a confident wrong answer."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -22,7 +21,8 @@ import train
 from CLIP.MedVMAD import MedVMAD
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import FORMAT, load_model, save_checkpoint
-from conftest import TINY_SIZE, tiny_config
+from tests.conftest import TINY_SIZE, tiny_config
+from tests.test_pipeline import test_script
 from dataset import MedicalDataset, list_samples, load_image, read_support
 from generate_dataset import brats2021, demo, folder, liverct
 from generate_dataset.demo import build_demo
@@ -33,15 +33,6 @@ from utils import (InputError, atomic_write_text, locked_folder, read_manifest, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_test_script():
-    """test.py by path: ``import test`` could find the standard library's test package."""
-    spec = importlib.util.spec_from_file_location("medvmad_test_script_hardening", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-test_script = load_test_script()
 TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
         "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
