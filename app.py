@@ -80,7 +80,7 @@ class Scorer:
         window = tuple(args.window) if args.window else test_one_example.WINDOW_PRESETS.get(args.window_preset)
         scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None, args.series_uid)
         scores, maps = test_one_example.score_slices(self.model, scan.slices, self.device, args.precision,
-                                                     args.batch_size)
+                                                     args.batch_size, path)
         out = Path(tempfile.mkdtemp(prefix="medvmad_app_"))
         record = test_one_example.report(scan, scores, maps, self.threshold, self.source, out, args.top_k,
                                          args.volume_format)

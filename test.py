@@ -377,7 +377,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "seconds": round(time.time() - started, 2),
     }
     files["results.json"] = json.dumps(summary, indent=2, default=str) + "\n"
-    write_result_files(save_path, files)  # all or nothing: a killed run leaves no manifest
+    write_result_files(save_path, files, stale=RESULT_FILES)  # all or nothing: a killed run leaves no manifest
     logger.info(f"results written to {save_path} ({', '.join(files)}, {MANIFEST})")
     return summary
 

@@ -84,8 +84,9 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, floa
 
 @torch.inference_mode()
 def score_slices(model: MedVMAD, slices: list[np.ndarray], device: torch.device, precision: str,
-                 batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Scores [S] and maps (each [H,W] at its slice's own size) for RGB slices in [0,1]."""
+                 batch_size: int, path: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Scores [S] and maps (each [H,W] at its slice's own size) for RGB slices in [0,1] read from
+    ``path``; a non-finite score is an ``InputError``: never a decision from a NaN."""
     size = model.config.backbone.image_size
     scores, maps = [], []
     for start in range(0, len(slices), batch_size):
@@ -96,7 +97,10 @@ def score_slices(model: MedVMAD, slices: list[np.ndarray], device: torch.device,
         scores.append(output.image_score.float().cpu().numpy())
         for image, heat in zip(chunk, output.anomaly_map.float().cpu().numpy()):
             maps.append(cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR))
-    return np.concatenate(scores), maps
+    scores = np.concatenate(scores)
+    if not np.isfinite(scores).all():
+        raise InputError(f"{path}: the model gave a NaN score (are the checkpoint's weights finite?)")
+    return scores, maps
 
 
 def output_stem(path: str) -> str:
@@ -160,9 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     raise
                 print(f"skipped: {one_line(str(error))}", file=sys.stderr)
                 continue
-            scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size)
-            if not np.isfinite(scores).all():  # never a decision from a NaN score
-                raise InputError(f"{path}: the model gave a NaN score (are the checkpoint's weights finite?)")
+            scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size, path)
             record = report(scan, scores, maps, threshold, source, save_path, args.top_k, args.volume_format)
             lines.write(json.dumps(record, allow_nan=False) + "\n")
             lines.flush()

@@ -4,6 +4,7 @@
 #   bash train.sh [indomain|zeroshot|fewshot|all]      (default: all)
 # indomain also serves the cross-organ protocol (train on one organ, test on the other: test.sh).
 # With no BMAD data under DATA_ROOT, the demo set is built and the tiny offline model is used.
+# A run folder that already holds a run is refused; OVERWRITE=1 bash train.sh ... replaces it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,6 +24,7 @@ DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-fp32}
 SAVE_ROOT=${SAVE_ROOT:-checkpoint}
 EXTRA=${EXTRA:-}                               # any further train.py flags
+OVERWRITE=${OVERWRITE:-}                       # 1: replace earlier runs in the same folders (--overwrite)
 
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
@@ -32,7 +34,7 @@ if [ ! -d "$DATA_ROOT/Brain" ]; then
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
 COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED --image_size $IMAGE_SIZE --batch_size $BATCH_SIZE
-        --device $DEVICE --precision $PRECISION ${LEARNING_RATE:+--learning_rate $LEARNING_RATE} $EXTRA"
+        --device $DEVICE --precision $PRECISION ${LEARNING_RATE:+--learning_rate $LEARNING_RATE} ${OVERWRITE:+--overwrite} $EXTRA"
 PROTOCOL=${1:-all}
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then

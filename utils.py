@@ -237,15 +237,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 MANIFEST = "manifest.json"
 
 
-def write_result_files(folder: str | os.PathLike, files: dict[str, str]) -> None:
+def write_result_files(folder: str | os.PathLike, files: dict[str, str], stale: tuple[str, ...] = ()) -> None:
     """Write several result files of one run as one unit: ``folder/manifest.json`` comes last.
 
-    The old manifest is removed first and each file is written atomically, so after a kill the
-    folder either has a manifest whose files (name -> sha256) all belong to one run, or none.
+    The old manifest is removed first, then the ``stale`` names this run does not write (an older
+    run's optional files), and each file is written atomically, so after a kill the folder either
+    has a manifest whose files (name -> sha256) all belong to one run, or none.
     ``read_manifest`` tells which case holds.
     """
     folder = Path(folder)
     (folder / MANIFEST).unlink(missing_ok=True)
+    for name in set(stale) - set(files) - {MANIFEST}:
+        (folder / name).unlink(missing_ok=True)
     for name, text in files.items():
         atomic_write_text(folder / name, text)
     digests = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in files.items()}

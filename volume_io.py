@@ -15,7 +15,9 @@ direction.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -37,6 +39,8 @@ VOLUME_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GAP_FACTOR = 1.5  # a step between slice positions over 1.5x the typical step is a gap
+
+logger = logging.getLogger("medvmad")
 
 
 @dataclass
@@ -220,6 +224,7 @@ def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], tu
     except Exception as error:  # SimpleITK raises RuntimeError with a multi-line ITK report
         first = str(error).strip().splitlines()
         reason = next((line.strip() for line in first if "ERROR" in line or "rror" in line), type(error).__name__)
+        reason = re.sub(r"\(0x[0-9a-f]+\)", "", reason)  # ITK prints object addresses
         raise InputError(f"{path}: unreadable volume ({reason[:200]})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: {image.GetNumberOfComponentsPerPixel()} values per voxel; "
@@ -274,16 +279,21 @@ def is_multiframe_dicom(path: str) -> bool:
 
 
 def is_series_folder(path: str) -> bool:
-    """A folder whose files are all DICOM, with at least one series of two or more files."""
+    """A folder holding a DICOM series of two or more files (other files in it, such as a
+    README, are ignored with a warning: the series is one volume, not separate images)."""
     if not os.path.isdir(path):
         return False
     files = [os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")]
     files = [f for f in files if os.path.isfile(f)]
-    if not files or not all(_is_dicom(f) for f in files):
+    dicom = [f for f in files if _is_dicom(f)]
+    if not dicom:
         return False
     sitk = _quiet_sitk()
-    return any(len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, uid)) > 1
-               for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(path))
+    series = any(len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, uid)) > 1
+                 for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(path))
+    if series and len(dicom) < len(files):
+        logger.warning(f"{path}: a DICOM series; its {len(files) - len(dicom)} other file(s) are ignored")
+    return series
 
 
 def _nifti_geometry(path: str, axis: int) -> Geometry:

@@ -108,14 +108,27 @@ def test_nifti_with_an_inf_region_is_refused_not_called_normal(tmp_path):
 
 
 def test_a_nan_score_is_never_written_as_a_decision(tmp_path, monkeypatch):
+    """A model whose score is NaN (say, NaN weights): test_one_example and the web demo both refuse."""
+    import app
+
     image = tmp_path / "scan.png"
     cv2.imwrite(str(image), np.full((TINY_SIZE, TINY_SIZE), 128, np.uint8))
-    monkeypatch.setattr(test_one_example, "score_slices",
-                        lambda *a, **k: (np.array([np.nan]), [np.zeros((TINY_SIZE, TINY_SIZE), np.float32)]))
+    real_forward = MedVMAD.forward
+
+    def nan_forward(self, images):
+        output = real_forward(self, images)
+        output.image_score = output.image_score * float("nan")
+        return output
+
+    monkeypatch.setattr(MedVMAD, "forward", nan_forward)
     with pytest.raises(InputError, match=rf"{image}: the model gave a NaN score"):
         test_one_example.main(["--image_path", str(image), "--save_path", str(tmp_path / "out"), *BASELINE])
     for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines():
         json.loads(line)  # every line stays valid JSON
+    args = test_one_example.parse_args(["--image_path", str(image), *BASELINE])
+    model, threshold, source = test_one_example.build(args, torch.device("cpu"))
+    with pytest.raises(InputError, match="NaN score"):
+        app.Scorer(model, threshold, source, args, torch.device("cpu"))(str(image))
 
 
 # ----------------------------------------------------------------------------- 2. index and label values
@@ -484,6 +497,10 @@ def test_result_files_are_written_as_one_unit(tmp_path, monkeypatch):
     (tmp_path / "results.csv").write_text("from another run\n")
     with pytest.raises(InputError, match="results.csv does not match .*files of two runs are mixed"):
         read_manifest(tmp_path)
+    # an optional file of an older run that this run does not write is removed, not left beside it
+    write_result_files(tmp_path, {"results.json": "{}\n", "results_per_class.csv": "x\n"})
+    write_result_files(tmp_path, {"results.json": "{}\n"}, stale=("results.json", "results_per_class.csv"))
+    assert not (tmp_path / "results_per_class.csv").exists() and read_manifest(tmp_path) == ["results.json"]
 
 
 # ----------------------------------------------------------------------------- 8. one line with the path

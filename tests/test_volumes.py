@@ -27,7 +27,7 @@ from CLIP.checkpoint import save_checkpoint
 from medical_io import read_scan
 from tests.conftest import tiny_config
 from utils import InputError
-from volume_io import read_input, read_sitk_scan, write_maps
+from volume_io import is_series_folder, read_input, read_sitk_scan, write_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 # A permuted, flipped, shifted affine: stored i -> superior, j -> left, k -> anterior.
@@ -111,6 +111,8 @@ def test_nrrd_metaimage_and_nifti_through_simpleitk_slice_as_the_nibabel_path(tm
 def test_dicom_series_sorted_by_position_shows_its_frames_and_matches_nifti(tmp_path):
     frames = np.random.default_rng(1).integers(900, 1300, (5, 12, 10))
     write_series(tmp_path / "series", frames)
+    (tmp_path / "series" / "README.txt").write_text("exported by a PACS\n")  # not DICOM: ignored
+    assert is_series_folder(str(tmp_path / "series"))
     scan = read_input(str(tmp_path / "series"))
     assert scan.slice_indices == [0, 1, 2, 3, 4]
     for k, frame in enumerate(frames):  # inferior to superior, each frame as DICOM shows it
