@@ -32,7 +32,7 @@ from volume_io import read_input  # noqa: E402
 
 DEFAULT_CHECKPOINT = "checkpoint/indomain/Brain/best.pth"
 DEFAULT_DEMO = "data/demo/Brain"
-HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train.sh indomain` (about a minute "
+HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train.sh indomain` (about two minutes "
                   "on a CPU; it writes `checkpoint/indomain/Brain/best.pth`), then start the page again with "
                   "`python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth`.")
 logger = logging.getLogger("medvmad.app")
