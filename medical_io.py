@@ -170,13 +170,18 @@ def _scale(values: np.ndarray, window: tuple[float, float] | None, path: str) ->
                          f"(or --window_preset liver for CT)") from None
 
 
-def read_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
-              slice_range: tuple[int, int] | None = None) -> Scan:
-    """Read one image, DICOM file or NIfTI volume; bad input raises ``InputError`` naming the path."""
+def check_file(path: str) -> None:
+    """An ``InputError`` naming ``path`` unless it is a non-empty file."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
+
+
+def read_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
+              slice_range: tuple[int, int] | None = None) -> Scan:
+    """Read one image, DICOM file or NIfTI volume; bad input raises ``InputError`` naming the path."""
+    check_file(path)
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path, window, axis, slice_range)

@@ -29,7 +29,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
 from generate_dataset.brats2021 import display
-from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, _is_dicom, _scale, _suffix,
+from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, _is_dicom, _scale, _suffix, check_file,
                         list_inputs as list_image_inputs, read_scan)
 from utils import InputError
 
@@ -309,10 +309,7 @@ def read_input(path: str, window: tuple[float, float] | None = None, axis: int =
     NRRD, MetaImage. Volumes come back as a ``VolumeScan`` that knows its geometry."""
     if os.path.isdir(path):
         return read_sitk_scan(path, window, axis, slice_range, series_uid)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"{path}: empty file")
+    check_file(path)
     suffix = _suffix(path)
     if suffix in ZIP_SUFFIXES:
         folder = tempfile.mkdtemp(prefix="medvmad_zip_")
