@@ -1,4 +1,10 @@
-"""Anomaly-detection metrics: image/pixel AUROC and AP, AUPRO, F1-max (see PROTOCOLS.md, Metrics).
+"""Anomaly-detection metrics: image/pixel AUROC and AP, AUPRO, F1-max.
+
+Definitions: AUROC and AP as scikit-learn's ``roc_auc_score`` / ``average_precision_score``. AUPRO:
+at each threshold, FPR over all normal pixels of all images and PRO = mean over the connected
+(8-connectivity) ground-truth regions of the share of the region above the threshold; PRO is
+integrated over FPR in [0, 0.3] and divided by 0.3 (``aupro_legacy``: the 200-threshold variant of
+several papers, comparison only). F1-max: the best F1 over all thresholds, with its threshold.
 
 Every figure is exact at the scores' own precision (float16, float32 or float64; other dtypes
 are read as float64) and fast at Brain scale. The pixels are reduced to a histogram over the
