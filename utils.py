@@ -71,20 +71,22 @@ def _number(kind: type, text: str) -> int | float:
     return value
 
 
+def _bounded(kind: type, text: str, holds: Callable[[float], bool], rule: str) -> int | float:
+    """``text`` as ``kind`` (finite), refused unless ``holds(value)``; ``rule`` says what is allowed."""
+    value = _number(kind, text)
+    if not holds(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (sizes, counts, epochs)."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _bounded(int, text, lambda value: value >= 1, ">= 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (seeds, shots, workers, depths; 0 turns a feature off)."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _bounded(int, text, lambda value: value >= 0, ">= 0")
 
 
 def finite_float(text: str) -> float:
@@ -94,26 +96,17 @@ def finite_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates)."""
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+    return _bounded(float, text, lambda value: value > 0, "> 0")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (loss weights, smoothing)."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _bounded(float, text, lambda value: value >= 0, ">= 0")
 
 
 def unit_interval(text: str) -> float:
     """A number in [0, 1] (weights of a mix, thresholds on probabilities, fractions)."""
-    value = _number(float, text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+    return _bounded(float, text, lambda value: 0 <= value <= 1, "in [0, 1]")
 
 
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
