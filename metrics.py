@@ -10,30 +10,34 @@ Every figure is exact at the scores' own precision (float16, float32 or float64;
 are read as float64) and fast at Brain scale. The pixels are reduced to a histogram over the
 distinct score values, in descending order, and every curve is read off its cumulative sums:
 - float16: a bincount over the 65,536 bit patterns (O(n), no sort);
-- float32/float64: the scores become order-preserving integer keys (float bits, sign-flipped);
-  positive pixels are sorted with the size of their region, negative pixels are sorted slab by
-  slab of the value range with the positive values packed among them, so one sort gives how
-  many negatives lie below and at each positive value. Runs of negative-only values between two
-  positive values become one histogram entry: the curves are unchanged (see _sorted_histogram).
-Extra memory stays below the maps' size (chunks of CHUNK_PIXELS, slabs of SLAB_FRACTION), and
-maps may be np.memmap arrays. Single-class input gives nan with a RuntimeWarning; NaN or inf
-scores, and labels and scores of different shapes, raise ValueError.
+- float32/float64: the scores become order-preserving integer keys (float bits, sign-flipped).
+  Positive pixels are sorted with the size of their region. Negative pixels are sorted block by
+  block of consecutive images, each block once, with two markers per distinct positive value
+  (its key and the next) packed among them, so the markers' positions give how many negatives
+  lie below and at each positive value. Runs of negative-only values between two positive values
+  become one histogram entry: the curves are unchanged (see _sorted_histogram).
+WORKERS threads read chunks and sort blocks at once (numpy releases the GIL). Extra memory stays
+below the maps' size (chunks of CHUNK_PIXELS; the blocks in flight hold at most NEGATIVE_FRACTION
+of the maps' bytes), and maps may be np.memmap arrays. Single-class input gives nan with a
+RuntimeWarning; NaN or inf scores, and labels and scores of different shapes, raise ValueError.
 """
 from __future__ import annotations
 
+import os
+import threading
 import warnings
-import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 CHUNK_PIXELS = 1 << 20  # pixels handled at once: temporaries of a few MB, reused
-# Negative pixels of float32/float64 scores are sorted in slabs of about this share of the
-# scores' bytes (one slab below SLAB_BYTES_MIN): one pass over the scores per slab.
-SLAB_FRACTION = 0.4
-SLAB_BYTES_MIN = 1 << 28
-SAMPLE_IMAGES = 64  # images whose scores place the slab cuts
+WORKERS = min(4, os.cpu_count() or 1)  # threads reading chunks and sorting blocks (numpy frees the GIL)
+# The blocks of negative pixels sorted at once take at most this share of the scores' bytes
+# (a block is at least BLOCK_BYTES_MIN).
+NEGATIVE_FRACTION = 0.4
+BLOCK_BYTES_MIN = 1 << 26
 HIST_BLOCK = 1 << 20  # histogram entries read at once by the curve functions
 _8_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -70,7 +74,7 @@ def _float16_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool) ->
     pos = np.zeros(n_bins)
     region = np.zeros(n_bins)
     n_regions = 0
-    for mask, chunk, sizes, count in _chunks(labels, scores, regions):
+    for mask, chunk, sizes, count, _, _ in _chunks(labels, scores, regions):
         bins = chunk.reshape(-1).view(np.uint16)
         total += np.bincount(bins, minlength=n_bins)
         pos_bins = bins[mask.reshape(-1)]
@@ -101,20 +105,41 @@ def _check(labels: np.ndarray, scores: np.ndarray, regions: bool) -> tuple[np.nd
     return labels, scores
 
 
-def _chunks(labels: np.ndarray, scores: np.ndarray, regions: bool,
-            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
-    """Chunks of about CHUNK_PIXELS along the first axis (works on np.memmap): masks (bool),
-    scores (checked finite), and with ``regions`` the size of the 8-connected region of each
-    positive pixel (C order of mask[mask]) and the chunk's number of regions."""
+def _parts(scores: np.ndarray) -> list[slice]:
+    """Slices of about CHUNK_PIXELS pixels along the first axis of scores."""
     step = max(1, CHUNK_PIXELS * len(scores) // scores.size)
-    for start in range(0, len(scores), step):
-        chunk = np.ascontiguousarray(scores[start:start + step])
-        if not (np.isfinite(chunk).all() if chunk.dtype != np.float16 else  # float16 math is slow
-                not ((chunk.view(np.uint16) & 0x7C00) == 0x7C00).any()):
-            raise ValueError("scores contain NaN or inf")
-        mask = _as_bool(np.asarray(labels[start:start + step]))
-        sizes, count = _region_sizes(mask) if regions else (None, 0)
-        yield mask, chunk, sizes, count
+    return [slice(start, start + step) for start in range(0, len(scores), step)]
+
+
+class _Chunk(NamedTuple):
+    mask: np.ndarray  # bool, the chunk's shape
+    scores: np.ndarray  # contiguous copy, checked finite
+    sizes: np.ndarray | None  # with regions: size of the region of each positive pixel (C order)
+    n_regions: int
+    low: float  # smallest and largest score of the chunk (nan for float16)
+    high: float
+
+
+def _read(labels: np.ndarray, scores: np.ndarray, part: slice, regions: bool) -> _Chunk:
+    """One checked chunk (works on np.memmap): NaN or inf raise ValueError, labels must be binary."""
+    chunk = np.ascontiguousarray(scores[part])
+    if chunk.dtype == np.float16:  # float16 math is slow: test the exponent bits
+        low = high = np.nan
+        finite = not ((chunk.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    else:
+        low, high = chunk.min(), chunk.max()  # NaN propagates to both; inf shows in one
+        finite = np.isfinite(low) and np.isfinite(high)
+    if not finite:
+        raise ValueError("scores contain NaN or inf")
+    mask = _as_bool(np.asarray(labels[part]))
+    sizes, count = _region_sizes(mask) if regions else (None, 0)
+    return _Chunk(mask, chunk, sizes, count, float(low), float(high))
+
+
+def _chunks(labels: np.ndarray, scores: np.ndarray, regions: bool) -> Iterator[_Chunk]:
+    """The checked chunks of labels and scores, in order."""
+    for part in _parts(scores):
+        yield _read(labels, scores, part, regions)
 
 
 def _region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -131,12 +156,14 @@ def _region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate(sizes), count
 
 
-def _keys(values: np.ndarray) -> np.ndarray:
+def _keys(values: np.ndarray, in_place: bool = False) -> np.ndarray:
     """Unsigned integer keys [K] of float32/float64 values [K] in the same order (-0 and +0
-    share a key): the sign bit set for positives, all bits flipped for negatives."""
+    share a key): the sign bit set for positives, all bits flipped for negatives. ``in_place``
+    writes them over the values' bytes (returned as a view)."""
     unsigned = np.uint32 if values.dtype == np.float32 else np.uint64
     top = unsigned(1) << unsigned(8 * values.itemsize - 1)
-    bits = (values + values.dtype.type(0)).view(unsigned)  # -0.0 + 0.0 is +0.0
+    zero = values.dtype.type(0)  # -0.0 + 0.0 is +0.0
+    bits = (np.add(values, zero, out=values) if in_place else values + zero).view(unsigned)
     flip = bits >> unsigned(8 * values.itemsize - 1)
     flip *= top - unsigned(1)
     flip |= top
@@ -149,36 +176,6 @@ def _values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
     top = keys.dtype.type(1) << keys.dtype.type(8 * keys.itemsize - 1)
     bits = np.where(keys & top, keys ^ top, ~keys)
     return bits.view(dtype).astype(np.float64)
-
-
-def _slab_bounds(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Score values [S-1] cutting the scores into S slabs of about equal numbers of pixels, so
-    that one slab's negative keys take at most SLAB_FRACTION of the scores' bytes (S=1, no cut,
-    for small inputs); placed from a sample of whole images."""
-    n_slabs = math.ceil(scores.nbytes / max(SLAB_BYTES_MIN, SLAB_FRACTION * scores.nbytes))
-    if n_slabs == 1:
-        return scores.reshape(-1)[:0]
-    step = max(1, len(scores) // SAMPLE_IMAGES)
-    sample = np.sort(np.asarray(scores[::step]), axis=None)
-    sample = sample[np.isfinite(sample)]
-    return np.unique(sample[(np.arange(1, n_slabs) * len(sample)) // n_slabs])
-
-
-def _light_chunks(labels: np.ndarray, scores: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(negative-pixel mask, scores) per chunk, for passes after the checked first one."""
-    step = max(1, CHUNK_PIXELS * len(scores) // scores.size)
-    for start in range(0, len(scores), step):
-        yield (~np.asarray(labels[start:start + step], dtype=bool)).reshape(-1), \
-            np.asarray(scores[start:start + step]).reshape(-1)
-
-
-def _in_slab(negative: np.ndarray, chunk: np.ndarray, bounds: np.ndarray, index: int) -> np.ndarray:
-    """Negative pixels (mask [K]) of scores ``chunk`` [K] in slab ``index`` of the cut at ``bounds``."""
-    if index:
-        negative = negative & (chunk >= bounds[index - 1])
-    if index < len(bounds):
-        negative = negative & (chunk < bounds[index])
-    return negative
 
 
 def _sorted_positives(keys: np.ndarray, sizes: np.ndarray | None,
@@ -200,6 +197,90 @@ def _sorted_positives(keys: np.ndarray, sizes: np.ndarray | None,
     return keys[starts], counts, region
 
 
+class _Packing(NamedTuple):
+    """How a block's keys are stored for its one sort: (key - low) * 2 + flag in ``dtype`` (flag
+    1: a negative pixel, 0: a marker, so a marker sorts before the negatives of its own key);
+    ``dtype`` None when the keys' span leaves no bit free (float64 over a huge range): the
+    negatives are then sorted alone and the markers binary-searched."""
+    dtype: type | None
+    low: int
+
+
+def _packing(key_dtype: type, low_key: int, high_key: int) -> _Packing:
+    span = high_key - low_key
+    for dtype in (key_dtype, np.uint64):
+        if span < 1 << (8 * np.dtype(dtype).itemsize - 1):
+            return _Packing(dtype, low_key)
+    return _Packing(None, 0)
+
+
+def _rank_block(labels: np.ndarray, scores: np.ndarray, parts: list[slice], negatives: np.ndarray,
+                markers: np.ndarray, packing: _Packing, buffer: np.ndarray,
+                below: np.ndarray, lock: threading.Lock) -> float:
+    """Adds to ``below`` [M] the number of negative pixels of the chunks ``parts`` (negatives
+    [len(parts)] of them in each) with a key below each of the sorted ``markers`` [M] (keys);
+    returns the smallest of their scores (inf if none). One sort of the block's negative keys
+    with the markers packed among them, in ``buffer`` (packing.dtype, at least sum(negatives) + M
+    long; its contents are lost). ``lock`` guards ``below``, shared by the threads."""
+    n_neg = int(negatives.sum())
+    dtype = packing.dtype or markers.dtype.type
+    one = dtype(1)
+    block = buffer[:n_neg + (len(markers) if packing.dtype else 0)]
+    filled = 0
+    for part, count in zip(parts, negatives):
+        negative = ~np.asarray(labels[part], dtype=bool).reshape(-1)
+        keys = block[filled:filled + count]
+        filled += count
+        if keys.itemsize == scores.itemsize:  # select straight into the block, then key in place
+            np.compress(negative, np.asarray(scores[part]).reshape(-1), out=keys.view(scores.dtype))
+            _keys(keys.view(scores.dtype), in_place=True)
+        else:  # float32 keys packed in uint64
+            keys[:] = _keys(np.asarray(scores[part]).reshape(-1)[negative])
+        if packing.dtype:
+            keys -= dtype(packing.low)
+            keys <<= one
+            keys |= one
+    if not packing.dtype:
+        block.sort()
+        for start in range(0, len(markers), CHUNK_PIXELS):
+            found = np.searchsorted(block, markers[start:start + CHUNK_PIXELS])
+            with lock:
+                below[start:start + len(found)] += found
+        return float(_values(block[:1], scores.dtype)[0]) if n_neg else np.inf
+    block[n_neg:] = markers - markers.dtype.type(packing.low)
+    block[n_neg:] <<= one
+    block.sort()
+    # A marker's position minus the markers before it: the negatives below it.
+    flags = np.empty(min(len(block), CHUNK_PIXELS), dtype=dtype)
+    is_marker = np.empty(len(flags), dtype=bool)
+    seen, smallest = 0, np.inf
+    for start in range(0, len(block), CHUNK_PIXELS):
+        piece = block[start:start + CHUNK_PIXELS]
+        marker = np.equal(np.bitwise_and(piece, one, out=flags[:len(piece)]), 0,
+                          out=is_marker[:len(piece)])
+        if smallest == np.inf and not marker.all():
+            key = (piece[int(np.argmin(marker))] >> one) + dtype(packing.low)
+            smallest = float(_values(np.array([key], dtype=markers.dtype), scores.dtype)[0])
+        found = np.flatnonzero(marker)
+        found -= np.arange(len(found))
+        found += start - seen
+        with lock:
+            below[seen:seen + len(found)] += found
+        seen += len(found)
+    return smallest
+
+
+def _blocks_of(negatives: np.ndarray, capacity: int) -> list[slice]:
+    """Consecutive chunks (negatives [C] per chunk) grouped into blocks of about equal numbers of
+    negatives, at most ``capacity`` (a chunk alone may hold more), as many as a multiple of
+    WORKERS so the threads finish together: slices of chunk indices."""
+    n_blocks = -(-int(negatives.sum()) // max(1, capacity))
+    n_blocks = min(len(negatives), -(-n_blocks // WORKERS) * WORKERS)
+    ends = np.searchsorted(np.cumsum(negatives), np.arange(1, n_blocks) * negatives.sum() / n_blocks)
+    edges = np.unique(np.concatenate([[0], ends + 1, [len(negatives)]]).clip(0, len(negatives)))
+    return [slice(start, stop) for start, stop in zip(edges[:-1], edges[1:])]
+
+
 def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
                       breakpoints: np.ndarray | None) -> _Histogram:
     """Exact histogram of float32/float64 scores from sorted order-preserving integer keys.
@@ -209,76 +290,71 @@ def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
     ``breakpoints``, values no entry may straddle), so each run of negatives between two such
     "query" values becomes one entry, valued at the next representable value above the query
     (the threshold that selects the whole run); the curves of every metric are those of the
-    full per-value histogram. Negatives are sorted slab by slab of the value range, one pass
-    over the scores per slab, so extra memory stays near SLAB_FRACTION of the scores' bytes.
+    full per-value histogram. Negatives are counted block by block of consecutive images: each
+    block's negative keys are sorted once with two markers per query (its key and the next), so
+    the markers' positions give the counts below and at each query. WORKERS threads read chunks
+    and sort blocks at once; the blocks in flight hold at most NEGATIVE_FRACTION of the scores' bytes.
     """
     dtype = scores.dtype
-    bounds = _slab_bounds(labels, scores)
-    pos_keys, pos_sizes = [], []
-    n_regions = n_neg = 0
-    at_or_above = np.zeros(len(bounds), dtype=np.int64)  # negatives at or above each bound
-    neg_min = np.inf
-    for mask, chunk, sizes, count in _chunks(labels, scores, regions):
-        flat, flat_mask = chunk.reshape(-1), mask.reshape(-1)
-        pos_sizes.append(sizes)
-        n_regions += count
-        positives = flat[flat_mask]
-        pos_keys.append(_keys(positives))
-        n_neg += len(flat) - len(positives)
-        neg_min = min(neg_min, float(np.min(flat, where=~flat_mask, initial=np.inf)))
-        at_or_above += np.array([np.count_nonzero(flat >= bound) - np.count_nonzero(positives >= bound)
-                                 for bound in bounds], dtype=np.int64)
-    pos_distinct, pos_count, pos_region = _sorted_positives(
-        np.concatenate(pos_keys), np.concatenate(pos_sizes) if regions else None)
-    del pos_keys, pos_sizes
-    query = pos_distinct
+    parts = _parts(scores)
+
+    def positives(part: slice) -> tuple[np.ndarray, np.ndarray | None, int, int, float, float]:
+        chunk = _read(labels, scores, part, regions)
+        flat_mask = chunk.mask.reshape(-1)
+        keys = _keys(chunk.scores.reshape(-1)[flat_mask])
+        return keys, chunk.sizes, chunk.n_regions, flat_mask.size - len(keys), chunk.low, chunk.high
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        found = list(pool.map(positives, parts))
+    pos_keys = np.concatenate([f[0] for f in found])
+    pos_sizes = np.concatenate([f[1] for f in found]) if regions else None
+    n_regions = sum(f[2] for f in found)
+    negatives = np.array([f[3] for f in found], dtype=np.int64)
+    n_neg = int(negatives.sum())
+    low, high = min(f[4] for f in found), max(f[5] for f in found)
+    del found
+    query = np.sort(pos_keys)
+    query = query[np.concatenate([[True], query[1:] != query[:-1]])[:len(query)]]
     if breakpoints is not None and len(breakpoints):
         query = np.union1d(query, _keys(breakpoints.astype(dtype)))
-    slab_sizes = -np.diff(np.concatenate([[n_neg], at_or_above, [0]]))
-    cuts = np.searchsorted(query, _keys(bounds))  # queries of slab i: cuts[i-1]:cuts[i]
-    below, equal = [], []  # per query: negatives strictly below it, and equal to it
-    seen = 0
-    slab_queries = np.diff(np.concatenate([[0], cuts, [len(query)]]))
-    buffer = np.empty(int(np.max(slab_sizes + slab_queries)), dtype=query.dtype)  # one for all
-    bound_keys = np.concatenate([[_keys(np.array([neg_min], dtype=dtype))[0] if n_neg else 0],
-                                 _keys(bounds)])
-    for index, size in enumerate(slab_sizes):
-        here = query[(cuts[index - 1] if index else 0):(cuts[index] if index < len(cuts) else None)]
-        # Keys of the slab start at ``low``: when their span leaves a bit free, each is stored as
-        # (key - low) * 2 + 1 and each query as (key - low) * 2, so one sort ranks both.
-        low = min(bound_keys[index], here[0]) if len(here) else bound_keys[index]
-        high = max(bound_keys[index + 1] if index + 1 < len(bound_keys) else 0,
-                   here[-1] if len(here) else 0)
-        packed = int(high) - int(low) < 1 << (8 * query.itemsize - 2)
-        slab = buffer[:size + len(here)]
-        filled = 0
-        for negative, chunk in _light_chunks(labels, scores):
-            keys = _keys(chunk[_in_slab(negative, chunk, bounds, index)])
-            if packed:
-                keys -= low
-                keys <<= keys.dtype.type(1)
-                keys |= keys.dtype.type(1)
-            slab[filled:filled + len(keys)] = keys
-            filled += len(keys)
-        slab[size:] = (here - low) << query.dtype.type(1) if packed else here
-        left, tied_right = _ranks(slab, size, packed)
-        below.append(seen + left)
-        equal.append(tied_right - left)
-        seen += size
-    del buffer, slab
-    below, equal = np.concatenate(below), np.concatenate(equal)
+    markers = np.empty(2 * len(query), dtype=query.dtype)
+    markers[0::2], markers[1::2] = query, query + query.dtype.type(1)
+    bounds = _keys(np.array([low, high], dtype=dtype))
+    packing = _packing(query.dtype.type, int(min(bounds[0], markers[:1].min(initial=bounds[0]))),
+                       int(max(bounds[1], markers[-1:].max(initial=bounds[1]))))
+    key_bytes = np.dtype(packing.dtype or query.dtype).itemsize
+    capacity = max(BLOCK_BYTES_MIN, int(NEGATIVE_FRACTION * scores.nbytes / WORKERS)) // key_bytes
+    blocks = _blocks_of(negatives, capacity)
+    buffer_size = max(int(negatives[block].sum()) for block in blocks) + len(markers)
+    below = np.zeros(len(markers), dtype=np.int64)
+    smallest = [np.inf]
+    lock, per_thread = threading.Lock(), threading.local()
+
+    def count(block: slice) -> None:
+        if not hasattr(per_thread, "buffer"):  # one buffer a thread, reused block after block
+            per_thread.buffer = np.empty(buffer_size, dtype=packing.dtype or query.dtype)
+        smallest.append(_rank_block(labels, scores, parts[block], negatives[block], markers,
+                                    packing, per_thread.buffer, below, lock))
+
+    with ThreadPoolExecutor(WORKERS) as pool:  # the positives' counts while the blocks sort
+        positives = pool.submit(_sorted_positives, pos_keys, pos_sizes)
+        list(pool.map(count, blocks))
+    pos_distinct, pos_count, pos_region = positives.result()
+    del markers, pos_keys, pos_sizes
+    below, equal = below[0::2], below[1::2] - below[0::2]
     # Entries in ascending order: the run below the first query, then per query its own entry
     # and the run of negatives above it (up to the next query).
     size = 1 + 2 * len(query)
     values, neg, pos, region = np.empty(size), np.empty(size), np.zeros(size), np.zeros(size)
-    values[0], values[1::2] = neg_min, _values(query, dtype)
+    values[0], values[1::2] = min(smallest), _values(query, dtype)
     values[2::2] = _values(query + query.dtype.type(1), dtype)
     neg[0] = below[0] if len(query) else n_neg
     neg[1::2] = equal
     neg[2::2] = np.diff(np.append(below, n_neg))
     neg[2::2] -= equal
     del below, equal
-    at = 1 + 2 * np.searchsorted(query, pos_distinct)
+    at = 1 + 2 * (np.searchsorted(query, pos_distinct) if len(query) > len(pos_distinct)
+                  else np.arange(len(query)))
     pos[at], region[at] = pos_count, pos_region
     present = (neg > 0) | (pos > 0)
     kept = []
@@ -287,34 +363,6 @@ def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
         del array
     del values, neg, pos, region
     return _Histogram(*kept, n_regions)
-
-
-def _ranks(slab: np.ndarray, size: int, packed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Sorts ``slab`` in place: negative keys slab[:size] (any order), then distinct sorted query
-    keys [Q]; per query the number of negatives below it, and below or equal. ``packed``: keys
-    carry a flag bit (1: negative, 0: query, so a query sorts before equal negatives) and one
-    sort ranks both; otherwise the negatives are sorted and binary-searched."""
-    if not packed:
-        queries = slab[size:].copy()
-        negatives = slab[:size]
-        negatives.sort()
-        return (np.searchsorted(negatives, queries),
-                np.searchsorted(negatives, queries, side="right"))
-    one = slab.dtype.type(1)
-    slab.sort()
-    at = np.concatenate([start + np.flatnonzero((slab[start:start + CHUNK_PIXELS] & one) == 0)
-                         for start in range(0, len(slab), CHUNK_PIXELS)] + [np.zeros(0, np.int64)])
-    # Negatives equal to a query follow it: step over short runs, binary-search long ones.
-    run = np.zeros(len(at), dtype=np.int64)
-    tied = np.flatnonzero(at + 1 < len(slab))
-    for _ in range(16):
-        tied = tied[slab[at[tied] + run[tied] + 1] == (slab[at[tied]] | one)]
-        run[tied] += 1
-        tied = tied[at[tied] + run[tied] + 1 < len(slab)]
-    run[tied] = np.searchsorted(slab, slab[at[tied]] | one, side="right") - at[tied] - 1
-    at -= np.arange(len(at))  # negatives below each query
-    run += at
-    return at, run
 
 
 def _histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,

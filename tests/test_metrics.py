@@ -278,16 +278,17 @@ def test_full_precision_matches_references(dtype: type, seed: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_slabs_and_wide_ranges_give_the_same_figures(dtype: type, monkeypatch, tmp_path) -> None:
+def test_blocks_and_wide_ranges_give_the_same_figures(dtype: type, monkeypatch, tmp_path) -> None:
     masks, maps = full_precision_data(5, dtype, n=8)
-    maps[2] *= 1e30  # a key span too wide to pack the query flag: the binary-search path
-    maps[3] *= 1e-30
+    maps[2] *= -1e30  # keys spanning nearly the whole range: float32 keys packed in uint64,
+    maps[3] *= 1e30  # float64 keys with no free bit sorted alone and binary-searched
+    maps[4] *= 1e-30
     expected = {"pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
                 "pixel_ap": average_precision_score(masks.ravel(), maps.ravel()),
                 "pixel_aupro": reference_aupro(masks, maps)}
     whole = metrics.pixel_metrics(masks, maps)
-    monkeypatch.setattr(metrics, "SLAB_BYTES_MIN", 1)
-    monkeypatch.setattr(metrics, "SLAB_FRACTION", 0.2)  # 5 slabs, one pass each
+    monkeypatch.setattr(metrics, "BLOCK_BYTES_MIN", 1)
+    monkeypatch.setattr(metrics, "NEGATIVE_FRACTION", 0.2)  # blocks of a few chunks
     monkeypatch.setattr(metrics, "CHUNK_PIXELS", 3 * 20 * 20)  # 3 images per chunk
     stored = np.lib.format.open_memmap(tmp_path / "maps.npy", mode="w+", dtype=dtype, shape=maps.shape)
     stored[:] = maps
