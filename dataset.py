@@ -264,7 +264,7 @@ def dataset_names(roots: list[str], names: list[str] | None) -> list[str]:
     return names
 
 
-def dataset_name(root: str) -> str:
+def organ_name(root: str) -> str:
     """Organ name from the data folder's name ("BraTS2021" -> "brain"), else the lowercase name."""
     path = Path(os.path.abspath(root))
     if path.suffix.lower() == ".json":

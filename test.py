@@ -29,7 +29,7 @@ import metrics
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
-from dataset import (MedicalDataset, dataset_name, list_samples, read_support, sample_support,
+from dataset import (MedicalDataset, organ_name, list_samples, read_support, sample_support,
                      save_support, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
@@ -310,7 +310,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         samples = list_samples(root, args.split)  # logs the counts per class
         dataset = MedicalDataset(samples, image_size, skip_bad=args.skip_bad)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-        model.set_dataset(dataset_name(name))
+        model.set_organ(organ_name(name))
         if args.k_shot:
             support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger)
         keep_maps = want_pixel or args.visualize > 0 or args.save_maps

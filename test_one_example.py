@@ -69,7 +69,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, floa
         config = MedVMADConfig(
             backbone=BackboneConfig(args.model_name, args.pretrained or "openai", args.image_size or 336,
                                     **backbone_overrides(args)),
-            dataset=args.dataset, adapters=False, learnable_prompts=False,
+            organ=args.dataset, adapters=False, learnable_prompts=False,
             sigma=4.0 if args.sigma is None else args.sigma)
         model, stored = MedVMAD(config).to(device), None
     if args.threshold is not None:

@@ -24,7 +24,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
 from curves import log_epoch, tensorboard_writer
-from dataset import (MedicalDataset, Sample, augment_support, dataset_name, describe, list_samples,
+from dataset import (MedicalDataset, Sample, augment_support, organ_name, describe, list_samples,
                      read_support, sample_support, save_support, split_holdout, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
@@ -232,7 +232,7 @@ def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
     """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
     return MedVMADConfig(
         backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size, **backbone_overrides(args)),
-        dataset=prompt_name,
+        organ=prompt_name,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)
 
@@ -270,7 +270,7 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     seed_everything(args.seed)
 
     train_set, selection_samples = training_data(args, roots, names, logger)
-    organs = {dataset_name(name) for name in names}
+    organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
     try:
         model = MedVMAD(config).to(device)

@@ -15,12 +15,20 @@ from CLIP.memory_bank import MemoryBank
 from prompt_ensemble import LearnablePrompts, ensemble_text_features
 
 
+def upgrade_config(values: dict) -> dict:
+    """A stored model config (dict) in today's field names: ``dataset`` became ``organ``."""
+    values = dict(values)
+    if "dataset" in values and "organ" not in values:
+        values["organ"] = values.pop("dataset")
+    return values
+
+
 @dataclass
 class MedVMADConfig:
     """Everything that rebuilds the model; stored in checkpoints as a plain dict."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    dataset: str = "brain"                   # organ wording for prompt initialisation / ensemble
+    organ: str = "brain"                     # organ wording for prompt initialisation / ensemble
     features_list: list[int] | None = None   # 1-based tapped layers; None: 4 evenly spaced
     adapters: bool = True                    # False: zero-training baseline (projected tokens)
     learnable_prompts: bool = True           # False: fixed prompt ensemble
@@ -36,7 +44,9 @@ class MedVMADConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MedVMADConfig":
-        values = dict(values)
+        """Inverse of ``to_dict``; configs written before the organ field was named ``organ``
+        call it ``dataset``."""
+        values = upgrade_config(values)
         values["backbone"] = BackboneConfig.from_dict(values["backbone"])
         return cls(**values)
 
@@ -104,7 +114,7 @@ class MedVMAD(nn.Module):
             if config.adapters else None
         self.det_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
             if config.adapters else None
-        self.prompts = LearnablePrompts(self.backbone, config.dataset, config.n_ctx, config.depth,
+        self.prompts = LearnablePrompts(self.backbone, config.organ, config.n_ctx, config.depth,
                                         config.t_n_ctx) if config.learnable_prompts else None
         self._text_cache: torch.Tensor | None = None
         self._ensemble_name: str | None = None
@@ -141,9 +151,9 @@ class MedVMAD(nn.Module):
     def text_features(self) -> torch.Tensor:
         """[2,E] normal/abnormal text features; cached unless prompts are being trained."""
         if self.prompts is None:
-            if self._text_cache is None or self._ensemble_name != self.config.dataset:
-                self._text_cache = ensemble_text_features(self.backbone, self.config.dataset)
-                self._ensemble_name = self.config.dataset
+            if self._text_cache is None or self._ensemble_name != self.config.organ:
+                self._text_cache = ensemble_text_features(self.backbone, self.config.organ)
+                self._ensemble_name = self.config.organ
             return self._text_cache
         if self.training and torch.is_grad_enabled():
             return self.prompts(self.backbone)
@@ -152,9 +162,9 @@ class MedVMAD(nn.Module):
                 self._text_cache = self.prompts(self.backbone)
         return self._text_cache
 
-    def set_dataset(self, name: str) -> None:
+    def set_organ(self, organ: str) -> None:
         """Select the organ wording of the fixed ensemble (learnable prompts are not affected)."""
-        self.config.dataset = name
+        self.config.organ = organ
 
     # ---- image ----
     def _logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

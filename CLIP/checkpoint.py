@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig, upgrade_config
 from CLIP.backbone import BackboneConfig
 from utils import InputError, atomic_torch_save, versions
 
@@ -75,7 +75,9 @@ def checkpoint_config(payload: dict[str, Any], path: str | os.PathLike,
     missing optional key takes its default (older files keep loading); the backbone's name,
     weights and image size are required."""
     try:
-        values = dict(_fields(payload.get("config"), MedVMADConfig, "config", ("backbone",)))
+        stored = payload.get("config")
+        values = dict(_fields(upgrade_config(stored) if isinstance(stored, dict) else stored,
+                              MedVMADConfig, "config", ("backbone",)))
         values["backbone"] = _fields(values["backbone"], BackboneConfig, "config.backbone",
                                      ("model_name", "pretrained", "image_size"))
         return MedVMADConfig.from_dict(values)

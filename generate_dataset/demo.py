@@ -10,7 +10,7 @@ inside the brain mask only: an irregular blob (warped ellipse, radius 4-32 px) w
 core and a fainter oedema halo, of varied contrast. The mask is the whole lesion, core + halo,
 exactly the pixels the lesion brightened (0/255).
 
-Layout: BMAD, dataset root ``<save_path>/Brain`` (so ``dataset.dataset_name`` gives "brain")::
+Layout: BMAD, dataset root ``<save_path>/Brain`` (so ``dataset.organ_name`` gives "brain")::
 
     Brain/train/good/img/*.png                       40
     Brain/{valid,test}/good/img/*.png                40 each

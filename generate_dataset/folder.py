@@ -22,7 +22,7 @@ from pathlib import Path
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset import SPLITS, Sample, dataset_name, describe, list_images, pair_masks  # noqa: E402
+from dataset import SPLITS, Sample, organ_name, describe, list_images, pair_masks  # noqa: E402
 from utils import ArgumentParser, InputError, atomic_write_json, prepare_output_dir, run_cli, setup_logging  # noqa: E402
 
 logger = logging.getLogger("medvmad")
@@ -52,7 +52,7 @@ def build_index(save_path: str, normal: str | None, abnormal: str | None, masks:
             raise InputError(f"split must be one of {SPLITS}, not {split!r}")
     base = os.path.dirname(os.path.abspath(save_path))
     prepare_output_dir(base, f"--save_path {save_path}: the folder", files=(os.path.basename(save_path),))
-    cls_name = cls_name or dataset_name(base)
+    cls_name = cls_name or organ_name(base)
     normal_images = _images(normal, "normal") if normal else []
     abnormal_images = _images(abnormal, "abnormal") if abnormal else []
     mask_paths = pair_masks(abnormal_images, _images(masks, "mask") if masks else [])

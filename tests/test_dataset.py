@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (MedicalDataset, _resize_mask, Sample, augment_support, dataset_name,
+from dataset import (MedicalDataset, _resize_mask, Sample, augment_support, organ_name,
                      describe, list_samples, load_image, load_mask, preprocess, read_support,
                      sample_support, save_support, split_holdout)
 from utils import InputError
@@ -282,12 +282,12 @@ def test_masks_resize_by_nearest_pixel_centre():
     np.testing.assert_array_equal(resized.numpy(), expected)
 
 
-def test_dataset_name():
+def test_organ_name():
     for path, name in [("/d/Brain", "brain"), ("/d/BraTS2021/", "brain"), ("Liver_AD", "liver"),
                        ("x/Retina_RESC", "retina"), ("x/Retina_OCT2017", "retina"),
                        ("x/Chest/meta.json", "chest"),
                        ("x/Histopathology_AD", "histopathology"), ("x/MyKnees", "myknees")]:
-        assert dataset_name(path) == name
+        assert organ_name(path) == name
 
 
 # ----------------------------------------------------------------------------- few-shot support

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dataset import MedicalDataset, dataset_name, list_samples
+from dataset import MedicalDataset, organ_name, list_samples
 from generate_dataset import brats2021, demo, folder, liverct
 from tests.conftest import reference_scale
 from utils import InputError
@@ -236,7 +236,7 @@ def test_liver_conversion(tmp_path):
             if path.parts[-3] == "Ungood":
                 mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
                 np.testing.assert_array_equal(mask, ((seg == 2) * 255).astype(np.uint8).T[::-1, ::-1])
-    assert dataset_name(str(out)) == "liver" and list_samples(str(out), "test")
+    assert organ_name(str(out)) == "liver" and list_samples(str(out), "test")
 
 
 def test_liver_bad_input(tmp_path):
@@ -294,7 +294,7 @@ def files(root: str) -> dict[str, bytes]:
 def test_demo_deterministic_and_readable(tmp_path):
     """Same seed, same bytes; another seed differs; a complete build is reused, not rebuilt."""
     root = demo.build_demo(str(tmp_path / "a"), seed=0, **SMALL)
-    assert root == str(tmp_path / "a" / "Brain") and dataset_name(root) == "brain"
+    assert root == str(tmp_path / "a" / "Brain") and organ_name(root) == "brain"
     same = files(demo.build_demo(str(tmp_path / "b"), seed=0, **SMALL))
     other = files(demo.build_demo(str(tmp_path / "c"), seed=1, **SMALL))
     first = files(root)

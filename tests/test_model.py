@@ -399,7 +399,7 @@ def test_bf16_autocast_training_step_keeps_fp32_weights(tiny_model):
 @pytest.mark.parametrize("organ", ["brain", "liver", "retina", "chest", "histopathology", "organ", "mydata"])
 def test_learnable_prompts_build_for_every_organ_and_unknown_names(organ):
     torch.manual_seed(0)
-    model = MedVMAD(tiny_config(dataset=organ))
+    model = MedVMAD(tiny_config(organ=organ))
     model.eval()
     with torch.no_grad():
         text = model.text_features()
