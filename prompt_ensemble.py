@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from CLIP.backbone import Backbone
+from CLIP.backbone import Backbone, TextFrame
 
 # organ -> (modality phrase, organ phrase, normal states, abnormal states)
 ORGANS: dict[str, dict[str, object]] = {
@@ -85,7 +85,7 @@ def ensemble_text_features(backbone: Backbone, name: str) -> torch.Tensor:
     """The fixed zero-training text features [2,E] (normal, abnormal): mean of normalised sentences."""
     features = []
     for sentences in ensemble_texts(name):
-        embedding = backbone.encode_text(backbone.tokenize(sentences).to(backbone.device))
+        embedding = backbone.encode_text(sentences)
         embedding = embedding / embedding.norm(dim=-1, keepdim=True)
         mean = embedding.mean(dim=0)
         features.append(mean / mean.norm())
@@ -95,11 +95,12 @@ def ensemble_text_features(backbone: Backbone, name: str) -> torch.Tensor:
 class LearnablePrompts(nn.Module):
     """One normal and one abnormal prompt with learnable context, initialised from medical wording.
 
-    Each prompt's token sequence is ``[SOS] [deep slots] [context x n_ctx] <state words> . [EOS]``.
-    The ``n_ctx`` context vectors start as the token embeddings of the organ's sentence prefix
-    (e.g. "a brain MRI image of a"), padded with small noise when the prefix is shorter. The
-    ``t_n_ctx`` deep slots (present when ``depth > 0``) hold learnable tokens that are rewritten
-    before each of the first ``depth`` text layers; they never overwrite real word tokens.
+    Each prompt's token sequence is ``[start] [deep slots] [context x n_ctx] <state words> [end]``
+    in the backbone's own tokenisation (CLIP: SOS ... EOT; BERT: [CLS] ... [SEP]). The ``n_ctx``
+    context vectors start as the token embeddings of the organ's sentence prefix (e.g. "a brain
+    MRI image of a"), padded with small noise when the prefix is shorter. The ``t_n_ctx`` deep
+    slots (present when ``depth > 0``) hold learnable tokens that are rewritten before each of the
+    first ``depth`` text layers; they never overwrite real word tokens.
     """
 
     def __init__(self, backbone: Backbone, name: str, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4):
@@ -117,31 +118,29 @@ class LearnablePrompts(nn.Module):
 
         with torch.no_grad():
             device = backbone.device
-            prefix_ids = backbone.tokenize([prefix])[0].to(device)
-            prefix_len = int(prefix_ids.argmax()) - 1  # word tokens between SOS and EOS
-            prefix_embed = backbone.token_embedding(prefix_ids[1:1 + prefix_len])
+            prefix_embed = backbone.word_embeddings(prefix)
             context = torch.randn(2, n_ctx, width, device=device) * 0.02
-            take = min(n_ctx, prefix_len)
+            take = min(n_ctx, len(prefix_embed))
             context[:, :take] = prefix_embed[:take]
-            # Sequence skeleton: SOS + placeholder for slots + placeholder for context + state words.
-            placeholder = " ".join(["X"] * (self.n_slots + n_ctx))
-            ids = backbone.tokenize([f"{placeholder} {state}." for state in states]).to(device)
-            if int(ids.argmax(dim=-1).max()) >= backbone.context_length - 1:
-                raise ValueError("prompt too long for the text context; lower --n_ctx or --t_n_ctx")
-            frame = backbone.token_embedding(ids)
+            # Sequence skeleton: start token, placeholders for slots and context, state words.
+            frame = backbone.text_frame([f"{state}." for state in states], self.n_slots + n_ctx)
+            embeddings = backbone.token_embedding(frame.token_ids)
 
         self.context = nn.Parameter(context)                                   # [2,n_ctx,Dt]
         self.deep = nn.Parameter(torch.randn(depth, self.n_slots, width, device=device) * 0.02) \
             if depth > 0 else None                                              # [D,n,Dt]
-        self.register_buffer("frame", frame, persistent=False)                 # [2,L,Dt]
-        self.register_buffer("eot_index", ids.argmax(dim=-1), persistent=False)  # [2]
-        self.context_start = 1 + self.n_slots
+        self.register_buffer("frame", embeddings, persistent=False)            # [2,L,Dt]
+        self.register_buffer("token_ids", frame.token_ids, persistent=False)   # [2,L]
+        self.register_buffer("pooled_index", frame.pooled_index, persistent=False)  # [2]
+        self.slots_start = frame.start
+        self.context_start = frame.start + self.n_slots
 
     def forward(self, backbone: Backbone) -> torch.Tensor:
         """Text features [2,E] (normal, abnormal), L2-normalised."""
         start, stop = self.context_start, self.context_start + self.context.shape[1]
         embeddings = torch.cat([self.frame[:, :start], self.context.to(self.frame.dtype),
                                 self.frame[:, stop:]], dim=1)
+        frame = TextFrame(self.token_ids, self.slots_start, self.pooled_index)
         features = backbone.encode_text_embeddings(
-            embeddings, self.eot_index, self.deep, slice(1, 1 + self.n_slots))
+            embeddings, frame, self.deep, slice(self.slots_start, self.slots_start + self.n_slots))
         return features / features.norm(dim=-1, keepdim=True)

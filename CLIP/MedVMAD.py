@@ -4,13 +4,13 @@ No I/O and no argument parsing: ``MedVMAD(config)`` builds the model, ``forward(
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from CLIP.backbone import Backbone, BackboneConfig, default_features_list
+from CLIP.backbone import Backbone, BackboneConfig, build_backbone, default_features_list
 from CLIP.memory_bank import MemoryBank
 from prompt_ensemble import LearnablePrompts, ensemble_text_features
 
@@ -49,6 +49,19 @@ class MedVMADConfig:
         values = upgrade_config(values)
         values["backbone"] = BackboneConfig.from_dict(values["backbone"])
         return cls(**values)
+
+
+def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
+    """A copy of ``config`` with the backbone's resolved config and the tapped layers checked
+    (None: 4 evenly spaced); what checkpoints store."""
+    num_layers = backbone.num_layers
+    features_list = list(config.features_list or default_features_list(num_layers))
+    bad = [layer for layer in features_list if not 1 <= layer <= num_layers]
+    if bad:
+        raise ValueError(f"--features_list {bad}: layers are 1-based, the model has {num_layers}")
+    if len(set(features_list)) != len(features_list):
+        raise ValueError(f"--features_list {features_list}: layers repeat")
+    return replace(config, backbone=backbone.config, features_list=features_list)
 
 
 @dataclass
@@ -97,17 +110,11 @@ class MedVMAD(nn.Module):
     """Frozen CLIP + learnable prompts + per-layer segmentation/detection adapters."""
 
     def __init__(self, config: MedVMADConfig, backbone: Backbone | None = None):
+        """``config`` is not changed: ``self.config`` is its copy resolved against the backbone
+        (see ``resolve_config``); ``backbone`` defaults to the one ``config.backbone`` names."""
         super().__init__()
-        self.config = config
-        self.backbone = backbone if backbone is not None else Backbone(config.backbone)
-        num_layers = self.backbone.num_layers
-        if config.features_list is None:
-            config.features_list = default_features_list(num_layers)
-        bad = [layer for layer in config.features_list if not 1 <= layer <= num_layers]
-        if bad:
-            raise ValueError(f"--features_list {bad}: layers are 1-based, the model has {num_layers}")
-        if len(set(config.features_list)) != len(config.features_list):
-            raise ValueError(f"--features_list {config.features_list}: layers repeat")
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
+        config = self.config = resolve_config(config, self.backbone)
         self.features_list = list(config.features_list)
         width, embed_dim = self.backbone.width, self.backbone.embed_dim
         self.seg_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
@@ -182,19 +189,20 @@ class MedVMAD(nn.Module):
         seg_features: list[torch.Tensor] = []
         det_features: list[torch.Tensor] = []
         alpha = self.config.alpha
+        prefix = self.backbone.num_prefix_tokens  # class (and register) tokens before the patches
 
         def adapt(layer: int, tokens: torch.Tensor) -> torch.Tensor:
             index = self.features_list.index(layer)
             seg_hidden, seg_out = self.seg_adapters[index](tokens)
             det_hidden, det_out = self.det_adapters[index](tokens)
-            seg_features.append(seg_hidden[:, 1:])
-            det_features.append(det_hidden[:, 1:])
+            seg_features.append(seg_hidden[:, prefix:])
+            det_features.append(det_hidden[:, prefix:])
             return (1 - 2 * alpha) * tokens + alpha * seg_out + alpha * det_out
 
         hook = adapt if self.seg_adapters is not None else None
         global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook)
         if hook is None:
-            seg_features = [self.backbone.project_tokens(tapped[layer][:, 1:]) for layer in self.features_list]
+            seg_features = [self.backbone.project_tokens(tapped[layer][:, prefix:]) for layer in self.features_list]
 
         # Similarities, maps and scores in fp32 even under autocast: low precision ties the scores.
         with torch.autocast(images.device.type, enabled=False):

@@ -1,8 +1,8 @@
-"""The frozen CLIP backbone: loading from open_clip and the tapped, adaptable forward passes.
+"""The frozen backbone: its config, loading through open_clip, and the interface MedVMAD uses.
 
-This is the only file that touches open_clip internals (vision/text transformer blocks, class and
-positional embeddings, ``ln_post``/``proj``, token embedding, ``ln_final``/``text_projection``).
-Upstream renames and reorders these between releases; keep every such access here.
+``build_backbone`` loads any open_clip model (tag, weights file, ``hf-hub:`` or ``local-dir:``)
+and wraps it in the implementation its towers call for (backbone_clip.py, backbone_timm_hf.py).
+Those two files are the only ones that touch library internals.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -128,10 +128,10 @@ def _torchscript_state_dict(path: str, folder: str) -> str:
     return plain
 
 
-def _create_clip(config: BackboneConfig) -> nn.Module:
+def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
     """Build the open_clip model, turning every loading failure into one clear ``InputError``.
 
-    Resolves ``config.quick_gelu`` (auto) in place and logs the choice.
+    Returns it and whether it runs QuickGELU (``config.quick_gelu`` None: auto), and logs why.
     """
     pretrained = config.pretrained
     use_file = pretrained.lower() != "none" and (os.sep in pretrained or os.path.splitext(pretrained)[1] != "")
@@ -151,15 +151,15 @@ def _create_clip(config: BackboneConfig) -> nn.Module:
             weights_only=True,  # never unpickle code from a weights file
         )
         model = _call_open_clip(config, kwargs)
-    # Resolved once from the built model and kept in the config, so checkpoints rebuild it.
-    config.quick_gelu = _uses_quick_gelu(model)
-    if asked is False and config.quick_gelu:
+    # Read from the built model and kept in the resolved config, so checkpoints rebuild it.
+    quick_gelu = _uses_quick_gelu(model)
+    if asked is False and quick_gelu:
         raise InputError(f"--quick_gelu off: the model config of {config.model_name} turns QuickGELU on")
-    if asked is None and config.quick_gelu and reason is None:
+    if asked is None and quick_gelu and reason is None:
         reason = "the model config sets it"
-    logger.info(f"QuickGELU {'on' if config.quick_gelu else 'off'} "
+    logger.info(f"QuickGELU {'on' if quick_gelu else 'off'} "
                 f"({reason if asked is not None else '--quick_gelu auto: ' + (reason or 'no sign of QuickGELU weights')})")
-    return model
+    return model, quick_gelu
 
 
 def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:
@@ -173,6 +173,9 @@ def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:
             return open_clip.create_model(config.model_name, **kwargs)
     except RuntimeError as error:
         message = str(error)
+        if "pip install transformers" in message:
+            raise InputError(f"--model_name {config.model_name} has a Hugging Face text tower: "
+                             f"pip install transformers") from None
         if "not found in built-ins" in message:
             raise InputError(f"--model_name {config.model_name}: unknown open_clip model "
                              f"(see open_clip.list_models(), or 'tiny' for the test model)") from None
@@ -212,84 +215,58 @@ def _unreadable_weights(path: str, error: Exception) -> InputError:
                       f"a state dict (.pt/.bin), OpenAI's TorchScript .pt, or .safetensors")
 
 
-class Backbone(nn.Module):
-    """A frozen open_clip CLIP with a tapped image pass and a prompt-embedding text pass."""
+@dataclass
+class TextFrame:
+    """A tokenised prompt skeleton for learnable context: what the text pass needs besides the
+    embeddings. ``token_ids`` [T,L] hold ``n`` placeholder tokens from position ``start`` on (their
+    embeddings are replaced by learnable vectors); ``pooled_index`` [T] is the token the model
+    pools (CLIP: end of text; BERT: [CLS])."""
 
-    def __init__(self, config: BackboneConfig):
+    token_ids: torch.Tensor
+    start: int
+    pooled_index: torch.Tensor
+
+
+class Backbone(nn.Module):
+    """What MedVMAD, the prompts and the memory bank need from a frozen vision-language model.
+
+    Implementations (one per model family, chosen from the loaded model by ``build_backbone``):
+    ``CLIP.backbone_clip.OpenCLIPBackbone`` (open_clip's CLIP: ViT image tower, CLIP text
+    transformer) and ``CLIP.backbone_timm_hf.TimmHFBackbone`` (a timm ViT trunk and a Hugging Face
+    text encoder, as BiomedCLIP). Only those files touch the libraries' internals.
+
+    Sizes: ``width`` (image tokens), ``num_layers``, ``embed_dim`` (joint space), ``grid_size``,
+    ``patch_size``, ``num_prefix_tokens`` (class/register tokens before the patches),
+    ``text_width``, ``text_layers``; ``logit_scale``. ``config`` is resolved (QuickGELU, mean/std).
+    """
+
+    def __init__(self, config: BackboneConfig, clip: nn.Module):
         super().__init__()
         self.config = config
-        self.clip = _create_clip(config)
+        self.clip = clip
         self.clip.eval()
         self.clip.requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
-        visual = self.clip.visual
-        if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
-            raise InputError(f"--model_name {config.model_name}: MedVMAD needs a ViT image tower")
-        patch = visual.patch_size[0]
-        if config.image_size < patch:
-            raise InputError(f"--image_size {config.image_size} is smaller than {config.model_name}'s patch size "
-                             f"{patch}; use at least {patch}")
-        if config.image_size % patch:  # the ViT drops the last partial patch; MedVMAD._upsample keeps maps aligned
-            logger.warning(f"--image_size {config.image_size} is not a multiple of the patch size {patch}: the last "
-                           f"{config.image_size % patch} pixel rows/columns are not seen by the model (their map "
-                           f"values repeat the edge); {config.image_size // patch * patch} would avoid that")
-        # Normalisation the weights were trained with (tag, hub or local-dir config; OpenAI's
-        # values for the openai tag and for plain files), unless the config overrides it.
-        preprocess = getattr(visual, "preprocess_cfg", {})
-        for key, name in (("image_mean", "mean"), ("image_std", "std")):
-            given = getattr(config, key)
-            values = tuple(float(v) for v in (given if given is not None else preprocess.get(name, ())))
-            if len(values) == 1:
-                values = values * 3
-            if len(values) != 3 or (key == "image_std" and min(values) <= 0):
-                raise InputError(f"--{key} {list(values)}: give 3 values (std > 0)")
-            setattr(config, key, values)
-            self.register_buffer(key, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
-        logger.info(f"image normalisation mean {config.image_mean} std {config.image_std}")
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
 
-    # ---- sizes, read from the model ----
-    @property
-    def width(self) -> int:
-        """Vision transformer width (1024 for ViT-L)."""
-        return self.clip.visual.transformer.width
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.clip.visual.transformer.resblocks)
-
-    @property
-    def embed_dim(self) -> int:
-        """Joint image-text embedding size (768 for ViT-L-14)."""
-        return self.clip.visual.proj.shape[1]
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return tuple(self.clip.visual.grid_size)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.clip.visual.patch_size)
-
-    @property
-    def text_width(self) -> int:
-        return self.clip.token_embedding.weight.shape[1]
-
-    @property
-    def text_layers(self) -> int:
-        return len(self.clip.transformer.resblocks)
-
-    @property
-    def context_length(self) -> int:
-        return self.clip.positional_embedding.shape[0]
+    width: int
+    num_layers: int
+    embed_dim: int
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+    text_width: int
+    text_layers: int
 
     @property
     def device(self) -> torch.device:
         """Where the backbone's weights live."""
-        return self.clip.logit_scale.device
+        return self.image_mean.device
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """CLIP's learned inverse temperature, exp(logit_scale) (100 for OpenAI CLIP)."""
+        """The learned inverse temperature, exp(logit_scale) (100 for OpenAI CLIP)."""
         return self.clip.logit_scale.exp()
 
     def train(self, mode: bool = True) -> "Backbone":
@@ -298,75 +275,96 @@ class Backbone(nn.Module):
         self.clip.eval()
         return self
 
-    # ---- image side ----
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [0,1] -> the mean/std normalisation the weights were trained with."""
         return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
 
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Plain text embeddings [T,E] of sentences, with the model's own tokenizer."""
+        return self.clip.encode_text(self.tokenizer(list(texts)).to(self.device))
+
+    # ---- what each family implements ----
     def encode_image(self, images: torch.Tensor, taps: Sequence[int],
                      after_layer: LayerHook | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run the ViT block by block.
+        """Run the image tower block by block.
 
-        images [B,3,H,W]; taps: 1-based layers. ``after_layer(layer, x)`` is called after every
-        tapped layer with the tokens x [B,1+N,W] and returns the tokens that continue the stream.
-        Returns the global image embedding [B,E] and {layer: tokens [B,1+N,W]} as seen by the hook.
+        images [B,3,H,W] (normalised); taps: 1-based layers. ``after_layer(layer, x)`` is called
+        after every tapped layer with the tokens x [B,P+N,W] (P prefix tokens, then N patches in
+        row-major order) and returns the tokens that continue the stream. Returns the global image
+        embedding [B,E] and {layer: tokens [B,P+N,W]} as seen by the hook.
         """
-        visual = self.clip.visual
-        transformer = visual.transformer
-        x = visual._embeds(images)                       # [B,1+N,W]
-        batch_first = getattr(transformer, "batch_first", True)
-        taps = set(taps)
-        tapped: dict[int, torch.Tensor] = {}
-        for index, block in enumerate(transformer.resblocks, start=1):
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-            if index in taps:
-                tapped[index] = x
-                if after_layer is not None:
-                    x = after_layer(index, x)
-        pooled, _ = visual._pool(x)
-        return pooled @ visual.proj, tapped
+        raise NotImplementedError
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Map intermediate tokens [B,N,W] into the joint space [B,N,E] with ln_post and proj."""
-        visual = self.clip.visual
-        return visual.ln_post(tokens) @ visual.proj
+        """Intermediate tokens [B,N,W] -> the joint space [B,N,E], the way the pooled token goes."""
+        raise NotImplementedError
 
-    # ---- text side ----
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Token ids [T, context_length]."""
-        return self.tokenizer(list(texts))
+    def word_embeddings(self, text: str) -> torch.Tensor:
+        """Token embeddings [n,Dt] of the words of ``text`` (no start, end or padding tokens)."""
+        raise NotImplementedError
+
+    def text_frame(self, texts: Sequence[str], n_placeholders: int) -> TextFrame:
+        """Tokenised ``texts`` with ``n_placeholders`` tokens right after the start token."""
+        raise NotImplementedError
 
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """[T,L] ids -> [T,L,Dt] embeddings."""
-        return self.clip.token_embedding(token_ids)
+        """[T,L] ids -> [T,L,Dt] input embeddings (positions are added by the text pass)."""
+        raise NotImplementedError
 
-    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Plain CLIP text embedding [T,E] of token ids [T,L]."""
-        return self.clip.encode_text(token_ids)
-
-    def encode_text_embeddings(self, embeddings: torch.Tensor, eot_index: torch.Tensor,
+    def encode_text_embeddings(self, embeddings: torch.Tensor, frame: TextFrame,
                                deep_prompts: torch.Tensor | None = None,
                                deep_positions: slice | None = None) -> torch.Tensor:
-        """Text embedding [T,E] of token embeddings [T,L,Dt] (learnable context already inside).
+        """Text embedding [T,E] of token embeddings [T,L,Dt] of ``frame`` (learnable context
+        already inside). deep_prompts [D,n,Dt]: tokens written into ``deep_positions`` (n slots)
+        before each of the first D text layers."""
+        raise NotImplementedError
 
-        eot_index [T]: position of the end-of-text token. deep_prompts [D,n,Dt]: tokens written into
-        ``deep_positions`` (n reserved slots) before each of the first D text layers.
-        """
-        clip = self.clip
-        x = embeddings + clip.positional_embedding.to(embeddings.dtype)
-        transformer = clip.transformer
-        batch_first = getattr(transformer, "batch_first", True)
-        depth = 0 if deep_prompts is None else deep_prompts.shape[0]
-        for index, block in enumerate(transformer.resblocks):
-            if index < depth:
-                prompt = deep_prompts[index].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
-                x = torch.cat([x[:, :deep_positions.start], prompt, x[:, deep_positions.stop:]], dim=1)
-            if batch_first:
-                x = block(x, attn_mask=clip.attn_mask)
-            else:
-                x = block(x.transpose(0, 1), attn_mask=clip.attn_mask).transpose(0, 1)
-        x = clip.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        projection = clip.text_projection
-        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
+def _resolve_normalisation(config: BackboneConfig, preprocess: dict) -> dict:
+    """image_mean/image_std: the config's, else the model's preprocess config; 3 values, std > 0."""
+    resolved = {}
+    for key, name in (("image_mean", "mean"), ("image_std", "std")):
+        given = getattr(config, key)
+        values = tuple(float(v) for v in (given if given is not None else preprocess.get(name, ())))
+        if len(values) == 1:
+            values = values * 3
+        if len(values) != 3 or (key == "image_std" and min(values) <= 0):
+            raise InputError(f"--{key} {list(values)}: give 3 values (std > 0)")
+        resolved[key] = values
+    return resolved
+
+
+def build_backbone(config: BackboneConfig) -> Backbone:
+    """Load the model ``config`` names and wrap it in the implementation its towers call for.
+
+    ``config`` is not changed: the backbone keeps a resolved copy (QuickGELU as built, the
+    normalisation of the weights), which checkpoints store.
+    """
+    from CLIP.backbone_clip import OpenCLIPBackbone
+    from CLIP.backbone_timm_hf import TimmHFBackbone
+
+    clip, quick_gelu = _create_clip(config)
+    if getattr(clip, "logit_bias", None) is not None:
+        raise InputError(f"--model_name {config.model_name}: SigLIP-style models (sigmoid loss with a logit "
+                         f"bias) are not supported; use a CLIP-style model (softmax over prompts)")
+    family = next((family for family in (OpenCLIPBackbone, TimmHFBackbone) if family.fits(clip)), None)
+    if family is None:
+        raise InputError(f"--model_name {config.model_name}: MedVMAD needs a ViT image tower with a CLIP text "
+                         f"transformer (open_clip CLIP) or a timm ViT with a Hugging Face text encoder "
+                         f"(BiomedCLIP); got {type(clip.visual).__name__} + "
+                         f"{type(getattr(clip, 'text', clip)).__name__}")
+    resolved = replace(config, quick_gelu=quick_gelu,
+                       **_resolve_normalisation(config, getattr(clip.visual, "preprocess_cfg", {})))
+    logger.info(f"{family.__name__}; image normalisation mean {resolved.image_mean} std {resolved.image_std}")
+    return family(resolved, clip)
+
+
+def check_image_size(image_size: int, patch: int, model_name: str) -> None:
+    """Refuse sides below one patch; warn when the last partial patch is not seen."""
+    if image_size < patch:
+        raise InputError(f"--image_size {image_size} is smaller than {model_name}'s patch size "
+                         f"{patch}; use at least {patch}")
+    if image_size % patch:  # the ViT drops the last partial patch; MedVMAD._upsample keeps maps aligned
+        logger.warning(f"--image_size {image_size} is not a multiple of the patch size {patch}: the last "
+                       f"{image_size % patch} pixel rows/columns are not seen by the model (their map "
+                       f"values repeat the edge); {image_size // patch * patch} would avoid that")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 import test_one_example
 import train
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneConfig, quick_gelu_rule
+from CLIP.backbone import OPENAI_MEAN, OPENAI_STD, BackboneConfig, build_backbone, quick_gelu_rule
 from CLIP.checkpoint import load_model, save_checkpoint
 from dataset import MedicalDataset, Sample, list_samples, split_holdout
 from generate_dataset.demo import build_demo
@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_state(seed: int = 1) -> dict[str, torch.Tensor]:
     """Weights of the tiny CLIP, moved away from its seeded init so that only loading can match them."""
-    source = Backbone(BackboneConfig("tiny", "none", 224))
+    source = build_backbone(BackboneConfig("tiny", "none", 224))
     generator = torch.Generator().manual_seed(seed)
     return {key: (value + 0.01 * torch.randn(value.shape, generator=generator)).contiguous()
             if value.is_floating_point() else value for key, value in source.clip.state_dict().items()}
 
 
-def activations(backbone: Backbone) -> set[str]:
+def activations(backbone) -> set[str]:
     return {type(module).__name__ for module in backbone.modules() if type(module).__name__ in ("GELU", "QuickGELU")}
 
 
@@ -74,12 +74,12 @@ def test_quick_gelu_for_weights_files_by_name_and_logged(tmp_path, caplog, monke
     save_file(state, str(openai_file))
     save_file(state, str(other_file))
     with caplog.at_level(logging.INFO, logger="medvmad"):
-        on = Backbone(BackboneConfig("tiny", str(openai_file), TINY_SIZE))
+        on = build_backbone(BackboneConfig("tiny", str(openai_file), TINY_SIZE))
     assert on.config.quick_gelu is True and activations(on) == {"QuickGELU"}
     assert "QuickGELU on" in caplog.text and "says openai" in caplog.text
-    off = Backbone(BackboneConfig("tiny", str(other_file), TINY_SIZE))
+    off = build_backbone(BackboneConfig("tiny", str(other_file), TINY_SIZE))
     assert off.config.quick_gelu is False and activations(off) == {"GELU"}
-    forced_off = Backbone(BackboneConfig("tiny", str(openai_file), TINY_SIZE, quick_gelu=False))
+    forced_off = build_backbone(BackboneConfig("tiny", str(openai_file), TINY_SIZE, quick_gelu=False))
     assert activations(forced_off) == {"GELU"}
     images = torch.rand(1, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():  # same weights, different activation: different features
@@ -98,7 +98,7 @@ def test_quick_gelu_for_a_local_dir_by_name(tmp_path):
     config = json.loads((ROOT / "CLIP" / "model_configs" / "tiny.json").read_text())
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
     save_file(tiny_state(), str(folder / "open_clip_model.safetensors"))
-    backbone = Backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE))
+    backbone = build_backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE))
     assert backbone.config.quick_gelu is True and activations(backbone) == {"QuickGELU"}
 
 
@@ -109,10 +109,10 @@ def test_model_config_that_sets_quick_gelu_is_what_is_stored_and_off_is_refused(
     config["quick_gelu"] = True
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
     save_file(tiny_state(), str(folder / "open_clip_model.safetensors"))
-    backbone = Backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE))
+    backbone = build_backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE))
     assert backbone.config.quick_gelu is True and activations(backbone) == {"QuickGELU"}
     with pytest.raises(InputError, match="--quick_gelu off"):
-        Backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE, quick_gelu=False))
+        build_backbone(BackboneConfig(f"local-dir:{folder}", "none", TINY_SIZE, quick_gelu=False))
 
 
 def test_quick_gelu_flag_reaches_the_config():
@@ -130,7 +130,7 @@ def test_torchscript_archive_loads_its_weights_with_quick_gelu(tmp_path):
     source.load_state_dict(tiny_state())
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.script(source), str(path))
-    loaded = Backbone(BackboneConfig("tiny", str(path), TINY_SIZE))
+    loaded = build_backbone(BackboneConfig("tiny", str(path), TINY_SIZE))
     assert loaded.config.quick_gelu is True
     assert torch.equal(loaded.clip.visual.proj, source.visual.proj)
     assert torch.equal(loaded.clip.token_embedding.weight, source.token_embedding.weight)
@@ -163,9 +163,9 @@ def crafted_files(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_crafted_weights_files_never_run_code(tmp_path):
     marker, plain, looks_scripted = crafted_files(tmp_path)
     with pytest.raises(InputError, match="TorchScript"):
-        Backbone(BackboneConfig("tiny", str(looks_scripted), TINY_SIZE))
+        build_backbone(BackboneConfig("tiny", str(looks_scripted), TINY_SIZE))
     with pytest.raises(InputError, match="refusing to unpickle"):
-        Backbone(BackboneConfig("tiny", str(plain), TINY_SIZE))
+        build_backbone(BackboneConfig("tiny", str(plain), TINY_SIZE))
     assert not marker.exists()
 
 
@@ -210,7 +210,7 @@ def test_normalisation_comes_from_the_model_config(tmp_path):
     torch.testing.assert_close(out.image_logits[:, 0], scale * F.normalize(by_hand, dim=-1) @ text.t())
     assert not torch.allclose(out.image_logits[:, 0], scale * F.normalize(with_openai, dim=-1) @ text.t(), atol=1e-3)
 
-    overridden = Backbone(BackboneConfig(name, "none", TINY_SIZE, image_mean=(0.2, 0.3, 0.4),
+    overridden = build_backbone(BackboneConfig(name, "none", TINY_SIZE, image_mean=(0.2, 0.3, 0.4),
                                          image_std=(0.1, 0.2, 0.3)))
     x = torch.full((1, 3, 2, 2), 0.6)
     torch.testing.assert_close(overridden.normalize(x)[0, :, 0, 0], torch.tensor([4.0, 1.5, 2 / 3]))
@@ -219,7 +219,7 @@ def test_normalisation_comes_from_the_model_config(tmp_path):
 def test_default_normalisation_for_files_and_old_checkpoints(tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_file(tiny_state(), str(path))
-    assert Backbone(BackboneConfig("tiny", str(path), TINY_SIZE)).config.image_mean == OPENAI_MEAN
+    assert build_backbone(BackboneConfig("tiny", str(path), TINY_SIZE)).config.image_mean == OPENAI_MEAN
     name = local_dir_model(tmp_path, {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "new.pth", MedVMAD(tiny_config(backbone=BackboneConfig(name, "none", TINY_SIZE))))
@@ -264,7 +264,7 @@ def test_to_display_draws_model_input_as_it_is():
 def controlled_weights(tmp_path: Path) -> str:
     """Tiny CLIP weights whose vision blocks are identities and whose projected patch tokens carry
     the patch's mean brightness on embedding axis 0 (against a constant on axis 1)."""
-    state = Backbone(BackboneConfig("tiny", "none", TINY_SIZE)).clip.state_dict()
+    state = build_backbone(BackboneConfig("tiny", "none", TINY_SIZE)).clip.state_dict()
     for key, value in state.items():
         if key.startswith("visual.transformer.") and key.endswith(("out_proj.weight", "out_proj.bias",
                                                                    "c_proj.weight", "c_proj.bias")):
