@@ -26,16 +26,14 @@ from torch.utils.data import DataLoader
 
 import evaluation
 import metrics
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import BackboneConfig
-from CLIP.checkpoint import load_model
+from CLIP.MedVMAD import MedVMAD
+from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, build_model
 from dataset import (MedicalDataset, organ_name, list_samples, read_support, sample_support,
                      save_support, dataset_names)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
-from utils import (MANIFEST, ArgumentParser, InputError, add_backbone_override_args, backbone_overrides,
-                   device_name, locked_folder, non_negative_float, non_negative_int, positive_int,
+from utils import (MANIFEST, ArgumentParser, locked_folder, non_negative_float, non_negative_int,
                    prepare_output_dir, resolve_device, run_cli, seed_everything, setup_logging, unit_interval,
                    versions, write_result_files)
 from visualization import overlay_panel, save_curve, save_png, to_display
@@ -62,23 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aupro", default="standard", choices=["standard", "legacy"],
                         help="standard: integrate PRO to FPR 0.3 and divide by 0.3; legacy: the 200-threshold "
                              "rescaled variant of several papers (comparison only)")
-    parser.add_argument("--model_name", help="baseline backbone (default ViT-L-14-336); a checkpoint names its own")
-    parser.add_argument("--pretrained", default=None,
-                        help="backbone weights: open_clip tag, local file, or none (default: openai for the "
-                             "baseline, the checkpoint's own otherwise)")
-    add_backbone_override_args(parser)
-    parser.add_argument("--features_list", type=positive_int, nargs="+", help="baseline tapped layers, 1-based")
-    parser.add_argument("--image_size", type=positive_int, help="default: the checkpoint's, or 336 for the baseline; "
-                        "a multiple of the backbone's patch size")
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--sigma", type=non_negative_float,
-                        help="Gaussian smoothing of the maps in pixels (default: 4 or the checkpoint's)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
-    parser.add_argument("--num_workers", type=non_negative_int, default=2)
+    add_model_args(parser, checkpoint=True)
+    add_runtime_args(parser)
     parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
-    parser.add_argument("--seed", type=non_negative_int, default=111)
     evaluation_args = parser.add_argument_group("evaluation")
     evaluation_args.add_argument("--map_dtype", default="float32", choices=["float32", "float16"],
                                  help="precision of the stored maps: float32 (the model's own output, exact metrics) "
@@ -94,32 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "names, else images); 0 = off")
     evaluation_args.add_argument("--bootstrap_seed", type=non_negative_int, default=0)
     fewshot = parser.add_argument_group("few-shot (memory bank of normal support patches)")
-    fewshot.add_argument("--k_shot", type=non_negative_int, default=0, help="k normal + k abnormal support images; 0 = off")
-    fewshot.add_argument("--fewshot_seed", type=non_negative_int, default=1)
-    fewshot.add_argument("--support_file", help="support set file (default: the one beside the checkpoint, "
-                         "else sampled from the dataset's valid split with --fewshot_seed)")
-    fewshot.add_argument("--fewshot_weight", type=unit_interval, help="weight of the memory-bank map (default 0.5)")
+    add_fewshot_args(fewshot)
+    fewshot.add_argument("--fewshot_weight", type=unit_interval,
+                         help=f"weight of the memory-bank map (default: the checkpoint's, else {MODEL.fewshot_weight})")
     return parser.parse_args(argv)
-
-
-def build_model(args: argparse.Namespace, device) -> tuple[MedVMAD, dict | None]:
-    """The checkpoint's model, or the zero-training baseline."""
-    if args.checkpoint_path:
-        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
-                                       **backbone_overrides(args))
-        trained_on = model.config.backbone.model_name
-        if args.model_name and args.model_name != trained_on:
-            raise InputError(f"--checkpoint_path {args.checkpoint_path} was trained on {trained_on}, "
-                             f"not --model_name {args.model_name}")
-        return model, checkpoint
-    backbone = BackboneConfig(args.model_name or "ViT-L-14-336", args.pretrained or "openai", args.image_size or 336,
-                              **backbone_overrides(args))
-    config = MedVMADConfig(backbone=backbone, features_list=args.features_list, adapters=False,
-                           learnable_prompts=False, sigma=4.0 if args.sigma is None else args.sigma)
-    try:
-        return MedVMAD(config).to(device), None
-    except ValueError as error:
-        raise InputError(str(error)) from None
 
 
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,

@@ -21,8 +21,8 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
+from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
 from curves import log_epoch, tensorboard_writer
 from dataset import (MedicalDataset, Sample, augment_support, organ_name, describe, list_samples,
                      read_support, sample_support, save_support, split_holdout, dataset_names)
@@ -30,10 +30,9 @@ from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from metrics import image_metrics
-from utils import (ArgumentParser, InputError, add_backbone_override_args, atomic_write_json, autocast,
-                   backbone_overrides, device_name, locked_folder, non_negative_float, non_negative_int,
-                   positive_float, positive_int, prepare_output_dir, resolve_device, run_cli, seed_everything,
-                   setup_logging, unit_interval, versions)
+from utils import (ArgumentParser, InputError, atomic_write_json, autocast, locked_folder, non_negative_float,
+                   non_negative_int, positive_float, positive_int, prepare_output_dir, resolve_device, run_cli,
+                   seed_everything, setup_logging, unit_interval, versions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,36 +49,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="share of training images held out for selection when no --valid_data_path")
     data.add_argument("--skip_bad", action="store_true",
                       help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
-    data.add_argument("--k_shot", type=non_negative_int, default=0, help="few-shot: k normal + k abnormal images of the "
-                      "(single) training root's valid split, augmented x11; 0 = off")
-    data.add_argument("--fewshot_seed", type=non_negative_int, default=1)
-    data.add_argument("--support_file", help="read the few-shot support set from this file instead of sampling")
+    add_fewshot_args(data)
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name", default="ViT-L-14-336")
-    model.add_argument("--pretrained", default="openai", help="open_clip tag, local weights file, or none")
-    add_backbone_override_args(model)
-    model.add_argument("--features_list", type=positive_int, nargs="+", help="tapped layers, 1-based (default: 4 evenly spaced)")
-    model.add_argument("--image_size", type=positive_int, default=336,
-                       help="input side, a multiple of the backbone's patch size (14 for ViT-L-14)")
-    model.add_argument("--n_ctx", type=positive_int, default=12, help="learnable context tokens per prompt")
-    model.add_argument("--depth", type=non_negative_int, default=9, help="text layers with learnable deep tokens")
-    model.add_argument("--t_n_ctx", type=positive_int, default=4, help="learnable deep tokens per text layer")
-    model.add_argument("--alpha", type=unit_interval, default=0.1, help="adapter weight: (1-2a) x + a seg + a det")
-    model.add_argument("--sigma", type=non_negative_float, default=4.0, help="Gaussian smoothing of test maps, pixels")
+    add_model_args(model, checkpoint=False)
+    model.add_argument("--n_ctx", type=positive_int, default=MODEL.n_ctx, help="learnable context tokens per prompt")
+    model.add_argument("--depth", type=non_negative_int, default=MODEL.depth,
+                       help="text layers with learnable deep tokens")
+    model.add_argument("--t_n_ctx", type=positive_int, default=MODEL.t_n_ctx, help="learnable deep tokens per text layer")
+    model.add_argument("--alpha", type=unit_interval, default=MODEL.alpha,
+                       help="adapter weight: (1-2a) x + a seg + a det")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epoch", type=positive_int, default=10)
-    optim.add_argument("--batch_size", type=positive_int, default=8)
     optim.add_argument("--learning_rate", type=positive_float, help="default 1e-4, or 1e-3 with --k_shot")
     optim.add_argument("--focal_weight", type=non_negative_float, default=1.0)
     optim.add_argument("--dice_weight", type=non_negative_float, default=1.0)
     optim.add_argument("--image_weight", type=non_negative_float, default=1.0)
-    optim.add_argument("--seed", type=non_negative_int, default=111)
     run = parser.add_argument_group("run")
     run.add_argument("--save_path", default="checkpoint/demo", help="folder for checkpoints, log and args.json")
-    run.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"],
-                     help="autocast for the forward pass; learnable weights stay fp32")
-    run.add_argument("--num_workers", type=non_negative_int, default=2)
+    add_runtime_args(run)
     used = run.add_mutually_exclusive_group()
     used.add_argument("--resume", nargs="?", const="latest", default=None,
                       help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
@@ -231,7 +218,7 @@ def training_data(args, roots: list[str], names: list[str],
 def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
     """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
     return MedVMADConfig(
-        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size, **backbone_overrides(args)),
+        backbone=backbone_config(args),
         organ=prompt_name,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)
