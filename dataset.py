@@ -591,3 +591,26 @@ def read_support(path: str, root: str, iteration: int = 0) -> list[Sample]:
             raise InputError(f"support file {path}, line {number}: {files[0]} is listed twice")
         support.append(Sample(files[0], files[1] if len(files) == 2 else None, int(fields[0])))
     return support
+
+
+SUPPORT_FILES = "support_*shot_seed*.txt"  # what ``support_file_name`` names, as a glob
+
+
+def support_file_name(k_shot: int, seed: int, dataset: str | None = None) -> str:
+    """``support_<k>shot_seed<s>.txt`` (a training run's), or ``support_<dataset>_<k>shot_seed<s>.txt``
+    (one dataset of an evaluation over several)."""
+    return f"support_{dataset + '_' if dataset else ''}{k_shot}shot_seed{seed}.txt"
+
+
+def resolve_support(root: str, k_shot: int, seed: int, support_file: str | None = None,
+                    checkpoint_path: str | None = None) -> tuple[list[Sample], str]:
+    """The few-shot support set of ``root`` and where it came from: ``support_file`` when given, else
+    the file the training run wrote beside ``checkpoint_path`` (when there is one), else ``k_shot``
+    normal + ``k_shot`` abnormal images of ``root``'s valid split sampled with ``seed``."""
+    if support_file:
+        return read_support(support_file, root), support_file
+    if checkpoint_path:
+        beside_checkpoint = Path(checkpoint_path).parent / support_file_name(k_shot, seed)
+        if beside_checkpoint.is_file():
+            return read_support(str(beside_checkpoint), root), str(beside_checkpoint)
+    return sample_support(list_samples(root, "valid"), k_shot, seed), "sampled from valid"

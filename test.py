@@ -28,8 +28,8 @@ import evaluation
 import metrics
 from CLIP.MedVMAD import MedVMAD
 from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, build_model
-from dataset import (MedicalDataset, organ_name, list_samples, read_support, sample_support,
-                     save_support, dataset_names)
+from dataset import (MedicalDataset, dataset_names, list_samples, organ_name, resolve_support, save_support,
+                     support_file_name)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
@@ -88,16 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,
                       device, logger) -> str:
     """Build the few-shot bank from the normal support images (x11 augmented); returns the support file."""
-    beside_checkpoint = (Path(args.checkpoint_path).parent / f"support_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
-                         if args.checkpoint_path else None)
-    if args.support_file:
-        source, support = args.support_file, read_support(args.support_file, root)
-    elif beside_checkpoint is not None and beside_checkpoint.is_file():
-        source, support = str(beside_checkpoint), read_support(str(beside_checkpoint), root)
-    else:
-        source = "sampled from valid"
-        support = sample_support(list_samples(root, "valid"), args.k_shot, args.fewshot_seed)
-    written = save_path / f"support_{name}_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
+    support, source = resolve_support(root, args.k_shot, args.fewshot_seed, args.support_file, args.checkpoint_path)
+    written = save_path / support_file_name(args.k_shot, args.fewshot_seed, name)
     save_support(str(written), support, root)
     count, copies = memory_bank_from_support(model, support, args.fewshot_seed, device, args.batch_size)
     logger.info(f"{name}: memory bank from {count} normal support images x{copies} ({source}; written to {written})")

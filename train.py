@@ -24,8 +24,8 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
 from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
 from curves import log_epoch, tensorboard_writer
-from dataset import (MedicalDataset, Sample, augment_support, organ_name, describe, list_samples,
-                     read_support, sample_support, save_support, split_holdout, dataset_names)
+from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, list_samples,
+                     organ_name, resolve_support, save_support, split_holdout, support_file_name)
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--n_ctx", type=positive_int, default=MODEL.n_ctx, help="learnable context tokens per prompt")
     model.add_argument("--depth", type=non_negative_int, default=MODEL.depth,
                        help="text layers with learnable deep tokens")
-    model.add_argument("--t_n_ctx", type=positive_int, default=MODEL.t_n_ctx, help="learnable deep tokens per text layer")
+    model.add_argument("--t_n_ctx", type=positive_int, default=MODEL.t_n_ctx,
+                       help="learnable deep tokens per text layer")
     model.add_argument("--alpha", type=unit_interval, default=MODEL.alpha,
                        help="adapter weight: (1-2a) x + a seg + a det")
     optim = parser.add_argument_group("optimisation")
@@ -118,7 +119,7 @@ def config_differences(stored: dict, current: dict, prefix: str = "") -> list[st
 
 
 RUN_MARKERS = ("args.json", "best.pth", "epoch_*.pth")  # files that show a folder holds a run
-RUN_FILES = RUN_MARKERS + ("train_log.txt", "support_*shot_seed*.txt")  # what a run writes
+RUN_FILES = RUN_MARKERS + ("train_log.txt", SUPPORT_FILES)  # what a run writes
 
 
 def claim_folder(save_path: Path, args: argparse.Namespace) -> list[Path]:
@@ -180,11 +181,8 @@ def training_data(args, roots: list[str], names: list[str],
     if args.k_shot:
         if len(roots) != 1:
             raise InputError("--k_shot adapts to one target: give exactly one --train_data_path")
-        support_file = Path(args.save_path) / f"support_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
-        if args.support_file:
-            support = read_support(args.support_file, roots[0])
-        else:
-            support = sample_support(list_samples(roots[0], "valid"), args.k_shot, args.fewshot_seed)
+        support, _ = resolve_support(roots[0], args.k_shot, args.fewshot_seed, args.support_file)
+        support_file = Path(args.save_path) / support_file_name(args.k_shot, args.fewshot_seed)
         save_support(str(support_file), support, roots[0])
         logger.info(f"few-shot support ({len(support)} images) written to {support_file}")
         base = MedicalDataset(support, args.image_size)

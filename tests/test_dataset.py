@@ -13,7 +13,7 @@ from PIL import Image
 
 from dataset import (MedicalDataset, _resize_mask, Sample, augment_support, organ_name,
                      describe, list_samples, load_image, load_mask, preprocess, read_support,
-                     sample_support, save_support, split_holdout)
+                     resolve_support, sample_support, save_support, split_holdout, support_file_name)
 from utils import InputError
 
 SIZE = 32
@@ -302,6 +302,23 @@ def test_support_round_trip(tmp_path, brain):
     assert read_support(path, brain) == support
     with pytest.raises(InputError, match="4 normal"):
         sample_support(valid, 4, seed=0)
+
+
+def test_resolve_support_prefers_the_given_file_then_the_one_beside_the_checkpoint(tmp_path, brain):
+    valid = list_samples(brain, "valid")
+    sampled, source = resolve_support(brain, 2, 3)
+    assert sampled == sample_support(valid, 2, seed=3) and source == "sampled from valid"
+    checkpoint = tmp_path / "run" / "best.pth"
+    assert resolve_support(brain, 2, 3, checkpoint_path=str(checkpoint)) == (sampled, "sampled from valid")
+    beside = checkpoint.parent / support_file_name(2, 3)
+    assert beside.name == "support_2shot_seed3.txt"
+    assert support_file_name(2, 3, "Brain") == "support_Brain_2shot_seed3.txt"
+    other = sample_support(valid, 2, seed=4)
+    save_support(str(beside), other, brain)
+    assert resolve_support(brain, 2, 3, checkpoint_path=str(checkpoint)) == (other, str(beside))
+    given = str(tmp_path / "given.txt")
+    save_support(given, sampled, brain)
+    assert resolve_support(brain, 2, 3, given, str(checkpoint)) == (sampled, given)
 
 
 def test_mvfa_support_format(tmp_path, brain):
