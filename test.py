@@ -9,10 +9,7 @@ Writes results.json, results.csv, scores.csv (and overlays/curves with --visuali
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_curve
-from tabulate import tabulate
 from torch.utils.data import DataLoader
 
 import evaluation
@@ -33,6 +29,7 @@ from dataset import (MedicalDataset, dataset_names, list_samples, organ_name, re
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
+from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, locked_folder, non_negative_float, non_negative_int,
                    prepare_output_dir, resolve_device, run_cli, seed_everything, setup_logging, unit_interval,
                    versions, write_result_files)
@@ -40,9 +37,6 @@ from visualization import overlay_panel, save_curve, save_png, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
 RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
-TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
-                 ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
-PATIENT_COLUMNS = [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,58 +88,6 @@ def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name:
     count, copies = memory_bank_from_support(model, support, args.fewshot_seed, device, args.batch_size)
     logger.info(f"{name}: memory bank from {count} normal support images x{copies} ({source}; written to {written})")
     return source
-
-
-def csv_text(rows: list[list]) -> str:
-    """Rows as CSV text."""
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    return buffer.getvalue()
-
-
-def cell(values: dict, key: str) -> str:
-    """A metric x100 with one decimal, '-' when absent or nan, and its interval when known."""
-    value = values.get(key)
-    if value is None or math.isnan(value):
-        return "-"
-    low, high = values.get(f"{key}_ci", (math.nan, math.nan))
-    text = f"{100 * value:.1f}"
-    return text if math.isnan(low) else f"{text} [{100 * low:.1f}\u2013{100 * high:.1f}]"
-
-
-def format_table(results: dict[str, dict[str, float]],
-                 columns: list[tuple[str, str]] = TABLE_COLUMNS) -> list[list[str]]:
-    """Rows per dataset plus a mean row, metric values x100 with one decimal ('-' when absent),
-    with the 95% interval as 'value [low-high]' when the results carry ``<metric>_ci``."""
-    rows = [[name] + [cell(values, key) for key, _ in columns] for name, values in results.items()]
-    means = {}
-    for key, _ in columns:
-        present = [values[key] for values in results.values() if key in values and not math.isnan(values[key])]
-        if present:
-            means[key] = float(np.mean(present))
-    return rows + [["mean"] + [cell(means, key) for key, _ in columns]]
-
-
-def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] = TABLE_COLUMNS,
-             first: str = "dataset") -> list[list[str]]:
-    """The table as CSV rows (x100, one decimal, '-' when absent, a mean row); with bootstrap
-    intervals, each metric is followed by its ``low`` and ``high`` columns."""
-    with_ci = any(f"{key}_ci" in values for values in results.values() for key, _ in columns)
-    plain = {name: {key: v for key, v in values.items() if not key.endswith("_ci")}
-             for name, values in results.items()}
-    header = [first]
-    for _, title in columns:
-        header += [title, f"{title} low", f"{title} high"] if with_ci else [title]
-    rows = [header]
-    for row in format_table(plain, columns):
-        values = results.get(row[0], {})
-        out = [row[0]]
-        for (key, _), text in zip(columns, row[1:]):
-            out.append(text)
-            if with_ci:
-                out += [cell({"v": bound}, "v") for bound in values.get(f"{key}_ci", (math.nan, math.nan))]
-        rows.append(out)
-    return rows
 
 
 def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name: str, save_path: Path,
@@ -204,8 +146,8 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                  predictions.has_masks)
             per_class[class_name] = compute_metrics(subset, pixel=want_pixel, image=want_image,
                                                     aupro_variant=args.aupro)
-        logger.info(f"\n{name} per class\n" + tabulate(format_table(per_class), headers=["class"] + [
-            title for _, title in TABLE_COLUMNS], tablefmt="pipe", disable_numparse=True))
+        logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
+                                                        ["class"] + [title for _, title in TABLE_COLUMNS]))
     return values, patient_values, per_class
 
 
@@ -299,15 +241,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
     interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
                      if args.bootstrap else "")
-    table = tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+    table = pipe_table(rows, headers)
     logger.info(f"\n{table}\n({aupro_note}; values x100{interval_note})")
     files = {"results.csv": csv_text(csv_rows(results))}
     if patient_results:
         shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
                  for name, v in patient_results.items()}
-        patient_table = tabulate(format_table(shown, PATIENT_COLUMNS)[:-1],
-                                 headers=["dataset"] + [title for _, title in PATIENT_COLUMNS],
-                                 tablefmt="pipe", disable_numparse=True)
+        patient_table = pipe_table(format_table(shown, PATIENT_COLUMNS)[:-1],
+                                   ["dataset"] + [title for _, title in PATIENT_COLUMNS])
         logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
                     f"{patient_table}")
         files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))
