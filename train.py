@@ -229,6 +229,109 @@ def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return tuple(batch)
 
 
+def resume_checkpoint(args: argparse.Namespace, save_path: Path) -> Path | None:
+    """The epoch checkpoint ``--resume`` continues from (None without --resume)."""
+    if not args.resume:
+        return None
+    resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
+    if resume_from is None:
+        raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
+    return resume_from
+
+
+def build_model_and_optimizer(config: MedVMADConfig, args: argparse.Namespace, device: torch.device,
+                              logger) -> tuple[MedVMAD, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model on ``device``, Adam over its learnable weights, and the gradient scaler of --precision amp."""
+    try:
+        model = MedVMAD(config).to(device)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
+    logger.info(f"model {args.model_name} ({args.pretrained}) image_size {args.image_size} "
+                f"layers {model.features_list}; {sum(p.numel() for p in parameters):,} trainable parameters")
+    return model, optimizer, scaler
+
+
+def restore_run(resume_from: Path, config: MedVMADConfig, args: argparse.Namespace, model: MedVMAD,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, logger) -> tuple[int, dict]:
+    """Load the stopped run's weights, optimizer, scaler and RNG states; returns (first epoch to run, best so far)."""
+    state = read_resume_state(resume_from, config, args)
+    try:
+        model.load_trainable_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when the stopped run did not use amp
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
+                         f"({type(error).__name__}: {error})") from None
+    logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
+    return state["epoch"] + 1, state["best"]
+
+
+def train_epoch(model: MedVMAD, train_set: torch.utils.data.Dataset, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, weights: LossWeights, device: torch.device, args: argparse.Namespace,
+                epoch: int, last_good: Path | None) -> dict[str, float]:
+    """One pass over ``train_set`` (shuffled by seed and epoch); returns the mean of each loss term."""
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order,
+                        num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
+    sums: dict[str, float] = {}
+    progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False)
+    for step, batch in enumerate(progress, start=1):
+        images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
+        with autocast(device, args.precision):
+            output = model(images)
+        parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
+        if not torch.isfinite(parts["loss"]):
+            raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(parts["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():  # a NaN gradient
+            raise diverged("a weight became NaN or infinite", f"at epoch {epoch} step {step}", last_good)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
+    return {key: value / max(len(loader), 1) for key, value in sums.items()}
+
+
+def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: torch.device,
+                       args: argparse.Namespace, epoch: int, last_good: Path | None,
+                       logger) -> tuple[float | None, dict[str, float], float]:
+    """Selection score (None when no source has both classes), per-source metrics, and the decision
+    threshold: F1-max over the selection images of every source (0.5 when undefined)."""
+    per_source, labels, scores = {}, [], []
+    for name, loader in loaders.items():
+        predictions = predict(model, loader, device, args.precision, desc=f"selection {name}")
+        if not np.isfinite(predictions.scores).all():  # finite weights can still overflow in the forward pass
+            raise diverged(f"selection scores on {name} became NaN", f"after epoch {epoch}", last_good)
+        per_source[name] = compute_metrics(predictions)
+        if math.isnan(per_source[name]["image_auroc"]):
+            logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
+        labels.append(predictions.labels)
+        scores.append(predictions.scores)
+    score, values = selection_summary(per_source)
+    threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
+    return score, values, 0.5 if math.isnan(threshold) else float(threshold)
+
+
+def save_epoch(save_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               extra: dict, best: dict, improved: bool) -> Path:
+    """Write epoch_<n>.pth (with what --resume needs) and, when ``improved``, best.pth; returns the former."""
+    epoch_path = save_path / f"epoch_{extra['epoch']}.pth"
+    save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), rng=rng_state())
+    if improved:
+        save_checkpoint(save_path / "best.pth", model, **extra)
+    return epoch_path
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     save_path = prepare_output_dir(args.save_path)
@@ -246,101 +349,36 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     device = resolve_device(args.device)
     roots = args.train_data_path or [ensure_demo()]
     names = dataset_names(roots, args.dataset)
-
-    resume_from = None
-    if args.resume:
-        resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None:
-            raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
+    resume_from = resume_checkpoint(args, save_path)
     seed_everything(args.seed)
 
     train_set, selection_samples = training_data(args, roots, names, logger)
     organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
-    try:
-        model = MedVMAD(config).to(device)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=(0.5, 0.999))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
-    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight)
-    logger.info(f"model {args.model_name} ({args.pretrained}) image_size {args.image_size} "
-                f"layers {model.features_list}; {sum(p.numel() for p in parameters):,} trainable parameters")
-
+    model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
-        state = read_resume_state(resume_from, config, args)
-        try:
-            model.load_trainable_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):  # empty when the stopped run did not use amp
-                scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
-                             f"({type(error).__name__}: {error})") from None
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
+        start_epoch, best = restore_run(resume_from, config, args, model, optimizer, scaler, logger)
     atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
 
     selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
                                           batch_size=args.batch_size, num_workers=args.num_workers)
                          for name, samples in selection_samples.items()}
+    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight)
     last_good = resume_from
     writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
     for epoch in range(start_epoch, args.epoch + 1):
-        model.train()
-        order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order,
-                            num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
-        sums: dict[str, float] = {}
-        progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False)
-        for step, batch in enumerate(progress, start=1):
-            images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
-            with autocast(device, args.precision):
-                output = model(images)
-            parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
-            if not torch.isfinite(parts["loss"]):
-                raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():  # a NaN gradient
-                raise diverged("a weight became NaN or infinite", f"at epoch {epoch} step {step}", last_good)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
-        averages = {key: value / max(len(loader), 1) for key, value in sums.items()}
-
-        per_source, labels, scores = {}, [], []
-        for name, selection_loader in selection_loaders.items():
-            predictions = predict(model, selection_loader, device, args.precision, desc=f"selection {name}")
-            if not np.isfinite(predictions.scores).all():  # finite weights can still overflow in the forward pass
-                raise diverged(f"selection scores on {name} became NaN", f"after epoch {epoch}", last_good)
-            per_source[name] = compute_metrics(predictions)
-            if math.isnan(per_source[name]["image_auroc"]):
-                logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
-            labels.append(predictions.labels)
-            scores.append(predictions.scores)
-        score, values = selection_summary(per_source)
+        averages = train_epoch(model, train_set, optimizer, scaler, weights, device, args, epoch, last_good)
+        score, values, threshold = evaluate_selection(model, selection_loaders, device, args, epoch, last_good,
+                                                      logger)
         score = -averages["loss"] if score is None else score
-        # One decision threshold for the model: F1-max over the selection images of every source.
-        threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
-        threshold = 0.5 if math.isnan(threshold) else threshold
-        extra = dict(epoch=epoch, threshold=float(threshold), selection_metrics=values, train_loss=averages,
+        extra = dict(epoch=epoch, threshold=threshold, selection_metrics=values, train_loss=averages,
                      args=vars(args))
         # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
         improved = bool(args.k_shot) or score > best["score"]
         if improved:
             best = {"score": score, "epoch": epoch}
-        epoch_path = save_path / f"epoch_{epoch}.pth"
-        save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), rng=rng_state())
-        if improved:
-            save_checkpoint(save_path / "best.pth", model, **extra)
-        last_good = epoch_path
+        last_good = save_epoch(save_path, model, optimizer, scaler, extra, best, improved)
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in averages.items())
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))
