@@ -50,8 +50,8 @@ def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None
                         help="image normalisation std (default: the weights' own preprocess config)")
     if features_list:
         parser.add_argument("--features_list", type=positive_int, nargs="+",
-                            help="tapped layers, 1-based (default: " + ("the checkpoint's, else " if checkpoint
-                                                                        else "") + "4 evenly spaced)")
+                            help="tapped layers, 1-based (default: 4 evenly spaced)" + (
+                                "; the zero-training baseline's only: a checkpoint keeps its own" if checkpoint else ""))
     value, note = default(MODEL.sigma)
     parser.add_argument("--sigma", type=non_negative_float, default=value,
                         help=f"Gaussian smoothing of the maps, pixels ({note})")
