@@ -384,11 +384,11 @@ def _load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- augmentation
 
 def _random_transform(image: torch.Tensor, mask: torch.Tensor,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Same random 90° rotation, flips, small rotation and shift on image [3,S,S] and mask [S,S].
 
     The image is in [0,1]; uncovered borders are filled with black (0). Random numbers come
-    from ``generator`` (CPU), or torch's global one, which DataLoader seeds per worker.
+    from ``generator`` (CPU).
     """
     k = int(torch.randint(4, (1,), generator=generator))
     image, mask = torch.rot90(image, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
@@ -429,21 +429,17 @@ class MedicalDataset(torch.utils.data.Dataset):
     """Samples -> dict(image [3,S,S] RGB in [0,1], mask [S,S] in {0,1}, label, has_mask, path).
 
     ``has_mask`` is True when the pixel ground truth is known (normal, or abnormal with a mask).
-    ``augment`` applies the same random flips/rotations/shifts to image and mask (few-shot).
     ``skip_bad`` reads every sample once up front and drops unreadable ones with a warning;
     otherwise a bad file raises InputError when it is loaded.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int, augment: bool = False,
-                 skip_bad: bool = False) -> None:
+    def __init__(self, samples: list[Sample], image_size: int, skip_bad: bool = False) -> None:
         if skip_bad:
             samples = self._drop_bad(samples)
         if not samples:
             raise InputError("no samples to build a dataset from")
         self.samples = list(samples)
         self.image_size = image_size
-        self.augment = augment
-        self.has_masks = all(s.mask_path is not None for s in self.samples if s.label == 1)
 
     @staticmethod
     def _drop_bad(samples: list[Sample]) -> list[Sample]:
@@ -465,12 +461,8 @@ class MedicalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         image, mask = _load_sample(sample)
-        image_t = preprocess(image, self.image_size)
-        mask_t = _resize_mask(mask, self.image_size)
-        if self.augment:
-            image_t, mask_t = _random_transform(image_t, mask_t)
-        return dict(image=image_t, mask=mask_t, label=sample.label,
-                    has_mask=sample.label == 0 or sample.mask_path is not None,
+        return dict(image=preprocess(image, self.image_size), mask=_resize_mask(mask, self.image_size),
+                    label=sample.label, has_mask=sample.label == 0 or sample.mask_path is not None,
                     path=sample.image_path)
 
 
@@ -591,3 +583,26 @@ def read_support(path: str, root: str, iteration: int = 0) -> list[Sample]:
             raise InputError(f"support file {path}, line {number}: {files[0]} is listed twice")
         support.append(Sample(files[0], files[1] if len(files) == 2 else None, int(fields[0])))
     return support
+
+
+SUPPORT_FILES = "support_*shot_seed*.txt"  # what ``support_file_name`` names, as a glob
+
+
+def support_file_name(k_shot: int, seed: int, dataset: str | None = None) -> str:
+    """``support_<k>shot_seed<s>.txt`` (a training run's), or ``support_<dataset>_<k>shot_seed<s>.txt``
+    (one dataset of an evaluation over several)."""
+    return f"support_{dataset + '_' if dataset else ''}{k_shot}shot_seed{seed}.txt"
+
+
+def resolve_support(root: str, k_shot: int, seed: int, support_file: str | None = None,
+                    checkpoint_path: str | None = None) -> tuple[list[Sample], str]:
+    """The few-shot support set of ``root`` and where it came from: ``support_file`` when given, else
+    the file the training run wrote beside ``checkpoint_path`` (when there is one), else ``k_shot``
+    normal + ``k_shot`` abnormal images of ``root``'s valid split sampled with ``seed``."""
+    if support_file:
+        return read_support(support_file, root), support_file
+    if checkpoint_path:
+        beside_checkpoint = Path(checkpoint_path).parent / support_file_name(k_shot, seed)
+        if beside_checkpoint.is_file():
+            return read_support(str(beside_checkpoint), root), str(beside_checkpoint)
+    return sample_support(list_samples(root, "valid"), k_shot, seed), "sampled from valid"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataset import load_image
-from generate_dataset.brats2021 import display, scale_intensity
+from generate_dataset.common import display, scale_intensity
 from utils import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

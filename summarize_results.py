@@ -7,20 +7,15 @@ Runs are grouped by dataset and by their ``--k_shot`` argument; each group's run
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from tabulate import tabulate
 
+from tables import TABLE_COLUMNS, csv_text, mean_std_cell, pipe_table
 from utils import InputError, atomic_write_json, atomic_write_text, read_manifest, run_cli
-
-METRICS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
-           ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -37,9 +32,9 @@ def summarize(results: list[dict]) -> dict[tuple[str, int], dict[str, tuple[floa
     for result in results:
         k_shot = int(result.get("args", {}).get("k_shot") or 0)
         for name, values in result["datasets"].items():
-            for key, _ in METRICS:
+            for key, _ in TABLE_COLUMNS:
                 groups[(name, k_shot)][key].append(values.get(key, math.nan))
-    return {group: {key: (*mean_std(values[key]), len(values[key])) for key, _ in METRICS}
+    return {group: {key: (*mean_std(values[key]), len(values[key])) for key, _ in TABLE_COLUMNS}
             for group, values in sorted(groups.items())}
 
 
@@ -56,15 +51,12 @@ def main(argv: list[str] | None = None) -> dict:
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"{path}: not a readable results.json ({error})") from None
     summary = summarize(loaded)
-    headers = ["dataset", "k", "runs"] + [title for _, title in METRICS]
-    cell = lambda m, s: "-" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"  # noqa: E731
-    rows = [[name, k or "zero-shot", next(iter(values.values()))[2]] + [cell(*values[key][:2]) for key, _ in METRICS]
-            for (name, k), values in summary.items()]
-    print(tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True))
+    headers = ["dataset", "k", "runs"] + [title for _, title in TABLE_COLUMNS]
+    rows = [[name, k or "zero-shot", next(iter(values.values()))[2]]
+            + [mean_std_cell(*values[key][:2]) for key, _ in TABLE_COLUMNS] for (name, k), values in summary.items()]
+    print(pipe_table(rows, headers))
     if args.save_path:
-        buffer = io.StringIO()
-        csv.writer(buffer).writerows([headers] + rows)
-        atomic_write_text(Path(args.save_path) / "summary.csv", buffer.getvalue())
+        atomic_write_text(Path(args.save_path) / "summary.csv", csv_text([headers] + rows))
         atomic_write_json(Path(args.save_path) / "summary.json", [
             {"dataset": name, "k_shot": k, **{key: {"mean": v[0], "std": v[1], "runs": v[2]} for key, v in values.items()}}
             for (name, k), values in summary.items()])

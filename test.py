@@ -9,10 +9,7 @@ Writes results.json, results.csv, scores.csv (and overlays/curves with --visuali
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,30 +18,25 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_curve
-from tabulate import tabulate
 from torch.utils.data import DataLoader
 
 import evaluation
 import metrics
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import BackboneConfig
-from CLIP.checkpoint import load_model
-from dataset import (MedicalDataset, organ_name, list_samples, read_support, sample_support,
-                     save_support, dataset_names)
+from CLIP.MedVMAD import MedVMAD
+from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, build_model
+from dataset import (MedicalDataset, dataset_names, list_samples, organ_name, resolve_support, save_support,
+                     support_file_name)
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
-from utils import (MANIFEST, ArgumentParser, InputError, add_backbone_override_args, backbone_overrides,
-                   device_name, locked_folder, non_negative_float, non_negative_int, positive_int,
+from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
+from utils import (MANIFEST, ArgumentParser, locked_folder, non_negative_float, non_negative_int,
                    prepare_output_dir, resolve_device, run_cli, seed_everything, setup_logging, unit_interval,
                    versions, write_result_files)
 from visualization import overlay_panel, save_curve, save_png, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
 RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
-TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
-                 ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
-PATIENT_COLUMNS = [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,23 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aupro", default="standard", choices=["standard", "legacy"],
                         help="standard: integrate PRO to FPR 0.3 and divide by 0.3; legacy: the 200-threshold "
                              "rescaled variant of several papers (comparison only)")
-    parser.add_argument("--model_name", help="baseline backbone (default ViT-L-14-336); a checkpoint names its own")
-    parser.add_argument("--pretrained", default=None,
-                        help="backbone weights: open_clip tag, local file, or none (default: openai for the "
-                             "baseline, the checkpoint's own otherwise)")
-    add_backbone_override_args(parser)
-    parser.add_argument("--features_list", type=positive_int, nargs="+", help="baseline tapped layers, 1-based")
-    parser.add_argument("--image_size", type=positive_int, help="default: the checkpoint's, or 336 for the baseline; "
-                        "a multiple of the backbone's patch size")
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--sigma", type=non_negative_float,
-                        help="Gaussian smoothing of the maps in pixels (default: 4 or the checkpoint's)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
-    parser.add_argument("--num_workers", type=non_negative_int, default=2)
+    add_model_args(parser, checkpoint=True)
+    add_runtime_args(parser)
     parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
-    parser.add_argument("--seed", type=non_negative_int, default=111)
     evaluation_args = parser.add_argument_group("evaluation")
     evaluation_args.add_argument("--map_dtype", default="float32", choices=["float32", "float16"],
                                  help="precision of the stored maps: float32 (the model's own output, exact metrics) "
@@ -94,103 +73,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "names, else images); 0 = off")
     evaluation_args.add_argument("--bootstrap_seed", type=non_negative_int, default=0)
     fewshot = parser.add_argument_group("few-shot (memory bank of normal support patches)")
-    fewshot.add_argument("--k_shot", type=non_negative_int, default=0, help="k normal + k abnormal support images; 0 = off")
-    fewshot.add_argument("--fewshot_seed", type=non_negative_int, default=1)
-    fewshot.add_argument("--support_file", help="support set file (default: the one beside the checkpoint, "
-                         "else sampled from the dataset's valid split with --fewshot_seed)")
-    fewshot.add_argument("--fewshot_weight", type=unit_interval, help="weight of the memory-bank map (default 0.5)")
+    add_fewshot_args(fewshot)
+    fewshot.add_argument("--fewshot_weight", type=unit_interval,
+                         help=f"weight of the memory-bank map (default: the checkpoint's, else {MODEL.fewshot_weight})")
     return parser.parse_args(argv)
-
-
-def build_model(args: argparse.Namespace, device) -> tuple[MedVMAD, dict | None]:
-    """The checkpoint's model, or the zero-training baseline."""
-    if args.checkpoint_path:
-        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
-                                       **backbone_overrides(args))
-        trained_on = model.config.backbone.model_name
-        if args.model_name and args.model_name != trained_on:
-            raise InputError(f"--checkpoint_path {args.checkpoint_path} was trained on {trained_on}, "
-                             f"not --model_name {args.model_name}")
-        return model, checkpoint
-    backbone = BackboneConfig(args.model_name or "ViT-L-14-336", args.pretrained or "openai", args.image_size or 336,
-                              **backbone_overrides(args))
-    config = MedVMADConfig(backbone=backbone, features_list=args.features_list, adapters=False,
-                           learnable_prompts=False, sigma=4.0 if args.sigma is None else args.sigma)
-    try:
-        return MedVMAD(config).to(device), None
-    except ValueError as error:
-        raise InputError(str(error)) from None
 
 
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,
                       device, logger) -> str:
     """Build the few-shot bank from the normal support images (x11 augmented); returns the support file."""
-    beside_checkpoint = (Path(args.checkpoint_path).parent / f"support_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
-                         if args.checkpoint_path else None)
-    if args.support_file:
-        source, support = args.support_file, read_support(args.support_file, root)
-    elif beside_checkpoint is not None and beside_checkpoint.is_file():
-        source, support = str(beside_checkpoint), read_support(str(beside_checkpoint), root)
-    else:
-        source = "sampled from valid"
-        support = sample_support(list_samples(root, "valid"), args.k_shot, args.fewshot_seed)
-    written = save_path / f"support_{name}_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
+    support, source = resolve_support(root, args.k_shot, args.fewshot_seed, args.support_file, args.checkpoint_path)
+    written = save_path / support_file_name(args.k_shot, args.fewshot_seed, name)
     save_support(str(written), support, root)
     count, copies = memory_bank_from_support(model, support, args.fewshot_seed, device, args.batch_size)
     logger.info(f"{name}: memory bank from {count} normal support images x{copies} ({source}; written to {written})")
     return source
-
-
-def csv_text(rows: list[list]) -> str:
-    """Rows as CSV text."""
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    return buffer.getvalue()
-
-
-def cell(values: dict, key: str) -> str:
-    """A metric x100 with one decimal, '-' when absent or nan, and its interval when known."""
-    value = values.get(key)
-    if value is None or math.isnan(value):
-        return "-"
-    low, high = values.get(f"{key}_ci", (math.nan, math.nan))
-    text = f"{100 * value:.1f}"
-    return text if math.isnan(low) else f"{text} [{100 * low:.1f}\u2013{100 * high:.1f}]"
-
-
-def format_table(results: dict[str, dict[str, float]],
-                 columns: list[tuple[str, str]] = TABLE_COLUMNS) -> list[list[str]]:
-    """Rows per dataset plus a mean row, metric values x100 with one decimal ('-' when absent),
-    with the 95% interval as 'value [low-high]' when the results carry ``<metric>_ci``."""
-    rows = [[name] + [cell(values, key) for key, _ in columns] for name, values in results.items()]
-    means = {}
-    for key, _ in columns:
-        present = [values[key] for values in results.values() if key in values and not math.isnan(values[key])]
-        if present:
-            means[key] = float(np.mean(present))
-    return rows + [["mean"] + [cell(means, key) for key, _ in columns]]
-
-
-def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] = TABLE_COLUMNS,
-             first: str = "dataset") -> list[list[str]]:
-    """The table as CSV rows (x100, one decimal, '-' when absent, a mean row); with bootstrap
-    intervals, each metric is followed by its ``low`` and ``high`` columns."""
-    with_ci = any(f"{key}_ci" in values for values in results.values() for key, _ in columns)
-    plain = {name: {key: v for key, v in values.items() if not key.endswith("_ci")}
-             for name, values in results.items()}
-    header = [first]
-    for _, title in columns:
-        header += [title, f"{title} low", f"{title} high"] if with_ci else [title]
-    rows = [header]
-    for row in format_table(plain, columns):
-        values = results.get(row[0], {})
-        out = [row[0]]
-        for (key, _), text in zip(columns, row[1:]):
-            out.append(text)
-            if with_ci:
-                out += [cell({"v": bound}, "v") for bound in values.get(f"{key}_ci", (math.nan, math.nan))]
-        rows.append(out)
-    return rows
 
 
 def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name: str, save_path: Path,
@@ -249,8 +146,8 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                  predictions.has_masks)
             per_class[class_name] = compute_metrics(subset, pixel=want_pixel, image=want_image,
                                                     aupro_variant=args.aupro)
-        logger.info(f"\n{name} per class\n" + tabulate(format_table(per_class), headers=["class"] + [
-            title for _, title in TABLE_COLUMNS], tablefmt="pipe", disable_numparse=True))
+        logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
+                                                        ["class"] + [title for _, title in TABLE_COLUMNS]))
     return values, patient_values, per_class
 
 
@@ -344,15 +241,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
     interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
                      if args.bootstrap else "")
-    table = tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+    table = pipe_table(rows, headers)
     logger.info(f"\n{table}\n({aupro_note}; values x100{interval_note})")
     files = {"results.csv": csv_text(csv_rows(results))}
     if patient_results:
         shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
                  for name, v in patient_results.items()}
-        patient_table = tabulate(format_table(shown, PATIENT_COLUMNS)[:-1],
-                                 headers=["dataset"] + [title for _, title in PATIENT_COLUMNS],
-                                 tablefmt="pipe", disable_numparse=True)
+        patient_table = pipe_table(format_table(shown, PATIENT_COLUMNS)[:-1],
+                                   ["dataset"] + [title for _, title in PATIENT_COLUMNS])
         logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
                     f"{patient_table}")
         files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))

@@ -20,14 +20,12 @@ import cv2
 import numpy as np
 import torch
 
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import BackboneConfig
-from CLIP.checkpoint import load_model
+from CLIP.MedVMAD import MedVMAD
+from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
 from medical_io import WINDOW_PRESETS, Scan
-from utils import (ArgumentParser, InputError, add_backbone_override_args, autocast, backbone_overrides, device_name,
-                   finite_float, non_negative_float, non_negative_int, one_line, positive_int, prepare_output_dir,
-                   resolve_device, run_cli, unit_interval)
+from utils import (ArgumentParser, InputError, autocast, finite_float, non_negative_int, one_line, positive_int,
+                   prepare_output_dir, resolve_device, run_cli, unit_interval)
 from visualization import montage, overlay_panel, save_png
 from volume_io import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
 
@@ -48,30 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--series_uid", help="the DICOM series to score when a folder holds several")
     parser.add_argument("--volume_format", choices=sorted(VOLUME_FORMATS), default="nifti",
                         help="format of a volume's map and mask (nifti: .nii.gz, nrrd: .nrrd)")
-    parser.add_argument("--model_name", default="ViT-L-14-336", help="baseline backbone")
-    parser.add_argument("--pretrained", help="backbone weights (default: openai, or the checkpoint's)")
-    add_backbone_override_args(parser)
-    parser.add_argument("--image_size", type=positive_int, help="a multiple of the backbone's patch size")
-    parser.add_argument("--sigma", type=non_negative_float)
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
+    add_model_args(parser, checkpoint=True, features_list=False)
+    add_runtime_args(parser, datasets=False)
     return parser.parse_args(argv)
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, float, str]:
     """The model, its decision threshold and where the threshold came from."""
-    if args.checkpoint_path:
-        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
-                                       **backbone_overrides(args))
-        stored = checkpoint.get("threshold")
-    else:
-        config = MedVMADConfig(
-            backbone=BackboneConfig(args.model_name, args.pretrained or "openai", args.image_size or 336,
-                                    **backbone_overrides(args)),
-            organ=args.dataset, adapters=False, learnable_prompts=False,
-            sigma=4.0 if args.sigma is None else args.sigma)
-        model, stored = MedVMAD(config).to(device), None
+    model, checkpoint = build_model(args, device, organ=args.dataset)
+    stored = None if checkpoint is None else checkpoint.get("threshold")
     if args.threshold is not None:
         return model.eval(), args.threshold, "--threshold"
     if stored is not None:

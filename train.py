@@ -21,19 +21,18 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
+from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
 from curves import log_epoch, tensorboard_writer
-from dataset import (MedicalDataset, Sample, augment_support, organ_name, describe, list_samples,
-                     read_support, sample_support, save_support, split_holdout, dataset_names)
+from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, list_samples,
+                     organ_name, resolve_support, save_support, split_holdout, support_file_name)
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from metrics import image_metrics
-from utils import (ArgumentParser, InputError, add_backbone_override_args, atomic_write_json, autocast,
-                   backbone_overrides, device_name, locked_folder, non_negative_float, non_negative_int,
-                   positive_float, positive_int, prepare_output_dir, resolve_device, run_cli, seed_everything,
-                   setup_logging, unit_interval, versions)
+from utils import (ArgumentParser, InputError, atomic_write_json, autocast, locked_folder, non_negative_float,
+                   non_negative_int, positive_float, positive_int, prepare_output_dir, resolve_device, run_cli,
+                   seed_everything, setup_logging, unit_interval, versions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,36 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="share of training images held out for selection when no --valid_data_path")
     data.add_argument("--skip_bad", action="store_true",
                       help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
-    data.add_argument("--k_shot", type=non_negative_int, default=0, help="few-shot: k normal + k abnormal images of the "
-                      "(single) training root's valid split, augmented x11; 0 = off")
-    data.add_argument("--fewshot_seed", type=non_negative_int, default=1)
-    data.add_argument("--support_file", help="read the few-shot support set from this file instead of sampling")
+    add_fewshot_args(data)
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name", default="ViT-L-14-336")
-    model.add_argument("--pretrained", default="openai", help="open_clip tag, local weights file, or none")
-    add_backbone_override_args(model)
-    model.add_argument("--features_list", type=positive_int, nargs="+", help="tapped layers, 1-based (default: 4 evenly spaced)")
-    model.add_argument("--image_size", type=positive_int, default=336,
-                       help="input side, a multiple of the backbone's patch size (14 for ViT-L-14)")
-    model.add_argument("--n_ctx", type=positive_int, default=12, help="learnable context tokens per prompt")
-    model.add_argument("--depth", type=non_negative_int, default=9, help="text layers with learnable deep tokens")
-    model.add_argument("--t_n_ctx", type=positive_int, default=4, help="learnable deep tokens per text layer")
-    model.add_argument("--alpha", type=unit_interval, default=0.1, help="adapter weight: (1-2a) x + a seg + a det")
-    model.add_argument("--sigma", type=non_negative_float, default=4.0, help="Gaussian smoothing of test maps, pixels")
+    add_model_args(model, checkpoint=False)
+    model.add_argument("--n_ctx", type=positive_int, default=MODEL.n_ctx, help="learnable context tokens per prompt")
+    model.add_argument("--depth", type=non_negative_int, default=MODEL.depth,
+                       help="text layers with learnable deep tokens")
+    model.add_argument("--t_n_ctx", type=positive_int, default=MODEL.t_n_ctx,
+                       help="learnable deep tokens per text layer")
+    model.add_argument("--alpha", type=unit_interval, default=MODEL.alpha,
+                       help="adapter weight: (1-2a) x + a seg + a det")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epoch", type=positive_int, default=10)
-    optim.add_argument("--batch_size", type=positive_int, default=8)
     optim.add_argument("--learning_rate", type=positive_float, help="default 1e-4, or 1e-3 with --k_shot")
     optim.add_argument("--focal_weight", type=non_negative_float, default=1.0)
     optim.add_argument("--dice_weight", type=non_negative_float, default=1.0)
     optim.add_argument("--image_weight", type=non_negative_float, default=1.0)
-    optim.add_argument("--seed", type=non_negative_int, default=111)
     run = parser.add_argument_group("run")
     run.add_argument("--save_path", default="checkpoint/demo", help="folder for checkpoints, log and args.json")
-    run.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"],
-                     help="autocast for the forward pass; learnable weights stay fp32")
-    run.add_argument("--num_workers", type=non_negative_int, default=2)
+    add_runtime_args(run)
     used = run.add_mutually_exclusive_group()
     used.add_argument("--resume", nargs="?", const="latest", default=None,
                       help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
@@ -131,7 +119,7 @@ def config_differences(stored: dict, current: dict, prefix: str = "") -> list[st
 
 
 RUN_MARKERS = ("args.json", "best.pth", "epoch_*.pth")  # files that show a folder holds a run
-RUN_FILES = RUN_MARKERS + ("train_log.txt", "support_*shot_seed*.txt")  # what a run writes
+RUN_FILES = RUN_MARKERS + ("train_log.txt", SUPPORT_FILES)  # what a run writes
 
 
 def claim_folder(save_path: Path, args: argparse.Namespace) -> list[Path]:
@@ -193,11 +181,8 @@ def training_data(args, roots: list[str], names: list[str],
     if args.k_shot:
         if len(roots) != 1:
             raise InputError("--k_shot adapts to one target: give exactly one --train_data_path")
-        support_file = Path(args.save_path) / f"support_{args.k_shot}shot_seed{args.fewshot_seed}.txt"
-        if args.support_file:
-            support = read_support(args.support_file, roots[0])
-        else:
-            support = sample_support(list_samples(roots[0], "valid"), args.k_shot, args.fewshot_seed)
+        support, _ = resolve_support(roots[0], args.k_shot, args.fewshot_seed, args.support_file)
+        support_file = Path(args.save_path) / support_file_name(args.k_shot, args.fewshot_seed)
         save_support(str(support_file), support, roots[0])
         logger.info(f"few-shot support ({len(support)} images) written to {support_file}")
         base = MedicalDataset(support, args.image_size)
@@ -231,7 +216,7 @@ def training_data(args, roots: list[str], names: list[str],
 def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
     """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
     return MedVMADConfig(
-        backbone=BackboneConfig(args.model_name, args.pretrained, args.image_size, **backbone_overrides(args)),
+        backbone=backbone_config(args),
         organ=prompt_name,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)
@@ -242,6 +227,109 @@ def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     if isinstance(batch, dict):
         return batch["image"], batch["mask"], batch["label"], batch["has_mask"]
     return tuple(batch)
+
+
+def resume_checkpoint(args: argparse.Namespace, save_path: Path) -> Path | None:
+    """The epoch checkpoint ``--resume`` continues from (None without --resume)."""
+    if not args.resume:
+        return None
+    resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
+    if resume_from is None:
+        raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
+    return resume_from
+
+
+def build_model_and_optimizer(config: MedVMADConfig, args: argparse.Namespace, device: torch.device,
+                              logger) -> tuple[MedVMAD, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model on ``device``, Adam over its learnable weights, and the gradient scaler of --precision amp."""
+    try:
+        model = MedVMAD(config).to(device)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
+    logger.info(f"model {args.model_name} ({args.pretrained}) image_size {args.image_size} "
+                f"layers {model.features_list}; {sum(p.numel() for p in parameters):,} trainable parameters")
+    return model, optimizer, scaler
+
+
+def restore_run(resume_from: Path, config: MedVMADConfig, args: argparse.Namespace, model: MedVMAD,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, logger) -> tuple[int, dict]:
+    """Load the stopped run's weights, optimizer, scaler and RNG states; returns (first epoch to run, best so far)."""
+    state = read_resume_state(resume_from, config, args)
+    try:
+        model.load_trainable_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when the stopped run did not use amp
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
+                         f"({type(error).__name__}: {error})") from None
+    logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
+    return state["epoch"] + 1, state["best"]
+
+
+def train_epoch(model: MedVMAD, train_set: torch.utils.data.Dataset, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, weights: LossWeights, device: torch.device, args: argparse.Namespace,
+                epoch: int, last_good: Path | None) -> dict[str, float]:
+    """One pass over ``train_set`` (shuffled by seed and epoch); returns the mean of each loss term."""
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order,
+                        num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
+    sums: dict[str, float] = {}
+    progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False)
+    for step, batch in enumerate(progress, start=1):
+        images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
+        with autocast(device, args.precision):
+            output = model(images)
+        parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
+        if not torch.isfinite(parts["loss"]):
+            raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(parts["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():  # a NaN gradient
+            raise diverged("a weight became NaN or infinite", f"at epoch {epoch} step {step}", last_good)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
+    return {key: value / max(len(loader), 1) for key, value in sums.items()}
+
+
+def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: torch.device,
+                       args: argparse.Namespace, epoch: int, last_good: Path | None,
+                       logger) -> tuple[float | None, dict[str, float], float]:
+    """Selection score (None when no source has both classes), per-source metrics, and the decision
+    threshold: F1-max over the selection images of every source (0.5 when undefined)."""
+    per_source, labels, scores = {}, [], []
+    for name, loader in loaders.items():
+        predictions = predict(model, loader, device, args.precision, desc=f"selection {name}")
+        if not np.isfinite(predictions.scores).all():  # finite weights can still overflow in the forward pass
+            raise diverged(f"selection scores on {name} became NaN", f"after epoch {epoch}", last_good)
+        per_source[name] = compute_metrics(predictions)
+        if math.isnan(per_source[name]["image_auroc"]):
+            logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
+        labels.append(predictions.labels)
+        scores.append(predictions.scores)
+    score, values = selection_summary(per_source)
+    threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
+    return score, values, 0.5 if math.isnan(threshold) else float(threshold)
+
+
+def save_epoch(save_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               extra: dict, best: dict, improved: bool) -> Path:
+    """Write epoch_<n>.pth (with what --resume needs) and, when ``improved``, best.pth; returns the former."""
+    epoch_path = save_path / f"epoch_{extra['epoch']}.pth"
+    save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), rng=rng_state())
+    if improved:
+        save_checkpoint(save_path / "best.pth", model, **extra)
+    return epoch_path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -261,101 +349,36 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     device = resolve_device(args.device)
     roots = args.train_data_path or [ensure_demo()]
     names = dataset_names(roots, args.dataset)
-
-    resume_from = None
-    if args.resume:
-        resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None:
-            raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
+    resume_from = resume_checkpoint(args, save_path)
     seed_everything(args.seed)
 
     train_set, selection_samples = training_data(args, roots, names, logger)
     organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
-    try:
-        model = MedVMAD(config).to(device)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=(0.5, 0.999))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
-    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight)
-    logger.info(f"model {args.model_name} ({args.pretrained}) image_size {args.image_size} "
-                f"layers {model.features_list}; {sum(p.numel() for p in parameters):,} trainable parameters")
-
+    model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
-        state = read_resume_state(resume_from, config, args)
-        try:
-            model.load_trainable_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):  # empty when the stopped run did not use amp
-                scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
-                             f"({type(error).__name__}: {error})") from None
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        logger.info(f"resumed from {resume_from} (epoch {state['epoch']})")
+        start_epoch, best = restore_run(resume_from, config, args, model, optimizer, scaler, logger)
     atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
 
     selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
                                           batch_size=args.batch_size, num_workers=args.num_workers)
                          for name, samples in selection_samples.items()}
+    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight)
     last_good = resume_from
     writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
     for epoch in range(start_epoch, args.epoch + 1):
-        model.train()
-        order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order,
-                            num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
-        sums: dict[str, float] = {}
-        progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False)
-        for step, batch in enumerate(progress, start=1):
-            images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
-            with autocast(device, args.precision):
-                output = model(images)
-            parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
-            if not torch.isfinite(parts["loss"]):
-                raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():  # a NaN gradient
-                raise diverged("a weight became NaN or infinite", f"at epoch {epoch} step {step}", last_good)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
-        averages = {key: value / max(len(loader), 1) for key, value in sums.items()}
-
-        per_source, labels, scores = {}, [], []
-        for name, selection_loader in selection_loaders.items():
-            predictions = predict(model, selection_loader, device, args.precision, desc=f"selection {name}")
-            if not np.isfinite(predictions.scores).all():  # finite weights can still overflow in the forward pass
-                raise diverged(f"selection scores on {name} became NaN", f"after epoch {epoch}", last_good)
-            per_source[name] = compute_metrics(predictions)
-            if math.isnan(per_source[name]["image_auroc"]):
-                logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
-            labels.append(predictions.labels)
-            scores.append(predictions.scores)
-        score, values = selection_summary(per_source)
+        averages = train_epoch(model, train_set, optimizer, scaler, weights, device, args, epoch, last_good)
+        score, values, threshold = evaluate_selection(model, selection_loaders, device, args, epoch, last_good,
+                                                      logger)
         score = -averages["loss"] if score is None else score
-        # One decision threshold for the model: F1-max over the selection images of every source.
-        threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
-        threshold = 0.5 if math.isnan(threshold) else threshold
-        extra = dict(epoch=epoch, threshold=float(threshold), selection_metrics=values, train_loss=averages,
+        extra = dict(epoch=epoch, threshold=threshold, selection_metrics=values, train_loss=averages,
                      args=vars(args))
         # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
         improved = bool(args.k_shot) or score > best["score"]
         if improved:
             best = {"score": score, "epoch": epoch}
-        epoch_path = save_path / f"epoch_{epoch}.pth"
-        save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), rng=rng_state())
-        if improved:
-            save_checkpoint(save_path / "best.pth", model, **extra)
-        last_good = epoch_path
+        last_good = save_epoch(save_path, model, optimizer, scaler, extra, best, improved)
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in averages.items())
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))

@@ -271,27 +271,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-QUICK_GELU = {"auto": None, "on": True, "off": False}
-
-
-def add_backbone_override_args(parser) -> None:
-    """The flags that override what a backbone's weights imply (declared once for every script)."""
-    parser.add_argument("--quick_gelu", choices=sorted(QUICK_GELU), default="auto",
-                        help="QuickGELU activation; auto: on for OpenAI weights (the openai tag, TorchScript "
-                             "archives, *-quickgelu names, files or repos whose name says openai)")
-    parser.add_argument("--image_mean", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="image normalisation mean (default: the weights' own preprocess config)")
-    parser.add_argument("--image_std", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="image normalisation std (default: the weights' own preprocess config)")
-
-
-def backbone_overrides(args) -> dict[str, Any]:
-    """BackboneConfig fields from ``add_backbone_override_args`` flags (None: not overridden)."""
-    return {"quick_gelu": QUICK_GELU[args.quick_gelu],
-            "image_mean": tuple(args.image_mean) if args.image_mean else None,
-            "image_std": tuple(args.image_std) if args.image_std else None}
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; otherwise ``torch.device(name)``."""
     if name == "auto":

@@ -8,7 +8,7 @@ apart by SeriesInstanceUID), and multi-frame DICOM files.
 Orientation: any volume is described by its voxel array in stored index order [i,j,k] and its RAS
 affine (nibabel's convention; SimpleITK's LPS geometry is converted with diag(-1,-1,1)). The array is
 turned to the closest RAS orientation with nibabel's own ``io_orientation``/``apply_orientation``
-(what ``nibabel.as_closest_canonical`` does), then sliced with ``generate_dataset.brats2021.display``,
+(what ``nibabel.as_closest_canonical`` does), then sliced with ``generate_dataset.common.display``,
 so a NRRD or DICOM series of the same voxels gives the same slices as the NIfTI path. Writing goes the
 other way with the inverse orientation, and the written map has the input's size, spacing, origin and
 direction.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from generate_dataset.brats2021 import display
+from generate_dataset.common import display
 from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, _is_dicom, _scale, _suffix, check_file,
                         list_inputs as list_image_inputs, read_scan)
 from utils import InputError

@@ -1,11 +1,16 @@
-"""Time of one MedVMAD training step relative to the bare backbone forward on the same batch.
+"""Time of a MedVMAD training step and of its eval forward, each relative to the bare backbone forward
+on the same batch.
 
-    python bench/train_step.py [--model_name ViT-B-16 --image_size 240 --batch_size 8 --device cpu]
+    python bench/train_step.py [--model_name ViT-B-16 --pretrained none --image_size 240 --batch_size 8 --device cpu]
 
-Both are measured in the same run (random weights, median of repeats, interleaved). The training
-step is forward + loss + backward + Adam step of prompts and adapters; the baseline is the same
-backbone's plain image pass (no taps, no adapters) under no_grad. Also printed: training steps/s, test images/s (eval forward, text
-cached) and, on CUDA, peak GPU memory of each. Last line: ``train_step_ratio R``.
+All three are measured in the same run (median of repeats, interleaved so that drift hits them
+alike); random weights by default, any backbone through --model_name/--pretrained/--image_size.
+The baseline is the backbone's plain image pass (no taps, no adapters, no gradients); the eval
+forward is the model in eval mode with its text features cached, as at test time; the training
+step is forward + loss + backward + Adam step of prompts and adapters. Also printed: training
+steps/s, test images/s and, on CUDA, peak GPU memory of each. Last lines:
+``overhead_ratio R`` (eval forward / bare; target <= 1.15) and ``train_step_ratio R`` (training
+step / bare).
 """
 from __future__ import annotations
 
@@ -27,16 +32,17 @@ from utils import autocast  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", default="ViT-B-16")
+    parser.add_argument("--pretrained", default="none", help="open_clip tag, local weights file, or none")
     parser.add_argument("--image_size", type=int, default=240)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = MedVMAD(MedVMADConfig(BackboneConfig(args.model_name, "none", args.image_size))).to(device)
+    model = MedVMAD(MedVMADConfig(BackboneConfig(args.model_name, args.pretrained, args.image_size))).to(device)
     size = args.image_size
     images = torch.rand(args.batch_size, 3, size, size, device=device)
     masks = torch.zeros(args.batch_size, size, size, device=device)
@@ -51,12 +57,16 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def bare() -> None:
-        with torch.no_grad(), autocast(device, args.precision):
+        with torch.inference_mode(), autocast(device, args.precision):
             backbone.encode_image(backbone.normalize(images), [])
         sync()
 
-    def evaluate() -> None:
+    def cache_text() -> None:  # untimed: a training step changed the prompts
         model.eval()
+        with torch.inference_mode():
+            model.text_features()
+
+    def evaluate() -> None:
         with torch.inference_mode(), autocast(device, args.precision):
             model(images)
         sync()
@@ -71,30 +81,37 @@ def main() -> None:
         optimizer.step()
         sync()
 
-    functions = {"bare": bare, "eval": evaluate, "step": step}
+    # name -> (untimed set-up, timed function)
+    phases = {"bare": (None, bare), "eval": (cache_text, evaluate), "step": (None, step)}
     peak_gib: dict[str, float] = {}
-    for name, function in functions.items():  # warm-up, and peak memory per phase on CUDA
+    for name, (setup, function) in phases.items():  # warm-up, and peak memory per phase on CUDA
+        if setup:
+            setup()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         function()
         if device.type == "cuda":
             peak_gib[name] = torch.cuda.max_memory_allocated(device) / 2**30
-    times: dict[str, list[float]] = {name: [] for name in functions}
+    times: dict[str, list[float]] = {name: [] for name in phases}
     for _ in range(args.repeats):
-        for name, function in functions.items():
+        for name, (setup, function) in phases.items():
+            if setup:
+                setup()
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"model {args.model_name} image_size {size} batch {args.batch_size} device {name} precision {args.precision}")
-    print(f"bare encode_image (no_grad)   median {median['bare'] * 1000:.1f} ms")
+    print(f"model {args.model_name} ({args.pretrained}) image_size {size} batch {args.batch_size} device {name} "
+          f"threads {torch.get_num_threads()} precision {args.precision}")
+    print(f"bare encode_image (no grad)   median {median['bare'] * 1000:.1f} ms")
     print(f"MedVMAD eval forward           median {median['eval'] * 1000:.1f} ms  "
-          f"test {args.batch_size / median['eval']:.1f} images/s")
+          f"test {args.batch_size / median['eval']:.1f} images/s  (text cached, features_list {model.features_list})")
     print(f"MedVMAD training step          median {median['step'] * 1000:.1f} ms  "
           f"train {1 / median['step']:.2f} steps/s")
     if peak_gib:
         print("peak GPU memory GiB: " + " ".join(f"{k} {v:.2f}" for k, v in peak_gib.items()))
+    print(f"overhead_ratio {median['eval'] / median['bare']:.3f}")
     print(f"train_step_ratio {median['step'] / median['bare']:.2f}")
 
 

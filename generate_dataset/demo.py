@@ -41,7 +41,7 @@ from scipy.ndimage import gaussian_filter
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.brats2021 import display, write_sample  # noqa: E402
+from generate_dataset.common import display, write_sample  # noqa: E402
 from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,  # noqa: E402
                    prepare_output_dir, run_cli, setup_logging)
 

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.brats2021 import (check_empty_target, display, load_volume,  # noqa: E402
-                                        split_cases, write_sample, write_split_info)
+from generate_dataset.common import (check_empty_target, display, load_volume,  # noqa: E402
+                                     split_cases, write_sample, write_split_info)
 from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,  # noqa: E402
                    setup_logging, unit_interval)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dataset import (MedicalDataset, _resize_mask, Sample, augment_support, organ_name,
                      describe, list_samples, load_image, load_mask, preprocess, read_support,
-                     sample_support, save_support, split_holdout)
+                     resolve_support, sample_support, save_support, split_holdout, support_file_name)
 from utils import InputError
 
 SIZE = 32
@@ -67,7 +67,6 @@ def test_bmad_layout(tmp_path, mask_folder):
             assert os.path.basename(s.mask_path) == os.path.basename(s.image_path)[:-4] + ".tif"
             assert os.path.basename(os.path.dirname(s.mask_path)) == mask_folder
     data = MedicalDataset(test, image_size=48)
-    assert data.has_masks
     for item in data:
         assert item["image"].shape == (3, 48, 48) and item["image"].dtype == torch.float32
         assert item["mask"].shape == (48, 48) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
@@ -89,7 +88,7 @@ def test_classification_only(tmp_path):
     samples = list_samples(str(root), "test")
     assert [(s.label, s.mask_path) for s in samples] == [(0, None), (1, None)]
     data = MedicalDataset(samples, 16)
-    assert not data.has_masks and not data[1]["has_mask"] and data[0]["has_mask"]
+    assert not data[1]["has_mask"] and data[0]["has_mask"]
 
 
 def test_meta_json(tmp_path, brain):
@@ -304,6 +303,23 @@ def test_support_round_trip(tmp_path, brain):
         sample_support(valid, 4, seed=0)
 
 
+def test_resolve_support_prefers_the_given_file_then_the_one_beside_the_checkpoint(tmp_path, brain):
+    valid = list_samples(brain, "valid")
+    sampled, source = resolve_support(brain, 2, 3)
+    assert sampled == sample_support(valid, 2, seed=3) and source == "sampled from valid"
+    checkpoint = tmp_path / "run" / "best.pth"
+    assert resolve_support(brain, 2, 3, checkpoint_path=str(checkpoint)) == (sampled, "sampled from valid")
+    beside = checkpoint.parent / support_file_name(2, 3)
+    assert beside.name == "support_2shot_seed3.txt"
+    assert support_file_name(2, 3, "Brain") == "support_Brain_2shot_seed3.txt"
+    other = sample_support(valid, 2, seed=4)
+    save_support(str(beside), other, brain)
+    assert resolve_support(brain, 2, 3, checkpoint_path=str(checkpoint)) == (other, str(beside))
+    given = str(tmp_path / "given.txt")
+    save_support(given, sampled, brain)
+    assert resolve_support(brain, 2, 3, given, str(checkpoint)) == (sampled, given)
+
+
 def test_mvfa_support_format(tmp_path, brain):
     path = tmp_path / "4-shot.txt"
     path.write_text("a-0: a2.png a0.png\nn-0: n1.png n2.png\na-1: a1.png a2.png\nn-1: n0.png n1.png")
@@ -344,15 +360,6 @@ def test_augment_support_keeps_alignment():
     assert not torch.equal(out_masks[3:6], out_masks[6:9])  # copies differ
     again = augment_support(images, masks, n_aug=10, seed=0)
     assert torch.equal(again[0], out_images) and torch.equal(again[1], out_masks)
-
-
-def test_dataset_augment_keeps_alignment(brain):
-    torch.manual_seed(0)
-    data = MedicalDataset([s for s in list_samples(brain, "valid") if s.label], SIZE, augment=True)
-    for _ in range(4):
-        for item in data:
-            bright, lesion = _bright(item["image"][None])[0], item["mask"] > 0.5
-            assert (bright & lesion).sum() / (bright | lesion).sum() > 0.85
 
 
 def test_split_holdout_by_patient():

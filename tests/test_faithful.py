@@ -22,6 +22,7 @@ import train
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import OPENAI_MEAN, OPENAI_STD, BackboneConfig, build_backbone, quick_gelu_rule
 from CLIP.checkpoint import load_model, save_checkpoint
+from cli import build_model
 from dataset import MedicalDataset, Sample, list_samples, split_holdout
 from generate_dataset.demo import build_demo
 from inference import predict, selection_summary
@@ -242,11 +243,11 @@ def test_normalisation_flags_reach_the_model_in_every_script(tmp_path):
     flags = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu",
              "--image_mean", "0.1", "0.2", "0.3", "--image_std", "0.4", "0.5", "0.6"]
     device = torch.device("cpu")
-    baseline, _ = test_script.build_model(test_script.parse_args(flags), device)
+    baseline, _ = build_model(test_script.parse_args(flags), device)
     single, _, _ = test_one_example.build(test_one_example.parse_args(["--image_path", "x.png", *flags]), device)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "ck.pth", MedVMAD(tiny_config()))
-    from_checkpoint, _ = test_script.build_model(
+    from_checkpoint, _ = build_model(
         test_script.parse_args(["--checkpoint_path", str(tmp_path / "ck.pth"), *flags[6:]]), device)
     x = torch.full((1, 3, 1, 1), 0.5)
     for model in (baseline, single, from_checkpoint):

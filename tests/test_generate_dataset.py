@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dataset import MedicalDataset, organ_name, list_samples
-from generate_dataset import brats2021, demo, folder, liverct
+from dataset import organ_name, list_samples
+from generate_dataset import brats2021, common, demo, folder, liverct
 from tests.conftest import reference_scale
 from utils import InputError
 
@@ -92,7 +92,7 @@ def test_brats_conversion(tmp_path, brats_raw):
             assert info["counts"][f"{split}/{cls}"] == len(pngs(out / split / cls, "img/*.png"))
     assert sum(info["counts"].values()) > 0
     samples = list_samples(str(out), "test")
-    assert MedicalDataset(samples, 16).has_masks
+    assert all(s.mask_path is not None for s in samples if s.label)
 
 
 def test_brats_orientation_of_stored_lps_volume(tmp_path):
@@ -111,7 +111,7 @@ def test_scale_intensity_hand_values():
     """Brain voxels 1..1000: percentiles 0.5 -> 5.995 and 99.5 -> 995.005 map to 0 and 255, rounded."""
     volume = np.zeros((12, 12, 12), np.float32)
     volume[1:11, 1:11, 1:11] = np.arange(1, 1001, dtype=np.float32).reshape(10, 10, 10)
-    scaled = brats2021.scale_intensity(volume)
+    scaled = common.scale_intensity(volume)
     assert scaled.dtype == np.uint8 and (scaled[volume == 0] == 0).all()
     value = lambda v: int(scaled[volume == v][0])  # noqa: E731
     # (v - 5.995) / 989.01 * 255: 1 -> -1.3 (clipped), 6 -> 0.001, 100 -> 24.24, 700 -> 178.94,
@@ -119,16 +119,16 @@ def test_scale_intensity_hand_values():
     assert [value(v) for v in (1, 6, 100, 700, 994, 995, 1000)] == [0, 0, 24, 179, 255, 255, 255]
     assert value(500) == 127 and value(5) == 0
     with pytest.raises(InputError, match="no brain"):
-        brats2021.scale_intensity(np.zeros((4, 4, 4), np.float32))
+        common.scale_intensity(np.zeros((4, 4, 4), np.float32))
 
 
 def test_split_counts():
     """Patient counts per split: largest-remainder fractions, or whole counts; impossible splits refused."""
-    assert brats2021.split_counts(10, (0.7, 0.1, 0.2)) == [7, 1, 2]
-    assert sum(brats2021.split_counts(11, (0.7, 0.1, 0.2))) == 11
-    assert brats2021.split_counts(10, (5, 2, 1)) == [5, 2, 1]
+    assert common.split_counts(10, (0.7, 0.1, 0.2)) == [7, 1, 2]
+    assert sum(common.split_counts(11, (0.7, 0.1, 0.2))) == 11
+    assert common.split_counts(10, (5, 2, 1)) == [5, 2, 1]
     with pytest.raises(InputError):
-        brats2021.split_counts(10, (8, 2, 2))
+        common.split_counts(10, (8, 2, 2))
 
 
 def test_brats_bad_input(tmp_path, brats_raw):
@@ -270,7 +270,7 @@ def test_folder_index(tmp_path):
     assert entry == dict(img_path="../abnormal/a2.jpg", mask_path="../masks/a2.png", cls_name="brain",
                          specie_name="abnormal", anomaly=1)
     samples = list_samples(str(meta.parent), "test")
-    assert [s.label for s in samples] == [0, 0, 0, 1, 1, 1] and MedicalDataset(samples, 8).has_masks
+    assert [s.label for s in samples] == [0, 0, 0, 1, 1, 1] and all(s.mask_path for s in samples if s.label)
     # a second run adds the train split and keeps test
     folder.build_index(str(meta), str(tmp_path / "normal"), None, splits=("train",))
     assert len(list_samples(str(meta), "train")) == 3 and len(list_samples(str(meta), "test")) == 6
@@ -301,7 +301,7 @@ def test_demo_deterministic_and_readable(tmp_path):
     assert first == same and len(first) == 2 + 1 + 2 + 2 + 3 + 2 + 3
     assert first != other
     assert [s.label for s in list_samples(root, "test")] == [0, 0, 1, 1, 1]
-    assert MedicalDataset(list_samples(root, "valid"), 32).has_masks
+    assert all(s.mask_path is not None for s in list_samples(root, "valid") if s.label)
     # ensure_demo reuses a complete set and rebuilds nothing
     stamp = os.path.getmtime(os.path.join(root, "demo.json"))
     assert demo.ensure_demo(str(tmp_path / "a")) == root

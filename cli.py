@@ -1,0 +1,114 @@
+"""Command-line flags shared by train.py, test.py and test_one_example.py (app.py takes the latter's),
+declared once, with defaults read from the model's dataclasses, and the model they describe.
+
+Scripts that train build a new model: its flags default to ``BackboneConfig``/``MedVMADConfig``.
+Scripts that evaluate may load a checkpoint, which names its own backbone: their model flags
+default to None, meaning "the checkpoint's, else the dataclass default" (the zero-training
+baseline), and a --model_name that differs from the checkpoint's is refused.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.backbone import BackboneConfig
+from CLIP.checkpoint import load_model
+from utils import InputError, device_name, non_negative_float, non_negative_int, positive_int
+
+MODEL = MedVMADConfig()  # its field values are the flags' defaults
+BACKBONE = MODEL.backbone
+QUICK_GELU = {"auto": None, "on": True, "off": False}
+
+
+def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None:
+    """--model_name --pretrained --image_size --quick_gelu --image_mean --image_std --sigma, and
+    --features_list unless ``features_list`` is False.
+
+    ``checkpoint``: the script may load a checkpoint, so each flag defaults to None (the
+    checkpoint's value, else the dataclass default); otherwise each defaults to the dataclass's.
+    """
+    def default(value: Any) -> tuple[Any, str]:
+        return (None, f"default: the checkpoint's, else {value}") if checkpoint else (value, f"default {value}")
+
+    value, note = default(BACKBONE.model_name)
+    parser.add_argument("--model_name", default=value, help=f"open_clip backbone name ({note})")
+    value, note = default(BACKBONE.pretrained)
+    parser.add_argument("--pretrained", default=value,
+                        help=f"backbone weights: open_clip tag, local weights file, or none ({note})")
+    value, note = default(BACKBONE.image_size)
+    parser.add_argument("--image_size", type=positive_int, default=value,
+                        help=f"input side, a multiple of the backbone's patch size (14 for ViT-L-14; {note})")
+    parser.add_argument("--quick_gelu", choices=sorted(QUICK_GELU), default="auto",
+                        help="QuickGELU activation; auto: on for OpenAI weights (the openai tag, TorchScript "
+                             "archives, *-quickgelu names, files or repos whose name says openai)")
+    parser.add_argument("--image_mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                        help="image normalisation mean (default: the weights' own preprocess config)")
+    parser.add_argument("--image_std", type=float, nargs=3, metavar=("R", "G", "B"),
+                        help="image normalisation std (default: the weights' own preprocess config)")
+    if features_list:
+        parser.add_argument("--features_list", type=positive_int, nargs="+",
+                            help="tapped layers, 1-based (default: 4 evenly spaced)" + (
+                                "; the zero-training baseline's only: a checkpoint keeps its own" if checkpoint else ""))
+    value, note = default(MODEL.sigma)
+    parser.add_argument("--sigma", type=non_negative_float, default=value,
+                        help=f"Gaussian smoothing of the maps, pixels ({note})")
+
+
+def add_runtime_args(parser, datasets: bool = True) -> None:
+    """--batch_size --device --precision and, for scripts that read datasets, --num_workers --seed."""
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"],
+                        help="autocast for the forward pass; learnable weights stay fp32")
+    if datasets:
+        parser.add_argument("--num_workers", type=non_negative_int, default=2)
+        parser.add_argument("--seed", type=non_negative_int, default=111)
+
+
+def add_fewshot_args(parser) -> None:
+    """--k_shot --fewshot_seed --support_file (resolved by ``dataset.resolve_support``)."""
+    parser.add_argument("--k_shot", type=non_negative_int, default=0,
+                        help="few-shot: k normal + k abnormal support images of the valid split (train.py trains "
+                             "on them, augmented x11, with one training root; test.py banks the normal ones' "
+                             "patches); 0 = off")
+    parser.add_argument("--fewshot_seed", type=non_negative_int, default=1, help="seed of the sampled support set")
+    parser.add_argument("--support_file", help="read the support set from this file (default: the one beside "
+                        "--checkpoint_path when there is one, else sampled from the valid split with --fewshot_seed)")
+
+
+def backbone_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """BackboneConfig fields from the --quick_gelu/--image_mean/--image_std flags (None: not overridden)."""
+    return {"quick_gelu": QUICK_GELU[args.quick_gelu],
+            "image_mean": tuple(args.image_mean) if args.image_mean else None,
+            "image_std": tuple(args.image_std) if args.image_std else None}
+
+
+def backbone_config(args: argparse.Namespace) -> BackboneConfig:
+    """The backbone the model flags name; a flag left at None takes ``BackboneConfig``'s default."""
+    given = dict(model_name=args.model_name, pretrained=args.pretrained, image_size=args.image_size,
+                 **backbone_overrides(args))
+    return BackboneConfig(**{key: value for key, value in given.items() if value is not None})
+
+
+def build_model(args: argparse.Namespace, device: torch.device,
+                organ: str = MODEL.organ) -> tuple[MedVMAD, dict | None]:
+    """The model an evaluating script's flags describe, on ``device``, and its checkpoint (None for
+    the zero-training baseline: fixed prompt ensemble with ``organ``'s wording, no adapters)."""
+    if args.checkpoint_path:
+        model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
+                                       **backbone_overrides(args))
+        trained_on = model.config.backbone.model_name
+        if args.model_name and args.model_name != trained_on:
+            raise InputError(f"--checkpoint_path {args.checkpoint_path} was trained on {trained_on}, "
+                             f"not --model_name {args.model_name}")
+        return model, checkpoint
+    config = MedVMADConfig(backbone=backbone_config(args), organ=organ, features_list=vars(args).get("features_list"),
+                           adapters=False, learnable_prompts=False,
+                           sigma=MODEL.sigma if args.sigma is None else args.sigma)
+    try:
+        return MedVMAD(config).to(device), None
+    except ValueError as error:
+        raise InputError(str(error)) from None

@@ -1,0 +1,100 @@
+"""Helpers the dataset converters share (and medical_io.py / volume_io.py, which read scans the way
+the converters write them): NIfTI reading in RAS, the displayed slice orientation, MRI intensity
+scaling, BMAD-layout writing and the seeded patient split."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import cv2
+import nibabel as nib
+import numpy as np
+
+from utils import InputError, atomic_write_json, prepare_output_dir
+
+logger = logging.getLogger("medvmad")
+
+
+def load_volume(path: str) -> np.ndarray:
+    """NIfTI volume [X,Y,Z] in RAS orientation (Z = axial, inferior to superior), stored dtype.
+
+    The stored dtype (scaled to float only when the file has a scale factor) keeps large CT
+    volumes small in memory.
+    """
+    try:
+        return np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise InputError(f"cannot read volume {path}: {error}") from error
+
+
+def display(slice_2d: np.ndarray) -> np.ndarray:
+    """RAS axial slice [X,Y] -> image [rows,cols]: anterior up, patient's right on the left."""
+    return np.ascontiguousarray(slice_2d.T[::-1, ::-1])
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Write a uint8 array as PNG, creating folders; InputError if it cannot be written."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cv2.imwrite(path, image):
+        raise InputError(f"cannot write {path}")
+
+
+def write_sample(root: str, split: str, cls: str, name: str, image: np.ndarray,
+                 lesion: np.ndarray | None = None) -> None:
+    """Write one BMAD sample: ``split/cls/img/name`` (uint8 [H,W]) and, for a lesion mask (bool
+    [H,W]), ``split/cls/anomaly_mask/name`` as 0/255."""
+    write_png(os.path.join(root, split, cls, "img", name), image)
+    if lesion is not None:
+        write_png(os.path.join(root, split, cls, "anomaly_mask", name), lesion.astype(np.uint8) * 255)
+
+
+def write_split_info(save_path: str, info: dict) -> dict:
+    """Write ``split.json`` (sources, split and counts) beside the data, log the counts, return ``info``."""
+    atomic_write_json(os.path.join(save_path, "split.json"), info)
+    logger.info("wrote %s: %s", save_path, ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
+    return info
+
+
+def check_empty_target(save_path: str) -> None:
+    """Create the output folder; refuse a non-empty one (old slices of another split would leak)."""
+    if any(prepare_output_dir(save_path).iterdir()):
+        raise InputError(f"save path {save_path} is not empty; choose a new folder")
+
+
+def split_counts(n: int, split: tuple[float, ...]) -> list[int]:
+    """Cases per split: fractions summing to 1 (largest remainder), or whole counts (sum <= n)."""
+    if any(value < 0 for value in split):
+        raise InputError(f"split values must be >= 0, got {split}")
+    if abs(sum(split) - 1) < 1e-6:
+        exact = [value * n for value in split]
+        counts = [int(value) for value in exact]
+        by_remainder = sorted(range(len(split)), key=lambda i: exact[i] - counts[i], reverse=True)
+        for i in by_remainder[: n - sum(counts)]:
+            counts[i] += 1
+        return counts
+    if all(float(value).is_integer() for value in split) and sum(split) <= n:
+        return [int(value) for value in split]
+    raise InputError(f"split {split} is neither fractions summing to 1 nor case counts "
+                     f"summing to at most {n}")
+
+
+def split_cases(cases: list[str], split: tuple[float, ...], seed: int) -> list[list[str]]:
+    """Shuffle sorted case ids with ``seed`` and cut them into consecutive groups."""
+    shuffled = sorted(cases)
+    random.Random(seed).shuffle(shuffled)
+    groups, start = [], 0
+    for count in split_counts(len(cases), split):
+        groups.append(sorted(shuffled[start:start + count]))
+        start += count
+    return groups
+
+
+def scale_intensity(volume: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """MRI volume -> uint8: brain voxels (> 0) percentiles [low, high] -> [0, 255]; background 0."""
+    brain = volume > 0
+    if not brain.any():
+        raise InputError("volume holds no brain voxels (all <= 0)")
+    low, high = np.percentile(volume[brain], [low_pct, high_pct])
+    scaled = np.clip((volume - low) / max(high - low, 1e-6), 0, 1) * 255
+    return np.where(brain, np.rint(scaled), 0).astype(np.uint8)
