@@ -123,7 +123,7 @@ class LearnablePrompts(nn.Module):
             take = min(n_ctx, len(prefix_embed))
             context[:, :take] = prefix_embed[:take]
             # Sequence skeleton: start token, placeholders for slots and context, state words.
-            frame = backbone.text_frame([f"{state}." for state in states], self.n_slots + n_ctx)
+            frame = backbone.text_frame([f"{state}." for state in states], self.n_slots, n_ctx)
             embeddings = backbone.token_embedding(frame.token_ids)
 
         self.context = nn.Parameter(context)                                   # [2,n_ctx,Dt]
@@ -131,16 +131,14 @@ class LearnablePrompts(nn.Module):
             if depth > 0 else None                                              # [D,n,Dt]
         self.register_buffer("frame", embeddings, persistent=False)            # [2,L,Dt]
         self.register_buffer("token_ids", frame.token_ids, persistent=False)   # [2,L]
-        self.register_buffer("pooled_index", frame.pooled_index, persistent=False)  # [2]
-        self.slots_start = frame.start
-        self.context_start = frame.start + self.n_slots
+        self.register_buffer("pooled_index", frame.pooled_index, persistent=False)  # [2] or None
+        self.slots, self.context_slice = frame.slots, frame.context
 
     def forward(self, backbone: Backbone) -> torch.Tensor:
         """Text features [2,E] (normal, abnormal), L2-normalised."""
-        start, stop = self.context_start, self.context_start + self.context.shape[1]
-        embeddings = torch.cat([self.frame[:, :start], self.context.to(self.frame.dtype),
-                                self.frame[:, stop:]], dim=1)
-        frame = TextFrame(self.token_ids, self.slots_start, self.pooled_index)
-        features = backbone.encode_text_embeddings(
-            embeddings, frame, self.deep, slice(self.slots_start, self.slots_start + self.n_slots))
+        context = self.context_slice
+        embeddings = torch.cat([self.frame[:, :context.start], self.context.to(self.frame.dtype),
+                                self.frame[:, context.stop:]], dim=1)
+        frame = TextFrame(self.token_ids, self.slots, self.context_slice, self.pooled_index)
+        features = backbone.encode_text_embeddings(embeddings, frame, self.deep)
         return features / features.norm(dim=-1, keepdim=True)

@@ -254,10 +254,11 @@ def build_model_and_optimizer(config: MedVMADConfig, args: argparse.Namespace, d
     return model, optimizer, scaler
 
 
-def restore_run(resume_from: Path, config: MedVMADConfig, args: argparse.Namespace, model: MedVMAD,
+def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD,
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, logger) -> tuple[int, dict]:
-    """Load the stopped run's weights, optimizer, scaler and RNG states; returns (first epoch to run, best so far)."""
-    state = read_resume_state(resume_from, config, args)
+    """Load the stopped run's weights, optimizer, scaler and RNG states; returns (first epoch to run, best so far).
+    The stopped run's model config must equal this run's, as resolved by the model."""
+    state = read_resume_state(resume_from, model.config, args)
     try:
         model.load_trainable_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
@@ -358,7 +359,7 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
-        start_epoch, best = restore_run(resume_from, config, args, model, optimizer, scaler, logger)
+        start_epoch, best = restore_run(resume_from, args, model, optimizer, scaler, logger)
     atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
 
     selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),

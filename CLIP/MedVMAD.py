@@ -54,14 +54,23 @@ class MedVMADConfig:
 def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
     """A copy of ``config`` with the backbone's resolved config and the tapped layers checked
     (None: 4 evenly spaced); what checkpoints store."""
+    asked, built = config.backbone, backbone.config
+    differing = [name for name in ("model_name", "pretrained", "image_size")
+                 if getattr(asked, name) != getattr(built, name)]
+    if differing:
+        raise ValueError(f"the backbone given was built with other {', '.join(differing)} than the config names "
+                         f"({', '.join(f'{getattr(built, n)} vs {getattr(asked, n)}' for n in differing)})")
     num_layers = backbone.num_layers
-    features_list = list(config.features_list or default_features_list(num_layers))
+    features_list = list(default_features_list(num_layers) if config.features_list is None
+                         else config.features_list)
+    if not features_list:
+        raise ValueError("--features_list: give at least one layer")
     bad = [layer for layer in features_list if not 1 <= layer <= num_layers]
     if bad:
         raise ValueError(f"--features_list {bad}: layers are 1-based, the model has {num_layers}")
     if len(set(features_list)) != len(features_list):
         raise ValueError(f"--features_list {features_list}: layers repeat")
-    return replace(config, backbone=backbone.config, features_list=features_list)
+    return replace(config, backbone=replace(built), features_list=features_list)
 
 
 @dataclass

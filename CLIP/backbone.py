@@ -2,10 +2,12 @@
 
 ``build_backbone`` loads any open_clip model (tag, weights file, ``hf-hub:`` or ``local-dir:``)
 and wraps it in the implementation its towers call for (backbone_clip.py, backbone_timm_hf.py).
-Those two files are the only ones that touch library internals.
+This file uses open_clip's public API only; the towers' internals (blocks, embeddings, norms,
+projections) are touched only in those two files.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import pickle
@@ -155,6 +157,9 @@ def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
     quick_gelu = _uses_quick_gelu(model)
     if asked is False and quick_gelu:
         raise InputError(f"--quick_gelu off: the model config of {config.model_name} turns QuickGELU on")
+    if asked is True and not quick_gelu:
+        raise InputError(f"--quick_gelu on: {config.model_name} has no QuickGELU to turn on (timm and "
+                         f"Hugging Face towers keep their own activations)")
     if asked is None and quick_gelu and reason is None:
         reason = "the model config sets it"
     logger.info(f"QuickGELU {'on' if quick_gelu else 'off'} "
@@ -217,27 +222,26 @@ def _unreadable_weights(path: str, error: Exception) -> InputError:
 
 @dataclass
 class TextFrame:
-    """A tokenised prompt skeleton for learnable context: what the text pass needs besides the
-    embeddings. ``token_ids`` [T,L] hold ``n`` placeholder tokens from position ``start`` on (their
-    embeddings are replaced by learnable vectors); ``pooled_index`` [T] is the token the model
-    pools (CLIP: end of text; BERT: [CLS])."""
+    """A tokenised prompt skeleton for learnable context. ``token_ids`` [T,L] hold placeholder
+    tokens at ``slots`` (deep-prompt slots) and ``context`` (learnable context), right after the
+    start token; their embeddings are replaced. ``pooled_index`` [T]: the token the text pass
+    pools (CLIP: end of text), or None where the model's pooler decides (Hugging Face towers)."""
 
     token_ids: torch.Tensor
-    start: int
-    pooled_index: torch.Tensor
+    slots: slice
+    context: slice
+    pooled_index: torch.Tensor | None
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, metaclass=abc.ABCMeta):
     """What MedVMAD, the prompts and the memory bank need from a frozen vision-language model.
 
     Implementations (one per model family, chosen from the loaded model by ``build_backbone``):
     ``CLIP.backbone_clip.OpenCLIPBackbone`` (open_clip's CLIP: ViT image tower, CLIP text
     transformer) and ``CLIP.backbone_timm_hf.TimmHFBackbone`` (a timm ViT trunk and a Hugging Face
-    text encoder, as BiomedCLIP). Only those files touch the libraries' internals.
-
-    Sizes: ``width`` (image tokens), ``num_layers``, ``embed_dim`` (joint space), ``grid_size``,
-    ``patch_size``, ``num_prefix_tokens`` (class/register tokens before the patches),
-    ``text_width``, ``text_layers``; ``logit_scale``. ``config`` is resolved (QuickGELU, mean/std).
+    text encoder, as BiomedCLIP). This base uses only open_clip's public model API, common to both
+    (``logit_scale``, ``encode_text``, ``get_tokenizer``); the towers' internals are touched only in
+    the implementations. ``config`` is resolved (QuickGELU as built, the weights' mean/std).
     """
 
     def __init__(self, config: BackboneConfig, clip: nn.Module):
@@ -250,14 +254,51 @@ class Backbone(nn.Module):
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
 
-    width: int
-    num_layers: int
-    embed_dim: int
-    grid_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    num_prefix_tokens: int
-    text_width: int
-    text_layers: int
+    @staticmethod
+    @abc.abstractmethod
+    def fits(clip: nn.Module) -> bool:
+        """Whether this implementation handles the towers of the loaded open_clip model."""
+
+    # ---- sizes, read from the model ----
+    @property
+    @abc.abstractmethod
+    def width(self) -> int:
+        """Width W of the image tokens."""
+
+    @property
+    @abc.abstractmethod
+    def num_layers(self) -> int:
+        """Blocks of the image tower."""
+
+    @property
+    @abc.abstractmethod
+    def embed_dim(self) -> int:
+        """Size E of the joint image-text space."""
+
+    @property
+    @abc.abstractmethod
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) at the configured image size."""
+
+    @property
+    @abc.abstractmethod
+    def patch_size(self) -> tuple[int, int]:
+        """Patch side in pixels."""
+
+    @property
+    @abc.abstractmethod
+    def num_prefix_tokens(self) -> int:
+        """Class (and register) tokens before the patch tokens."""
+
+    @property
+    @abc.abstractmethod
+    def text_width(self) -> int:
+        """Width Dt of the text token embeddings."""
+
+    @property
+    @abc.abstractmethod
+    def text_layers(self) -> int:
+        """Blocks of the text tower (the most --depth can use)."""
 
     @property
     def device(self) -> torch.device:
@@ -283,7 +324,8 @@ class Backbone(nn.Module):
         """Plain text embeddings [T,E] of sentences, with the model's own tokenizer."""
         return self.clip.encode_text(self.tokenizer(list(texts)).to(self.device))
 
-    # ---- what each family implements ----
+    # ---- passes ----
+    @abc.abstractmethod
     def encode_image(self, images: torch.Tensor, taps: Sequence[int],
                      after_layer: LayerHook | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the image tower block by block.
@@ -293,31 +335,30 @@ class Backbone(nn.Module):
         row-major order) and returns the tokens that continue the stream. Returns the global image
         embedding [B,E] and {layer: tokens [B,P+N,W]} as seen by the hook.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Intermediate tokens [B,N,W] -> the joint space [B,N,E], the way the pooled token goes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def word_embeddings(self, text: str) -> torch.Tensor:
         """Token embeddings [n,Dt] of the words of ``text`` (no start, end or padding tokens)."""
-        raise NotImplementedError
 
-    def text_frame(self, texts: Sequence[str], n_placeholders: int) -> TextFrame:
-        """Tokenised ``texts`` with ``n_placeholders`` tokens right after the start token."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def text_frame(self, texts: Sequence[str], n_slots: int, n_context: int) -> TextFrame:
+        """Tokenised ``texts`` with ``n_slots`` deep-prompt slots, then ``n_context`` context
+        placeholders, right after the start token. InputError when a text no longer fits."""
 
+    @abc.abstractmethod
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T,L] ids -> [T,L,Dt] input embeddings (positions are added by the text pass)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode_text_embeddings(self, embeddings: torch.Tensor, frame: TextFrame,
-                               deep_prompts: torch.Tensor | None = None,
-                               deep_positions: slice | None = None) -> torch.Tensor:
+                               deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Text embedding [T,E] of token embeddings [T,L,Dt] of ``frame`` (learnable context
-        already inside). deep_prompts [D,n,Dt]: tokens written into ``deep_positions`` (n slots)
+        already inside). deep_prompts [D,n,Dt]: tokens written into ``frame.slots`` (n slots)
         before each of the first D text layers."""
-        raise NotImplementedError
 
 
 def _resolve_normalisation(config: BackboneConfig, preprocess: dict) -> dict:

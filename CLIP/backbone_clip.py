@@ -106,21 +106,20 @@ class OpenCLIPBackbone(Backbone):
         n_words = int(ids.argmax()) - 1  # between the start token and the end token (highest id)
         return self.text.token_embedding(ids[1:1 + n_words])
 
-    def text_frame(self, texts: Sequence[str], n_placeholders: int) -> TextFrame:
-        """"X" is one CLIP token: ``X X ... X <text>``; pooled at the end token (highest id)."""
-        placeholder = " ".join(["X"] * n_placeholders)
+    def text_frame(self, texts: Sequence[str], n_slots: int, n_context: int) -> TextFrame:
+        """"X" is one CLIP token: ``SOS X X ... X <text> EOT``; pooled at the end token (highest id)."""
+        placeholder = " ".join(["X"] * (n_slots + n_context))
         ids = self.tokenizer([f"{placeholder} {text}" for text in texts]).to(self.device)
         end = ids.argmax(dim=-1)
         if int(end.max()) >= ids.shape[1] - 1:
             raise InputError("prompt too long for the text context; lower --n_ctx or --t_n_ctx")
-        return TextFrame(ids, 1, end)
+        return TextFrame(ids, slice(1, 1 + n_slots), slice(1 + n_slots, 1 + n_slots + n_context), end)
 
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.text.token_embedding(token_ids)
 
     def encode_text_embeddings(self, embeddings: torch.Tensor, frame: TextFrame,
-                               deep_prompts: torch.Tensor | None = None,
-                               deep_positions: slice | None = None) -> torch.Tensor:
+                               deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
         text = self.text
         x = embeddings + text.positional_embedding.to(embeddings.dtype)
         transformer = text.transformer
@@ -129,7 +128,7 @@ class OpenCLIPBackbone(Backbone):
         for index, block in enumerate(transformer.resblocks):
             if index < depth:
                 prompt = deep_prompts[index].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
-                x = torch.cat([x[:, :deep_positions.start], prompt, x[:, deep_positions.stop:]], dim=1)
+                x = torch.cat([x[:, :frame.slots.start], prompt, x[:, frame.slots.stop:]], dim=1)
             if batch_first:
                 x = block(x, attn_mask=text.attn_mask)
             else:

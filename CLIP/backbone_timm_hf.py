@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from CLIP.backbone import Backbone, BackboneConfig, LayerHook, TextFrame, check_image_size
@@ -27,18 +28,22 @@ class TimmHFBackbone(Backbone):
 
     @staticmethod
     def fits(clip: nn.Module) -> bool:
-        """A timm ViT trunk pooled by token or mean (no attention pool), and an HF encoder with layers."""
+        """A timm ``VisionTransformer`` trunk pooled by token or mean (no attention pool), and an HF
+        encoder with ``encoder.layer``."""
         visual, text = clip.visual, getattr(clip, "text", None)
         if not isinstance(visual, TimmModel) or not isinstance(text, HFTextEncoder):
             return False
-        trunk = visual.trunk
-        return (all(hasattr(trunk, name) for name in ("patch_embed", "blocks", "_pos_embed", "num_prefix_tokens"))
-                and getattr(trunk, "attn_pool", None) is None and "pool" not in dict(visual.head.named_children())
+        return (isinstance(visual.trunk, VisionTransformer) and visual.trunk.attn_pool is None
+                and "pool" not in dict(visual.head.named_children())
                 and hasattr(getattr(text.transformer, "encoder", None), "layer"))
 
     def __init__(self, config: BackboneConfig, clip: nn.Module):
         super().__init__(config, clip)
         check_image_size(config.image_size, self.patch_size[0], config.model_name)
+        built = tuple(self.trunk.patch_embed.img_size)
+        if built != (config.image_size, config.image_size):  # open_clip resizes timm trunks after loading
+            raise InputError(f"--image_size {config.image_size}: the timm trunk of {config.model_name} was built "
+                             f"for {built[0]}x{built[1]} and could not be resized")
         self.pad_id = self.clip.text.config.pad_token_id
 
     # ---- sizes, read from the model ----
@@ -104,25 +109,23 @@ class TimmHFBackbone(Backbone):
         n_words = int((ids != self.pad_id).sum()) - 2  # between [CLS] and [SEP]
         return self.token_embedding(ids[1:1 + n_words])
 
-    def text_frame(self, texts: Sequence[str], n_placeholders: int) -> TextFrame:
-        """``[CLS] <placeholders> <text> [SEP]`` with the model's tokenizer; the placeholders repeat
-        the [CLS] id (any non-padding id: their embeddings are replaced). Pooled as the model's
-        pooler says (``pooled_index`` is its [CLS] position)."""
+    def text_frame(self, texts: Sequence[str], n_slots: int, n_context: int) -> TextFrame:
+        """``[CLS] <slots> <context> <text> [SEP] [PAD]...`` with the model's tokenizer; the
+        placeholders repeat the [CLS] id (any non-padding id: their embeddings are replaced).
+        Pooled by the model's own pooler."""
         ids = self.tokenizer(list(texts)).to(self.device)
-        length = ids.shape[1]
+        length, n_placeholders = ids.shape[1], n_slots + n_context
         if int((ids != self.pad_id).sum(dim=1).max()) + n_placeholders > length:
             raise InputError("prompt too long for the text context; lower --n_ctx or --t_n_ctx")
         placeholders = ids[:, :1].expand(-1, n_placeholders)
         framed = torch.cat([ids[:, :1], placeholders, ids[:, 1:length - n_placeholders]], dim=1)
-        position = getattr(self.clip.text.pooler, "cls_token_position", 0)
-        return TextFrame(framed, 1, torch.full((len(texts),), position, device=ids.device))
+        return TextFrame(framed, slice(1, 1 + n_slots), slice(1 + n_slots, 1 + n_placeholders), None)
 
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.clip.text.transformer.get_input_embeddings()(token_ids)
 
     def encode_text_embeddings(self, embeddings: torch.Tensor, frame: TextFrame,
-                               deep_prompts: torch.Tensor | None = None,
-                               deep_positions: slice | None = None) -> torch.Tensor:
+                               deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
         text = self.clip.text
         attention_mask = (frame.token_ids != self.pad_id).long()
         handles = []
@@ -131,7 +134,7 @@ class TimmHFBackbone(Backbone):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 x = args[0] if args else kwargs.pop("hidden_states")
                 prompt = deep_prompts[index].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
-                x = torch.cat([x[:, :deep_positions.start], prompt, x[:, deep_positions.stop:]], dim=1)
+                x = torch.cat([x[:, :frame.slots.start], prompt, x[:, frame.slots.stop:]], dim=1)
                 return (x, *args[1:]), kwargs
             return hook
 

@@ -23,8 +23,9 @@ from prompt_ensemble import ORGANS, TEMPLATES  # noqa: E402
 
 
 def build(folder: Path, vision: str = "vit_base_patch16_224", text_width: int = 768, text_layers: int = 12,
-          embed_dim: int = 512, context_length: int = 256) -> str:
-    """Write the model into ``folder`` (created); returns its ``local-dir:`` model name."""
+          embed_dim: int = 512, context_length: int = 256, pooler: str = "cls_last_hidden_state_pooler") -> str:
+    """Write the model into ``folder`` (created); returns its ``local-dir:`` model name. ``pooler``:
+    open_clip's name of the text pooler (BiomedCLIP's is the default)."""
     import open_clip
     from safetensors.torch import save_file
     from transformers import BertConfig, BertTokenizer
@@ -43,7 +44,7 @@ def build(folder: Path, vision: str = "vit_base_patch16_224", text_width: int = 
         "vision_cfg": {"timm_model_name": vision, "timm_model_pretrained": False,
                        "timm_pool": "", "timm_proj": "linear", "image_size": 224},
         "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": context_length}},
+                     "hf_pooler_type": pooler, "context_length": context_length}},
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
                            "std": [0.26862954, 0.26130258, 0.27577711]}}
     (folder / "open_clip_config.json").write_text(json.dumps(config))

@@ -93,13 +93,14 @@ def bert_reference(backbone: TimmHFBackbone, ids: torch.Tensor, embeddings: torc
 def test_bert_text_pass_matches_open_clip_and_a_layer_by_layer_run(biomedclip):
     with torch.no_grad():
         sentences = ["a brain mri image of a healthy brain.", "tumor"]
-        frame = biomedclip.text_frame(sentences, 0)
+        frame = biomedclip.text_frame(sentences, 0, 0)
         plain = biomedclip.encode_text_embeddings(biomedclip.token_embedding(frame.token_ids), frame)
         torch.testing.assert_close(plain, biomedclip.encode_text(sentences))  # open_clip's HF forward
-        frame = biomedclip.text_frame(sentences, 5)
+        frame = biomedclip.text_frame(sentences, 2, 3)
+        assert frame.slots == slice(1, 3) and frame.context == slice(3, 6)
         embeddings = biomedclip.token_embedding(frame.token_ids)
         deep = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(1))
-        deep_output = biomedclip.encode_text_embeddings(embeddings, frame, deep, slice(1, 3))
+        deep_output = biomedclip.encode_text_embeddings(embeddings, frame, deep)
         for row in range(2):
             reference = bert_reference(biomedclip, frame.token_ids[row:row + 1], embeddings[row:row + 1],
                                        deep, slice(1, 3))
@@ -110,16 +111,18 @@ def test_bert_text_pass_matches_open_clip_and_a_layer_by_layer_run(biomedclip):
 def test_bert_prompt_frame_puts_the_context_after_cls(biomedclip, biomedclip_name):
     tokenizer_file = Path(biomedclip_name.split(":", 1)[1]) / "tokenizer.json"
     word = json.loads(tokenizer_file.read_text())["model"]["vocab"]  # WordPiece: token -> id
-    frame = biomedclip.text_frame(["healthy brain."], 3)
+    frame = biomedclip.text_frame(["healthy brain."], 1, 2)
     ids = frame.token_ids[0].tolist()
     expected = [word["[CLS]"]] * 4 + [word["healthy"], word["brain"], word["."], word["[SEP]"]]
-    assert ids[:8] == expected and set(ids[8:]) == {word["[PAD]"]} and frame.start == 1
-    assert frame.pooled_index.tolist() == [0]
+    assert ids[:8] == expected and set(ids[8:]) == {word["[PAD]"]}
+    assert frame.slots == slice(1, 2) and frame.context == slice(2, 4) and frame.pooled_index is None
     prefix = biomedclip.word_embeddings("a brain MRI image of a")
     table = biomedclip.clip.text.transformer.get_input_embeddings().weight
     torch.testing.assert_close(prefix, table[[word[w] for w in ("a", "brain", "mri", "image", "of", "a")]])
+    fits = 32 - 5  # the context holds 32 tokens; "[CLS] healthy brain . [SEP]" takes 5
+    assert (biomedclip.text_frame(["healthy brain."], 2, fits - 2).token_ids[0] != word["[PAD]"]).all()
     with pytest.raises(InputError, match="too long"):
-        biomedclip.text_frame(["healthy brain."], 30)
+        biomedclip.text_frame(["healthy brain."], 2, fits - 1)
 
 
 def test_learnable_prompts_on_bert_reach_the_text_features(biomedclip):
@@ -127,10 +130,12 @@ def test_learnable_prompts_on_bert_reach_the_text_features(biomedclip):
     model = MedVMAD(MedVMADConfig(BackboneConfig(biomedclip.config.model_name, "none", SIZE),
                                   n_ctx=4, depth=2, t_n_ctx=2), backbone=biomedclip)
     prompts = model.prompts
-    assert prompts.context_start == 3 and prompts.frame.shape[:2] == (2, 32)
+    assert prompts.context_slice == slice(3, 7) and prompts.frame.shape[:2] == (2, 32)
     features = prompts(biomedclip)
     (features[1] - features[0]).sum().backward()
-    assert prompts.context.grad.abs().sum() > 0 and prompts.deep.grad[1].abs().sum() > 0
+    # every context vector and every deep token of both layers reaches the features
+    assert (prompts.context.grad.abs().sum(dim=-1) > 0).all()
+    assert (prompts.deep.grad.abs().sum(dim=-1) > 0).all()
     with pytest.raises(ValueError, match="exceeds the text tower's 2 layers"):
         MedVMAD(MedVMADConfig(biomedclip.config, depth=3), backbone=biomedclip)
 
@@ -203,3 +208,57 @@ def test_config_passed_in_is_not_changed(biomedclip_name):
     assert config.features_list is None and config.backbone.quick_gelu is None and config.backbone.image_mean is None
     assert model.config.features_list == [3, 6, 9, 12] and model.config.backbone.quick_gelu is False
     assert model.config.backbone.image_std == (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_register_tokens_are_prefix_tokens(biomedclip_name):
+    """A timm trunk with 4 register tokens: 5 tokens before the patches, everywhere."""
+    import timm
+
+    backbone = build_backbone(BackboneConfig(biomedclip_name, "none", SIZE))
+    backbone.clip.visual.trunk = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                                   img_size=SIZE, reg_tokens=4).eval().requires_grad_(False)
+    assert backbone.num_prefix_tokens == 5
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        _, tapped = backbone.encode_image(images, [6])
+        reference = backbone.trunk.forward_intermediates(images, indices=[5], norm=False, output_fmt="NLC",
+                                                         intermediates_only=True)
+        torch.testing.assert_close(tapped[6][:, 5:], reference[0])
+        for adapters in (True, False):
+            model = MedVMAD(MedVMADConfig(backbone.config, adapters=adapters, n_ctx=4, depth=2, t_n_ctx=2),
+                            backbone=backbone)
+            output = model(images)
+            assert output.layer_logits.shape == (2, 4, SIZE, SIZE)
+            assert all(features.shape[1] == 16 for features in output.patch_features)
+
+
+@pytest.mark.parametrize("pooler", ["mean_pooler", "cls_pooler"])
+def test_other_bert_poolers_pool_as_open_clip_does(tmp_path, pooler):
+    from bench.biomedclip_like import build
+
+    name = build(tmp_path / pooler, vision="vit_tiny_patch16_224", text_width=32, text_layers=2, embed_dim=16,
+                 context_length=32, pooler=pooler)
+    backbone = build_backbone(BackboneConfig(name, "none", SIZE))
+    sentences = ["a brain mri image of a healthy brain.", "tumor"]
+    with torch.no_grad():
+        frame = backbone.text_frame(sentences, 0, 0)
+        ours = backbone.encode_text_embeddings(backbone.token_embedding(frame.token_ids), frame)
+        torch.testing.assert_close(ours, backbone.encode_text(sentences))
+
+
+def test_missing_transformers_is_one_line(monkeypatch, biomedclip_name):
+    import open_clip.hf_model
+
+    monkeypatch.setattr(open_clip.hf_model, "transformers", None)
+    with pytest.raises(InputError, match="pip install transformers"):
+        build_backbone(BackboneConfig(biomedclip_name, "none", SIZE))
+
+
+def test_quick_gelu_on_is_refused_on_timm_towers(biomedclip_name):
+    with pytest.raises(InputError, match="--quick_gelu on"):
+        build_backbone(BackboneConfig(biomedclip_name, "none", SIZE, quick_gelu=True))
+
+
+def test_a_backbone_other_than_the_config_names_is_refused(biomedclip):
+    with pytest.raises(ValueError, match="model_name, image_size"):
+        MedVMAD(MedVMADConfig(BackboneConfig("tiny", "none", 224)), backbone=biomedclip)
