@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.MedVMAD import VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import read_checkpoint, save_checkpoint
 from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
 from curves import log_epoch, tensorboard_writer
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_fewshot_args(data)
     model = parser.add_argument_group("model")
     add_model_args(model, checkpoint=False)
+    model.add_argument("--variant", default=MODEL.variant, choices=list(VARIANTS),
+                       help="medvmad; text_only (learnable prompts, no adapters); mvfa (MVFA-AD: adapters, fixed "
+                            "prompt ensemble, its loss and scores); stored in the checkpoint")
     model.add_argument("--n_ctx", type=positive_int, default=MODEL.n_ctx, help="learnable context tokens per prompt")
     model.add_argument("--depth", type=non_negative_int, default=MODEL.depth,
                        help="text layers with learnable deep tokens")
@@ -216,7 +219,7 @@ def training_data(args, roots: list[str], names: list[str],
 def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
     """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
     return MedVMADConfig(
-        backbone=backbone_config(args),
+        backbone=backbone_config(args), variant=args.variant, **VARIANTS[args.variant],
         organ=prompt_name,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)

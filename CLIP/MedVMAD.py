@@ -4,6 +4,7 @@ No I/O and no argument parsing: ``MedVMAD(config)`` builds the model, ``forward(
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -23,11 +24,21 @@ def upgrade_config(values: dict) -> dict:
     return values
 
 
+# Model variants of the paper's tables (train.py --variant), on one backbone, data and selection:
+# the parts each switches on, and the scoring rule (see MedVMAD._score and the README).
+VARIANTS: dict[str, dict[str, bool]] = {
+    "medvmad": {"adapters": True, "learnable_prompts": True},
+    "text_only": {"adapters": False, "learnable_prompts": True},   # learnable text embeddings only
+    "mvfa": {"adapters": True, "learnable_prompts": False},        # MVFA-AD: adapters, fixed prompts
+}
+
+
 @dataclass
 class MedVMADConfig:
     """Everything that rebuilds the model; stored in checkpoints as a plain dict."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    variant: str = "medvmad"                 # scoring rule: "mvfa" scores MVFA's way (see _score)
     organ: str = "brain"                     # organ wording for prompt initialisation / ensemble
     features_list: list[int] | None = None   # 1-based tapped layers; None: 4 evenly spaced
     adapters: bool = True                    # False: zero-training baseline (projected tokens)
@@ -60,6 +71,10 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
     if differing:
         raise ValueError(f"the backbone given was built with other {', '.join(differing)} than the config names "
                          f"({', '.join(f'{getattr(built, n)} vs {getattr(asked, n)}' for n in differing)})")
+    if config.variant not in VARIANTS:
+        raise ValueError(f"--variant {config.variant}: one of {', '.join(VARIANTS)}")
+    if config.variant == "mvfa" and not config.adapters:
+        raise ValueError("--variant mvfa scores with its detection adapters: adapters must be on")
     num_layers = backbone.num_layers
     features_list = list(default_features_list(num_layers) if config.features_list is None
                          else config.features_list)
@@ -75,13 +90,16 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
 
 @dataclass
 class MedVMADOutput:
-    # [B] in [0,1]. Without a memory bank: (mean image-term probability + text_map max) / 2; with
-    # one: the bank's combination of that score and the bank map's maximum (see memory_bank.py).
+    # [B] in [0,1]. Without a memory bank: (mean image-term probability + text_map max) / 2 (mvfa:
+    # the mean image-term probability); with one: the bank's combination of that score and the
+    # bank map's maximum (see memory_bank.py).
     image_score: torch.Tensor
     # [B,H,W] in [0,1]. Without a bank: text_map; with one: the bank's combination of text_map and bank_map.
     anomaly_map: torch.Tensor
     layer_logits: torch.Tensor     # [B,L,H,W] abnormal - normal logit per tapped layer, upsampled bilinearly
-    image_logits: torch.Tensor     # [B,T,2] normal/abnormal logits of the image-level terms
+    # [B,T,2] normal/abnormal logits of the image-level terms: the global embedding and each
+    # detection layer's most abnormal patch (mvfa: log-probabilities of each detection layer's mean)
+    image_logits: torch.Tensor
     patch_features: list[torch.Tensor]  # per layer [B,N,E], L2-normalised segmentation features
     text_map: torch.Tensor         # [B,H,W] mean over layers of sigmoid(layer_logits), smoothed
     bank_map: torch.Tensor | None  # [B,H,W] smoothed memory-bank distance map, when a bank is built
@@ -99,6 +117,13 @@ class Adapter(nn.Module):
         """tokens [B,T,W] -> (bottleneck features [B,T,E], residual branch [B,T,W])."""
         hidden = F.leaky_relu(self.down(tokens))
         return hidden, F.leaky_relu(self.up(hidden))
+
+
+def mean_patch_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Patch logits [B,N,2] -> (log(1 - m), log m) [B,2] with m the mean over patches of the
+    abnormal softmax probability, computed in log space (logsumexp of log-softmax)."""
+    log_probabilities = logits.log_softmax(dim=-1)                                         # [B,N,2]
+    return torch.logsumexp(log_probabilities, dim=1) - math.log(logits.shape[1])
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -228,17 +253,25 @@ class MedVMAD(nn.Module):
         # bilinear logits = sigmoid of the bilinear logit gap. The loss works on the same logits.
         layer_logits = self._upsample(gaps, size)                                         # [B,L,H,W]
 
-        image_logits = [self._logits(global_embedding, text)]                            # [B,2]
-        for features in det_features:
-            # Detection branch: the logits of the most abnormal patch (a lesion may be tiny).
-            logits = self._logits(features, text)                                          # [B,N,2]
-            top = (logits[..., 1] - logits[..., 0]).argmax(dim=1)
-            image_logits.append(logits[torch.arange(logits.shape[0], device=logits.device), top])
-        image_logits = torch.stack(image_logits, dim=1)                                   # [B,T,2]
         text_map = gaussian_blur(torch.sigmoid(layer_logits).mean(dim=1), self.config.sigma)
-        # Image score: the image-level terms' mean abnormal probability, averaged with the map's
-        # maximum (the map localises small lesions that the image-level terms miss).
-        image_score = 0.5 * image_logits.softmax(dim=-1)[..., 1].mean(dim=1) + 0.5 * text_map.flatten(1).amax(dim=1)
+        if self.config.variant == "mvfa":
+            # MVFA: per detection layer the mean abnormal probability of its patches, as
+            # log-probabilities (normal, abnormal) so the loss stays in log space; the image score
+            # is their mean over layers (MVFA sums them: the same ranking, kept in [0,1]).
+            image_logits = torch.stack([mean_patch_log_probabilities(self._logits(features, text))
+                                        for features in det_features], dim=1)          # [B,T,2]
+            image_score = image_logits.softmax(dim=-1)[..., 1].mean(dim=1)
+        else:
+            image_logits = [self._logits(global_embedding, text)]                        # [B,2]
+            for features in det_features:
+                # Detection branch: the logits of the most abnormal patch (a lesion may be tiny).
+                logits = self._logits(features, text)                                      # [B,N,2]
+                top = (logits[..., 1] - logits[..., 0]).argmax(dim=1)
+                image_logits.append(logits[torch.arange(logits.shape[0], device=logits.device), top])
+            image_logits = torch.stack(image_logits, dim=1)                               # [B,T,2]
+            # Image score: the image-level terms' mean abnormal probability, averaged with the
+            # map's maximum (the map localises small lesions that the image-level terms miss).
+            image_score = 0.5 * image_logits.softmax(dim=-1)[..., 1].mean(dim=1) + 0.5 * text_map.flatten(1).amax(dim=1)
 
         normalised = [features / features.norm(dim=-1, keepdim=True) for features in seg_features]
         anomaly_map, bank_map = text_map, None

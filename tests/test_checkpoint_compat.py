@@ -20,7 +20,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 def test_format1_checkpoint_loads_and_scores_as_when_saved() -> None:
     model, payload = load_model(FIXTURES / "format1_tiny.pth", torch.device("cpu"))
     assert payload["format"] == "medvmad-checkpoint-1" and payload["epoch"] == 3
-    assert model.config.features_list == [1, 2, 3, 4]
+    assert model.config.features_list == [1, 2, 3, 4] and model.config.variant == "medvmad"
     expected = np.load(FIXTURES / "format1_tiny_expected.npz")
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     model.eval()
