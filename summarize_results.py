@@ -1,8 +1,13 @@
-"""Mean ± std over seeds of several test.py runs, as a pipe table (x100, one decimal).
+"""Mean ± std over seeds of several test.py runs, as a pipe table (x100, one decimal); or, with
+--paper, one of the paper's tables: a row per run (model variant), with its 95% intervals.
 
     python summarize_results.py --results results/fewshot/*/results.json --save_path results/fewshot
+    python summarize_results.py --paper --results results/paper/{medvmad,text_only,anomalyclip,mvfa}/results.json \
+        --dataset Brain --title "Table 1: Brain test split" --save_path results/paper --name table1_brain
 
 Runs are grouped by dataset and by their ``--k_shot`` argument; each group's runs are the seeds.
+With --paper the rows keep the order of --results and are named after each run's checkpoint
+variant (or --names); NAME.md, NAME.csv and NAME.json are written to --save_path.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import TABLE_COLUMNS, csv_text, mean_std_cell, pipe_table
+from tables import TABLE_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table, pipe_table, variant_of
 from utils import InputError, atomic_write_json, atomic_write_text, read_manifest, run_cli
 
 
@@ -38,10 +43,56 @@ def summarize(results: list[dict]) -> dict[tuple[str, int], dict[str, tuple[floa
             for group, values in sorted(groups.items())}
 
 
+def run_names(results: list[dict], paths: list[str]) -> list[str]:
+    """Each run's model variant (its checkpoint's; ``baseline`` for the zero-training baseline),
+    made distinct with the checkpoint's folder name where two runs share one."""
+    checkpoints = [result.get("checkpoint") or {} for result in results]
+    names = [variant_of(checkpoint.get("config")) if checkpoint else "baseline" for checkpoint in checkpoints]
+    folders = [Path(checkpoint.get("path") or path).parent.name for checkpoint, path in zip(checkpoints, paths)]
+    return distinct_names(names, folders)
+
+
+def paper(args: argparse.Namespace, results: list[dict]) -> dict[str, dict]:
+    """The paper table of ``args.dataset`` in ``results`` (a row per run), printed and written."""
+    names = args.names or run_names(results, args.results)
+    if len(names) != len(results):
+        raise InputError(f"--names gives {len(names)} names for {len(results)} --results files")
+    if len(set(names)) != len(names):
+        raise InputError(f"--names {names} repeat: give each run its own name")
+    rows = {}
+    for name, result, path in zip(names, results, args.results):
+        datasets = result.get("datasets", {})
+        dataset = args.dataset or (next(iter(datasets)) if len(datasets) == 1 else None)
+        if dataset is None:
+            raise InputError(f"{path} holds datasets {sorted(datasets)}: choose one with --dataset")
+        if dataset not in datasets:
+            raise InputError(f"{path} has no results for --dataset {dataset} (it has {sorted(datasets)})")
+        rows[name] = datasets[dataset]
+    texts = paper_table(rows)
+    if args.title:
+        texts["md"] = f"{args.title}\n\n{texts['md']}"
+    print(texts["md"], end="")
+    if args.save_path:
+        for kind, text in texts.items():
+            atomic_write_text(Path(args.save_path) / f"{args.name}.{kind}", text)
+        print(f"written to {Path(args.save_path) / args.name}.{{md,csv,json}}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", required=True, help="results.json files of test.py")
-    parser.add_argument("--save_path", help="folder for summary.json and summary.csv")
+    parser.add_argument("--save_path", help="folder for summary.json and summary.csv (--paper: NAME.md/.csv/.json)")
+    paper_args = parser.add_argument_group("paper tables (--paper)")
+    paper_args.add_argument("--paper", action="store_true",
+                            help="a row per --results file in its order, columns pixel AUROC, pixel AUPRO, image "
+                                 "AUROC, image AP, with the 95%% intervals test.py --bootstrap wrote")
+    paper_args.add_argument("--dataset", help="the dataset of each results.json to tabulate "
+                                              "(default: its only one)")
+    paper_args.add_argument("--names", nargs="+", help="row names (default: each run's checkpoint variant, "
+                                                       "with its checkpoint folder when two share one)")
+    paper_args.add_argument("--title", help="a line above the markdown table")
+    paper_args.add_argument("--name", default="table", help="file name stem in --save_path (default: table)")
     args = parser.parse_args(argv)
     loaded = []
     for path in args.results:
@@ -50,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
             loaded.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"{path}: not a readable results.json ({error})") from None
+    if args.paper:
+        return paper(args, loaded)
     summary = summarize(loaded)
     headers = ["dataset", "k", "runs"] + [title for _, title in TABLE_COLUMNS]
     rows = [[name, k or "zero-shot", next(iter(values.values()))[2]]

@@ -1,9 +1,11 @@
 """Results tables of test.py and summarize_results.py: the metric columns, their cells (x100, one
-decimal, '-' when absent) and the tables as pipe text and CSV."""
+decimal, '-' when absent) and the tables as pipe text and CSV; the paper's tables (one row per model
+variant) and the names their rows and figure columns go by."""
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 
 import numpy as np
@@ -12,6 +14,10 @@ from tabulate import tabulate
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
                  ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
 PATIENT_COLUMNS = [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
+# The report's column order (Tables 1 and 2): pixel metrics first.
+PAPER_COLUMNS = [("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO"),
+                 ("image_auroc", "image AUROC"), ("image_ap", "image AP")]
+DEFAULT_VARIANT = "medvmad"  # what a checkpoint written before the variant field was trained as
 
 
 def csv_text(rows: list[list]) -> str:
@@ -42,10 +48,13 @@ def mean_std_cell(mean: float, std: float) -> str:
 
 
 def format_table(results: dict[str, dict[str, float]],
-                 columns: list[tuple[str, str]] = TABLE_COLUMNS) -> list[list[str]]:
-    """Rows per dataset plus a mean row, metric values x100 with one decimal ('-' when absent),
-    with the 95% interval as 'value [low-high]' when the results carry ``<metric>_ci``."""
+                 columns: list[tuple[str, str]] = TABLE_COLUMNS, mean_row: bool = True) -> list[list[str]]:
+    """Rows per dataset plus a mean row (unless ``mean_row`` is False), metric values x100 with one
+    decimal ('-' when absent), with the 95% interval as 'value [low-high]' when the results carry
+    ``<metric>_ci``."""
     rows = [[name] + [cell(values, key) for key, _ in columns] for name, values in results.items()]
+    if not mean_row:
+        return rows
     means = {}
     for key, _ in columns:
         present = [values[key] for values in results.values() if key in values and not math.isnan(values[key])]
@@ -55,9 +64,9 @@ def format_table(results: dict[str, dict[str, float]],
 
 
 def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] = TABLE_COLUMNS,
-             first: str = "dataset") -> list[list[str]]:
-    """The table as CSV rows (x100, one decimal, '-' when absent, a mean row); with bootstrap
-    intervals, each metric is followed by its ``low`` and ``high`` columns."""
+             first: str = "dataset", mean_row: bool = True) -> list[list[str]]:
+    """The table as CSV rows (x100, one decimal, '-' when absent, a mean row unless ``mean_row`` is
+    False); with bootstrap intervals, each metric is followed by its ``low`` and ``high`` columns."""
     with_ci = any(f"{key}_ci" in values for values in results.values() for key, _ in columns)
     plain = {name: {key: v for key, v in values.items() if not key.endswith("_ci")}
              for name, values in results.items()}
@@ -65,7 +74,7 @@ def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]
     for _, title in columns:
         header += [title, f"{title} low", f"{title} high"] if with_ci else [title]
     rows = [header]
-    for row in format_table(plain, columns):
+    for row in format_table(plain, columns, mean_row):
         values = results.get(row[0], {})
         out = [row[0]]
         for (key, _), text in zip(columns, row[1:]):
@@ -74,3 +83,40 @@ def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]
                 out += [cell({"v": bound}, "v") for bound in values.get(f"{key}_ci", (math.nan, math.nan))]
         rows.append(out)
     return rows
+
+
+def paper_table(results_by_row: dict[str, dict[str, float]], columns: list[tuple[str, str]] = PAPER_COLUMNS,
+                first: str = "variant") -> dict[str, str]:
+    """One of the paper's tables, a row per model in the given order and ``columns`` in their order
+    (no mean row: the rows are different models), as {"md": pipe table, "csv": CSV text, "json":
+    JSON text}. Cells are x100 with one decimal and the 95% interval as '97.2 [96.8–97.5]' when the
+    results carry ``<metric>_ci``; the JSON keeps the values as measured (in [0, 1]) with their
+    intervals, null where a metric is nan (strict JSON)."""
+    headers = [first] + [title for _, title in columns]
+    markdown = pipe_table(format_table(results_by_row, columns, mean_row=False), headers)
+    rows = [{first: name, **{field: _finite_or_none(values[field]) for key, _ in columns
+                             for field in (key, f"{key}_ci") if field in values}}
+            for name, values in results_by_row.items()]
+    return {"md": markdown + "\n", "csv": csv_text(csv_rows(results_by_row, columns, first, mean_row=False)),
+            "json": json.dumps({"columns": [key for key, _ in columns], "rows": rows}, indent=2) + "\n"}
+
+
+def _finite_or_none(value):
+    """A number, or each number of an interval, with nan as None."""
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def variant_of(config: dict | None) -> str:
+    """The model variant a checkpoint's stored config was trained as (``medvmad`` when the config
+    predates the field)."""
+    return (config or {}).get("variant", DEFAULT_VARIANT)
+
+
+def distinct_names(names: list[str], folders: list[str]) -> list[str]:
+    """``names`` made distinct: a name that several entries share gets its entry's folder name,
+    ``"medvmad (run2)"``, and the entry's position when that still repeats."""
+    counts = {name: names.count(name) for name in names}
+    out = [name if counts[name] == 1 else f"{name} ({folder})" for name, folder in zip(names, folders)]
+    return [name if out.count(name) == 1 else f"{name} #{i + 1}" for i, name in enumerate(out)]

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Evaluate every protocol, each its own table (in-domain, cross-organ, leave-one-out zero-shot,
 # few-shot; README "Protocols"): run train.sh first, then
-#   bash test.sh [indomain|crossorgan|zeroshot|fewshot|all]      (default: all)
+#   bash test.sh [indomain|crossorgan|zeroshot|fewshot|all|paper]      (default: all)
+# paper (not part of all; after bash train.sh paper): the report's Table 1 (first target's test split) and
+# Table 2 (second target's, trained on the first), a row per variant, as RESULTS/paper/table{1,2}.{md,csv,json},
+# and the side-by-side figures RESULTS/paper/figure_<target>.png.
 # With no BMAD data under DATA_ROOT, the demo set and the tiny offline model are used.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +13,7 @@ DATA_ROOT=${DATA_ROOT:-data/BMAD}
 TARGETS=${TARGETS:-"Brain Liver"}
 K_SHOTS=${K_SHOTS:-"2 4 8 16"}
 SEEDS=${SEEDS:-"1 2 3"}
+VARIANTS=${VARIANTS:-"medvmad text_only anomalyclip mvfa"}   # paper: as in train.sh, in row order
 BATCH_SIZE=${BATCH_SIZE:-8}
 DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-fp32}
@@ -61,5 +65,23 @@ if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
       done
     done
     python summarize_results.py --results "${runs[@]}" --save_path "$RESULTS/fewshot/$target"
+  done
+fi
+
+if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, tested on both targets
+  runs=(); checkpoints=()
+  for variant in $VARIANTS; do
+    checkpoints+=("$SAVE_ROOT/paper/$variant/best.pth")
+    python test.py --data_path "$DATA_ROOT/${targets[0]}" "$DATA_ROOT/${targets[1]}" --checkpoint_path "${checkpoints[-1]}" \
+      --save_path "$RESULTS/paper/$variant" $COMMON
+    runs+=("$RESULTS/paper/$variant/results.json")
+  done
+  python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[0]}" --save_path "$RESULTS/paper" \
+    --name table1 --title "Table 1: ${targets[0]} test split (trained on ${targets[0]})"
+  python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[1]}" --save_path "$RESULTS/paper" \
+    --name table2 --title "Table 2: ${targets[1]} test split (trained on ${targets[0]})"
+  for target in "${targets[@]:0:2}"; do
+    python visualize_compare.py --checkpoint_path "${checkpoints[@]}" --data_path "$DATA_ROOT/$target" \
+      --save_path "$RESULTS/paper/figure_$target.png" --batch_size "$BATCH_SIZE" --device "$DEVICE" --precision "$PRECISION"
   done
 fi

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Train MedVMAD for each protocol (in-domain, leave-one-out zero-shot, few-shot; README "Protocols"):
 # edit the variables, then
-#   bash train.sh [indomain|zeroshot|fewshot|all]      (default: all)
+#   bash train.sh [indomain|zeroshot|fewshot|all|paper]      (default: all)
 # indomain also serves the cross-organ protocol (train on one organ, test on the other: test.sh).
+# paper (not part of all): the report's Tables 1-2, each of VARIANTS trained (train.py --variant) on the
+# first target's labelled valid split, into SAVE_ROOT/paper/<variant>; then bash test.sh paper.
 # With no BMAD data under DATA_ROOT, the demo set is built and the tiny offline model is used.
 # A run folder that already holds a run is refused; OVERWRITE=1 bash train.sh ... replaces it.
 set -euo pipefail
@@ -20,6 +22,7 @@ FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-50}
 LEARNING_RATE=${LEARNING_RATE:-}             # empty: train.py's default (1e-4, or 1e-3 few-shot)
 K_SHOTS=${K_SHOTS:-"2 4 8 16"}
 SEEDS=${SEEDS:-"1 2 3"}
+VARIANTS=${VARIANTS:-"medvmad text_only anomalyclip mvfa"}   # paper: the models of the report's tables, in row order
 DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-fp32}
 SAVE_ROOT=${SAVE_ROOT:-checkpoint}
@@ -63,5 +66,13 @@ if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
           --epoch "$FEWSHOT_EPOCH" --save_path "$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed" $COMMON
       done
     done
+  done
+fi
+
+if [[ $PROTOCOL == paper ]]; then   # Tables 1-2: every variant trained on the first target (Brain) alone
+  source=${TARGETS%% *}
+  for variant in $VARIANTS; do
+    python train.py --train_data_path "$DATA_ROOT/$source" --train_split valid --epoch "$EPOCH" --variant "$variant" \
+      --save_path "$SAVE_ROOT/paper/$variant" $COMMON
   done
 fi

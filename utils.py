@@ -217,6 +217,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(path, write)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` (an encoded PNG, ...) to ``path`` so that readers never see a half-written file."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

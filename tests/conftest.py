@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny offline model everything tests with."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,20 @@ def tiny_config(**overrides) -> MedVMADConfig:
     values = dict(backbone=BackboneConfig("tiny", "none", TINY_SIZE), depth=2, n_ctx=4, t_n_ctx=2)
     values.update(overrides)
     return MedVMADConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def medvmad_logger_restored():
+    """Scripts run by a test set up the "medvmad" logger (own handlers, no propagation); restore
+    it afterwards so that later tests capture its records (caplog) whatever the test order."""
+    logger = logging.getLogger("medvmad")
+    state = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in logger.handlers:
+        if handler not in state[0]:
+            handler.close()
+    logger.handlers[:], logger.propagate = state[0], state[1]
+    logger.setLevel(state[2])
 
 
 @pytest.fixture

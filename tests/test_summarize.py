@@ -64,3 +64,46 @@ def test_interrupted_or_mixed_runs_are_refused(tmp_path):
     (tmp_path / "r0" / "manifest.json").unlink()
     with pytest.raises(InputError, match="interrupted"):
         summarize_results.main(["--results", path])
+
+
+def run(variant: str | None, auroc: float, folder: str) -> dict:
+    """A results.json of test.py on Brain and Liver, its checkpoint trained as ``variant``
+    (None: a checkpoint written before the variant field)."""
+    config = {"sigma": 4} if variant is None else {"sigma": 4, "variant": variant}
+    return {"checkpoint": {"path": f"/ck/{folder}/best.pth", "config": config}, "args": {},
+            "datasets": {"Brain": {"pixel_auroc": auroc, "pixel_auroc_ci": [auroc - 0.01, auroc + 0.01],
+                                   "pixel_aupro": 0.5, "image_auroc": 0.7, "image_ap": 0.6},
+                         "Liver": {"pixel_auroc": 0.5, "image_auroc": 0.4}}}
+
+
+def test_paper_table_has_a_row_per_run_in_order_named_by_variant(tmp_path, capsys):
+    runs = [run("medvmad", 0.9, "medvmad"), run("text_only", 0.8, "text_only"), run("mvfa", 0.7, "mvfa")]
+    paths = write_runs(tmp_path, runs)
+    rows = summarize_results.main(["--paper", "--results", *paths, "--dataset", "Brain", "--title", "Table 1",
+                                   "--save_path", str(tmp_path / "out"), "--name", "table1"])
+    assert list(rows) == ["medvmad", "text_only", "mvfa"]
+    markdown = (tmp_path / "out" / "table1.md").read_text()
+    assert markdown.startswith("Table 1\n\n| variant") and "| text_only | 80.0 [79.0\u201381.0] | 50.0" in markdown
+    table = (tmp_path / "out" / "table1.csv").read_text().splitlines()
+    assert table[1].startswith("medvmad,90.0,89.0,91.0,50.0") and len(table) == 4
+    assert [row["variant"] for row in json.loads((tmp_path / "out" / "table1.json").read_text())["rows"]] == [
+        "medvmad", "text_only", "mvfa"]
+    assert "Table 1" in capsys.readouterr().out
+    liver = summarize_results.main(["--paper", "--results", *paths, "--dataset", "Liver"])
+    assert liver["mvfa"] == runs[2]["datasets"]["Liver"]
+
+
+def test_paper_table_names_and_datasets(tmp_path):
+    """Runs of one variant (older checkpoints read as medvmad) take their checkpoint folder; bad
+    --names or --dataset are refused with one line."""
+    paths = write_runs(tmp_path, [run(None, 0.9, "a"), run("medvmad", 0.8, "b")])
+    assert list(summarize_results.main(["--paper", "--results", *paths, "--dataset", "Brain"])) == [
+        "medvmad (a)", "medvmad (b)"]
+    assert list(summarize_results.main(["--paper", "--results", *paths, "--dataset", "Brain",
+                                        "--names", "x", "y"])) == ["x", "y"]
+    with pytest.raises(InputError, match="2 names for 1"):
+        summarize_results.main(["--paper", "--results", paths[0], "--names", "x", "y"])
+    with pytest.raises(InputError, match="choose one with --dataset"):
+        summarize_results.main(["--paper", "--results", paths[0]])
+    with pytest.raises(InputError, match="no results for --dataset Chest"):
+        summarize_results.main(["--paper", "--results", paths[0], "--dataset", "Chest"])
