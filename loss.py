@@ -45,6 +45,7 @@ class LossWeights:
     focal: float = 1.0
     dice: float = 1.0
     image: float = 1.0
+    normal_dice: float = 0.0  # dice of the normal channel too (AnomalyCLIP: both channels)
 
 
 def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tensor,
@@ -59,12 +60,14 @@ def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tenso
     labels = labels.float()  # losses in fp32, also when the forward pass ran under autocast
     image = image_bce(output.image_logits.float(), labels)
     zero = image.new_zeros(())
-    focal, dice = zero, zero
+    focal, dice, normal_dice = zero, zero, zero
     if bool(has_mask.any()):
         logits = output.layer_logits[has_mask].float()                           # [b,L,H,W]
         target = masks[has_mask].float()
         for layer in range(logits.shape[1]):
             focal = focal + focal_loss(logits[:, layer], target)
             dice = dice + dice_loss(logits[:, layer], target)
-    total = weights.focal * focal + weights.dice * dice + weights.image * image
-    return {"loss": total, "focal": focal.detach(), "dice": dice.detach(), "image": image.detach()}
+            if weights.normal_dice:  # normal channel: p_normal = sigmoid(-gap) against 1 - mask
+                normal_dice = normal_dice + dice_loss(-logits[:, layer], 1 - target)
+    total = weights.focal * focal + weights.dice * dice + weights.normal_dice * normal_dice + weights.image * image
+    return {"loss": total, "focal": focal.detach(), "dice": (dice + normal_dice).detach(), "image": image.detach()}

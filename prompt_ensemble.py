@@ -5,6 +5,8 @@ abnormal states, and templates in the style of the field (WinCLIP / AnomalyCLIP 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -101,44 +103,60 @@ class LearnablePrompts(nn.Module):
     MRI image of a"), padded with small noise when the prefix is shorter. The ``t_n_ctx`` deep
     slots (present when ``depth > 0``) hold learnable tokens that are rewritten before each of the
     first ``depth`` text layers; they never overwrite real word tokens.
+
+    ``object_agnostic`` gives AnomalyCLIP's prompts instead: ``[V1..Vn] object.`` and
+    ``[W1..Wn] damaged object.`` with randomly initialised context, and deep tokens written over
+    the first ``t_n_ctx`` context positions before text layers 2..``depth`` (1-based).
     """
 
-    def __init__(self, backbone: Backbone, name: str, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4):
+    def __init__(self, backbone: Backbone, name: str, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4,
+                 object_agnostic: bool = False):
         super().__init__()
         if depth > backbone.text_layers:
             raise ValueError(f"--depth {depth} exceeds the text tower's {backbone.text_layers} layers")
-        entry = organ_entry(name)
+        if object_agnostic and depth > 1 and t_n_ctx > n_ctx:
+            raise ValueError(f"--t_n_ctx {t_n_ctx}: the object-agnostic deep tokens overwrite context "
+                             f"positions, at most --n_ctx {n_ctx}")
         self.depth = depth
-        self.n_slots = t_n_ctx if depth > 0 else 0
-        prefix = f"a {entry['modality']} image of a"
-        abnormal = next((state for state in entry["abnormal"] if state.startswith("with")), entry["abnormal"][-1])
-        states = (_state_phrase(entry["normal"][-1 if len(entry["normal"]) < 2 else 1], entry["organ"]),
-                  _state_phrase(abnormal, entry["organ"]))
         width = backbone.text_width
+        device = backbone.device
+        if object_agnostic:
+            states, n_deep = ("object", "damaged object"), max(depth - 1, 0)
+            self.n_slots = t_n_ctx if n_deep else 0
+        else:
+            entry = organ_entry(name)
+            abnormal = next((state for state in entry["abnormal"] if state.startswith("with")), entry["abnormal"][-1])
+            states = (_state_phrase(entry["normal"][-1 if len(entry["normal"]) < 2 else 1], entry["organ"]),
+                      _state_phrase(abnormal, entry["organ"]))
+            n_deep, self.n_slots = depth, (t_n_ctx if depth > 0 else 0)
 
         with torch.no_grad():
-            device = backbone.device
-            prefix_embed = backbone.word_embeddings(prefix)
             context = torch.randn(2, n_ctx, width, device=device) * 0.02
-            take = min(n_ctx, len(prefix_embed))
-            context[:, :take] = prefix_embed[:take]
+            if not object_agnostic:
+                prefix_embed = backbone.word_embeddings(f"a {entry['modality']} image of a")
+                take = min(n_ctx, len(prefix_embed))
+                context[:, :take] = prefix_embed[:take]
             # Sequence skeleton: start token, placeholders for slots and context, state words.
-            frame = backbone.text_frame([f"{state}." for state in states], self.n_slots, n_ctx)
+            frame = backbone.text_frame([f"{state}." for state in states],
+                                        0 if object_agnostic else self.n_slots, n_ctx)
+            if object_agnostic:  # deep tokens over the first context positions, from the 2nd layer
+                start = frame.context.start
+                frame = replace(frame, slots=slice(start, start + self.n_slots), first_deep_layer=1)
             embeddings = backbone.token_embedding(frame.token_ids)
 
         self.context = nn.Parameter(context)                                   # [2,n_ctx,Dt]
-        self.deep = nn.Parameter(torch.randn(depth, self.n_slots, width, device=device) * 0.02) \
-            if depth > 0 else None                                              # [D,n,Dt]
+        self.deep = nn.Parameter(torch.randn(n_deep, self.n_slots, width, device=device) * 0.02) \
+            if n_deep > 0 else None                                             # [D,n,Dt]
         self.register_buffer("frame", embeddings, persistent=False)            # [2,L,Dt]
         self.register_buffer("token_ids", frame.token_ids, persistent=False)   # [2,L]
         self.register_buffer("pooled_index", frame.pooled_index, persistent=False)  # [2] or None
-        self.slots, self.context_slice = frame.slots, frame.context
+        self.slots, self.context_slice, self.first_deep_layer = frame.slots, frame.context, frame.first_deep_layer
 
     def forward(self, backbone: Backbone) -> torch.Tensor:
         """Text features [2,E] (normal, abnormal), L2-normalised."""
         context = self.context_slice
         embeddings = torch.cat([self.frame[:, :context.start], self.context.to(self.frame.dtype),
                                 self.frame[:, context.stop:]], dim=1)
-        frame = TextFrame(self.token_ids, self.slots, self.context_slice, self.pooled_index)
+        frame = TextFrame(self.token_ids, self.slots, self.context_slice, self.pooled_index, self.first_deep_layer)
         features = backbone.encode_text_embeddings(embeddings, frame, self.deep)
         return features / features.norm(dim=-1, keepdim=True)

@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(model, checkpoint=False)
     model.add_argument("--variant", default=MODEL.variant, choices=list(VARIANTS),
                        help="medvmad; text_only (learnable prompts, no adapters); mvfa (MVFA-AD: adapters, fixed "
-                            "prompt ensemble, its loss and scores); stored in the checkpoint")
+                            "prompt ensemble, its loss and scores); anomalyclip (object-agnostic prompts, "
+                            "DPAM, its loss and scores); stored in the checkpoint")
     model.add_argument("--n_ctx", type=positive_int, default=MODEL.n_ctx, help="learnable context tokens per prompt")
     model.add_argument("--depth", type=non_negative_int, default=MODEL.depth,
                        help="text layers with learnable deep tokens")
@@ -368,7 +369,9 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
                                           batch_size=args.batch_size, num_workers=args.num_workers)
                          for name, samples in selection_samples.items()}
-    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight)
+    # AnomalyCLIP's loss takes the dice of both channels (the normal one against the inverted mask)
+    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight,
+                          normal_dice=args.dice_weight if args.variant == "anomalyclip" else 0.0)
     last_good = resume_from
     writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
     for epoch in range(start_epoch, args.epoch + 1):

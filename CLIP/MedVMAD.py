@@ -30,6 +30,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "medvmad": {"adapters": True, "learnable_prompts": True},
     "text_only": {"adapters": False, "learnable_prompts": True},   # learnable text embeddings only
     "mvfa": {"adapters": True, "learnable_prompts": False},        # MVFA-AD: adapters, fixed prompts
+    "anomalyclip": {"adapters": False, "learnable_prompts": True},  # object-agnostic prompts + DPAM
 }
 
 
@@ -38,7 +39,7 @@ class MedVMADConfig:
     """Everything that rebuilds the model; stored in checkpoints as a plain dict."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    variant: str = "medvmad"                 # scoring rule: "mvfa" scores MVFA's way (see _score)
+    variant: str = "medvmad"                 # scoring rule of a VARIANTS row (see _score)
     organ: str = "brain"                     # organ wording for prompt initialisation / ensemble
     features_list: list[int] | None = None   # 1-based tapped layers; None: 4 evenly spaced
     adapters: bool = True                    # False: zero-training baseline (projected tokens)
@@ -75,6 +76,10 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
         raise ValueError(f"--variant {config.variant}: one of {', '.join(VARIANTS)}")
     if config.variant == "mvfa" and not config.adapters:
         raise ValueError("--variant mvfa scores with its detection adapters: adapters must be on")
+    if config.variant == "anomalyclip" and (config.adapters or not config.learnable_prompts
+                                            or not backbone.value_attention):
+        raise ValueError("--variant anomalyclip: learnable prompts, no adapters, and an open_clip CLIP "
+                         "image tower (DPAM's v-v attention)")
     num_layers = backbone.num_layers
     features_list = list(default_features_list(num_layers) if config.features_list is None
                          else config.features_list)
@@ -155,8 +160,9 @@ class MedVMAD(nn.Module):
             if config.adapters else None
         self.det_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
             if config.adapters else None
-        self.prompts = LearnablePrompts(self.backbone, config.organ, config.n_ctx, config.depth,
-                                        config.t_n_ctx) if config.learnable_prompts else None
+        self.prompts = LearnablePrompts(self.backbone, config.organ, config.n_ctx, config.depth, config.t_n_ctx,
+                                        object_agnostic=config.variant == "anomalyclip") \
+            if config.learnable_prompts else None
         self._text_cache: torch.Tensor | None = None
         self._ensemble_name: str | None = None
         self.memory_bank: MemoryBank | None = None
@@ -234,7 +240,9 @@ class MedVMAD(nn.Module):
             return (1 - 2 * alpha) * tokens + alpha * seg_out + alpha * det_out
 
         hook = adapt if self.seg_adapters is not None else None
-        global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook)
+        # AnomalyCLIP's DPAM: the maps read a v-v attention stream from the first tapped layer on.
+        vv_from = self.features_list[0] if self.config.variant == "anomalyclip" else None
+        global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook, vv_from)
         if hook is None:
             seg_features = [self.backbone.project_tokens(tapped[layer][:, prefix:]) for layer in self.features_list]
 
@@ -261,6 +269,12 @@ class MedVMAD(nn.Module):
             image_logits = torch.stack([mean_patch_log_probabilities(self._logits(features, text))
                                         for features in det_features], dim=1)          # [B,T,2]
             image_score = image_logits.softmax(dim=-1)[..., 1].mean(dim=1)
+        elif self.config.variant == "anomalyclip":
+            # AnomalyCLIP: the image score and its loss come from the global embedding alone. Its
+            # map, the mean over layers of (p_abnormal + 1 - p_normal) / 2, is text_map: with two
+            # classes p_normal = 1 - p_abnormal.
+            image_logits = self._logits(global_embedding, text)[:, None]                 # [B,1,2]
+            image_score = image_logits.softmax(dim=-1)[:, 0, 1]
         else:
             image_logits = [self._logits(global_embedding, text)]                        # [B,2]
             for features in det_features:

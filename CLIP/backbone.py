@@ -231,6 +231,7 @@ class TextFrame:
     slots: slice
     context: slice
     pooled_index: torch.Tensor | None
+    first_deep_layer: int = 0  # deep prompts are written before text layers first_deep_layer, +1, ...
 
 
 class Backbone(nn.Module, metaclass=abc.ABCMeta):
@@ -243,6 +244,8 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     (``logit_scale``, ``encode_text``, ``get_tokenizer``); the towers' internals are touched only in
     the implementations. ``config`` is resolved (QuickGELU as built, the weights' mean/std).
     """
+
+    value_attention: bool = False  # whether encode_image offers DPAM's v-v attention path (vv_from)
 
     def __init__(self, config: BackboneConfig, clip: nn.Module):
         super().__init__()
@@ -326,14 +329,17 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
 
     # ---- passes ----
     @abc.abstractmethod
-    def encode_image(self, images: torch.Tensor, taps: Sequence[int],
-                     after_layer: LayerHook | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
+                     vv_from: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the image tower block by block.
 
         images [B,3,H,W] (normalised); taps: 1-based layers. ``after_layer(layer, x)`` is called
         after every tapped layer with the tokens x [B,P+N,W] (P prefix tokens, then N patches in
         row-major order) and returns the tokens that continue the stream. Returns the global image
-        embedding [B,E] and {layer: tokens [B,P+N,W]} as seen by the hook.
+        embedding [B,E] and {layer: tokens [B,P+N,W]} as seen by the hook. ``vv_from`` (where
+        ``value_attention``; no hook then): from that layer on a second stream adds each block's
+        v-v self-attention of the original stream, without MLP (AnomalyCLIP's DPAM); taps from
+        that layer on return it, and the global embedding still comes from the original stream.
         """
 
     @abc.abstractmethod
@@ -358,7 +364,7 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
                                deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Text embedding [T,E] of token embeddings [T,L,Dt] of ``frame`` (learnable context
         already inside). deep_prompts [D,n,Dt]: tokens written into ``frame.slots`` (n slots)
-        before each of the first D text layers."""
+        before each of the D text layers from ``frame.first_deep_layer`` (0-based) on."""
 
 
 def _resolve_normalisation(config: BackboneConfig, preprocess: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
@@ -22,8 +23,24 @@ def _text_tower(clip: nn.Module) -> nn.Module:
     return clip.text if isinstance(getattr(clip, "text", None), TextTransformer) else clip
 
 
+def value_value_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """DPAM's v-v self-attention branch of an open_clip ``ResidualAttentionBlock`` on tokens
+    x [B,T,W]: queries, keys and values are all the value projection of ln_1(x), per head,
+    softmax(v v^T / sqrt(d)) v, then the block's output projection and layer scale. [B,T,W]."""
+    attention = block.attn
+    batch, tokens, width = x.shape
+    heads = attention.num_heads
+    bias = attention.in_proj_bias[2 * width:] if attention.in_proj_bias is not None else None
+    values = F.linear(block.ln_1(x), attention.in_proj_weight[2 * width:], bias)
+    values = values.view(batch, tokens, heads, width // heads).transpose(1, 2)          # [B,h,T,d]
+    mixed = F.scaled_dot_product_attention(values, values, values)
+    return block.ls_1(attention.out_proj(mixed.transpose(1, 2).reshape(batch, tokens, width)))
+
+
 class OpenCLIPBackbone(Backbone):
     """open_clip's CLIP (or CustomTextCLIP with a CLIP text transformer) with a ViT image tower."""
+
+    value_attention = True
 
     @staticmethod
     def fits(clip: nn.Module) -> bool:
@@ -78,18 +95,23 @@ class OpenCLIPBackbone(Backbone):
         return len(self.text.transformer.resblocks)
 
     # ---- image side ----
-    def encode_image(self, images: torch.Tensor, taps: Sequence[int],
-                     after_layer: LayerHook | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
+                     vv_from: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        if vv_from is not None and after_layer is not None:
+            raise ValueError("the v-v attention path takes no layer hook")
         visual = self.clip.visual
         transformer = visual.transformer
         x = visual._embeds(images)                       # [B,1+N,W]
         batch_first = getattr(transformer, "batch_first", True)
         taps = set(taps)
         tapped: dict[int, torch.Tensor] = {}
+        value_stream = None                              # DPAM's second stream, from vv_from on
         for index, block in enumerate(transformer.resblocks, start=1):
+            if vv_from is not None and index >= vv_from:
+                value_stream = (x if value_stream is None else value_stream) + value_value_attention(block, x)
             x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
             if index in taps:
-                tapped[index] = x
+                tapped[index] = x if value_stream is None else value_stream
                 if after_layer is not None:
                     x = after_layer(index, x)
         pooled, _ = visual._pool(x)
@@ -125,9 +147,10 @@ class OpenCLIPBackbone(Backbone):
         transformer = text.transformer
         batch_first = getattr(transformer, "batch_first", True)
         depth = 0 if deep_prompts is None else deep_prompts.shape[0]
+        first = frame.first_deep_layer
         for index, block in enumerate(transformer.resblocks):
-            if index < depth:
-                prompt = deep_prompts[index].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+            if first <= index < first + depth:
+                prompt = deep_prompts[index - first].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
                 x = torch.cat([x[:, :frame.slots.start], prompt, x[:, frame.slots.stop:]], dim=1)
             if batch_first:
                 x = block(x, attn_mask=text.attn_mask)

@@ -84,8 +84,10 @@ class TimmHFBackbone(Backbone):
         return len(self.clip.text.transformer.encoder.layer)
 
     # ---- image side ----
-    def encode_image(self, images: torch.Tensor, taps: Sequence[int],
-                     after_layer: LayerHook | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
+                     vv_from: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        if vv_from is not None:
+            raise ValueError("the v-v attention path (DPAM) is implemented for open_clip CLIP image towers only")
         trunk = self.trunk
         x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))  # [B,P+N,W]
         taps = set(taps)
@@ -140,7 +142,8 @@ class TimmHFBackbone(Backbone):
 
         layers = text.transformer.encoder.layer
         for index in range(0 if deep_prompts is None else deep_prompts.shape[0]):
-            handles.append(layers[index].register_forward_pre_hook(write_deep(index), with_kwargs=True))
+            layer = layers[frame.first_deep_layer + index]
+            handles.append(layer.register_forward_pre_hook(write_deep(index), with_kwargs=True))
         try:
             out = text.transformer(inputs_embeds=embeddings, attention_mask=attention_mask)
         finally:

@@ -97,3 +97,121 @@ def test_each_variant_trains_evaluates_and_rebuilds(tmp_path, demo, variant):
     model.eval(), again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(images).image_score, model(images).image_score)
+
+
+# ----------------------------------------------------------------------------- AnomalyCLIP
+
+def test_value_value_attention_is_the_direct_computation():
+    """q = k = v = the value projection of ln_1(x), per head, softmax(v v^T / sqrt(d)) v, out_proj."""
+    from CLIP.backbone_clip import value_value_attention
+
+    model = MedVMAD(tiny_config())
+    block = model.backbone.clip.visual.transformer.resblocks[2]
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = value_value_attention(block, x).numpy()
+        normed = block.ln_1(x).double().numpy()
+    attention = block.attn
+    w_v = attention.in_proj_weight[128:].double().numpy()
+    b_v = attention.in_proj_bias[128:].double().numpy()
+    values = normed @ w_v.T + b_v                                                   # [2,5,64]
+    heads = []
+    for head in range(attention.num_heads):                                          # 2 heads of 32
+        v = values[..., head * 32:(head + 1) * 32]
+        scores = v @ v.transpose(0, 2, 1) / np.sqrt(32)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        heads.append(weights @ v)
+    mixed = np.concatenate(heads, axis=-1)
+    expected = mixed @ attention.out_proj.weight.double().numpy().T + attention.out_proj.bias.double().numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_dpam_stream_feeds_the_taps_and_the_original_stream_the_global_embedding():
+    from CLIP.backbone_clip import value_value_attention
+
+    backbone = MedVMAD(tiny_config()).backbone
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        embedding, tapped = backbone.encode_image(images, [1, 2, 4], vv_from=2)
+        visual = backbone.clip.visual
+        x, stream, expected = visual._embeds(images), None, {}
+        for index, block in enumerate(visual.transformer.resblocks, start=1):
+            if index >= 2:  # the v-v stream starts from the original tokens, adds each block's v-v branch
+                stream = (x if stream is None else stream) + value_value_attention(block, x)
+            x = block(x)
+            expected[index] = x if stream is None else stream
+        for layer in (1, 2, 4):
+            torch.testing.assert_close(tapped[layer], expected[layer])
+        torch.testing.assert_close(embedding, backbone.clip.encode_image(images))
+
+
+def test_anomalyclip_map_and_image_score_on_fixed_logits():
+    from scipy import ndimage
+
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(variant="anomalyclip", **VARIANTS["anomalyclip"]))
+    text, seg, _ = fixed_inputs(seed=2)
+    global_embedding = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    scale = float(model.backbone.logit_scale)
+    with torch.no_grad():
+        output = model._score(global_embedding, seg, [], text, torch.Size([64, 64]))
+    g = global_embedding.double().numpy()
+    logits = scale * g[:, :2] / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(output.image_score.numpy(), 1 / (1 + np.exp(logits[:, 0] - logits[:, 1])), rtol=1e-5)
+    gap = output.layer_logits.double().numpy()                                     # [B,L,H,W]
+    p_abnormal, p_normal = 1 / (1 + np.exp(-gap)), 1 / (1 + np.exp(gap))
+    expected = ((p_abnormal + 1 - p_normal) / 2).mean(axis=1)
+    expected = np.stack([ndimage.gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in expected])
+    np.testing.assert_allclose(output.anomaly_map.numpy(), expected, atol=1e-5)
+
+
+def test_anomalyclip_loss_adds_the_dice_of_the_normal_channel():
+    gap = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    masks = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+
+    class Output:  # the two fields medvmad_loss reads
+        layer_logits, image_logits = gap, torch.zeros(2, 1, 2)
+
+    plain = medvmad_loss(Output, masks, torch.tensor([1, 1]), torch.ones(2, dtype=torch.bool),
+                         LossWeights(focal=0, image=0))
+    both = medvmad_loss(Output, masks, torch.tensor([1, 1]), torch.ones(2, dtype=torch.bool),
+                        LossWeights(focal=0, image=0, normal_dice=1.0))
+    p_normal, target = 1 / (1 + np.exp(gap.numpy())), 1 - masks.numpy()
+    normal = sum(1 - (2 * (p_normal[:, layer] * target).sum() + 1) / (p_normal[:, layer].sum() + target.sum() + 1)
+                 for layer in range(4))
+    assert float(both["loss"] - plain["loss"]) == pytest.approx(normal, rel=1e-5)
+
+
+def test_object_agnostic_prompts_write_deep_tokens_from_the_second_text_layer():
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(variant="anomalyclip", **VARIANTS["anomalyclip"], n_ctx=4, depth=3, t_n_ctx=2))
+    prompts, backbone = model.prompts, model.backbone
+    assert prompts.slots == slice(1, 3) and prompts.context_slice == slice(1, 5) and prompts.first_deep_layer == 1
+    assert prompts.deep.shape == (2, 2, 64)
+    words = backbone.tokenizer(["object.", "damaged object."])
+    ids = prompts.token_ids
+    for row in range(2):  # SOS, 4 placeholders, then the words of "object." / "damaged object."
+        n_words = int(words[row].argmax())
+        assert torch.equal(ids[row, 5:5 + n_words], words[row, 1:1 + n_words])
+    with torch.no_grad():
+        features = prompts(backbone)
+        text = backbone.clip
+        context = torch.cat([prompts.frame[:, :1], prompts.context, prompts.frame[:, 5:]], dim=1)
+        x = context + text.positional_embedding
+        for index, block in enumerate(text.transformer.resblocks):
+            if 1 <= index < 3:  # text layers 2 and 3 (1-based) get the deep tokens over context 1..2
+                x = torch.cat([x[:, :1], prompts.deep[index - 1].expand(2, -1, -1), x[:, 3:]], dim=1)
+            x = block(x, attn_mask=text.attn_mask)
+        x = text.ln_final(x)
+        reference = x[torch.arange(2), ids.argmax(dim=-1)] @ text.text_projection
+        reference = reference / reference.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(features, reference)
+
+
+def test_anomalyclip_needs_an_open_clip_vision_tower(biomedclip_name):
+    from CLIP.backbone import BackboneConfig
+
+    with pytest.raises(ValueError, match="anomalyclip"):
+        MedVMAD(tiny_config(backbone=BackboneConfig(biomedclip_name, "none", 64), variant="anomalyclip",
+                            **VARIANTS["anomalyclip"]))
