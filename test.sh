@@ -69,6 +69,10 @@ if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
 fi
 
 if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, tested on both targets
+  if (( ${#targets[@]} < 2 )); then
+    echo "test.sh paper: TARGETS must name two datasets (Table 1: trained and tested on the first; Table 2: tested on the second)" >&2
+    exit 2
+  fi
   runs=(); checkpoints=()
   for variant in $VARIANTS; do
     checkpoints+=("$SAVE_ROOT/paper/$variant/best.pth")

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
     parser.add_argument("--save_path", default="results/one_example")
     parser.add_argument("--threshold", type=unit_interval, help="decision threshold (default: the checkpoint's)")
-    parser.add_argument("--dataset", default="brain", help="organ wording of the zero-training baseline")
+    parser.add_argument("--dataset", default="brain", help="organ wording of the fixed prompt ensemble (the zero-training baseline, --variant mvfa)")
     parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                         help="intensity window for DICOM/NIfTI (HU for CT)")
     parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, float, str]:
     """The model, its decision threshold and where the threshold came from."""
     model, checkpoint = build_model(args, device, organ=args.dataset)
+    model.set_organ(args.dataset)  # the fixed prompt ensemble (baseline, mvfa) speaks of the scan's organ
     stored = None if checkpoint is None else checkpoint.get("threshold")
     if args.threshold is not None:
         return model.eval(), args.threshold, "--threshold"

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
 from CLIP.MedVMAD import VARIANTS, MedVMAD, MedVMADConfig
-from CLIP.checkpoint import read_checkpoint, save_checkpoint
+from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
 from curves import log_epoch, tensorboard_writer
 from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, list_samples,
@@ -153,7 +153,7 @@ def read_resume_state(path: Path, config: MedVMADConfig, args: argparse.Namespac
     if missing:
         raise InputError(f"--resume {path} holds no {'/'.join(missing)} state ({path.name} keeps only the model, "
                          f"as best.pth does); resume from an epoch_<n>.pth")
-    differing = config_differences(state["config"], config.to_dict())
+    differing = config_differences(checkpoint_config(state, path, "--resume").to_dict(), config.to_dict())
     if differing:
         raise InputError(f"--resume {path}: its model config differs from this run's in "
                          + ", ".join(differing) + " (a checkpoint from before a field existed lacks it)")
@@ -224,6 +224,12 @@ def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
         organ=prompt_name,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)
+
+
+def loss_weights(args: argparse.Namespace) -> LossWeights:
+    """The loss weights of the flags; AnomalyCLIP's loss also takes the dice of the normal channel."""
+    return LossWeights(args.focal_weight, args.dice_weight, args.image_weight,
+                       normal_dice=args.dice_weight if args.variant == "anomalyclip" else 0.0)
 
 
 def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -369,9 +375,7 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
                                           batch_size=args.batch_size, num_workers=args.num_workers)
                          for name, samples in selection_samples.items()}
-    # AnomalyCLIP's loss takes the dice of both channels (the normal one against the inverted mask)
-    weights = LossWeights(args.focal_weight, args.dice_weight, args.image_weight,
-                          normal_dice=args.dice_weight if args.variant == "anomalyclip" else 0.0)
+    weights = loss_weights(args)
     last_good = resume_from
     writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
     for epoch in range(start_epoch, args.epoch + 1):

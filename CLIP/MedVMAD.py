@@ -74,12 +74,12 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
                          f"({', '.join(f'{getattr(built, n)} vs {getattr(asked, n)}' for n in differing)})")
     if config.variant not in VARIANTS:
         raise ValueError(f"--variant {config.variant}: one of {', '.join(VARIANTS)}")
-    if config.variant == "mvfa" and not config.adapters:
-        raise ValueError("--variant mvfa scores with its detection adapters: adapters must be on")
-    if config.variant == "anomalyclip" and (config.adapters or not config.learnable_prompts
-                                            or not backbone.value_attention):
-        raise ValueError("--variant anomalyclip: learnable prompts, no adapters, and an open_clip CLIP "
-                         "image tower (DPAM's v-v attention)")
+    parts = {"adapters": config.adapters, "learnable_prompts": config.learnable_prompts}
+    if config.variant != "medvmad" and parts != VARIANTS[config.variant]:  # medvmad: also the baseline
+        raise ValueError(f"--variant {config.variant} is {VARIANTS[config.variant]}, not {parts}")
+    if config.variant == "anomalyclip" and not backbone.value_attention:
+        raise ValueError("--variant anomalyclip needs an image tower with DPAM's v-v attention "
+                         "(open_clip CLIP ViTs with standard attention blocks)")
     num_layers = backbone.num_layers
     features_list = list(default_features_list(num_layers) if config.features_list is None
                          else config.features_list)
@@ -96,8 +96,8 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
 @dataclass
 class MedVMADOutput:
     # [B] in [0,1]. Without a memory bank: (mean image-term probability + text_map max) / 2 (mvfa:
-    # the mean image-term probability); with one: the bank's combination of that score and the
-    # bank map's maximum (see memory_bank.py).
+    # the mean image-term probability; anomalyclip: the global embedding's abnormal probability);
+    # with one: the bank's combination of that score and the bank map's maximum (memory_bank.py).
     image_score: torch.Tensor
     # [B,H,W] in [0,1]. Without a bank: text_map; with one: the bank's combination of text_map and bank_map.
     anomaly_map: torch.Tensor

@@ -40,7 +40,11 @@ def value_value_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class OpenCLIPBackbone(Backbone):
     """open_clip's CLIP (or CustomTextCLIP with a CLIP text transformer) with a ViT image tower."""
 
-    value_attention = True
+    @property
+    def value_attention(self) -> bool:
+        """DPAM's v-v path is written for open_clip's standard blocks (nn.MultiheadAttention)."""
+        return all(isinstance(block.attn, nn.MultiheadAttention)
+                   for block in self.clip.visual.transformer.resblocks)
 
     @staticmethod
     def fits(clip: nn.Module) -> bool:

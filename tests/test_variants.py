@@ -66,8 +66,8 @@ def test_mvfa_image_loss_is_bce_on_each_layers_mean_probability():
     assert float(parts["image"]) == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_variant_needing_adapters_is_refused_without_them():
-    with pytest.raises(ValueError, match="adapters must be on"):
+def test_a_variant_without_its_parts_or_unknown_is_refused():
+    with pytest.raises(ValueError, match="--variant mvfa is"):
         MedVMAD(tiny_config(variant="mvfa", adapters=False))
     with pytest.raises(ValueError, match="--variant dpam"):
         MedVMAD(tiny_config(variant="dpam"))
@@ -215,3 +215,48 @@ def test_anomalyclip_needs_an_open_clip_vision_tower(biomedclip_name):
     with pytest.raises(ValueError, match="anomalyclip"):
         MedVMAD(tiny_config(backbone=BackboneConfig(biomedclip_name, "none", 64), variant="anomalyclip",
                             **VARIANTS["anomalyclip"]))
+
+
+def test_anomalyclip_trains_with_the_dice_of_both_channels_and_the_rest_with_one():
+    for variant, normal in (("anomalyclip", 0.5), ("medvmad", 0.0), ("mvfa", 0.0)):
+        args = train.parse_args(["--variant", variant, "--dice_weight", "0.5"])
+        assert train.loss_weights(args).normal_dice == normal
+
+
+def test_anomalyclip_maps_read_the_value_stream_from_the_first_tapped_layer():
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(variant="anomalyclip", **VARIANTS["anomalyclip"], features_list=[2, 4]))
+    images = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        output = model(images)
+        normalised = model.backbone.normalize(images)
+        for vv_from, same in ((2, True), (None, False)):
+            _, tapped = model.backbone.encode_image(normalised, [2, 4], vv_from=vv_from)
+            for features, layer in zip(output.patch_features, (2, 4)):
+                projected = model.backbone.project_tokens(tapped[layer][:, 1:])
+                projected = projected / projected.norm(dim=-1, keepdim=True)
+                assert torch.allclose(features, projected, atol=1e-5) == same
+
+
+def test_anomalyclip_layer_logits_from_hand_computed_patch_gaps():
+    """The gap per patch is s * (cos(f, abnormal) - cos(f, normal)), upsampled bilinearly."""
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config(variant="anomalyclip", **VARIANTS["anomalyclip"]))
+    text, seg, _ = fixed_inputs(seed=4)
+    with torch.no_grad():
+        output = model._score(torch.randn(2, 32), seg, [], text, torch.Size([64, 64]))
+    scale = float(model.backbone.logit_scale)
+    gaps = []
+    for features in seg:
+        f = features.double().numpy()
+        f = f / np.linalg.norm(f, axis=-1, keepdims=True)
+        gaps.append(scale * (f[..., 1] - f[..., 0]))                                 # [B,16]
+    grid = torch.from_numpy(np.stack(gaps, axis=1)).reshape(2, 4, 4, 4)
+    expected = torch.nn.functional.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(output.layer_logits.double().numpy(), expected.numpy(), atol=1e-4)
+
+
+def test_a_variant_with_other_parts_is_refused():
+    with pytest.raises(ValueError, match="--variant text_only is"):
+        MedVMAD(tiny_config(variant="text_only"))  # adapters on
