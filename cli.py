@@ -51,7 +51,7 @@ def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None
     if features_list:
         parser.add_argument("--features_list", type=positive_int, nargs="+",
                             help="tapped layers, 1-based (default: 4 evenly spaced)" + (
-                                "; the zero-training baseline's only: a checkpoint keeps its own" if checkpoint else ""))
+                                "; a checkpoint keeps its own, and other layers are refused" if checkpoint else ""))
     value, note = default(MODEL.sigma)
     parser.add_argument("--sigma", type=non_negative_float, default=value,
                         help=f"Gaussian smoothing of the maps, pixels ({note})")
@@ -104,6 +104,10 @@ def build_model(args: argparse.Namespace, device: torch.device,
         if args.model_name and args.model_name != trained_on:
             raise InputError(f"--checkpoint_path {args.checkpoint_path} was trained on {trained_on}, "
                              f"not --model_name {args.model_name}")
+        asked_layers = vars(args).get("features_list")
+        if asked_layers and list(asked_layers) != model.features_list:
+            raise InputError(f"--checkpoint_path {args.checkpoint_path} taps layers {model.features_list} (its "
+                             f"adapters were trained there), not --features_list {' '.join(map(str, asked_layers))}")
         return model, checkpoint
     config = MedVMADConfig(backbone=backbone_config(args), organ=organ, features_list=vars(args).get("features_list"),
                            adapters=False, learnable_prompts=False,

@@ -58,3 +58,15 @@ def test_a_model_name_other_than_the_checkpoints_is_refused_in_every_evaluating_
                            device)
     assert model.config.backbone.model_name == "tiny"
 
+
+
+def test_features_list_other_than_the_checkpoints_is_refused(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pth"
+    save_checkpoint(checkpoint, MedVMAD(tiny_config()))  # taps [1, 2, 3, 4]
+    device = torch.device("cpu")
+    with pytest.raises(InputError, match=r"taps layers \[1, 2, 3, 4\].*not --features_list 2 4"):
+        build_model(test_script.parse_args(["--checkpoint_path", str(checkpoint), "--features_list", "2", "4"]), device)
+    model, _ = build_model(test_script.parse_args(["--checkpoint_path", str(checkpoint), "--features_list",
+                                                   "1", "2", "3", "4"]), device)
+    assert model.features_list == [1, 2, 3, 4]
