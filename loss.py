@@ -28,10 +28,13 @@ def focal_loss(logit_gap: torch.Tensor, target: torch.Tensor, gamma: float = 2.0
 
 
 def dice_loss(logit_gap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice of sigmoid(logit_gap) over the whole batch (smoothing 1: an all-normal batch is defined)."""
-    probability = torch.sigmoid(logit_gap)
-    intersection = (probability * target).sum()
-    return 1 - (2 * intersection + 1) / (probability.sum() + target.sum() + 1)
+    """1 - soft Dice of sigmoid(logit_gap) per image, mean over images (as MVFA and AnomalyCLIP):
+    logit_gap, target [B,...]; smoothing 1, so an all-normal image is defined. Per image, so the
+    loss of a batch does not depend on how the batch is split (across processes, say)."""
+    probability = torch.sigmoid(logit_gap).flatten(1)
+    target = target.flatten(1)
+    intersection = (probability * target).sum(dim=1)
+    return (1 - (2 * intersection + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)).mean()
 
 
 def image_bce(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

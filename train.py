@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
     used.add_argument("--overwrite", action="store_true",
                       help="start afresh in a --save_path that holds another run (its checkpoints are deleted)")
+    run.add_argument("--grad_checkpointing", action="store_true",
+                     help="recompute the frozen backbone's blocks in the backward pass instead of keeping their "
+                          "activations: less memory (large --image_size), more compute; same gradients")
     run.add_argument("--tensorboard", action="store_true",
                      help="also log losses and selection metrics to TensorBoard (needs the tensorboard package)")
     args = parser.parse_args(argv)
@@ -367,6 +370,7 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
     organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
     model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)
+    model.backbone.grad_checkpointing = args.grad_checkpointing
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
         start_epoch, best = restore_run(resume_from, args, model, optimizer, scaler, logger)

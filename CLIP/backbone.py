@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import open_clip
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from utils import InputError
@@ -246,6 +247,7 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     """
 
     value_attention: bool = False  # whether encode_image offers DPAM's v-v attention path (vv_from)
+    grad_checkpointing: bool = False  # recompute blocks in the backward pass instead of keeping activations
 
     def __init__(self, config: BackboneConfig, clip: nn.Module):
         super().__init__()
@@ -322,6 +324,14 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [0,1] -> the mean/std normalisation the weights were trained with."""
         return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+
+    def run_block(self, block: nn.Module, *args: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``block(*args, **kwargs)``; with ``grad_checkpointing`` while gradients are on, its
+        activations are recomputed in the backward pass instead of kept (memory for compute:
+        gradients flow through the frozen blocks to the adapters and prompts)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Plain text embeddings [T,E] of sentences, with the model's own tokenizer."""

@@ -113,7 +113,7 @@ class OpenCLIPBackbone(Backbone):
         for index, block in enumerate(transformer.resblocks, start=1):
             if vv_from is not None and index >= vv_from:
                 value_stream = (x if value_stream is None else value_stream) + value_value_attention(block, x)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            x = self.run_block(block, x) if batch_first else self.run_block(block, x.transpose(0, 1)).transpose(0, 1)
             if index in taps:
                 tapped[index] = x if value_stream is None else value_stream
                 if after_layer is not None:
@@ -157,9 +157,9 @@ class OpenCLIPBackbone(Backbone):
                 prompt = deep_prompts[index - first].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
                 x = torch.cat([x[:, :frame.slots.start], prompt, x[:, frame.slots.stop:]], dim=1)
             if batch_first:
-                x = block(x, attn_mask=text.attn_mask)
+                x = self.run_block(block, x, attn_mask=text.attn_mask)
             else:
-                x = block(x.transpose(0, 1), attn_mask=text.attn_mask).transpose(0, 1)
+                x = self.run_block(block, x.transpose(0, 1), attn_mask=text.attn_mask).transpose(0, 1)
         x = text.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), frame.pooled_index]
         projection = text.text_projection

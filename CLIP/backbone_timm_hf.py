@@ -93,7 +93,7 @@ class TimmHFBackbone(Backbone):
         taps = set(taps)
         tapped: dict[int, torch.Tensor] = {}
         for index, block in enumerate(trunk.blocks, start=1):
-            x = block(x)
+            x = self.run_block(block, x)
             if index in taps:
                 tapped[index] = x
                 if after_layer is not None:

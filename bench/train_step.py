@@ -10,11 +10,13 @@ forward is the model in eval mode with its text features cached, as at test time
 step is forward + loss + backward + Adam step of prompts and adapters. Also printed: training
 steps/s, test images/s and, on CUDA, peak GPU memory of each. Last lines:
 ``overhead_ratio R`` (eval forward / bare; target <= 1.15) and ``train_step_ratio R`` (training
-step / bare).
+step / bare). On CPU it also prints how much each phase raised the peak RSS; run it with and
+without ``--grad_checkpointing`` to see the activation memory that saves.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"])
+    parser.add_argument("--grad_checkpointing", action="store_true",
+                        help="recompute the backbone's blocks in the backward pass (train.py --grad_checkpointing)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -51,6 +55,7 @@ def main() -> None:
     has_mask = torch.ones(args.batch_size, dtype=torch.bool, device=device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.5, 0.999))
     backbone = model.backbone
+    backbone.grad_checkpointing = args.grad_checkpointing
 
     def sync() -> None:
         if device.type == "cuda":
@@ -84,12 +89,15 @@ def main() -> None:
     # name -> (untimed set-up, timed function)
     phases = {"bare": (None, bare), "eval": (cache_text, evaluate), "step": (None, step)}
     peak_gib: dict[str, float] = {}
-    for name, (setup, function) in phases.items():  # warm-up, and peak memory per phase on CUDA
+    rss_growth_mib: dict[str, float] = {}  # on CPU: how far each phase raised the process's peak RSS
+    for name, (setup, function) in phases.items():  # warm-up, and peak memory per phase
         if setup:
             setup()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         function()
+        rss_growth_mib[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         if device.type == "cuda":
             peak_gib[name] = torch.cuda.max_memory_allocated(device) / 2**30
     times: dict[str, list[float]] = {name: [] for name in phases}
@@ -103,7 +111,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model {args.model_name} ({args.pretrained}) image_size {size} batch {args.batch_size} device {name} "
-          f"threads {torch.get_num_threads()} precision {args.precision}")
+          f"threads {torch.get_num_threads()} precision {args.precision} "
+          f"grad_checkpointing {args.grad_checkpointing}")
     print(f"bare encode_image (no grad)   median {median['bare'] * 1000:.1f} ms")
     print(f"MedVMAD eval forward           median {median['eval'] * 1000:.1f} ms  "
           f"test {args.batch_size / median['eval']:.1f} images/s  (text cached, features_list {model.features_list})")
@@ -111,6 +120,9 @@ def main() -> None:
           f"train {1 / median['step']:.2f} steps/s")
     if peak_gib:
         print("peak GPU memory GiB: " + " ".join(f"{k} {v:.2f}" for k, v in peak_gib.items()))
+    else:  # phases run bare, eval, step: the step's growth is the memory its backward pass needs beyond the rest
+        print("peak RSS growth MiB (first run of each phase): "
+              + " ".join(f"{k} {v:.0f}" for k, v in rss_growth_mib.items()))
     print(f"overhead_ratio {median['eval'] / median['bare']:.3f}")
     print(f"train_step_ratio {median['step'] / median['bare']:.2f}")
 

@@ -237,7 +237,10 @@ def test_focal_and_dice_hand_values():
     y = torch.tensor([1.0, 0.0])
     expected_focal = (0.25 * np.log(2) + 0.81 * -np.log(0.1)) / 2
     assert float(focal_loss(gap, y)) == pytest.approx(expected_focal, rel=1e-5)
-    assert float(dice_loss(gap, y)) == pytest.approx(1 - (2 * 0.5 + 1) / (1.4 + 1 + 1), rel=1e-6)
+    assert float(dice_loss(gap[None], y[None])) == pytest.approx(1 - (2 * 0.5 + 1) / (1.4 + 1 + 1), rel=1e-6)
+    # two images: the mean of each image's own dice, not one dice over the batch
+    per_image = [1 - (2 * 0.5 + 1) / (0.5 + 1 + 1), 1 - 1 / (0.9 + 0 + 1)]
+    assert float(dice_loss(gap[:, None], y[:, None])) == pytest.approx(np.mean(per_image), rel=1e-6)
 
 
 def _output(layer_logits: torch.Tensor, image_logits: torch.Tensor) -> MedVMADOutput:
@@ -260,7 +263,8 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
     p, y = 1 / (1 + np.exp(-gaps[has_mask])), masks[has_mask]
     focal = sum(np.mean(-y * (1 - p[:, l]) ** 2 * np.log(p[:, l]) - (1 - y) * p[:, l] ** 2 * np.log(1 - p[:, l]))
                 for l in range(2))
-    dice = sum(1 - (2 * (p[:, l] * y).sum() + 1) / (p[:, l].sum() + y.sum() + 1) for l in range(2))
+    dice = sum(np.mean([1 - (2 * (p[i, l] * y[i]).sum() + 1) / (p[i, l].sum() + y[i].sum() + 1)
+                        for i in range(len(y))]) for l in range(2))
     q = 1 / (1 + np.exp(-(image_logits[..., 1] - image_logits[..., 0])))
     bce = np.mean(-(labels[:, None] * np.log(q) + (1 - labels[:, None]) * np.log(1 - q)))
     assert float(parts["focal"]) == pytest.approx(focal, rel=1e-5)
@@ -413,3 +417,34 @@ def test_quick_gelu_is_resolved_into_the_config():
 def test_duplicate_features_list_is_refused():
     with pytest.raises(ValueError, match="repeat"):
         MedVMAD(tiny_config(features_list=[2, 2]))
+
+
+@pytest.mark.parametrize("name", ["tiny", "biomedclip"])
+def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients(name, request):
+    """Same loss and gradients; the last image block (behind a tapped adapter, so gradients flow
+    through it) runs twice: forward, then recomputed in the backward pass."""
+    if name == "biomedclip":
+        config = tiny_config(backbone=BackboneConfig(request.getfixturevalue("biomedclip_name"), "none", 64))
+    else:
+        config = tiny_config()
+    torch.manual_seed(0)
+    model = MedVMAD(config)
+    images, masks = torch.rand(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.8).float()
+    blocks = model.backbone.clip.visual.transformer.resblocks if name == "tiny" else model.backbone.trunk.blocks
+    results = []
+    for checkpointing in (False, True):
+        model.backbone.grad_checkpointing = checkpointing
+        model.zero_grad()
+        calls = []
+        handle = blocks[-1].register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop early
+        loss = medvmad_loss(model(images), masks, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool),
+                            LossWeights())["loss"]
+        loss.backward()
+        handle.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads, len(calls)))
+    (plain_loss, plain_grads, plain_calls), (ckpt_loss, ckpt_grads, ckpt_calls) = results
+    assert plain_calls == 1 and ckpt_calls == 2
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6) and plain_grads.keys() == ckpt_grads.keys()
+    for key in plain_grads:
+        torch.testing.assert_close(ckpt_grads[key], plain_grads[key], rtol=1e-4, atol=1e-6)

@@ -178,7 +178,8 @@ def test_anomalyclip_loss_adds_the_dice_of_the_normal_channel():
     both = medvmad_loss(Output, masks, torch.tensor([1, 1]), torch.ones(2, dtype=torch.bool),
                         LossWeights(focal=0, image=0, normal_dice=1.0))
     p_normal, target = 1 / (1 + np.exp(gap.numpy())), 1 - masks.numpy()
-    normal = sum(1 - (2 * (p_normal[:, layer] * target).sum() + 1) / (p_normal[:, layer].sum() + target.sum() + 1)
+    normal = sum(np.mean([1 - (2 * (p_normal[i, layer] * target[i]).sum() + 1)
+                          / (p_normal[i, layer].sum() + target[i].sum() + 1) for i in range(2)])
                  for layer in range(4))
     assert float(both["loss"] - plain["loss"]) == pytest.approx(normal, rel=1e-5)
 
