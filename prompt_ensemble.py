@@ -117,18 +117,17 @@ class LearnablePrompts(nn.Module):
         if object_agnostic and depth > 1 and t_n_ctx > n_ctx:
             raise ValueError(f"--t_n_ctx {t_n_ctx}: the object-agnostic deep tokens overwrite context "
                              f"positions, at most --n_ctx {n_ctx}")
-        self.depth = depth
         width = backbone.text_width
         device = backbone.device
         if object_agnostic:
             states, n_deep = ("object", "damaged object"), max(depth - 1, 0)
-            self.n_slots = t_n_ctx if n_deep else 0
         else:
             entry = organ_entry(name)
             abnormal = next((state for state in entry["abnormal"] if state.startswith("with")), entry["abnormal"][-1])
             states = (_state_phrase(entry["normal"][-1 if len(entry["normal"]) < 2 else 1], entry["organ"]),
                       _state_phrase(abnormal, entry["organ"]))
-            n_deep, self.n_slots = depth, (t_n_ctx if depth > 0 else 0)
+            n_deep = depth
+        n_slots = t_n_ctx if n_deep else 0
 
         with torch.no_grad():
             context = torch.randn(2, n_ctx, width, device=device) * 0.02
@@ -138,14 +137,14 @@ class LearnablePrompts(nn.Module):
                 context[:, :take] = prefix_embed[:take]
             # Sequence skeleton: start token, placeholders for slots and context, state words.
             frame = backbone.text_frame([f"{state}." for state in states],
-                                        0 if object_agnostic else self.n_slots, n_ctx)
+                                        0 if object_agnostic else n_slots, n_ctx)
             if object_agnostic:  # deep tokens over the first context positions, from the 2nd layer
                 start = frame.context.start
-                frame = replace(frame, slots=slice(start, start + self.n_slots), first_deep_layer=1)
+                frame = replace(frame, slots=slice(start, start + n_slots), first_deep_layer=1)
             embeddings = backbone.token_embedding(frame.token_ids)
 
         self.context = nn.Parameter(context)                                   # [2,n_ctx,Dt]
-        self.deep = nn.Parameter(torch.randn(n_deep, self.n_slots, width, device=device) * 0.02) \
+        self.deep = nn.Parameter(torch.randn(n_deep, n_slots, width, device=device) * 0.02) \
             if n_deep > 0 else None                                             # [D,n,Dt]
         self.register_buffer("frame", embeddings, persistent=False)            # [2,L,Dt]
         self.register_buffer("token_ids", frame.token_ids, persistent=False)   # [2,L]
