@@ -21,6 +21,7 @@ from CLIP.checkpoint import load_model, save_checkpoint
 from conftest import TINY_SIZE
 from generate_dataset.demo import build_demo
 from test_pipeline import test_script
+from test_single_example import reference_score
 from utils import InputError
 
 SIZE = 64
@@ -166,7 +167,8 @@ def test_biomedclip_trains_tests_and_scores_end_to_end(tmp_path, demo, biomedcli
     image = next((Path(demo) / "test" / "Ungood" / "img").iterdir())
     results = test_one_example.main(["--image_path", str(image), "--checkpoint_path", str(checkpoint),
                                      "--save_path", str(tmp_path / "one"), "--device", "cpu"])
-    assert 0 <= results[0]["score"] <= 1
+    model = load_model(checkpoint, torch.device("cpu"))[0].eval()
+    assert results[0]["score"] == pytest.approx(reference_score(model, image)[0], abs=1e-6)
     assert json.loads((tmp_path / "run" / "args.json").read_text())["args"]["model_name"] == biomedclip_name
 
 

@@ -51,6 +51,9 @@ def test_mvfa_image_score_is_the_mean_over_layers_of_the_mean_patch_probability(
         output = model._score(torch.randn(2, 32), seg, det, text, torch.Size([64, 64]))
     expected = hand_mean_probabilities(det, scale)
     np.testing.assert_allclose(output.image_logits.softmax(dim=-1)[..., 1].numpy(), expected, rtol=1e-5)
+    # the terms are the log-probabilities themselves: (log(1 - m), log m)
+    np.testing.assert_allclose(output.image_logits.numpy(), np.log(np.stack([1 - expected, expected], axis=-1)),
+                               rtol=1e-5)
     np.testing.assert_allclose(output.image_score.numpy(), expected.mean(axis=1), rtol=1e-5)
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import train
 import visualize_compare
-from dataset import list_samples
+from CLIP.checkpoint import load_model
+from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
 from utils import InputError
 
@@ -81,6 +83,17 @@ def test_chosen_images_in_order_with_given_names(tmp_path, runs, monkeypatch):
     assert len(panels) == 8
     assert [panels[r * 4].get_ylabel().split("\n")[0] for r in range(2)] == [Path(p).stem for p in chosen]
     assert not panels[3].images[0].get_array().any() and panels[7].images[0].get_array().any()
+    # each heat panel is its own model's map of its own row's image, as drawn (not transposed)
+    by_path = {s.image_path: s for s in samples}
+    items = [MedicalDataset([by_path[path] for path in chosen], SIZE)[i] for i in range(2)]
+    for column, checkpoint in ((1, checkpoints[1]), (2, checkpoints[0])):
+        model = load_model(checkpoint, torch.device("cpu"))[0].eval()
+        with torch.no_grad():
+            expected = model(torch.stack([item["image"] for item in items])).anomaly_map.numpy()
+        for row in range(2):
+            np.testing.assert_allclose(panels[row * 4 + column].images[0].get_array(), expected[row], atol=1e-5)
+    for row in range(2):
+        np.testing.assert_array_equal(panels[row * 4 + 3].images[0].get_array(), items[row]["mask"].numpy() > 0.5)
 
 
 def test_picking_uses_lesion_area_and_a_fixed_seed_only(runs):
