@@ -68,6 +68,13 @@ def add_runtime_args(parser, datasets: bool = True) -> None:
         parser.add_argument("--seed", type=non_negative_int, default=111)
 
 
+def add_distributed_args(parser) -> None:
+    """--dist_timeout, for runs launched with torchrun (``distributed.distributed``)."""
+    parser.add_argument("--dist_timeout", type=positive_int, default=1800, metavar="SECONDS",
+                        help="under torchrun, how long a process waits for the others at a collective before the "
+                             "run stops (covers process 0's metric computation while the others wait)")
+
+
 def add_fewshot_args(parser) -> None:
     """--k_shot --fewshot_seed --support_file (resolved by ``dataset.resolve_support``)."""
     parser.add_argument("--k_shot", type=non_negative_int, default=0,

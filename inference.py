@@ -14,6 +14,7 @@ from tqdm import tqdm
 import metrics
 from CLIP.MedVMAD import MedVMAD
 from dataset import MedicalDataset, Sample, augment_support
+from distributed import SINGLE, Distributed
 from utils import InputError, autocast
 
 
@@ -33,43 +34,56 @@ MAPS_FILE, MASKS_FILE = "maps.npy", "masks.npy"
 @torch.inference_mode()
 def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision: str = "fp32",
             keep_maps: bool = True, desc: str = "test", map_dtype: str = "float32",
-            maps_dir: str | os.PathLike | None = None) -> Predictions:
-    """Score every image of ``loader`` (batches of MedicalDataset items) in eval mode.
+            maps_dir: str | os.PathLike | None = None, where: Distributed = SINGLE) -> Predictions | None:
+    """Score every image of ``loader`` (batches of MedicalDataset items, in dataset order) in eval mode.
 
     Maps are kept at ``map_dtype`` (float32: the model's own output; float16 halves the memory).
     With ``maps_dir``, maps and masks are written batch by batch to ``maps_dir``/maps.npy and
     masks.npy (memory-mappable .npy files) instead of RAM, for test sets larger than memory.
+
+    Under torchrun ``loader`` comes from ``distributed.sharded_loader``: each process scores its
+    share of the batches, and process 0 gathers them round by round (one batch per process at a
+    time, never a copy of every map per process) into dataset order; the others return None.
     """
     model.eval()
-    paths, labels, scores = [], [], []
+    n_images = len(loader.dataset)
+    paths: list[str] = [""] * n_images
+    labels, scores = np.zeros(n_images, dtype=np.int64), np.zeros(n_images, dtype=np.float32)
     maps = masks = None
-    filled = 0
+    filled = np.zeros(n_images, dtype=bool)
     has_masks = True
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with autocast(device, precision):
-            output = model(batch["image"].to(device, non_blocking=True))
-        paths += list(batch["path"])
-        labels.append(batch["label"].numpy())
-        scores.append(output.image_score.float().cpu().numpy())
-        has_masks &= bool(batch["has_mask"].all())
-        if keep_maps:
-            batch_maps = output.anomaly_map.float().cpu().numpy()
-            if maps is None:
-                maps, masks = _map_storage((len(loader.dataset), *batch_maps.shape[1:]), map_dtype, maps_dir)
-            maps[filled:filled + len(batch_maps)] = batch_maps
-            masks[filled:filled + len(batch_maps)] = batch["mask"].numpy() > 0.5
-            filled += len(batch_maps)
+    rounds = getattr(loader.batch_sampler, "rounds", len(loader))
+    batches = zip(loader.batch_sampler, loader)
+    for _ in tqdm(range(rounds), desc=desc, unit="batch", leave=False, disable=not where.is_main):
+        indices, batch = next(batches, (None, None))  # a process may have one batch fewer than others
+        part = None
+        if batch is not None:
+            with autocast(device, precision):
+                output = model(batch["image"].to(device, non_blocking=True))
+            part = dict(indices=np.asarray(indices), paths=list(batch["path"]), labels=batch["label"].numpy(),
+                        scores=output.image_score.float().cpu().numpy(), has_masks=bool(batch["has_mask"].all()),
+                        maps=output.anomaly_map.float().cpu().numpy() if keep_maps else None,
+                        masks=batch["mask"].numpy() > 0.5 if keep_maps else None)
+        for part in where.gather_to_main(part) or []:
+            if part is None:
+                continue
+            rows = part["indices"]
+            for row, path in zip(rows, part["paths"]):
+                paths[row] = path
+            labels[rows], scores[rows], filled[rows] = part["labels"], part["scores"], True
+            has_masks &= part["has_masks"]
+            if keep_maps:
+                if maps is None:
+                    maps, masks = _map_storage((n_images, *part["maps"].shape[1:]), map_dtype, maps_dir)
+                maps[rows], masks[rows] = part["maps"], part["masks"]
+    if not where.is_main:
+        return None
+    if not filled.all():
+        raise RuntimeError(f"{desc}: {int((~filled).sum())} of {n_images} images were not scored")
     if isinstance(maps, np.memmap):
         maps.flush()
         masks.flush()
-    return Predictions(
-        paths=paths,
-        labels=np.concatenate(labels).astype(np.int64),
-        scores=np.concatenate(scores).astype(np.float32),
-        maps=maps[:filled] if maps is not None else None,
-        masks=masks[:filled] if masks is not None else None,
-        has_masks=has_masks,
-    )
+    return Predictions(paths=paths, labels=labels, scores=scores, maps=maps, masks=masks, has_masks=has_masks)
 
 
 def _map_storage(shape: tuple[int, ...], map_dtype: str, maps_dir: str | os.PathLike | None,

@@ -16,25 +16,24 @@ from CLIP.MedVMAD import MedVMADOutput
 
 
 def focal_loss(logit_gap: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Binary focal loss, mean over pixels.
+    """Binary focal loss of each image, mean over its pixels: logit_gap [B,...] (abnormal - normal
+    logit, p = sigmoid(gap)), target [B,...] in {0,1} -> [B].
 
-    logit_gap [...]: abnormal - normal logit (p = sigmoid(gap)); target [...] in {0,1}.
     Loss per pixel: -y (1-p)^g log p - (1-y) p^g log(1-p).
     """
     log_p, log_not_p = F.logsigmoid(logit_gap), F.logsigmoid(-logit_gap)
     positive = -target * log_not_p.mul(gamma).exp() * log_p
     negative = -(1 - target) * log_p.mul(gamma).exp() * log_not_p
-    return (positive + negative).mean()
+    return (positive + negative).flatten(1).mean(dim=1)
 
 
 def dice_loss(logit_gap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice of sigmoid(logit_gap) per image, mean over images (as MVFA and AnomalyCLIP):
-    logit_gap, target [B,...]; smoothing 1, so an all-normal image is defined. Per image, so the
-    loss of a batch does not depend on how the batch is split (across processes, say)."""
+    """1 - soft Dice of sigmoid(logit_gap) of each image (as MVFA and AnomalyCLIP): logit_gap,
+    target [B,...] -> [B]; smoothing 1, so an all-normal image is defined."""
     probability = torch.sigmoid(logit_gap).flatten(1)
     target = target.flatten(1)
     intersection = (probability * target).sum(dim=1)
-    return (1 - (2 * intersection + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)).mean()
+    return 1 - (2 * intersection + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)
 
 
 def image_bce(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,25 +51,33 @@ class LossWeights:
 
 
 def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tensor,
-                 has_mask: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
+                 has_mask: torch.Tensor, weights: LossWeights,
+                 masked_images: float | None = None) -> dict[str, torch.Tensor]:
     """Combined loss and its parts.
 
     masks [B,H,W] in {0,1}; labels [B]; has_mask [B] bool: images whose mask is known (normal
     images always; abnormal ones only for datasets with masks). The pixel terms are summed over
-    tapped layers, on the upsampled per-layer logits, and use only images with known masks; the
-    image term is the mean BCE of every image-level term (global embedding and each detection layer).
+    tapped layers, on the upsampled per-layer logits: each image's focal and dice, summed over the
+    images with known masks and divided by ``masked_images`` (default: their number here, a mean).
+    Under DDP it is the global batch's count over the number of processes, so that the mean of the
+    processes' losses, which DDP's gradient averaging takes, is the global batch's loss whichever
+    process holds which masks. The image term is the mean BCE of every image-level term (global
+    embedding and each detection layer).
     """
     labels = labels.float()  # losses in fp32, also when the forward pass ran under autocast
     image = image_bce(output.image_logits.float(), labels)
     zero = image.new_zeros(())
     focal, dice, normal_dice = zero, zero, zero
-    if bool(has_mask.any()):
-        logits = output.layer_logits[has_mask].float()                           # [b,L,H,W]
-        target = masks[has_mask].float()
-        for layer in range(logits.shape[1]):
-            focal = focal + focal_loss(logits[:, layer], target)
-            dice = dice + dice_loss(logits[:, layer], target)
-            if weights.normal_dice:  # normal channel: p_normal = sigmoid(-gap) against 1 - mask
-                normal_dice = normal_dice + dice_loss(-logits[:, layer], 1 - target)
+    # Images without a mask weigh 0 but stay in the graph, so every process's backward reaches the
+    # same parameters (DDP) even when its images have no masks.
+    known = has_mask.float()
+    denominator = float(known.sum()) if masked_images is None else masked_images
+    denominator = denominator if denominator > 0 else 1.0  # no masks anywhere: the pixel terms are 0
+    logits, target = output.layer_logits.float(), masks.float()                    # [B,L,H,W], [B,H,W]
+    for layer in range(logits.shape[1]):
+        focal = focal + (focal_loss(logits[:, layer], target) * known).sum() / denominator
+        dice = dice + (dice_loss(logits[:, layer], target) * known).sum() / denominator
+        if weights.normal_dice:  # normal channel: p_normal = sigmoid(-gap) against 1 - mask
+            normal_dice = normal_dice + (dice_loss(-logits[:, layer], 1 - target) * known).sum() / denominator
     total = weights.focal * focal + weights.dice * dice + weights.normal_dice * normal_dice + weights.image * image
     return {"loss": total, "focal": focal.detach(), "dice": (dice + normal_dice).detach(), "image": image.detach()}

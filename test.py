@@ -5,6 +5,8 @@
 Without --data_path the demo set is built (once) and used. Without --checkpoint_path the
 zero-training baseline is evaluated: fixed prompt ensemble on CLIP's projected patch tokens.
 Writes results.json, results.csv, scores.csv (and overlays/curves with --visualize) to --save_path.
+
+    torchrun --nproc_per_node 4 test.py ...      (sharded: the same results, written by process 0)
 """
 from __future__ import annotations
 
@@ -18,21 +20,21 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_curve
-from torch.utils.data import DataLoader
 
 import evaluation
 import metrics
 from CLIP.MedVMAD import MedVMAD
-from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, build_model
+from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
 from dataset import (MedicalDataset, dataset_names, list_samples, organ_name, resolve_support, save_support,
                      support_file_name)
+from distributed import SINGLE, Distributed, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
 from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, locked_folder, non_negative_float, non_negative_int,
-                   prepare_output_dir, resolve_device, run_cli, seed_everything, setup_logging, unit_interval,
-                   versions, write_result_files)
+                   prepare_output_dir, run_cli, seed_everything, setup_logging, unit_interval, versions,
+                   write_result_files)
 from visualization import overlay_panel, save_curve, save_png, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
@@ -56,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "rescaled variant of several papers (comparison only)")
     add_model_args(parser, checkpoint=True)
     add_runtime_args(parser)
+    add_distributed_args(parser)
     parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
     evaluation_args = parser.add_argument_group("evaluation")
@@ -80,11 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,
-                      device, logger) -> str:
-    """Build the few-shot bank from the normal support images (x11 augmented); returns the support file."""
+                      device, logger, where: Distributed = SINGLE) -> str:
+    """Build the few-shot bank from the normal support images (x11 augmented), on every process;
+    process 0 writes the support file. Returns where the support set came from."""
     support, source = resolve_support(root, args.k_shot, args.fewshot_seed, args.support_file, args.checkpoint_path)
     written = save_path / support_file_name(args.k_shot, args.fewshot_seed, name)
-    save_support(str(written), support, root)
+    if where.is_main:
+        save_support(str(written), support, root)
     count, copies = memory_bank_from_support(model, support, args.fewshot_seed, device, args.batch_size)
     logger.info(f"{name}: memory bank from {count} normal support images x{copies} ({source}; written to {written})")
     return source
@@ -172,18 +177,22 @@ def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    save_path = prepare_output_dir(args.save_path, files=RESULT_FILES)  # before any work is done
-    with locked_folder(save_path):  # two evaluations into one folder would mix their results files
-        return evaluate(args)
+    with distributed(args.device, args.dist_timeout) as (where, device):
+        if not where.is_main:  # process 0 alone checks, locks and writes the folder
+            return evaluate(args, device, where)
+        save_path = prepare_output_dir(args.save_path, files=RESULT_FILES)  # before any work is done
+        with locked_folder(save_path):  # two evaluations into one folder would mix their results files
+            return evaluate(args, device, where)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """The evaluation itself, writing into ``args.save_path`` (checked and locked by ``main``)."""
+def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> dict:
+    """The evaluation itself, writing into ``args.save_path`` (checked and locked by ``main``).
+    Under torchrun every process scores its share of each dataset; process 0 gathers the maps and
+    scores in dataset order, computes every figure and writes every file (the others return {})."""
     started = time.time()
     save_path = Path(args.save_path)
-    logger = setup_logging(save_path, "test_log.txt")
+    logger = setup_logging(save_path if where.is_main else None, "test_log.txt", rank=where.rank)
     seed_everything(args.seed)
-    device = resolve_device(args.device)
     roots = args.data_path or [ensure_demo()]
     names = dataset_names(roots, args.dataset)
 
@@ -206,15 +215,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     for root, name in zip(roots, names):
         samples = list_samples(root, args.split)  # logs the counts per class
         dataset = MedicalDataset(samples, image_size, skip_bad=args.skip_bad)
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+        loader = sharded_loader(dataset, args.batch_size, args.num_workers, where)
         model.set_organ(organ_name(name))
         if args.k_shot:
-            support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger)
+            support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger, where)
         keep_maps = want_pixel or args.visualize > 0 or args.save_maps
-        maps_dir = maps_dir_for(args, len(dataset), image_size, name, save_path, logger) if keep_maps else None
+        maps_dir = (maps_dir_for(args, len(dataset), image_size, name, save_path, logger)
+                    if keep_maps and where.is_main else None)
         try:
             predictions = predict(model, loader, device, args.precision, keep_maps=keep_maps, desc=name,
-                                  map_dtype=args.map_dtype, maps_dir=maps_dir)
+                                  map_dtype=args.map_dtype, maps_dir=maps_dir, where=where)
+            if predictions is None:  # not process 0: its share is scored and sent
+                continue
             values, patient_values, per_class = evaluate_dataset(args, name, root, predictions, want_pixel,
                                                                  want_image, logger)
             if want_pixel and not predictions.has_masks:
@@ -236,6 +248,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             if maps_dir is not None:
                 shutil.rmtree(maps_dir, ignore_errors=True)
 
+    if not where.is_main:
+        return {}
     headers = ["dataset"] + [title for _, title in TABLE_COLUMNS]
     rows = format_table(results)
     aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"

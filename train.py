@@ -6,6 +6,8 @@ Without --train_data_path the demo set is built (once) and used. Training images
 --train_split of each root (default valid: BMAD's labelled split); model selection and the
 decision threshold use --valid_data_path, or a stratified held-out part of the training images.
 The target's test split is never read. Each epoch writes epoch_<n>.pth; best.pth is the kept one.
+
+    torchrun --nproc_per_node 4 train.py ...      (DDP: --batch_size is the global batch)
 """
 from __future__ import annotations
 
@@ -17,22 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from CLIP.MedVMAD import VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
-from cli import MODEL, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
+from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
 from curves import log_epoch, tensorboard_writer
 from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, list_samples,
                      organ_name, resolve_support, save_support, split_holdout, support_file_name)
+from distributed import SINGLE, Distributed, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from metrics import image_metrics
 from utils import (ArgumentParser, InputError, atomic_write_json, autocast, locked_folder, non_negative_float,
-                   non_negative_int, positive_float, positive_int, prepare_output_dir, resolve_device, run_cli,
-                   seed_everything, setup_logging, unit_interval, versions)
+                   non_negative_int, positive_float, positive_int, prepare_output_dir, run_cli, seed_everything,
+                   setup_logging, unit_interval, versions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--save_path", default="checkpoint/demo", help="folder for checkpoints, log and args.json")
     add_runtime_args(run)
+    add_distributed_args(run)
     used = run.add_mutually_exclusive_group()
     used.add_argument("--resume", nargs="?", const="latest", default=None,
                       help="continue a stopped run: the latest epoch_<n>.pth in --save_path, or a given file")
@@ -106,6 +111,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
     version, python_state, gauss = state["python"]
     random.setstate((version, tuple(python_state), gauss))
     keys, position, has_gauss, cached = state["numpy"]
@@ -182,16 +188,17 @@ def latest_epoch_checkpoint(save_path: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def training_data(args, roots: list[str], names: list[str],
-                  logger) -> tuple[torch.utils.data.Dataset, dict[str, list[Sample]]]:
+def training_data(args, roots: list[str], names: list[str], logger,
+                  where: Distributed = SINGLE) -> tuple[torch.utils.data.Dataset, dict[str, list[Sample]]]:
     """The training dataset and, per source, the samples used for model selection (never a test split)."""
     if args.k_shot:
         if len(roots) != 1:
             raise InputError("--k_shot adapts to one target: give exactly one --train_data_path")
         support, _ = resolve_support(roots[0], args.k_shot, args.fewshot_seed, args.support_file)
-        support_file = Path(args.save_path) / support_file_name(args.k_shot, args.fewshot_seed)
-        save_support(str(support_file), support, roots[0])
-        logger.info(f"few-shot support ({len(support)} images) written to {support_file}")
+        if where.is_main:
+            support_file = Path(args.save_path) / support_file_name(args.k_shot, args.fewshot_seed)
+            save_support(str(support_file), support, roots[0])
+            logger.info(f"few-shot support ({len(support)} images) written to {support_file}")
         base = MedicalDataset(support, args.image_size)
         items = [base[i] for i in range(len(base))]
         images, masks = augment_support(torch.stack([it["image"] for it in items]),
@@ -267,17 +274,23 @@ def build_model_and_optimizer(config: MedVMADConfig, args: argparse.Namespace, d
     return model, optimizer, scaler
 
 
-def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD,
-                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, logger) -> tuple[int, dict]:
+def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, where: Distributed, logger) -> tuple[int, dict]:
     """Load the stopped run's weights, optimizer, scaler and RNG states; returns (first epoch to run, best so far).
-    The stopped run's model config must equal this run's, as resolved by the model."""
-    state = read_resume_state(resume_from, model.config, args)
+    The stopped run's model config must equal this run's, as resolved by the model. Process 0 reads and
+    checks the file and hands it to the others; each process takes its own rank's RNG state."""
+    state = where.from_main(read_resume_state(resume_from, model.config, args) if where.is_main else None)
+    states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict before DDP
+    if len(states) != where.world_size:
+        logger.warning(f"--resume {resume_from}: the run had {len(states)} process(es), this one has "
+                       f"{where.world_size}; the data order is the same, the other random states start afresh")
     try:
         model.load_trainable_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # empty when the stopped run did not use amp
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        if where.rank < len(states):
+            set_rng_state(states[where.rank])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
                          f"({type(error).__name__}: {error})") from None
@@ -285,22 +298,39 @@ def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD,
     return state["epoch"] + 1, state["best"]
 
 
-def train_epoch(model: MedVMAD, train_set: torch.utils.data.Dataset, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, weights: LossWeights, device: torch.device, args: argparse.Namespace,
-                epoch: int, last_good: Path | None) -> dict[str, float]:
-    """One pass over ``train_set`` (shuffled by seed and epoch); returns the mean of each loss term."""
+def train_loader(train_set: torch.utils.data.Dataset, args: argparse.Namespace, epoch: int,
+                 where: Distributed) -> DataLoader:
+    """This process's share of the epoch's global batches of --batch_size.
+
+    One permutation of (seed, epoch), the same however many processes and whether resumed or not,
+    cut into global batches (the last, partial one dropped unless it is the only one); process r
+    takes positions r, r + W, ... of it (DistributedSampler), so that the union of the processes'
+    k-th batches is the single-process run's k-th batch.
+    """
+    sampler = DistributedSampler(train_set, num_replicas=where.world_size, rank=where.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return DataLoader(train_set, batch_size=args.batch_size // where.world_size, sampler=sampler,
+                      num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
+
+
+def train_epoch(model: MedVMAD | DistributedDataParallel, train_set: torch.utils.data.Dataset,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, weights: LossWeights,
+                device: torch.device, args: argparse.Namespace, epoch: int, last_good: Path | None,
+                where: Distributed = SINGLE) -> dict[str, float]:
+    """One pass over ``train_set``; returns the mean of each loss term over the global batches."""
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    order = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order whether resumed or not
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order,
-                        num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
+    loader = train_loader(train_set, args, epoch, where)
     sums: dict[str, float] = {}
-    progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False)
+    progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False, disable=not where.is_main)
     for step, batch in enumerate(progress, start=1):
         images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
+        # Under DDP the pixel terms are divided by the global batch's masked images per process.
+        masked_images = where.sum([float(has_mask.sum())])[0] / where.world_size if where.enabled else None
         with autocast(device, args.precision):
             output = model(images)
-        parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights)
+        parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights, masked_images)
         if not torch.isfinite(parts["loss"]):
             raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
         optimizer.zero_grad(set_to_none=True)
@@ -312,17 +342,24 @@ def train_epoch(model: MedVMAD, train_set: torch.utils.data.Dataset, optimizer: 
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         progress.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
-    return {key: value / max(len(loader), 1) for key, value in sums.items()}
+    totals = where.sum(list(sums.values()))  # each process's losses are its share of the global batch's
+    return {key: total / where.world_size / max(len(loader), 1) for key, total in zip(sums, totals)}
 
 
 def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: torch.device,
-                       args: argparse.Namespace, epoch: int, last_good: Path | None,
-                       logger) -> tuple[float | None, dict[str, float], float]:
+                       args: argparse.Namespace, epoch: int, last_good: Path | None, logger,
+                       where: Distributed = SINGLE) -> tuple[float | None, dict[str, float], float] | None:
     """Selection score (None when no source has both classes), per-source metrics, and the decision
-    threshold: F1-max over the selection images of every source (0.5 when undefined)."""
+    threshold: F1-max over the selection images of every source (0.5 when undefined).
+
+    Each process scores its share of the batches (``sharded_loader``); process 0 gathers every
+    image once, in order, and alone computes the figures (None on the other processes).
+    """
     per_source, labels, scores = {}, [], []
     for name, loader in loaders.items():
-        predictions = predict(model, loader, device, args.precision, desc=f"selection {name}")
+        predictions = predict(model, loader, device, args.precision, desc=f"selection {name}", where=where)
+        if predictions is None:  # not process 0
+            continue
         if not np.isfinite(predictions.scores).all():  # finite weights can still overflow in the forward pass
             raise diverged(f"selection scores on {name} became NaN", f"after epoch {epoch}", last_good)
         per_source[name] = compute_metrics(predictions)
@@ -330,62 +367,80 @@ def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: t
             logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
         labels.append(predictions.labels)
         scores.append(predictions.scores)
+    if not where.is_main:
+        return None
     score, values = selection_summary(per_source)
     threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
     return score, values, 0.5 if math.isnan(threshold) else float(threshold)
 
 
-def save_epoch(save_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               extra: dict, best: dict, improved: bool) -> Path:
-    """Write epoch_<n>.pth (with what --resume needs) and, when ``improved``, best.pth; returns the former."""
-    epoch_path = save_path / f"epoch_{extra['epoch']}.pth"
+def save_epoch(epoch_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               extra: dict, best: dict, improved: bool, rng_states: list[dict]) -> None:
+    """Write epoch_<n>.pth (with what --resume needs: ``rng_states`` holds every process's, by rank)
+    and, when ``improved``, best.pth beside it. The same format from one process or several."""
     save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), rng=rng_state())
+                    scaler=scaler.state_dict(), rng=rng_states)
     if improved:
-        save_checkpoint(save_path / "best.pth", model, **extra)
-    return epoch_path
+        save_checkpoint(epoch_path.parent / "best.pth", model, **extra)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    save_path = prepare_output_dir(args.save_path)
-    with locked_folder(save_path):  # a second run into this folder is refused while this one lives
-        removed = claim_folder(save_path, args)
-        return train(args, removed)
+    with distributed(args.device, args.dist_timeout) as (where, device):
+        if not where.is_main:  # process 0 alone claims the folder and writes into it
+            return train(args, [], device, where)
+        save_path = prepare_output_dir(args.save_path)
+        with locked_folder(save_path):  # a second run into this folder is refused while this one lives
+            removed = claim_folder(save_path, args)
+            return train(args, removed, device, where)
 
 
-def train(args: argparse.Namespace, removed: list[Path]) -> dict:
-    """The run itself, in ``args.save_path`` (claimed and locked by ``main``)."""
+def train(args: argparse.Namespace, removed: list[Path], device: torch.device, where: Distributed = SINGLE) -> dict:
+    """The run itself, in ``args.save_path`` (claimed and locked by ``main``); under torchrun one
+    process of ``where.world_size``, each seeded with --seed + rank, training one DDP model."""
     save_path = Path(args.save_path)
-    logger = setup_logging(save_path, "train_log.txt")
+    logger = setup_logging(save_path if where.is_main else None, "train_log.txt", rank=where.rank)
     if removed:
         logger.info(f"--overwrite: deleted the previous run's {', '.join(p.name for p in removed)}")
-    device = resolve_device(args.device)
+    if args.batch_size % where.world_size:
+        raise InputError(f"--batch_size {args.batch_size} is the global batch: it must divide evenly over the "
+                         f"{where.world_size} processes")
     roots = args.train_data_path or [ensure_demo()]
     names = dataset_names(roots, args.dataset)
-    resume_from = resume_checkpoint(args, save_path)
-    seed_everything(args.seed)
+    resume_from = where.from_main(resume_checkpoint(args, save_path) if where.is_main else None)
+    seed_everything(args.seed + where.rank)
 
-    train_set, selection_samples = training_data(args, roots, names, logger)
+    train_set, selection_samples = training_data(args, roots, names, logger, where)
     organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
     model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)
     model.backbone.grad_checkpointing = args.grad_checkpointing
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
-        start_epoch, best = restore_run(resume_from, args, model, optimizer, scaler, logger)
-    atomic_write_json(save_path / "args.json", {"args": vars(args), "versions": versions()})
+        start_epoch, best = restore_run(resume_from, args, model, optimizer, scaler, where, logger)
+    # Gradients of the learnable weights only are averaged (the frozen backbone has none); DDP also
+    # starts every process from process 0's weights.
+    trained = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=not model.trains_every_weight)
+               if where.enabled else model)
+    if where.is_main:
+        atomic_write_json(save_path / "args.json", {"args": vars(args), "world_size": where.world_size,
+                                                    "versions": versions()})
 
-    selection_loaders = {name: DataLoader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
-                                          batch_size=args.batch_size, num_workers=args.num_workers)
+    selection_loaders = {name: sharded_loader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
+                                              args.batch_size, args.num_workers, where)
                          for name, samples in selection_samples.items()}
     weights = loss_weights(args)
     last_good = resume_from
-    writer = tensorboard_writer(save_path, logger) if args.tensorboard else None
+    writer = tensorboard_writer(save_path, logger) if args.tensorboard and where.is_main else None
     for epoch in range(start_epoch, args.epoch + 1):
-        averages = train_epoch(model, train_set, optimizer, scaler, weights, device, args, epoch, last_good)
-        score, values, threshold = evaluate_selection(model, selection_loaders, device, args, epoch, last_good,
-                                                      logger)
+        averages = train_epoch(trained, train_set, optimizer, scaler, weights, device, args, epoch, last_good, where)
+        selection = evaluate_selection(model, selection_loaders, device, args, epoch, last_good, logger, where)
+        rng_states = where.gather_to_main(rng_state())
+        last_good = save_path / f"epoch_{epoch}.pth"
+        if not where.is_main:
+            continue
+        score, values, threshold = selection
         score = -averages["loss"] if score is None else score
         extra = dict(epoch=epoch, threshold=threshold, selection_metrics=values, train_loss=averages,
                      args=vars(args))
@@ -393,13 +448,14 @@ def train(args: argparse.Namespace, removed: list[Path]) -> dict:
         improved = bool(args.k_shot) or score > best["score"]
         if improved:
             best = {"score": score, "epoch": epoch}
-        last_good = save_epoch(save_path, model, optimizer, scaler, extra, best, improved)
+        save_epoch(last_good, model, optimizer, scaler, extra, best, improved, rng_states)
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in averages.items())
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))
                     + (" | kept as best.pth" if improved else ""))
         log_epoch(save_path, epoch, averages, values, writer)  # metrics.csv and curves.png
-    logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
+    if where.is_main:
+        logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
     return {"best": best, "save_path": str(save_path)}
 
 

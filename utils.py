@@ -48,10 +48,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a script's ``main``; report an ``InputError`` as one line and exit non-zero."""
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # set by torchrun
     try:
         main()
     except InputError as error:
-        print(f"error: {one_line(str(error))}", file=sys.stderr)
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -304,15 +305,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def setup_logging(save_path: str | os.PathLike | None, name: str = "log.txt") -> logging.Logger:
-    """Log to stderr and, when ``save_path`` is given, to ``save_path/name``."""
+def setup_logging(save_path: str | os.PathLike | None, name: str = "log.txt", rank: int = 0) -> logging.Logger:
+    """Log to stderr and, when ``save_path`` is given, to ``save_path/name``. Processes other than
+    rank 0 of a torchrun launch log warnings and errors only, marked with their rank."""
     logger = logging.getLogger("medvmad")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    formatter = logging.Formatter("%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(message)s", "%H:%M:%S")
     stream = logging.StreamHandler()
     stream.setFormatter(formatter)
     logger.addHandler(stream)

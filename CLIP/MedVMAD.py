@@ -169,6 +169,14 @@ class MedVMAD(nn.Module):
         self.to(self.backbone.device)
 
     # ---- parameters ----
+    @property
+    def trains_every_weight(self) -> bool:
+        """Whether every learnable weight reaches the loss. Not in mvfa with adapters: its scores come
+        from the detection layers' patches, not the global embedding, so nothing reads the stream
+        after the last tapped layer and that layer's adapter up-projections get no gradient (as in
+        MVFA's own code). DDP must then look for unused weights at every step."""
+        return not (self.config.variant == "mvfa" and self.seg_adapters is not None)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Prompts and adapters only (the frozen backbone is rebuilt from its config)."""
         return {name: value.detach().clone() for name, value in self.named_parameters() if value.requires_grad}

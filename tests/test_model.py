@@ -236,11 +236,13 @@ def test_focal_and_dice_hand_values():
     gap = torch.tensor([0.0, math.log(9.0)])           # p = 0.5 and 0.9
     y = torch.tensor([1.0, 0.0])
     expected_focal = (0.25 * np.log(2) + 0.81 * -np.log(0.1)) / 2
-    assert float(focal_loss(gap, y)) == pytest.approx(expected_focal, rel=1e-5)
+    assert float(focal_loss(gap[None], y[None])) == pytest.approx(expected_focal, rel=1e-5)
     assert float(dice_loss(gap[None], y[None])) == pytest.approx(1 - (2 * 0.5 + 1) / (1.4 + 1 + 1), rel=1e-6)
-    # two images: the mean of each image's own dice, not one dice over the batch
+    # two images: each image's own focal and dice, not one over the batch
     per_image = [1 - (2 * 0.5 + 1) / (0.5 + 1 + 1), 1 - 1 / (0.9 + 0 + 1)]
-    assert float(dice_loss(gap[:, None], y[:, None])) == pytest.approx(np.mean(per_image), rel=1e-6)
+    np.testing.assert_allclose(dice_loss(gap[:, None], y[:, None]).numpy(), per_image, rtol=1e-6)
+    np.testing.assert_allclose(focal_loss(gap[:, None], y[:, None]).numpy(), [0.25 * np.log(2), 0.81 * -np.log(0.1)],
+                               rtol=1e-5)
 
 
 def _output(layer_logits: torch.Tensor, image_logits: torch.Tensor) -> MedVMADOutput:
@@ -271,6 +273,30 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
     assert float(parts["dice"]) == pytest.approx(dice, rel=1e-5)
     assert float(parts["image"]) == pytest.approx(bce, rel=1e-5)
     assert float(parts["loss"]) == pytest.approx(2 * focal + 3 * dice + 0.5 * bce, rel=1e-5)
+
+
+def test_loss_of_a_batch_split_over_processes_averages_to_the_whole_batch():
+    """DDP averages the processes' gradients, so the mean of the shards' losses must be the global
+    batch's loss, also when the shards hold different numbers of masked images (2 and 1, or 0 and 1):
+    each shard divides its masked images' sum by the global count over the number of shards."""
+    rng = np.random.default_rng(1)
+    gaps = torch.tensor(rng.uniform(-3, 3, (4, 2, 5, 6)), dtype=torch.float32)
+    image_logits = torch.tensor(rng.uniform(-3, 3, (4, 3, 2)), dtype=torch.float32)
+    masks = torch.tensor((rng.random((4, 5, 6)) > 0.6).astype(np.float32))
+    labels = torch.tensor([0, 1, 1, 1])
+    weights = LossWeights(1.0, 2.0, 0.5, normal_dice=1.5)
+    for known in ([True, True, False, True], [False, False, False, True]):  # 3 and 1 masked images
+        has_mask = torch.tensor(known)
+        whole = medvmad_loss(_output(gaps, image_logits), masks, labels, has_mask, weights)
+        shards = [medvmad_loss(_output(gaps[part], image_logits[part]), masks[part], labels[part], has_mask[part],
+                               weights, masked_images=sum(known) / 2) for part in (slice(0, 2), slice(2, 4))]
+        for key in ("loss", "focal", "dice", "image"):
+            assert float(sum(s[key] for s in shards) / 2) == pytest.approx(float(whole[key]), rel=1e-6), (known, key)
+    # a shard whose images all lack masks still reaches the pixel logits (zero gradient, not none)
+    unmasked = gaps[2:3].clone().requires_grad_()
+    medvmad_loss(_output(unmasked, image_logits[2:3]), masks[2:3], labels[2:3], has_mask[2:3], weights,
+                 masked_images=1.5)["loss"].backward()
+    assert unmasked.grad is not None and float(unmasked.grad.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("label", [1, 0])

@@ -289,9 +289,9 @@ def test_dataset_without_masks_trains_with_the_image_loss_only(tmp_path, demo, m
     seen = []
     real_loss = train.medvmad_loss
 
-    def spy(output, masks, labels, has_mask, weights):
+    def spy(output, masks, labels, has_mask, weights, *rest):
         seen.append(has_mask.clone())
-        return real_loss(output, masks, labels, has_mask, weights)
+        return real_loss(output, masks, labels, has_mask, weights, *rest)
 
     monkeypatch.setattr(train, "medvmad_loss", spy)
     run_train(tmp_path / "run", str(copy), "--epoch", "1")

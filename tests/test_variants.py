@@ -264,3 +264,19 @@ def test_anomalyclip_layer_logits_from_hand_computed_patch_gaps():
 def test_a_variant_with_other_parts_is_refused():
     with pytest.raises(ValueError, match="--variant text_only is"):
         MedVMAD(tiny_config(variant="text_only"))  # adapters on
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_trains_every_weight_says_which_variants_leave_weights_without_gradient(variant):
+    """DDP is told to look for unused weights exactly when a backward pass leaves some without a
+    gradient: mvfa's last adapter up-projections (tapped at the last block, and at an inner one)."""
+    for layers in ([1, 2, 3, 4], [1, 2]):
+        torch.manual_seed(0)
+        model = MedVMAD(tiny_config(variant=variant, features_list=layers, **VARIANTS[variant]))
+        output = model(torch.rand(2, 3, 64, 64))
+        medvmad_loss(output, (torch.rand(2, 64, 64) > 0.7).float(), torch.tensor([0, 1]), torch.tensor([True, True]),
+                     LossWeights(normal_dice=1.0))["loss"].backward()
+        unused = sorted(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None)
+        expected = [f"{kind}_adapters.{len(layers) - 1}.up.weight" for kind in ("det", "seg")] \
+            if variant == "mvfa" else []
+        assert unused == expected and model.trains_every_weight == (not expected), (layers, unused)
