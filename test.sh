@@ -6,8 +6,12 @@
 # Table 2 (second target's, trained on the first), a row per variant, as RESULTS/paper/table{1,2}.{md,csv,json},
 # and the side-by-side figures RESULTS/paper/figure_<target>.png.
 # With no BMAD data under DATA_ROOT, the demo set and the tiny offline model are used.
+# GPUS=0,1,2,3 bash test.sh all: the evaluations run in parallel, one per GPU, queued (jobs.sh), logs in
+# LOG_DIR; the summary tables are the same as from a sequential run. LAUNCH="torchrun --standalone
+# --nproc_per_node 4" bash test.sh ...: each evaluation sharded over 4 GPUs.
 set -euo pipefail
 cd "$(dirname "$0")"
+source jobs.sh
 
 DATA_ROOT=${DATA_ROOT:-data/BMAD}
 TARGETS=${TARGETS:-"Brain Liver"}
@@ -20,6 +24,9 @@ PRECISION=${PRECISION:-fp32}
 SAVE_ROOT=${SAVE_ROOT:-checkpoint}
 RESULTS=${RESULTS:-results}
 EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro legacy, --pretrained PATH
+GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU in parallel; empty: one after another
+LAUNCH=${LAUNCH:-python}                       # or "torchrun --standalone --nproc_per_node N" (without GPUS)
+LOG_DIR=${LOG_DIR:-$RESULTS/logs}              # per-job logs of a GPUS run
 
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set"
@@ -33,34 +40,41 @@ read -r -a targets <<< "$TARGETS"
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   for target in "${targets[@]}"; do
-    python test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/indomain/$target/best.pth" \
+    job $LAUNCH test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/indomain/$target/best.pth" \
       --save_path "$RESULTS/indomain/$target" $COMMON
   done
 fi
 
 if [[ $PROTOCOL == crossorgan || $PROTOCOL == all ]]; then
   # train on the first target, test on the second, and the reverse
-  python test.py --data_path "$DATA_ROOT/${targets[1]}" \
+  job $LAUNCH test.py --data_path "$DATA_ROOT/${targets[1]}" \
     --checkpoint_path "$SAVE_ROOT/indomain/${targets[0]}/best.pth" --save_path "$RESULTS/crossorgan/${targets[0]}_to_${targets[1]}" $COMMON
-  python test.py --data_path "$DATA_ROOT/${targets[0]}" \
+  job $LAUNCH test.py --data_path "$DATA_ROOT/${targets[0]}" \
     --checkpoint_path "$SAVE_ROOT/indomain/${targets[1]}/best.pth" --save_path "$RESULTS/crossorgan/${targets[1]}_to_${targets[0]}" $COMMON
 fi
 
 if [[ $PROTOCOL == zeroshot || $PROTOCOL == all ]]; then
   for target in "${targets[@]}"; do
-    python test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/zeroshot/$target/best.pth" \
+    job $LAUNCH test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/zeroshot/$target/best.pth" \
       --save_path "$RESULTS/zeroshot/$target" $COMMON
   done
 fi
 
 if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
   for target in "${targets[@]}"; do
-    runs=()
     for k in $K_SHOTS; do
       for seed in $SEEDS; do
         run="$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed"
-        python test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$run/best.pth" \
+        job $LAUNCH test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$run/best.pth" \
           --k_shot "$k" --fewshot_seed "$seed" --save_path "$RESULTS/fewshot/$target/${k}shot_seed$seed" $COMMON
+      done
+    done
+  done
+  run_queued   # the summaries below read every run's results
+  for target in "${targets[@]}"; do
+    runs=()
+    for k in $K_SHOTS; do
+      for seed in $SEEDS; do
         runs+=("$RESULTS/fewshot/$target/${k}shot_seed$seed/results.json")
       done
     done
@@ -76,10 +90,11 @@ if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, 
   runs=(); checkpoints=()
   for variant in $VARIANTS; do
     checkpoints+=("$SAVE_ROOT/paper/$variant/best.pth")
-    python test.py --data_path "$DATA_ROOT/${targets[0]}" "$DATA_ROOT/${targets[1]}" --checkpoint_path "${checkpoints[-1]}" \
+    job $LAUNCH test.py --data_path "$DATA_ROOT/${targets[0]}" "$DATA_ROOT/${targets[1]}" --checkpoint_path "${checkpoints[-1]}" \
       --save_path "$RESULTS/paper/$variant" $COMMON
     runs+=("$RESULTS/paper/$variant/results.json")
   done
+  run_queued   # the tables below read every variant's results
   python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[0]}" --save_path "$RESULTS/paper" \
     --name table1 --title "Table 1: ${targets[0]} test split (trained on ${targets[0]})"
   python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[1]}" --save_path "$RESULTS/paper" \
@@ -89,3 +104,5 @@ if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, 
       --save_path "$RESULTS/paper/figure_$target.png" --batch_size "$BATCH_SIZE" --device "$DEVICE" --precision "$PRECISION"
   done
 fi
+
+run_queued

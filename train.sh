@@ -7,8 +7,12 @@
 # first target's labelled valid split, into SAVE_ROOT/paper/<variant>; then bash test.sh paper.
 # With no BMAD data under DATA_ROOT, the demo set is built and the tiny offline model is used.
 # A run folder that already holds a run is refused; OVERWRITE=1 bash train.sh ... replaces it.
+# GPUS=0,1,2,3 bash train.sh fewshot: the protocol's trainings run in parallel, one per GPU, queued
+# (jobs.sh, run_jobs.py), logs in LOG_DIR. LAUNCH="torchrun --standalone --nproc_per_node 4" bash
+# train.sh indomain: each training in turn on 4 GPUs with DDP (README "Multi-GPU").
 set -euo pipefail
 cd "$(dirname "$0")"
+source jobs.sh
 
 DATA_ROOT=${DATA_ROOT:-data/BMAD}            # holds Brain/, Liver/, Retina_RESC/, ... (BMAD layout)
 TARGETS=${TARGETS:-"Brain Liver"}            # datasets reported in the tables
@@ -28,6 +32,9 @@ PRECISION=${PRECISION:-fp32}
 SAVE_ROOT=${SAVE_ROOT:-checkpoint}
 EXTRA=${EXTRA:-}                               # any further train.py flags
 OVERWRITE=${OVERWRITE:-}                       # 1: replace earlier runs in the same folders (--overwrite)
+GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU in parallel; empty: one after another
+LAUNCH=${LAUNCH:-python}                       # or "torchrun --standalone --nproc_per_node N" (without GPUS)
+LOG_DIR=${LOG_DIR:-$SAVE_ROOT/logs}            # per-job logs of a GPUS run
 
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
@@ -42,7 +49,7 @@ PROTOCOL=${1:-all}
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   for target in $TARGETS; do   # (a) in-domain and (b) cross-organ: train on the target's labelled valid split
-    python train.py --train_data_path "$DATA_ROOT/$target" --train_split valid --epoch "$EPOCH" \
+    job $LAUNCH train.py --train_data_path "$DATA_ROOT/$target" --train_split valid --epoch "$EPOCH" \
       --save_path "$SAVE_ROOT/indomain/$target" $COMMON
   done
 fi
@@ -53,7 +60,7 @@ if [[ $PROTOCOL == zeroshot || $PROTOCOL == all ]]; then
     for source in $SOURCES; do
       [[ $source != "$target" && -d $DATA_ROOT/$source ]] && others+=("$DATA_ROOT/$source")
     done
-    python train.py --train_data_path "${others[@]}" --train_split test --epoch "$EPOCH" \
+    job $LAUNCH train.py --train_data_path "${others[@]}" --train_split test --epoch "$EPOCH" \
       --save_path "$SAVE_ROOT/zeroshot/$target" $COMMON
   done
 fi
@@ -62,7 +69,7 @@ if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
   for target in $TARGETS; do   # (d) k normal + k abnormal images of the target's valid split, x11 augmented
     for k in $K_SHOTS; do
       for seed in $SEEDS; do
-        python train.py --train_data_path "$DATA_ROOT/$target" --k_shot "$k" --fewshot_seed "$seed" \
+        job $LAUNCH train.py --train_data_path "$DATA_ROOT/$target" --k_shot "$k" --fewshot_seed "$seed" \
           --epoch "$FEWSHOT_EPOCH" --save_path "$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed" $COMMON
       done
     done
@@ -72,7 +79,9 @@ fi
 if [[ $PROTOCOL == paper ]]; then   # Tables 1-2: every variant trained on the first target (Brain) alone
   source=${TARGETS%% *}
   for variant in $VARIANTS; do
-    python train.py --train_data_path "$DATA_ROOT/$source" --train_split valid --epoch "$EPOCH" --variant "$variant" \
+    job $LAUNCH train.py --train_data_path "$DATA_ROOT/$source" --train_split valid --epoch "$EPOCH" --variant "$variant" \
       --save_path "$SAVE_ROOT/paper/$variant" $COMMON
   done
 fi
+
+run_queued
