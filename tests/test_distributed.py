@@ -209,3 +209,24 @@ def test_a_global_batch_that_does_not_divide_over_the_processes_is_refused(data,
     assert refused.returncode != 0
     assert "error: [rank 0] --batch_size 3 is the global batch: it must divide evenly over the 2 processes" \
         in refused.stderr
+
+
+def test_bf16_gradient_checkpointing_and_unused_weights_under_ddp(data, tmp_path):
+    """mvfa (weights without gradient: DDP must look for them), bf16 autocast and recomputed blocks:
+    the 2-process run trains like one process (losses within bf16 rounding; Adam's steps amplify
+    rounding in the weights themselves), and the weights without gradient keep their initial values."""
+    args = ["--train_data_path", data["brain"], "--epoch", "1", "--batch_size", "4", "--variant", "mvfa",
+            "--precision", "bf16", "--grad_checkpointing", "--learning_rate", "1e-3", *TINY]
+    done = run(TORCHRUN + ["train.py", *args, "--save_path", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    train.main([*args, "--save_path", str(tmp_path / "one")])
+    one, two = (torch.load(tmp_path / name / "epoch_1.pth", weights_only=True) for name in ("one", "two"))
+    for key, value in one["train_loss"].items():
+        assert two["train_loss"][key] == pytest.approx(value, rel=1e-2), key
+    unused = {"seg_adapters.3.up.weight", "det_adapters.3.up.weight"}
+    for key, weight in one["trainable"].items():
+        assert torch.isfinite(two["trainable"][key]).all()
+        if key in unused:
+            assert torch.equal(two["trainable"][key], weight), key
+        else:
+            assert float((two["trainable"][key] - weight).abs().max()) < 4 * 1e-3, key  # < 4 Adam steps
