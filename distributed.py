@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils import InputError, resolve_device
 
@@ -65,8 +65,9 @@ class Distributed:
 
 
 SINGLE = Distributed()
-# What gloo and NCCL errors say when the other end died, hung up or did not answer in time.
-LOST_CONTACT = re.compile(r"gloo|nccl|connection (closed|reset|refused)|timed out|timeout|broken pipe", re.IGNORECASE)
+# gloo reports a partner that died, hung up or did not answer in time as a plain RuntimeError from
+# its own sources ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer ...").
+GLOO_ERROR = re.compile(r"gloo")
 
 
 def _collective_device() -> torch.device:
@@ -81,6 +82,8 @@ def launched_world() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
+    if "RANK" not in os.environ:
+        raise InputError(f"WORLD_SIZE is {world} but RANK is not set: start the processes with torchrun")
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -113,8 +116,8 @@ def distributed(device_name: str, timeout_s: float) -> Iterator[tuple[Distribute
                             timeout=timedelta(seconds=timeout_s))
     try:
         yield Distributed(rank, world), device
-    except RuntimeError as error:  # gloo raises plain RuntimeErrors; NCCL DistBackendErrors
-        if not isinstance(error, dist.DistError) and not LOST_CONTACT.search(str(error)):
+    except RuntimeError as error:  # DistErrors (NCCL, the store), and gloo's plain RuntimeErrors
+        if not isinstance(error, dist.DistError) and not GLOO_ERROR.search(str(error)):
             raise
         # gloo's first sentence without its source location: "Connection closed by peer [host]:port"
         cause = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines()[0]
@@ -122,6 +125,31 @@ def distributed(device_name: str, timeout_s: float) -> Iterator[tuple[Distribute
                          f"within --dist_timeout {timeout_s:g} s; see its error") from None
     finally:
         dist.destroy_process_group()
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """This process's share of each global training batch of ``batch_size`` images.
+
+    The epoch's order is one permutation of (seed, epoch), whatever the number of processes and
+    whether the run was resumed; it is cut into global batches, the last partial one dropped unless
+    it is the only one (a set smaller than a batch). Process r takes the positions r, r + W, ... of
+    each global batch, so the processes' k-th batches together hold exactly the k-th batch of a
+    single process. Unlike the parent's, the shares are not padded with repeats or cut to equal
+    size: in a set smaller than a batch they may differ by one image (``medvmad_loss`` divides by
+    the global counts). Batch the share with ``batch_size // world_size``.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, where: Distributed = SINGLE) -> None:
+        super().__init__(dataset, num_replicas=where.world_size, rank=where.rank, shuffle=True, seed=seed)
+        n_images = len(dataset)
+        self.used = n_images if n_images <= batch_size else n_images // batch_size * batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        return iter(order[self.rank:self.used:self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.used, self.num_replicas))
 
 
 class ShardedBatches(Sampler[list[int]]):

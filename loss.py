@@ -37,9 +37,10 @@ def dice_loss(logit_gap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def image_bce(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean BCE of every image-level term: image_logits [B,T,2] (normal, abnormal), labels [B]."""
+    """BCE of each image, mean over its image-level terms: image_logits [B,T,2] (normal, abnormal),
+    labels [B] -> [B]."""
     gap = image_logits[..., 1] - image_logits[..., 0]                               # [B,T]
-    return F.binary_cross_entropy_with_logits(gap, labels[:, None].expand_as(gap))
+    return F.binary_cross_entropy_with_logits(gap, labels[:, None].expand_as(gap), reduction="none").mean(dim=1)
 
 
 @dataclass
@@ -51,21 +52,22 @@ class LossWeights:
 
 
 def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tensor,
-                 has_mask: torch.Tensor, weights: LossWeights,
+                 has_mask: torch.Tensor, weights: LossWeights, images: float | None = None,
                  masked_images: float | None = None) -> dict[str, torch.Tensor]:
     """Combined loss and its parts.
 
     masks [B,H,W] in {0,1}; labels [B]; has_mask [B] bool: images whose mask is known (normal
-    images always; abnormal ones only for datasets with masks). The pixel terms are summed over
-    tapped layers, on the upsampled per-layer logits: each image's focal and dice, summed over the
-    images with known masks and divided by ``masked_images`` (default: their number here, a mean).
-    Under DDP it is the global batch's count over the number of processes, so that the mean of the
-    processes' losses, which DDP's gradient averaging takes, is the global batch's loss whichever
-    process holds which masks. The image term is the mean BCE of every image-level term (global
-    embedding and each detection layer).
+    images always; abnormal ones only for datasets with masks). The image term is each image's BCE
+    (mean over its image-level terms: global embedding and each detection layer), summed and divided
+    by ``images``. The pixel terms are summed over tapped layers, on the upsampled per-layer logits:
+    each image's focal and dice, summed over the images with known masks and divided by
+    ``masked_images``. Both divisors default to this batch's own counts (means). Under DDP they are
+    the global batch's counts over the number of processes, so that the mean of the processes'
+    losses, which DDP's gradient averaging takes, is the global batch's loss whichever process
+    holds which images.
     """
     labels = labels.float()  # losses in fp32, also when the forward pass ran under autocast
-    image = image_bce(output.image_logits.float(), labels)
+    image = image_bce(output.image_logits.float(), labels).sum() / (len(labels) if images is None else images)
     zero = image.new_zeros(())
     focal, dice, normal_dice = zero, zero, zero
     # Images without a mask weigh 0 but stay in the graph, so every process's backward reaches the

@@ -26,7 +26,7 @@ RESULTS=${RESULTS:-results}
 EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro legacy, --pretrained PATH
 GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU in parallel; empty: one after another
 LAUNCH=${LAUNCH:-python}                       # or "torchrun --standalone --nproc_per_node N" (without GPUS)
-LOG_DIR=${LOG_DIR:-$RESULTS/logs}              # per-job logs of a GPUS run
+LOG_DIR=${LOG_DIR:-$RESULTS/logs/$(date +%Y%m%d-%H%M%S)}     # per-job logs of a GPUS run
 
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set"

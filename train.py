@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
 from CLIP.MedVMAD import VARIANTS, MedVMAD, MedVMADConfig
@@ -29,7 +29,7 @@ from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, a
 from curves import log_epoch, tensorboard_writer
 from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, list_samples,
                      organ_name, resolve_support, save_support, split_holdout, support_file_name)
-from distributed import SINGLE, Distributed, distributed, sharded_loader
+from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
@@ -102,12 +102,14 @@ RESUME_KEYS = ("train_data_path", "dataset", "train_split", "valid_data_path", "
 
 
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain types and tensors (``weights_only`` loadable)."""
+    """Python, numpy, torch and (when in use) this process's CUDA RNG states, as plain types and
+    tensors (``weights_only`` loadable)."""
     version, python_state, gauss = random.getstate()
     _, keys, position, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(python_state), gauss],
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state()}
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -117,6 +119,8 @@ def set_rng_state(state: dict) -> None:
     keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():  # a CUDA run resumed on CUDA
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def config_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
@@ -300,18 +304,12 @@ def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD, opt
 
 def train_loader(train_set: torch.utils.data.Dataset, args: argparse.Namespace, epoch: int,
                  where: Distributed) -> DataLoader:
-    """This process's share of the epoch's global batches of --batch_size.
-
-    One permutation of (seed, epoch), the same however many processes and whether resumed or not,
-    cut into global batches (the last, partial one dropped unless it is the only one); process r
-    takes positions r, r + W, ... of it (DistributedSampler), so that the union of the processes'
-    k-th batches is the single-process run's k-th batch.
-    """
-    sampler = DistributedSampler(train_set, num_replicas=where.world_size, rank=where.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    """This process's share of the epoch's global batches of --batch_size (``GlobalBatchSampler``:
+    one permutation of (seed, epoch); the processes' k-th batches together are one process's)."""
+    sampler = GlobalBatchSampler(train_set, args.batch_size, args.seed, where)
     sampler.set_epoch(epoch)
     return DataLoader(train_set, batch_size=args.batch_size // where.world_size, sampler=sampler,
-                      num_workers=args.num_workers, drop_last=len(train_set) > args.batch_size)
+                      num_workers=args.num_workers)
 
 
 def train_epoch(model: MedVMAD | DistributedDataParallel, train_set: torch.utils.data.Dataset,
@@ -326,11 +324,12 @@ def train_epoch(model: MedVMAD | DistributedDataParallel, train_set: torch.utils
     progress = tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="batch", leave=False, disable=not where.is_main)
     for step, batch in enumerate(progress, start=1):
         images, masks, labels, has_mask = (t.to(device) for t in batch_tensors(batch))
-        # Under DDP the pixel terms are divided by the global batch's masked images per process.
-        masked_images = where.sum([float(has_mask.sum())])[0] / where.world_size if where.enabled else None
+        # Under DDP the loss terms are divided by the global batch's counts per process.
+        counts = [value / where.world_size for value in where.sum([len(labels), float(has_mask.sum())])] \
+            if where.enabled else [None, None]
         with autocast(device, args.precision):
             output = model(images)
-        parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights, masked_images)
+        parts = medvmad_loss(output, masks.float(), labels, has_mask.bool(), weights, *counts)
         if not torch.isfinite(parts["loss"]):
             raise diverged(f"loss became {parts['loss'].item()}", f"at epoch {epoch} step {step}", last_good)
         optimizer.zero_grad(set_to_none=True)
@@ -405,12 +404,14 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
     if args.batch_size % where.world_size:
         raise InputError(f"--batch_size {args.batch_size} is the global batch: it must divide evenly over the "
                          f"{where.world_size} processes")
-    roots = args.train_data_path or [ensure_demo()]
+    roots = args.train_data_path or [where.from_main(ensure_demo() if where.is_main else None)]  # built once
     names = dataset_names(roots, args.dataset)
     resume_from = where.from_main(resume_checkpoint(args, save_path) if where.is_main else None)
     seed_everything(args.seed + where.rank)
 
     train_set, selection_samples = training_data(args, roots, names, logger, where)
+    if len(train_set) < where.world_size:
+        raise InputError(f"{len(train_set)} training image(s) for {where.world_size} processes: use fewer processes")
     organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
     model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)

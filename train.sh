@@ -34,7 +34,7 @@ EXTRA=${EXTRA:-}                               # any further train.py flags
 OVERWRITE=${OVERWRITE:-}                       # 1: replace earlier runs in the same folders (--overwrite)
 GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU in parallel; empty: one after another
 LAUNCH=${LAUNCH:-python}                       # or "torchrun --standalone --nproc_per_node N" (without GPUS)
-LOG_DIR=${LOG_DIR:-$SAVE_ROOT/logs}            # per-job logs of a GPUS run
+LOG_DIR=${LOG_DIR:-$SAVE_ROOT/logs/$(date +%Y%m%d-%H%M%S)}   # per-job logs of a GPUS run
 
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-import test as test_script
 import train
 from CLIP.checkpoint import load_model
-from distributed import SINGLE, Distributed, ShardedBatches
+from distributed import SINGLE, Distributed, GlobalBatchSampler, ShardedBatches, launched_world
 from generate_dataset.demo import build_demo
 from maps_io import load_maps
+from utils import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -49,7 +49,8 @@ def data(tmp_path_factory) -> dict[str, str]:
     brain = build_demo(str(root), n_train=4, n_valid=(8, 8), n_test=(6, 6), image_size=SIZE)
     unmasked = root / "Unmasked"
     shutil.copytree(brain, unmasked)
-    shutil.rmtree(unmasked / "valid" / "Ungood" / "anomaly_mask")
+    for split in ("valid", "test"):
+        shutil.rmtree(unmasked / split / "Ungood" / "anomaly_mask")
     return {"brain": brain, "unmasked": str(unmasked)}
 
 
@@ -105,6 +106,9 @@ def test_two_processes_train_to_the_weights_of_one(runs):
     assert json.loads((runs["two"] / "args.json").read_text())["world_size"] == 2
     model, _ = load_model(runs["two"] / "best.pth", torch.device("cpu"))  # a DDP checkpoint in one process
     assert not any(key.startswith("module.") for key in model.trainable_state_dict())
+    # process 0 alone writes: the same files as one process, and only its own log lines
+    assert sorted(p.name for p in runs["two"].iterdir()) == sorted(p.name for p in runs["one"].iterdir())
+    assert "[rank 1]" not in (runs["two"] / "train_log.txt").read_text()
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_weights(runs):
@@ -121,22 +125,63 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(runs):
 
 
 def test_sharded_test_writes_what_one_process_writes(runs, data, tmp_path):
-    """5-image batches over 12 test images: 3 batches, so process 1 has one batch fewer. Metrics with
-    bootstrap intervals, patient figures, scores.csv and the saved maps equal a single process's."""
-    args = ["--data_path", data["brain"], "--checkpoint_path", str(runs["two"] / "best.pth"), "--num_workers", "0",
-            "--device", "cpu", "--batch_size", "5", "--save_maps", "--bootstrap", "30"]
-    single = test_script.main(args + ["--save_path", str(tmp_path / "one")])
+    """5-image batches over 12 test images: 3 batches, so process 1 has one batch fewer. With a
+    few-shot memory bank (built on every process, its support file written once) and a dataset
+    without masks: metrics with bootstrap intervals, patient figures, scores.csv and the saved maps
+    equal a single process's, and so do the files written."""
+    args = ["--data_path", data["brain"], data["unmasked"], "--checkpoint_path", str(runs["two"] / "best.pth"),
+            "--num_workers", "0", "--device", "cpu", "--batch_size", "5", "--save_maps", "--bootstrap", "30",
+            "--k_shot", "2"]
+    one_process = run([sys.executable, "test.py"] + args + ["--save_path", str(tmp_path / "one")])  # same threads
+    assert one_process.returncode == 0, one_process.stderr[-3000:]
+    single = json.loads((tmp_path / "one" / "results.json").read_text())
     sharded = run(TORCHRUN + ["test.py"] + args + ["--save_path", str(tmp_path / "two")])
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     written = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert written["datasets"] == json.loads(json.dumps(single["datasets"]))
-    assert written["patients"] == json.loads(json.dumps(single["patients"]))
+    assert "pixel_auroc" in written["datasets"]["Brain"] and "pixel_auroc" not in written["datasets"]["Unmasked"]
+    assert written["datasets"] == single["datasets"]
+    assert sorted(p.name for p in (tmp_path / "two").rglob("*")) == sorted(p.name for p in (tmp_path / "one").rglob("*"))
+    assert written["patients"] == single["patients"]
     assert (tmp_path / "two" / "scores.csv").read_text() == (tmp_path / "one" / "scores.csv").read_text()
     one, two = load_maps(tmp_path / "one" / "maps", "Brain"), load_maps(tmp_path / "two" / "maps", "Brain")
     assert two.paths == one.paths and len(set(two.paths)) == 12
     np.testing.assert_array_equal(two.maps, one.maps)
     np.testing.assert_array_equal(two.masks, one.masks)
     np.testing.assert_array_equal(two.scores, one.scores)
+
+
+def test_global_batches_are_one_permutation_per_seed_and_epoch_dealt_to_the_processes():
+    """One process: randperm of (seed * 1000 + epoch) cut into batches of 4, the partial last one
+    dropped, a new order each epoch. Two or three processes: their k-th batches together are the
+    one process's k-th batch. A set smaller than a batch is used whole, in shares differing by one."""
+    dataset = list(range(11))
+
+    def batches(world: int, epoch: int, size: int = 4, data=dataset) -> list[list[list[int]]]:
+        per_rank = []
+        for rank in range(world):
+            sampler = GlobalBatchSampler(data, size, seed=7, where=Distributed(rank, world))
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            assert len(sampler) == len(order)
+            share = size // world
+            per_rank.append([order[i:i + share] for i in range(0, len(order), share)])
+        return per_rank
+
+    for epoch in (1, 2):
+        reference = torch.randperm(11, generator=torch.Generator().manual_seed(7 * 1000 + epoch)).tolist()
+        assert batches(1, epoch) == [[reference[0:4], reference[4:8]]]
+        two = batches(2, epoch)
+        assert [sorted(a + b) for a, b in zip(*two)] == [sorted(reference[0:4]), sorted(reference[4:8])]
+    assert batches(1, 1) != batches(1, 2)
+    small = batches(2, 1, size=8, data=list(range(5)))
+    assert sorted(small[0][0] + small[1][0]) == [0, 1, 2, 3, 4] and {len(small[0][0]), len(small[1][0])} == {2, 3}
+
+
+def test_a_world_without_a_rank_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(InputError, match="RANK is not set: start the processes with torchrun"):
+        launched_world()
 
 
 def test_sharded_batches_deal_every_image_once_in_single_process_batches():

@@ -277,7 +277,8 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
 
 def test_loss_of_a_batch_split_over_processes_averages_to_the_whole_batch():
     """DDP averages the processes' gradients, so the mean of the shards' losses must be the global
-    batch's loss, also when the shards hold different numbers of masked images (2 and 1, or 0 and 1):
+    batch's loss, also when the shards hold different numbers of images (2 and 2, 3 and 1) and of
+    masked images:
     each shard divides its masked images' sum by the global count over the number of shards."""
     rng = np.random.default_rng(1)
     gaps = torch.tensor(rng.uniform(-3, 3, (4, 2, 5, 6)), dtype=torch.float32)
@@ -288,10 +289,12 @@ def test_loss_of_a_batch_split_over_processes_averages_to_the_whole_batch():
     for known in ([True, True, False, True], [False, False, False, True]):  # 3 and 1 masked images
         has_mask = torch.tensor(known)
         whole = medvmad_loss(_output(gaps, image_logits), masks, labels, has_mask, weights)
-        shards = [medvmad_loss(_output(gaps[part], image_logits[part]), masks[part], labels[part], has_mask[part],
-                               weights, masked_images=sum(known) / 2) for part in (slice(0, 2), slice(2, 4))]
-        for key in ("loss", "focal", "dice", "image"):
-            assert float(sum(s[key] for s in shards) / 2) == pytest.approx(float(whole[key]), rel=1e-6), (known, key)
+        for parts in ((slice(0, 2), slice(2, 4)), (slice(0, 3), slice(3, 4))):  # equal and unequal shares
+            shards = [medvmad_loss(_output(gaps[part], image_logits[part]), masks[part], labels[part], has_mask[part],
+                                   weights, images=4 / 2, masked_images=sum(known) / 2) for part in parts]
+            for key in ("loss", "focal", "dice", "image"):
+                assert float(sum(s[key] for s in shards) / 2) == pytest.approx(float(whole[key]), rel=1e-6), \
+                    (known, parts, key)
     # a shard whose images all lack masks still reaches the pixel logits (zero gradient, not none)
     unmasked = gaps[2:3].clone().requires_grad_()
     medvmad_loss(_output(unmasked, image_logits[2:3]), masks[2:3], labels[2:3], has_mask[2:3], weights,

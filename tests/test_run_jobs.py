@@ -72,7 +72,7 @@ def test_the_parallel_fewshot_protocol_gives_the_sequential_tables(tmp_path):
     assert "2 job(s) on GPU(s) 0, 1" in trained.stdout
     for seed in (1, 2):
         assert (tmp_path / "checkpoint" / "fewshot" / "Brain" / f"2shot_seed{seed}" / "best.pth").is_file()
-    assert len(list((tmp_path / "checkpoint" / "logs").glob("*.log"))) == 2
+    assert len(list((tmp_path / "checkpoint" / "logs").rglob("*.log"))) == 2
 
     tables = {}
     for mode, extra in (("sequential", {}), ("parallel", {"GPUS": "0,1"})):
@@ -80,6 +80,24 @@ def test_the_parallel_fewshot_protocol_gives_the_sequential_tables(tmp_path):
         bash("test.sh", "fewshot", {**env, **extra, "RESULTS": str(results), "EXTRA": "--num_workers 0"})
         tables[mode] = (results / "fewshot" / "Brain" / "summary.csv").read_text()
     assert tables["parallel"] == tables["sequential"] and "Brain" in tables["sequential"]
-    assert len(list((tmp_path / "parallel" / "logs").glob("*.log"))) == 2
+    assert len(list((tmp_path / "parallel" / "logs").rglob("*.log"))) == 2
     assert not (tmp_path / "sequential" / "logs").exists()
 
+
+
+def test_a_failed_queued_job_stops_the_script_after_the_others_ran(tmp_path):
+    """jobs.sh with GPUS: the queue runs whole, then the script stops non-zero before the next step
+    (a summary that would read the failed job's results); LAUNCH=torchrun with GPUS is refused."""
+    script = (f"set -euo pipefail; cd {REPO}; source jobs.sh; LOG_DIR={tmp_path}/logs\n"
+              f"job python -c 'open(\"{tmp_path}/first\", \"w\")'\n"
+              f"job python -c 'raise SystemExit(4)'\n"
+              f"job python -c 'open(\"{tmp_path}/third\", \"w\")'\n"
+              f"run_queued\necho summary > {tmp_path}/summary\n")
+    done = subprocess.run(["bash", "-c", script], env={**os.environ, "GPUS": "0,1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert (tmp_path / "first").exists() and (tmp_path / "third").exists() and not (tmp_path / "summary").exists()
+    assert "failed: job 2 (exit 4), see " in done.stdout
+    refused = subprocess.run(["bash", "-c", f"cd {REPO}; source jobs.sh; job torchrun --nproc_per_node 2 train.py"],
+                             env={**os.environ, "GPUS": "0,1"}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "cannot spread a job over several" in refused.stderr
