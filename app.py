@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import test_one_example  # noqa: E402
-from utils import InputError, resolve_device  # noqa: E402
+from utils import ArgumentParser, InputError, resolve_device, run_cli  # noqa: E402
 from visualization import overlay_panel  # noqa: E402
 from volume_io import read_input  # noqa: E402
 
@@ -173,8 +173,8 @@ def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None =
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """The page's own flags, then test_one_example.py's flags for everything about scoring."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Any test_one_example.py flag is also accepted.")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Any test_one_example.py flag is also accepted.")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--demo_path", default=DEFAULT_DEMO, help="dataset root whose test images are offered")
@@ -211,4 +211,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tables import TABLE_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table, pipe_table, variant_of
-from utils import InputError, atomic_write_json, atomic_write_text, read_manifest, run_cli
+from utils import ArgumentParser, InputError, atomic_write_json, atomic_write_text, read_manifest, run_cli
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -80,7 +80,7 @@ def paper(args: argparse.Namespace, results: list[dict]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", required=True, help="results.json files of test.py")
     parser.add_argument("--save_path", help="folder for summary.json and summary.csv (--paper: NAME.md/.csv/.json)")
     paper_args = parser.add_argument_group("paper tables (--paper)")

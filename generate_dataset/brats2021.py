@@ -32,10 +32,10 @@ if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_dataset.common import (check_empty_target, display, load_volume, scale_intensity,  # noqa: E402
                                      split_cases, write_sample, write_split_info)
+from dataset import SPLITS  # noqa: E402
 from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging  # noqa: E402
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
-SPLITS = ("train", "valid", "test")
 
 
 def find_nifti(folder: str, stem: str) -> str:

@@ -23,6 +23,7 @@ from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from generate_dataset.demo import build_demo
 from tests.conftest import tiny_config
+from utils import InputError
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")
 SCREENSHOTS = os.environ.get("MEDVMAD_SCREENSHOTS")  # keep the screenshots here when set
@@ -32,6 +33,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_bad_page_flag_is_one_line_error():
+    with pytest.raises(InputError, match="argument --port: invalid int value: 'x'"):
+        app.parse_args(["--port", "x"])
 
 
 def test_no_checkpoint_page_says_how_to_get_one(tmp_path):

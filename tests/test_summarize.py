@@ -107,3 +107,8 @@ def test_paper_table_names_and_datasets(tmp_path):
         summarize_results.main(["--paper", "--results", paths[0]])
     with pytest.raises(InputError, match="no results for --dataset Chest"):
         summarize_results.main(["--paper", "--results", paths[0], "--dataset", "Chest"])
+
+
+def test_a_missing_flag_is_one_line_error():
+    with pytest.raises(InputError, match="the following arguments are required: --results"):
+        summarize_results.main([])
