@@ -120,16 +120,50 @@ def _check_voxels(path: str, voxels: np.ndarray) -> None:
         raise InputError(f"{path}: {bad} of {voxels.size} voxels are NaN or infinite; fix or mask them first")
 
 
-def _dicom_window(path: str) -> tuple[float, float] | None:
-    """The file's own WindowCenter/Width (first value), as the single-file DICOM path uses."""
+@dataclass
+class DicomDisplay:
+    """How a DICOM file asks to be shown: its own WindowCenter/Width (first value), as the
+    single-file DICOM path uses, and whether it is MONOCHROME1 (the lowest value shown white)."""
+    window: tuple[float, float] | None = None
+    inverted: bool = False
+
+
+def _dicom_display(path: str) -> DicomDisplay:
     import pydicom
 
     data = pydicom.dcmread(path, stop_before_pixels=True)
+    window = None
     if "WindowCenter" in data and "WindowWidth" in data:
         center = float(np.atleast_1d(data.WindowCenter)[0])
         width = float(np.atleast_1d(data.WindowWidth)[0])
-        return center - width / 2, center + width / 2
-    return None
+        window = (center - width / 2, center + width / 2)
+    return DicomDisplay(window, data.get("PhotometricInterpretation") == "MONOCHROME1")
+
+
+def _stored_values(files: list[str], like) -> object:
+    """A SimpleITK image of the files' own modality values (pydicom: stored pixels through the
+    rescale), on ``like``'s grid. GDCM inverts MONOCHROME1 pixels as it reads them, which leaves
+    values the file's window does not describe; pydicom never inverts."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    sitk = _quiet_sitk()
+    frames = []
+    for file in files:
+        data = pydicom.dcmread(file)
+        frames.append(np.asarray(apply_modality_lut(data.pixel_array, data), dtype=np.float32))
+    voxels = np.concatenate([f if f.ndim == 3 else f[None] for f in frames])  # [k,j,i]
+    image = sitk.GetImageFromArray(voxels.reshape(like.GetSize()[::-1]))  # a single frame keeps its 2-D shape
+    image.CopyInformation(like)
+    return image
+
+
+def _shown_bright_high(voxels: np.ndarray, window: tuple[float, float] | None,
+                       ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """MONOCHROME1 voxels (and their window) mirrored so that, like every other input, high values
+    are bright: windowing the mirrored values gives 1 - the window of the stored ones."""
+    mirror = float(voxels.min()) + float(voxels.max())
+    return mirror - voxels, None if window is None else (mirror - window[1], mirror - window[0])
 
 
 def _quiet_sitk():
@@ -198,11 +232,12 @@ def _fill_gaps(image, positions: np.ndarray, step: float):
     return result
 
 
-def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], tuple[float, float] | None]:
-    """A SimpleITK image of a file or DICOM series folder, with warnings and the DICOM window if any."""
+def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], DicomDisplay]:
+    """A SimpleITK image of a file or DICOM series folder, with warnings and, for DICOM, how it asks
+    to be shown (window, MONOCHROME1)."""
     sitk = _quiet_sitk()
     warnings: list[str] = []
-    window = None
+    shown = DicomDisplay()
     try:
         if os.path.isdir(path):
             files = dicom_series(path, series_uid)
@@ -212,13 +247,17 @@ def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], tu
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             image = reader.Execute()
+            shown = _dicom_display(files[0])
+            if shown.inverted:
+                image = _stored_values(files, image)
             if gaps:
                 image = _fill_gaps(image, positions, step)
-            window = _dicom_window(files[0])
         else:
             image = sitk.ReadImage(path)
             if _suffix(path) not in SITK_SUFFIXES + NIFTI_SUFFIXES and _is_dicom(path):
-                window = _dicom_window(path)
+                shown = _dicom_display(path)
+                if shown.inverted:
+                    image = _stored_values([path], image)
     except InputError:
         raise
     except Exception as error:  # SimpleITK raises RuntimeError with a multi-line ITK report
@@ -231,17 +270,19 @@ def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], tu
                          f"scalar volumes only (save one channel)")
     if image.GetDimension() == 4 or (image.GetDimension() > 3):
         raise InputError(f"{path}: 4-D volume of size {image.GetSize()}; extract one 3-D volume first")
-    return image, warnings, window
+    return image, warnings, shown
 
 
 def read_sitk_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
                    slice_range: tuple[int, int] | None = None, series_uid: str | None = None) -> Scan:
     """Read a volume (or a 2-D image) with SimpleITK and slice it as the NIfTI path does."""
-    image, warnings, own_window = _read_sitk(path, series_uid)
+    image, warnings, shown = _read_sitk(path, series_uid)
     sitk = _quiet_sitk()
     voxels = sitk.GetArrayFromImage(image).astype(np.float32)  # [k,j,i] (or [j,i] for 2-D)
     _check_voxels(path, voxels)
-    window = window or own_window
+    window = window or shown.window
+    if shown.inverted:
+        voxels, window = _shown_bright_high(voxels, window)
     if image.GetDimension() == 2:  # a 2-D image: rows and columns as stored
         return Scan(path, [np.repeat(_scale(voxels, window, path)[..., None], 3, axis=2)], None)
     stored, affine = voxels.transpose(2, 1, 0), sitk_affine(image)

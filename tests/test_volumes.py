@@ -44,7 +44,8 @@ def checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
-def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 400)) -> None:
+def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 400),
+                photometric: str = "MONOCHROME2") -> None:
     """One axial CT slice (HU = raw - 1024) of ``series`` at height ``z``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
@@ -55,7 +56,7 @@ def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 
     data.Modality, data.StudyInstanceUID, data.SeriesInstanceUID = "CT", "1.2.826.0.1.3680043.1", series
     data.Rows, data.Columns = raw.shape
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 1
-    data.SamplesPerPixel, data.PhotometricInterpretation = 1, "MONOCHROME2"
+    data.SamplesPerPixel, data.PhotometricInterpretation = 1, photometric
     data.RescaleSlope, data.RescaleIntercept = 1, -1024
     data.WindowCenter, data.WindowWidth = window
     data.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], z]
@@ -65,13 +66,15 @@ def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 
     data.save_as(path, enforce_file_format=True)
 
 
-def write_series(folder: Path, frames: np.ndarray, skip: tuple[int, ...] = (), series: str | None = None) -> str:
+def write_series(folder: Path, frames: np.ndarray, skip: tuple[int, ...] = (), series: str | None = None,
+                 photometric: str = "MONOCHROME2") -> str:
     """Frames [K,rows,cols], inferior to superior, named in reverse order (sorting by name is wrong)."""
     folder.mkdir(parents=True, exist_ok=True)
     series = series or generate_uid()
     for k, frame in enumerate(frames):
         if k not in skip:
-            write_slice(folder / f"{series[-4:]}_{len(frames) - k:03d}.dcm", frame, ORIGIN[2] + STEP * k, series)
+            write_slice(folder / f"{series[-4:]}_{len(frames) - k:03d}.dcm", frame, ORIGIN[2] + STEP * k, series,
+                        photometric=photometric)
     return series
 
 
@@ -130,6 +133,19 @@ def test_dicom_series_sorted_by_position_shows_its_frames_and_matches_nifti(tmp_
     zipped = read_input(str(tmp_path / "series.zip"))
     assert zipped.path == str(tmp_path / "series.zip")
     assert_same_slices(zipped, scan)
+
+
+def test_monochrome1_series_is_shown_inverted_as_dicom_asks(tmp_path):
+    """MONOCHROME1: the lowest value is white. Each slice is 1 - its frame through the header window,
+    and a --window given in stored units is mirrored the same way."""
+    frames = np.random.default_rng(2).integers(900, 1300, (4, 8, 6))
+    write_series(tmp_path / "series", frames, photometric="MONOCHROME1")
+    scan = read_input(str(tmp_path / "series"))
+    for k, frame in enumerate(frames):
+        np.testing.assert_allclose(scan.slices[k][..., 0], 1 - frames_window(frame), atol=1e-6)
+    own = read_sitk_scan(str(tmp_path / "series"), window=(-100, 100))
+    for k, frame in enumerate(frames):
+        np.testing.assert_allclose(own.slices[k][..., 0], 1 - np.clip((frame - 1024.0 + 100) / 200, 0, 1), atol=1e-6)
 
 
 def test_multiframe_dicom_is_a_volume(tmp_path):
