@@ -30,7 +30,7 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 
 from generate_dataset.common import display
 from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, _is_dicom, _scale, _suffix, check_file,
-                        list_inputs as list_image_inputs, read_scan)
+                        list_inputs as list_image_inputs, percentile_window, read_scan)
 from utils import InputError
 
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -140,30 +140,45 @@ def _dicom_display(path: str) -> DicomDisplay:
     return DicomDisplay(window, data.get("PhotometricInterpretation") == "MONOCHROME1")
 
 
-def _stored_values(files: list[str], like) -> object:
+def _stored_values(files: list[str], like) -> object | None:
     """A SimpleITK image of the files' own modality values (pydicom: stored pixels through the
-    rescale), on ``like``'s grid. GDCM inverts MONOCHROME1 pixels as it reads them, which leaves
+    rescale), on ``like``'s grid; None when pydicom cannot decode them (a compressed transfer
+    syntax without its decoder). GDCM inverts MONOCHROME1 pixels as it reads them, which leaves
     values the file's window does not describe; pydicom never inverts."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
     sitk = _quiet_sitk()
+    pydicom_log = logging.getLogger("pydicom")  # it logs a decoder failure's traceback
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)
     frames = []
-    for file in files:
-        data = pydicom.dcmread(file)
-        frames.append(np.asarray(apply_modality_lut(data.pixel_array, data), dtype=np.float32))
+    try:
+        for file in files:
+            data = pydicom.dcmread(file)
+            frames.append(np.asarray(apply_modality_lut(data.pixel_array, data), dtype=np.float32))
+    except Exception:
+        return None
+    finally:
+        pydicom_log.setLevel(level)
     voxels = np.concatenate([f if f.ndim == 3 else f[None] for f in frames])  # [k,j,i]
     image = sitk.GetImageFromArray(voxels.reshape(like.GetSize()[::-1]))  # a single frame keeps its 2-D shape
     image.CopyInformation(like)
     return image
 
 
-def _shown_bright_high(voxels: np.ndarray, window: tuple[float, float] | None,
-                       ) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """MONOCHROME1 voxels (and their window) mirrored so that, like every other input, high values
-    are bright: windowing the mirrored values gives 1 - the window of the stored ones."""
-    mirror = float(voxels.min()) + float(voxels.max())
-    return mirror - voxels, None if window is None else (mirror - window[1], mirror - window[0])
+def _monochrome1_values(path: str, files: list[str], image, shown: DicomDisplay,
+                        ) -> tuple[object, DicomDisplay, list[str]]:
+    """The modality values of a MONOCHROME1 series or file, shown inverted; when pydicom cannot
+    decode them, GDCM's own values (already inverted, so bright-high, but off the file's window's
+    scale) between their 0.5 and 99.5 percentiles, with a warning."""
+    stored = _stored_values(files, image)
+    if stored is not None:
+        return stored, shown, []
+    window = percentile_window(_quiet_sitk().GetArrayFromImage(image))
+    return image, DicomDisplay(window, False), [
+        f"{path}: MONOCHROME1 pixel data pydicom cannot decode (install pylibjpeg for compressed DICOM); "
+        f"shown as GDCM inverts it, scaled by percentiles instead of the file's window"]
 
 
 def _quiet_sitk():
@@ -216,14 +231,16 @@ def series_gaps(files: list[str], positions: np.ndarray | None) -> tuple[list[st
     return gaps, typical
 
 
-def _fill_gaps(image, positions: np.ndarray, step: float):
-    """Put each slice of a gapped series at its own position on a uniform grid (blank slices between),
-    so maps written back overlay the series exactly (ITK would stretch the spacing over the gap)."""
+def _fill_gaps(image, positions: np.ndarray, step: float, inverted: bool = False):
+    """Put each slice of a gapped series at its own position on a uniform grid (blank slices between:
+    the lowest value, the highest in a MONOCHROME1 series, where it shows black), so maps written
+    back overlay the series exactly (ITK would stretch the spacing over the gap)."""
     import SimpleITK as sitk
 
     voxels = sitk.GetArrayFromImage(image)  # [k,j,i]
     places = np.round(np.abs(positions - positions[0]) / step).astype(int)
-    filled = np.full((places[-1] + 1,) + voxels.shape[1:], voxels.min(), voxels.dtype)
+    blank = voxels.max() if inverted else voxels.min()
+    filled = np.full((places[-1] + 1,) + voxels.shape[1:], blank, voxels.dtype)
     filled[places] = voxels
     result = sitk.GetImageFromArray(filled)
     result.SetOrigin(image.GetOrigin())
@@ -249,15 +266,17 @@ def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], Di
             image = reader.Execute()
             shown = _dicom_display(files[0])
             if shown.inverted:
-                image = _stored_values(files, image)
+                image, shown, undecoded = _monochrome1_values(path, files, image, shown)
+                warnings += undecoded
             if gaps:
-                image = _fill_gaps(image, positions, step)
+                image = _fill_gaps(image, positions, step, shown.inverted)
         else:
             image = sitk.ReadImage(path)
             if _suffix(path) not in SITK_SUFFIXES + NIFTI_SUFFIXES and _is_dicom(path):
                 shown = _dicom_display(path)
                 if shown.inverted:
-                    image = _stored_values([path], image)
+                    image, shown, undecoded = _monochrome1_values(path, [path], image, shown)
+                    warnings += undecoded
     except InputError:
         raise
     except Exception as error:  # SimpleITK raises RuntimeError with a multi-line ITK report
@@ -281,12 +300,13 @@ def read_sitk_scan(path: str, window: tuple[float, float] | None = None, axis: i
     voxels = sitk.GetArrayFromImage(image).astype(np.float32)  # [k,j,i] (or [j,i] for 2-D)
     _check_voxels(path, voxels)
     window = window or shown.window
-    if shown.inverted:
-        voxels, window = _shown_bright_high(voxels, window)
     if image.GetDimension() == 2:  # a 2-D image: rows and columns as stored
-        return Scan(path, [np.repeat(_scale(voxels, window, path)[..., None], 3, axis=2)], None)
+        scaled = _scale(voxels, window, path)
+        return Scan(path, [np.repeat((1 - scaled if shown.inverted else scaled)[..., None], 3, axis=2)], None)
     stored, affine = voxels.transpose(2, 1, 0), sitk_affine(image)
     slices, indices = canonical_slices(path, to_canonical(stored, affine), window, axis, slice_range)
+    if shown.inverted:  # MONOCHROME1: the lowest value is shown white
+        slices = [1 - s for s in slices]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return VolumeScan(path, slices, indices, Geometry(stored.shape, affine, axis), warnings)

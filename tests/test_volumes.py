@@ -136,19 +136,43 @@ def test_dicom_series_sorted_by_position_shows_its_frames_and_matches_nifti(tmp_
 
 
 def test_monochrome1_series_is_shown_inverted_as_dicom_asks(tmp_path):
-    """MONOCHROME1: the lowest value is white. Each slice is 1 - its frame through the header window,
-    and a --window given in stored units is mirrored the same way."""
-    frames = np.random.default_rng(2).integers(900, 1300, (4, 8, 6))
-    write_series(tmp_path / "series", frames, photometric="MONOCHROME1")
+    """MONOCHROME1: the lowest value is white. Each slice is 1 - its frame through the header window
+    (GDCM's own read would invert the stored pixels first), also with a --window in modality (HU)
+    units; a slice missing from the series is filled blank, which shows black."""
+    frames = np.random.default_rng(2).integers(900, 1300, (5, 8, 6))
+    write_series(tmp_path / "series", frames, photometric="MONOCHROME1", skip=(2,))
     scan = read_input(str(tmp_path / "series"))
-    for k, frame in enumerate(frames):
-        np.testing.assert_allclose(scan.slices[k][..., 0], 1 - frames_window(frame), atol=1e-6)
+    assert len(scan.slices) == 5
+    np.testing.assert_array_equal(scan.slices[2], 0)
+    for k in (0, 1, 3, 4):
+        np.testing.assert_allclose(scan.slices[k][..., 0], 1 - frames_window(frames[k]), atol=1e-6)
     own = read_sitk_scan(str(tmp_path / "series"), window=(-100, 100))
-    for k, frame in enumerate(frames):
-        np.testing.assert_allclose(own.slices[k][..., 0], 1 - np.clip((frame - 1024.0 + 100) / 200, 0, 1), atol=1e-6)
+    for k in (0, 1, 3, 4):
+        np.testing.assert_allclose(own.slices[k][..., 0], 1 - np.clip((frames[k] - 1024.0 + 100) / 200, 0, 1),
+                                   atol=1e-6)
 
 
-def test_multiframe_dicom_is_a_volume(tmp_path):
+def test_monochrome1_pixels_pydicom_cannot_decode_fall_back_to_gdcm_with_a_warning(tmp_path, monkeypatch):
+    """A compressed MONOCHROME1 series without pydicom's decoder: GDCM's (inverted) values, scaled
+    by percentiles, still shown with low stored values bright, and a warning naming the series."""
+    import pydicom
+
+    frames = np.random.default_rng(3).integers(900, 1300, (4, 8, 6))
+    write_series(tmp_path / "series", frames, photometric="MONOCHROME1")
+
+    def no_decoder(self):
+        raise RuntimeError("unable to decode the pixel data: no decoder for JPEG-LS")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoder))
+    scan = read_input(str(tmp_path / "series"))
+    [warning] = scan.warnings
+    assert warning.startswith(f"{tmp_path / 'series'}: MONOCHROME1 pixel data pydicom cannot decode")
+    shown = np.stack([s[..., 0] for s in scan.slices])
+    assert np.corrcoef(shown.ravel(), frames.ravel())[0, 1] < -0.9
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_multiframe_dicom_is_a_volume(tmp_path, photometric):
     frames = np.random.default_rng(2).integers(10, 4000, (4, 12, 10)).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
@@ -159,13 +183,15 @@ def test_multiframe_dicom_is_a_volume(tmp_path):
     data.Modality, data.SeriesInstanceUID, data.NumberOfFrames = "OT", generate_uid(), 4
     data.Rows, data.Columns = 12, 10
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 0
-    data.SamplesPerPixel, data.PhotometricInterpretation = 1, "MONOCHROME2"
+    data.SamplesPerPixel, data.PhotometricInterpretation = 1, photometric
     data.PixelData = frames.tobytes()
     data.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
     scan = read_input(str(tmp_path / "mf.dcm"), window=(0, 4000))
     assert scan.slice_indices == [0, 1, 2, 3]
     for k, frame in enumerate(frames):
-        np.testing.assert_allclose(scan.slices[k][..., 0], frame / 4000, atol=1e-6)
+        shown = frame / 4000
+        np.testing.assert_allclose(scan.slices[k][..., 0], 1 - shown if photometric == "MONOCHROME1" else shown,
+                                   atol=1e-6)
 
 
 def lesion_volume(shape, index) -> np.ndarray:
