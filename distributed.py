@@ -142,14 +142,12 @@ class GlobalBatchSampler(DistributedSampler):
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, where: Distributed = SINGLE) -> None:
         super().__init__(dataset, num_replicas=where.world_size, rank=where.rank, shuffle=True, seed=seed)
         n_images = len(dataset)
-        self.used = n_images if n_images <= batch_size else n_images // batch_size * batch_size
+        self.total_size = n_images if n_images <= batch_size else n_images // batch_size * batch_size  # images used
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))  # this process's share
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        return iter(order[self.rank:self.used:self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.used, self.num_replicas))
+        return iter(order[self.rank:self.total_size:self.num_replicas].tolist())
 
 
 class ShardedBatches(Sampler[list[int]]):

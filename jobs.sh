@@ -12,7 +12,7 @@ job() {
     "$@"
     return
   fi
-  if [[ $1 != python ]]; then
+  if [[ $(basename "$1") == torchrun || " $* " == *" torch.distributed.run "* ]]; then
     echo "error: GPUS=$GPUS gives each job one GPU, so LAUNCH=\"$1 ...\" cannot spread a job over several; unset one of them" >&2
     exit 2
   fi

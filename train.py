@@ -101,26 +101,26 @@ RESUME_KEYS = ("train_data_path", "dataset", "train_split", "valid_data_path", "
                "dice_weight", "image_weight", "seed", "precision", "skip_bad")
 
 
-def rng_state() -> dict:
-    """Python, numpy, torch and (when in use) this process's CUDA RNG states, as plain types and
+def rng_state(device: torch.device) -> dict:
+    """Python, numpy, torch and (on a CUDA ``device``) that GPU's RNG states, as plain types and
     tensors (``weights_only`` loadable)."""
     version, python_state, gauss = random.getstate()
     _, keys, position, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(python_state), gauss],
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` returned."""
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what ``rng_state`` returned (its CUDA state only onto a CUDA ``device``)."""
     version, python_state, gauss = state["python"]
     random.setstate((version, tuple(python_state), gauss))
     keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():  # a CUDA run resumed on CUDA
-        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("cuda") is not None and device.type == "cuda":  # a CUDA run resumed on CUDA
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def config_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
@@ -294,7 +294,7 @@ def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD, opt
         if state.get("scaler"):  # empty when the stopped run did not use amp
             scaler.load_state_dict(state["scaler"])
         if where.rank < len(states):
-            set_rng_state(states[where.rank])
+            set_rng_state(states[where.rank], next(model.parameters()).device)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise InputError(f"--resume {resume_from}: its optimizer or RNG state does not fit this run "
                          f"({type(error).__name__}: {error})") from None
@@ -437,7 +437,7 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
     for epoch in range(start_epoch, args.epoch + 1):
         averages = train_epoch(trained, train_set, optimizer, scaler, weights, device, args, epoch, last_good, where)
         selection = evaluate_selection(model, selection_loaders, device, args, epoch, last_good, logger, where)
-        rng_states = where.gather_to_main(rng_state())
+        rng_states = where.gather_to_main(rng_state(device))
         last_good = save_path / f"epoch_{epoch}.pth"
         if not where.is_main:
             continue

@@ -152,7 +152,7 @@ def test_sharded_test_writes_what_one_process_writes(runs, data, tmp_path):
 
 def test_global_batches_are_one_permutation_per_seed_and_epoch_dealt_to_the_processes():
     """One process: randperm of (seed * 1000 + epoch) cut into batches of 4, the partial last one
-    dropped, a new order each epoch. Two or three processes: their k-th batches together are the
+    dropped, a new order each epoch. Two processes: their k-th batches together are the
     one process's k-th batch. A set smaller than a batch is used whole, in shares differing by one."""
     dataset = list(range(11))
 
@@ -256,22 +256,20 @@ def test_a_global_batch_that_does_not_divide_over_the_processes_is_refused(data,
         in refused.stderr
 
 
-def test_bf16_gradient_checkpointing_and_unused_weights_under_ddp(data, tmp_path):
-    """mvfa (weights without gradient: DDP must look for them), bf16 autocast and recomputed blocks:
-    the 2-process run trains like one process (losses within bf16 rounding; Adam's steps amplify
-    rounding in the weights themselves), and the weights without gradient keep their initial values."""
-    args = ["--train_data_path", data["brain"], "--epoch", "1", "--batch_size", "4", "--variant", "mvfa",
-            "--precision", "bf16", "--grad_checkpointing", "--learning_rate", "1e-3", *TINY]
-    done = run(TORCHRUN + ["train.py", *args, "--save_path", str(tmp_path / "two")])
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_a_set_smaller_than_a_batch_with_unused_weights_recomputed_blocks_and_bf16(data, tmp_path):
+    """5 training images, global batch 8: one step an epoch, shares of 3 and 2 images (the image
+    loss is divided by the global count). mvfa (weights without gradient: DDP must look for them)
+    with recomputed blocks: the weights equal one process's to 1e-5. Under bf16 autocast the two
+    processes train too, to a loss within bf16 rounding of fp32's."""
+    small = build_demo(str(tmp_path / "small"), n_train=1, n_valid=(3, 2), n_test=(1, 1), image_size=SIZE)
+    args = ["--train_data_path", small, "--valid_data_path", data["brain"], "--holdout_fraction", "0", "--epoch", "2",
+            "--batch_size", "8", "--variant", "mvfa", "--grad_checkpointing", "--learning_rate", "1e-3", *TINY]
+    for name, extra in (("two", []), ("two_bf16", ["--precision", "bf16"])):
+        done = run(TORCHRUN + ["train.py", *args, *extra, "--save_path", str(tmp_path / name)])
+        assert done.returncode == 0, done.stderr[-3000:]
     train.main([*args, "--save_path", str(tmp_path / "one")])
-    one, two = (torch.load(tmp_path / name / "epoch_1.pth", weights_only=True) for name in ("one", "two"))
-    for key, value in one["train_loss"].items():
-        assert two["train_loss"][key] == pytest.approx(value, rel=1e-2), key
-    unused = {"seg_adapters.3.up.weight", "det_adapters.3.up.weight"}
+    one, two, bf16 = (torch.load(tmp_path / name / "epoch_2.pth", weights_only=True)
+                      for name in ("one", "two", "two_bf16"))
     for key, weight in one["trainable"].items():
-        assert torch.isfinite(two["trainable"][key]).all()
-        if key in unused:
-            assert torch.equal(two["trainable"][key], weight), key
-        else:
-            assert float((two["trainable"][key] - weight).abs().max()) < 4 * 1e-3, key  # < 4 Adam steps
+        torch.testing.assert_close(two["trainable"][key], weight, atol=1e-5, rtol=0, msg=key)
+    assert bf16["train_loss"]["loss"] == pytest.approx(two["train_loss"]["loss"], rel=2e-2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import run_jobs
@@ -91,7 +92,7 @@ def test_a_failed_queued_job_stops_the_script_after_the_others_ran(tmp_path):
     script = (f"set -euo pipefail; cd {REPO}; source jobs.sh; LOG_DIR={tmp_path}/logs\n"
               f"job python -c 'open(\"{tmp_path}/first\", \"w\")'\n"
               f"job python -c 'raise SystemExit(4)'\n"
-              f"job python -c 'open(\"{tmp_path}/third\", \"w\")'\n"
+              f"job {sys.executable} -c 'open(\"{tmp_path}/third\", \"w\")'\n"  # any python launcher
               f"run_queued\necho summary > {tmp_path}/summary\n")
     done = subprocess.run(["bash", "-c", script], env={**os.environ, "GPUS": "0,1"}, capture_output=True, text=True,
                           timeout=120)
