@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,11 +47,12 @@ class Distributed:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
-    def from_main(self, obj: Any) -> Any:
-        """Process 0's ``obj`` (picklable), on every process."""
+    def on_main(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` run by process 0 alone (it reads or builds files), its picklable
+        result handed to every process."""
         if not self.enabled:
-            return obj
-        holder = [obj]
+            return function(*args)
+        holder = [function(*args) if self.is_main else None]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 

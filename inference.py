@@ -64,18 +64,18 @@ def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision:
                         scores=output.image_score.float().cpu().numpy(), has_masks=bool(batch["has_mask"].all()),
                         maps=output.anomaly_map.float().cpu().numpy() if keep_maps else None,
                         masks=batch["mask"].numpy() > 0.5 if keep_maps else None)
-        for part in where.gather_to_main(part) or []:
-            if part is None:
+        for received in where.gather_to_main(part) or []:  # process 0: every process's part, in rank order
+            if received is None:
                 continue
-            rows = part["indices"]
-            for row, path in zip(rows, part["paths"]):
+            rows = received["indices"]
+            for row, path in zip(rows, received["paths"]):
                 paths[row] = path
-            labels[rows], scores[rows], filled[rows] = part["labels"], part["scores"], True
-            has_masks &= part["has_masks"]
+            labels[rows], scores[rows], filled[rows] = received["labels"], received["scores"], True
+            has_masks &= received["has_masks"]
             if keep_maps:
                 if maps is None:
-                    maps, masks = _map_storage((n_images, *part["maps"].shape[1:]), map_dtype, maps_dir)
-                maps[rows], masks[rows] = part["maps"], part["masks"]
+                    maps, masks = _map_storage((n_images, *received["maps"].shape[1:]), map_dtype, maps_dir)
+                maps[rows], masks[rows] = received["maps"], received["masks"]
     if not where.is_main:
         return None
     if not filled.all():

@@ -193,7 +193,7 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
     save_path = Path(args.save_path)
     logger = setup_logging(save_path if where.is_main else None, "test_log.txt", rank=where.rank)
     seed_everything(args.seed)
-    roots = args.data_path or [where.from_main(ensure_demo() if where.is_main else None)]  # built once
+    roots = args.data_path or [where.on_main(ensure_demo)]  # built once
     names = dataset_names(roots, args.dataset)
 
     model, checkpoint = build_model(args, device)

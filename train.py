@@ -283,7 +283,7 @@ def restore_run(resume_from: Path, args: argparse.Namespace, model: MedVMAD, opt
     """Load the stopped run's weights, optimizer, scaler and RNG states; returns (first epoch to run, best so far).
     The stopped run's model config must equal this run's, as resolved by the model. Process 0 reads and
     checks the file and hands it to the others; each process takes its own rank's RNG state."""
-    state = where.from_main(read_resume_state(resume_from, model.config, args) if where.is_main else None)
+    state = where.on_main(read_resume_state, resume_from, model.config, args)
     states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict before DDP
     if len(states) != where.world_size:
         logger.warning(f"--resume {resume_from}: the run had {len(states)} process(es), this one has "
@@ -404,9 +404,9 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
     if args.batch_size % where.world_size:
         raise InputError(f"--batch_size {args.batch_size} is the global batch: it must divide evenly over the "
                          f"{where.world_size} processes")
-    roots = args.train_data_path or [where.from_main(ensure_demo() if where.is_main else None)]  # built once
+    roots = args.train_data_path or [where.on_main(ensure_demo)]  # built once
     names = dataset_names(roots, args.dataset)
-    resume_from = where.from_main(resume_checkpoint(args, save_path) if where.is_main else None)
+    resume_from = where.on_main(resume_checkpoint, args, save_path)
     seed_everything(args.seed + where.rank)
 
     train_set, selection_samples = training_data(args, roots, names, logger, where)
