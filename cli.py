@@ -9,6 +9,8 @@ baseline), and a --model_name that differs from the checkpoint's is refused.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,23 +24,57 @@ MODEL = MedVMADConfig()  # its field values are the flags' defaults
 BACKBONE = MODEL.backbone
 QUICK_GELU = {"auto": None, "on": True, "off": False}
 
+# Each variant's training recipe (the values its own paper and code train and score with), as data.
+RECIPE_FILE = Path(__file__).resolve().parent / "recipes.json"
+# The train.py flags a recipe sets when they are not given; with --k_shot, epoch and learning_rate
+# come from the recipe's fewshot_epoch and fewshot_learning_rate.
+RECIPE_KEYS = ("image_size", "epoch", "batch_size", "learning_rate", "adam_betas", "keep", "n_ctx", "depth", "t_n_ctx",
+               "alpha", "sigma", "focal_weight", "dice_weight", "normal_dice_weight", "image_weight")
+
+
+def load_recipes() -> dict[str, dict[str, Any]]:
+    """recipes.json: {name: {flag: value, ..., "source": where the values come from}}."""
+    recipes = json.loads(RECIPE_FILE.read_text())
+    for name, recipe in recipes.items():
+        missing = [key for key in RECIPE_KEYS + ("fewshot_epoch", "fewshot_learning_rate") if key not in recipe]
+        if missing:
+            raise InputError(f"{RECIPE_FILE}: recipe {name} lacks {', '.join(missing)}")
+    return recipes
+
+
+def apply_recipe(args: argparse.Namespace) -> list[str]:
+    """Fill the training flags left unset (None) from the recipe ``--recipe`` names (default: the
+    ``--variant``'s own); sets ``args.recipe`` to its name and returns the flags it filled."""
+    args.recipe = args.recipe or args.variant
+    recipe = load_recipes()[args.recipe]
+    fewshot = {"epoch": "fewshot_epoch", "learning_rate": "fewshot_learning_rate"} if args.k_shot else {}
+    filled = [key for key in RECIPE_KEYS if getattr(args, key) is None]
+    for key in filled:
+        value = recipe[fewshot.get(key, key)]
+        setattr(args, key, tuple(value) if isinstance(value, list) else value)
+    return filled
+
 
 def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None:
     """--model_name --pretrained --image_size --quick_gelu --image_mean --image_std --sigma, and
     --features_list unless ``features_list`` is False.
 
     ``checkpoint``: the script may load a checkpoint, so each flag defaults to None (the
-    checkpoint's value, else the dataclass default); otherwise each defaults to the dataclass's.
+    checkpoint's value, else the dataclass default); otherwise (train.py) each defaults to the
+    dataclass's, but --image_size and --sigma to None: the recipe's (``apply_recipe``).
     """
     def default(value: Any) -> tuple[Any, str]:
         return (None, f"default: the checkpoint's, else {value}") if checkpoint else (value, f"default {value}")
+
+    def recipe_default(value: Any) -> tuple[Any, str]:  # train.py: the recipe's value when not given
+        return default(value) if checkpoint else (None, "default: the recipe's, see --recipe")
 
     value, note = default(BACKBONE.model_name)
     parser.add_argument("--model_name", default=value, help=f"open_clip backbone name ({note})")
     value, note = default(BACKBONE.pretrained)
     parser.add_argument("--pretrained", default=value,
                         help=f"backbone weights: open_clip tag, local weights file, or none ({note})")
-    value, note = default(BACKBONE.image_size)
+    value, note = recipe_default(BACKBONE.image_size)
     parser.add_argument("--image_size", type=positive_int, default=value,
                         help=f"input side, a multiple of the backbone's patch size (14 for ViT-L-14; {note})")
     parser.add_argument("--quick_gelu", choices=sorted(QUICK_GELU), default="auto",
@@ -52,14 +88,16 @@ def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None
         parser.add_argument("--features_list", type=positive_int, nargs="+",
                             help="tapped layers, 1-based (default: 4 evenly spaced)" + (
                                 "; a checkpoint keeps its own, and other layers are refused" if checkpoint else ""))
-    value, note = default(MODEL.sigma)
+    value, note = recipe_default(MODEL.sigma)
     parser.add_argument("--sigma", type=non_negative_float, default=value,
                         help=f"Gaussian smoothing of the maps, pixels ({note})")
 
 
-def add_runtime_args(parser, datasets: bool = True) -> None:
-    """--batch_size --device --precision and, for scripts that read datasets, --num_workers --seed."""
-    parser.add_argument("--batch_size", type=positive_int, default=8)
+def add_runtime_args(parser, datasets: bool = True, batch_size: int | None = 8) -> None:
+    """--batch_size (``batch_size`` None: the recipe's) --device --precision and, for scripts that
+    read datasets, --num_workers --seed."""
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size,
+                        help=f"default {batch_size}" if batch_size else "default: the recipe's, see --recipe")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "bf16"],
                         help="autocast for the forward pass; learnable weights stay fp32")

@@ -425,21 +425,31 @@ def augment_support(images: torch.Tensor, masks: torch.Tensor, n_aug: int = 10,
 
 # ----------------------------------------------------------------------------- dataset
 
+def has_masks(samples: list[Sample]) -> bool:
+    """Whether a source has pixel ground truth: some abnormal sample comes with a mask."""
+    return any(sample.label == 1 and sample.mask_path is not None for sample in samples)
+
+
 class MedicalDataset(torch.utils.data.Dataset):
     """Samples -> dict(image [3,S,S] RGB in [0,1], mask [S,S] in {0,1}, label, has_mask, path).
 
-    ``has_mask`` is True when the pixel ground truth is known (normal, or abnormal with a mask).
+    ``has_mask`` is True when the pixel ground truth is known: normal, or abnormal with a mask, of
+    a source that has masks. ``masks_known`` None decides that from the samples (some abnormal
+    sample has a mask); a source without masks gets no pixel truth at all, its normal images
+    included, so it trains with the image loss alone (as MVFA-AD trains its maskless datasets).
     ``skip_bad`` reads every sample once up front and drops unreadable ones with a warning;
     otherwise a bad file raises InputError when it is loaded.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int, skip_bad: bool = False) -> None:
+    def __init__(self, samples: list[Sample], image_size: int, skip_bad: bool = False,
+                 masks_known: bool | None = None) -> None:
         if skip_bad:
             samples = self._drop_bad(samples)
         if not samples:
             raise InputError("no samples to build a dataset from")
         self.samples = list(samples)
         self.image_size = image_size
+        self.masks_known = has_masks(self.samples) if masks_known is None else masks_known
 
     @staticmethod
     def _drop_bad(samples: list[Sample]) -> list[Sample]:
@@ -462,8 +472,8 @@ class MedicalDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         image, mask = _load_sample(sample)
         return dict(image=preprocess(image, self.image_size), mask=_resize_mask(mask, self.image_size),
-                    label=sample.label, has_mask=sample.label == 0 or sample.mask_path is not None,
-                    path=sample.image_path)
+                    label=sample.label, path=sample.image_path,
+                    has_mask=self.masks_known and (sample.label == 0 or sample.mask_path is not None))
 
 
 # ----------------------------------------------------------------------------- hold-out and few-shot

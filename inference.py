@@ -22,13 +22,14 @@ from utils import InputError, autocast
 class Predictions:
     paths: list[str]
     labels: np.ndarray            # int64 [N]
-    scores: np.ndarray            # float32 [N]
-    maps: np.ndarray | None       # float32 [N,H,W] (or --map_dtype float16); np.memmap when streamed to disk
+    scores: np.ndarray            # float64 [N]
+    maps: np.ndarray | None       # float32 [N,H,W] (or --map_dtype float16/float64); np.memmap when streamed to disk
     masks: np.ndarray | None      # bool [N,H,W]; np.memmap beside the maps when streamed
     has_masks: bool               # every abnormal image has a ground-truth mask
 
 
 MAPS_FILE, MASKS_FILE = "maps.npy", "masks.npy"
+MAP_DTYPES = ("float32", "float16", "float64")
 
 
 @torch.inference_mode()
@@ -37,7 +38,8 @@ def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision:
             maps_dir: str | os.PathLike | None = None, where: Distributed = SINGLE) -> Predictions | None:
     """Score every image of ``loader`` (batches of MedicalDataset items, in dataset order) in eval mode.
 
-    Maps are kept at ``map_dtype`` (float32: the model's own output; float16 halves the memory).
+    Scores are kept as float64, the model's own; maps at ``map_dtype`` (float32 by default; float64
+    is the model's own output, float16 halves the memory).
     With ``maps_dir``, maps and masks are written batch by batch to ``maps_dir``/maps.npy and
     masks.npy (memory-mappable .npy files) instead of RAM, for test sets larger than memory.
 
@@ -48,7 +50,7 @@ def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision:
     model.eval()
     n_images = len(loader.dataset)
     paths: list[str] = [""] * n_images
-    labels, scores = np.zeros(n_images, dtype=np.int64), np.zeros(n_images, dtype=np.float32)
+    labels, scores = np.zeros(n_images, dtype=np.int64), np.zeros(n_images, dtype=np.float64)
     maps = masks = None
     filled = np.zeros(n_images, dtype=bool)
     has_masks = True
@@ -61,8 +63,8 @@ def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision:
             with autocast(device, precision):
                 output = model(batch["image"].to(device, non_blocking=True))
             part = dict(indices=np.asarray(indices), paths=list(batch["path"]), labels=batch["label"].numpy(),
-                        scores=output.image_score.float().cpu().numpy(), has_masks=bool(batch["has_mask"].all()),
-                        maps=output.anomaly_map.float().cpu().numpy() if keep_maps else None,
+                        scores=output.image_score.double().cpu().numpy(), has_masks=bool(batch["has_mask"].all()),
+                        maps=output.anomaly_map.to(getattr(torch, map_dtype)).cpu().numpy() if keep_maps else None,
                         masks=batch["mask"].numpy() > 0.5 if keep_maps else None)
         for received in where.gather_to_main(part) or []:  # process 0: every process's part, in rank order
             if received is None:
@@ -89,8 +91,8 @@ def predict(model: MedVMAD, loader: DataLoader, device: torch.device, precision:
 def _map_storage(shape: tuple[int, ...], map_dtype: str, maps_dir: str | os.PathLike | None,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Empty maps [N,H,W] of ``map_dtype`` and masks (bool): in RAM, or .npy memory maps."""
-    if map_dtype not in ("float32", "float16"):
-        raise InputError(f"map dtype must be float32 or float16, not {map_dtype}")
+    if map_dtype not in MAP_DTYPES:
+        raise InputError(f"map dtype must be one of {', '.join(MAP_DTYPES)}, not {map_dtype}")
     if maps_dir is None:
         return np.empty(shape, dtype=map_dtype), np.empty(shape, dtype=bool)
     Path(maps_dir).mkdir(parents=True, exist_ok=True)

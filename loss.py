@@ -36,19 +36,27 @@ def dice_loss(logit_gap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * intersection + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)
 
 
-def image_bce(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE of each image, mean over its image-level terms: image_logits [B,T,2] (normal, abnormal),
-    labels [B] -> [B]."""
-    gap = image_logits[..., 1] - image_logits[..., 0]                               # [B,T]
-    return F.binary_cross_entropy_with_logits(gap, labels[:, None].expand_as(gap), reduction="none").mean(dim=1)
+def image_bce(image_logits: torch.Tensor, labels: torch.Tensor, probability_as_logit: bool = False) -> torch.Tensor:
+    """BCE of each image-level term: image_logits [B,T,2] (normal, abnormal), labels [B] -> [B,T].
+
+    ``probability_as_logit``: BCE *with logits* applied to the term's abnormal probability itself,
+    as MVFA's and the seed's code do (``BCEWithLogitsLoss()(mean_probability, label)``): the loss of
+    a probability m is -y log sigmoid(m) - (1-y) log(1 - sigmoid(m)), which never reaches 0.
+    """
+    gap = image_logits.softmax(dim=-1)[..., 1] if probability_as_logit else image_logits[..., 1] - image_logits[..., 0]
+    return F.binary_cross_entropy_with_logits(gap, labels[:, None].expand_as(gap), reduction="none")
 
 
 @dataclass
 class LossWeights:
+    """The loss terms' weights and forms (train.py takes them from the recipe and the variant)."""
+
     focal: float = 1.0
     dice: float = 1.0
     image: float = 1.0
-    normal_dice: float = 0.0  # dice of the normal channel too (AnomalyCLIP: both channels)
+    normal_dice: float = 0.0  # dice of the normal channel too (the seed's and AnomalyCLIP's code: both channels)
+    image_terms_mean: bool = False  # mean over an image's terms instead of the sum (the max_patch rule)
+    probability_as_logit: bool = False  # see image_bce (MVFA's code; the seed's with --seed_code)
 
 
 def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tensor,
@@ -57,9 +65,9 @@ def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tenso
     """Combined loss and its parts.
 
     masks [B,H,W] in {0,1}; labels [B]; has_mask [B] bool: images whose mask is known (normal
-    images always; abnormal ones only for datasets with masks). The image term is each image's BCE
-    (mean over its image-level terms: global embedding and each detection layer), summed and divided
-    by ``images``. The pixel terms are summed over tapped layers, on the upsampled per-layer logits:
+    images and abnormal ones with a mask, of sources that have masks). The image term is each image's
+    BCE summed over its image-level terms (one per detection layer, as the seed's and MVFA's code
+    sum them; ``image_terms_mean``: their mean), summed over images and divided by ``images``. The pixel terms are summed over tapped layers, on the upsampled per-layer logits:
     each image's focal and dice, summed over the images with known masks and divided by
     ``masked_images``. Both divisors default to this batch's own counts (means). Under DDP they are
     the global batch's counts over the number of processes, so that the mean of the processes'
@@ -67,7 +75,9 @@ def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tenso
     holds which images.
     """
     labels = labels.float()  # losses in fp32, also when the forward pass ran under autocast
-    image = image_bce(output.image_logits.float(), labels).sum() / (len(labels) if images is None else images)
+    per_term = image_bce(output.image_logits.float(), labels, weights.probability_as_logit)          # [B,T]
+    per_image = per_term.mean(dim=1) if weights.image_terms_mean else per_term.sum(dim=1)
+    image = per_image.sum() / (len(labels) if images is None else images)
     zero = image.new_zeros(())
     focal, dice, normal_dice = zero, zero, zero
     # Images without a mask weigh 0 but stay in the graph, so every process's backward reaches the

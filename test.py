@@ -29,7 +29,7 @@ from dataset import (MedicalDataset, dataset_names, list_samples, organ_name, re
                      support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
-from inference import Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
+from inference import MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
 from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, locked_folder, non_negative_float, non_negative_int,
@@ -62,9 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
     evaluation_args = parser.add_argument_group("evaluation")
-    evaluation_args.add_argument("--map_dtype", default="float32", choices=["float32", "float16"],
-                                 help="precision of the stored maps: float32 (the model's own output, exact metrics) "
-                                      "or float16 (half the memory; metrics describe the rounded maps)")
+    evaluation_args.add_argument("--map_dtype", default="float32", choices=list(MAP_DTYPES),
+                                 help="precision of the stored maps, whose metrics are exact at it: float32; float64 "
+                                      "(the model's own: twice the memory; pixels whose probability is within 6e-8 "
+                                      "of 1 stay apart); float16 (half the memory; metrics describe the rounded maps)")
     evaluation_args.add_argument("--max_ram_maps_gb", type=non_negative_float,
                                  help="keep a dataset's maps and masks in RAM up to this size, else stream them to "
                                       "memory-mapped files in --save_path (default: half the available memory)")

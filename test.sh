@@ -4,7 +4,8 @@
 #   bash test.sh [indomain|crossorgan|zeroshot|fewshot|all|paper]      (default: all)
 # paper (not part of all; after bash train.sh paper): the report's Table 1 (first target's test split) and
 # Table 2 (second target's, trained on the first), a row per variant, as RESULTS/paper/table{1,2}.{md,csv,json},
-# and the side-by-side figures RESULTS/paper/figure_<target>.png.
+# and the side-by-side figures RESULTS/paper/figure_<target>.png. RECIPE=medvmad bash test.sh paper: the
+# shared-recipe ablation that RECIPE=medvmad bash train.sh paper trained, into RESULTS/paper_recipe_medvmad.
 # With no BMAD data under DATA_ROOT, the demo set and the tiny offline model are used.
 # GPUS=0,1,2,3 bash test.sh all: the evaluations run in parallel, one per GPU, queued (jobs.sh), logs in
 # LOG_DIR; the summary tables are the same as from a sequential run. LAUNCH="torchrun --standalone
@@ -18,6 +19,7 @@ TARGETS=${TARGETS:-"Brain Liver"}
 K_SHOTS=${K_SHOTS:-"2 4 8 16"}
 SEEDS=${SEEDS:-"1 2 3"}
 VARIANTS=${VARIANTS:-"medvmad text_only anomalyclip mvfa"}   # paper: as in train.sh, in row order
+RECIPE=${RECIPE:-}                             # paper: as in train.sh (empty: each row's own recipe)
 BATCH_SIZE=${BATCH_SIZE:-8}
 DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-fp32}
@@ -87,21 +89,23 @@ if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, 
     echo "test.sh paper: TARGETS must name two datasets (Table 1: trained and tested on the first; Table 2: tested on the second)" >&2
     exit 2
   fi
+  paper=paper${RECIPE:+_recipe_$RECIPE}
+  recipes=${RECIPE:+"every row with the $RECIPE recipe"}
   runs=(); checkpoints=()
   for variant in $VARIANTS; do
-    checkpoints+=("$SAVE_ROOT/paper/$variant/best.pth")
+    checkpoints+=("$SAVE_ROOT/$paper/$variant/best.pth")
     job $LAUNCH test.py --data_path "$DATA_ROOT/${targets[0]}" "$DATA_ROOT/${targets[1]}" --checkpoint_path "${checkpoints[-1]}" \
-      --save_path "$RESULTS/paper/$variant" $COMMON
-    runs+=("$RESULTS/paper/$variant/results.json")
+      --save_path "$RESULTS/$paper/$variant" $COMMON
+    runs+=("$RESULTS/$paper/$variant/results.json")
   done
   run_queued   # the tables below read every variant's results
-  python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[0]}" --save_path "$RESULTS/paper" \
-    --name table1 --title "Table 1: ${targets[0]} test split (trained on ${targets[0]})"
-  python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[1]}" --save_path "$RESULTS/paper" \
-    --name table2 --title "Table 2: ${targets[1]} test split (trained on ${targets[0]})"
+  python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[0]}" --save_path "$RESULTS/$paper" \
+    --name table1 --title "Table 1: ${targets[0]} test split (trained on ${targets[0]}; ${recipes:-each row its own recipe})"
+  python summarize_results.py --paper --results "${runs[@]}" --dataset "${targets[1]}" --save_path "$RESULTS/$paper" \
+    --name table2 --title "Table 2: ${targets[1]} test split (trained on ${targets[0]}; ${recipes:-each row its own recipe})"
   for target in "${targets[@]:0:2}"; do
     python visualize_compare.py --checkpoint_path "${checkpoints[@]}" --data_path "$DATA_ROOT/$target" \
-      --save_path "$RESULTS/paper/figure_$target.png" --batch_size "$BATCH_SIZE" --device "$DEVICE" --precision "$PRECISION"
+      --save_path "$RESULTS/$paper/figure_$target.png" --batch_size "$BATCH_SIZE" --device "$DEVICE" --precision "$PRECISION"
   done
 fi
 

@@ -78,7 +78,7 @@ def score_slices(model: MedVMAD, slices: list[np.ndarray], device: torch.device,
         images = torch.stack([preprocess(image, size) for image in chunk]).to(device)
         with autocast(device, precision):
             output = model(images)
-        scores.append(output.image_score.float().cpu().numpy())
+        scores.append(output.image_score.double().cpu().numpy())
         for image, heat in zip(chunk, output.anomaly_map.float().cpu().numpy()):
             maps.append(cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR))
     scores = np.concatenate(scores)

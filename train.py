@@ -23,12 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
-from CLIP.MedVMAD import VARIANTS, MedVMAD, MedVMADConfig
+from CLIP.MedVMAD import IMAGE_SCORES, PARTS, VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
-from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, backbone_config
+from cli import (MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, apply_recipe,
+                 backbone_config, load_recipes)
 from curves import log_epoch, tensorboard_writer
-from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, list_samples,
-                     organ_name, resolve_support, save_support, split_holdout, support_file_name)
+from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, has_masks,
+                     list_samples, organ_name, resolve_support, save_support, split_holdout, support_file_name)
 from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
@@ -57,25 +58,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     add_model_args(model, checkpoint=False)
     model.add_argument("--variant", default=MODEL.variant, choices=list(VARIANTS),
-                       help="medvmad; text_only (learnable prompts, no adapters); mvfa (MVFA-AD: adapters, fixed "
-                            "prompt ensemble, its loss and scores); anomalyclip (object-agnostic prompts, "
-                            "DPAM, its loss and scores); stored in the checkpoint")
-    model.add_argument("--n_ctx", type=positive_int, default=MODEL.n_ctx, help="learnable context tokens per prompt")
-    model.add_argument("--depth", type=non_negative_int, default=MODEL.depth,
-                       help="text layers with learnable deep tokens")
-    model.add_argument("--t_n_ctx", type=positive_int, default=MODEL.t_n_ctx,
-                       help="learnable deep tokens per text layer")
-    model.add_argument("--alpha", type=unit_interval, default=MODEL.alpha,
-                       help="adapter weight: (1-2a) x + a seg + a det")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epoch", type=positive_int, default=10)
-    optim.add_argument("--learning_rate", type=positive_float, help="default 1e-4, or 1e-3 with --k_shot")
-    optim.add_argument("--focal_weight", type=non_negative_float, default=1.0)
-    optim.add_argument("--dice_weight", type=non_negative_float, default=1.0)
-    optim.add_argument("--image_weight", type=non_negative_float, default=1.0)
+                       help="medvmad (the seed's model); text_only (its learnable prompts, no adapters); mvfa "
+                            "(MVFA-AD: adapters, its fixed prompt ensemble, loss and scores); anomalyclip "
+                            "(object-agnostic prompts, DPAM, its loss and scores); stored in the checkpoint")
+    model.add_argument("--recipe", choices=list(load_recipes()),
+                       help="the training recipe (recipes.json) every flag marked 'the recipe's' defaults to: "
+                            "default the --variant's own; another name trains this variant with that one's "
+                            "(a shared-recipe ablation)")
+    model.add_argument("--wording", help="prompt wording (default the variant's: medvmad/text_only report, "
+                       "anomalyclip object, mvfa mvfa); learnable prompts: report, seed_code, object or "
+                       "medical (option: this project's earlier prompts); fixed ensembles: medical or mvfa")
+    model.add_argument("--image_score", choices=list(IMAGE_SCORES),
+                       help="image-level terms and score (default the variant's: mean_patch, anomalyclip "
+                            "global); max_patch is an option (global embedding + each layer's most abnormal "
+                            "patch, averaged with the map's maximum)")
+    model.add_argument("--seed_code", action="store_true",
+                       help="medvmad/text_only as the seed's code computes them: cosines without CLIP's logit "
+                            "scale, BCE with logits on the mean probability, its 'object' / 'abnormal object' "
+                            "prompts (README: why the default differs)")
+    model.add_argument("--n_ctx", type=positive_int, help="learnable context tokens per prompt (default: the recipe's)")
+    model.add_argument("--depth", type=non_negative_int,
+                       help="text layers with learnable deep tokens (default: the recipe's)")
+    model.add_argument("--t_n_ctx", type=positive_int,
+                       help="learnable deep tokens per text layer (default: the recipe's)")
+    model.add_argument("--alpha", type=unit_interval,
+                       help="adapter weight: (1-2a) x + a seg + a det (default: the recipe's)")
+    optim = parser.add_argument_group("optimisation (defaults: the recipe's)")
+    optim.add_argument("--epoch", type=positive_int, help="epochs (the recipe's, or its fewshot_epoch with --k_shot)")
+    optim.add_argument("--learning_rate", type=positive_float,
+                       help="Adam learning rate (the recipe's, or its fewshot_learning_rate with --k_shot)")
+    optim.add_argument("--adam_betas", type=unit_interval, nargs=2, metavar=("BETA1", "BETA2"))
+    optim.add_argument("--keep", choices=["last", "best"],
+                       help="best.pth: the last epoch (the seed's and AnomalyCLIP's code evaluate their final "
+                            "epoch) or the one with the best selection score on held-out images (MVFA selects, "
+                            "on its test set; here on held-out validation images). Few-shot keeps the last")
+    optim.add_argument("--focal_weight", type=non_negative_float)
+    optim.add_argument("--dice_weight", type=non_negative_float, help="weight of the abnormal channel's dice")
+    optim.add_argument("--normal_dice_weight", type=non_negative_float,
+                       help="weight of the normal channel's dice (the seed's and AnomalyCLIP's code: 1, MVFA's: 0)")
+    optim.add_argument("--image_weight", type=non_negative_float)
     run = parser.add_argument_group("run")
     run.add_argument("--save_path", default="checkpoint/demo", help="folder for checkpoints, log and args.json")
-    add_runtime_args(run)
+    add_runtime_args(run, batch_size=None)
     add_distributed_args(run)
     used = run.add_mutually_exclusive_group()
     used.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -88,17 +112,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--tensorboard", action="store_true",
                      help="also log losses and selection metrics to TensorBoard (needs the tensorboard package)")
     args = parser.parse_args(argv)
-    if args.focal_weight + args.dice_weight + args.image_weight == 0:
-        raise InputError("--focal_weight, --dice_weight and --image_weight are all 0: nothing to train")
-    if args.learning_rate is None:
-        args.learning_rate = 1e-3 if args.k_shot else 1e-4
+    args.from_recipe = apply_recipe(args)
+    if args.focal_weight + args.dice_weight + args.normal_dice_weight + args.image_weight == 0:
+        raise InputError("--focal_weight, --dice_weight, --normal_dice_weight and --image_weight are all 0: "
+                         "nothing to train")
+    if args.seed_code and args.variant not in ("medvmad", "text_only"):
+        raise InputError(f"--seed_code reproduces the seed's code: --variant medvmad or text_only, not {args.variant}")
     return args
 
 
 # Flags a resumed run must share with the run it continues (the model config is compared too).
 RESUME_KEYS = ("train_data_path", "dataset", "train_split", "valid_data_path", "valid_split", "holdout_fraction",
-               "k_shot", "fewshot_seed", "support_file", "batch_size", "learning_rate", "focal_weight",
-               "dice_weight", "image_weight", "seed", "precision", "skip_bad")
+               "k_shot", "fewshot_seed", "support_file", "batch_size", "learning_rate", "adam_betas", "focal_weight",
+               "dice_weight", "normal_dice_weight", "image_weight", "seed", "precision", "skip_bad")
 
 
 def rng_state(device: torch.device) -> dict:
@@ -215,10 +241,12 @@ def training_data(args, roots: list[str], names: list[str], logger,
     parts, selection = [], {}
     for root, name in zip(roots, names):
         samples = list_samples(root, args.train_split)
+        masks_known = has_masks(samples)  # a source without masks trains with the image loss alone
         if not args.valid_data_path:
             samples, selection[name] = split_holdout(samples, args.holdout_fraction, args.seed)
-        logger.info(describe(samples, f"{name}/{args.train_split} (training)"))
-        parts.append(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad))
+        logger.info(describe(samples, f"{name}/{args.train_split} (training)")
+                    + ("" if masks_known else "; no masks: image loss only"))
+        parts.append(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad, masks_known=masks_known))
     if args.valid_data_path:
         for root, name in zip(args.valid_data_path, dataset_names(args.valid_data_path, None)):
             selection[name] = list_samples(root, args.valid_split)
@@ -234,16 +262,19 @@ def training_data(args, roots: list[str], names: list[str], logger,
 def model_config(args: argparse.Namespace, prompt_name: str) -> MedVMADConfig:
     """The model a run's flags describe; ``prompt_name`` picks the prompts' initial wording."""
     return MedVMADConfig(
-        backbone=backbone_config(args), variant=args.variant, **VARIANTS[args.variant],
-        organ=prompt_name,
+        backbone=backbone_config(args), variant=args.variant, **{part: VARIANTS[args.variant][part] for part in PARTS},
+        organ=prompt_name, wording=args.wording, image_score=args.image_score, seed_code=args.seed_code,
         features_list=args.features_list, alpha=args.alpha, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, sigma=args.sigma)
 
 
-def loss_weights(args: argparse.Namespace) -> LossWeights:
-    """The loss weights of the flags; AnomalyCLIP's loss also takes the dice of the normal channel."""
-    return LossWeights(args.focal_weight, args.dice_weight, args.image_weight,
-                       normal_dice=args.dice_weight if args.variant == "anomalyclip" else 0.0)
+def loss_weights(args: argparse.Namespace, config: MedVMADConfig) -> LossWeights:
+    """The loss weights of the flags and the forms of the model's rules: the image BCE is summed
+    over the terms (mean under max_patch), and taken with logits on the mean probability as MVFA's
+    code (and the seed's, with --seed_code) does."""
+    return LossWeights(args.focal_weight, args.dice_weight, args.image_weight, args.normal_dice_weight,
+                       image_terms_mean=config.image_score == "max_patch",
+                       probability_as_logit=config.variant == "mvfa" or config.seed_code)
 
 
 def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,10 +302,15 @@ def build_model_and_optimizer(config: MedVMADConfig, args: argparse.Namespace, d
     except ValueError as error:
         raise InputError(str(error)) from None
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=(0.5, 0.999))
+    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, betas=tuple(args.adam_betas))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
     logger.info(f"model {args.model_name} ({args.pretrained}) image_size {args.image_size} "
                 f"layers {model.features_list}; {sum(p.numel() for p in parameters):,} trainable parameters")
+    logger.info(f"variant {config.variant} (wording {model.config.wording}, image score {model.config.image_score}, "
+                f"logit scale {model.config.logit_scale}{', seed code' if config.seed_code else ''}), "
+                f"recipe {args.recipe}: "
+                + " ".join(f"--{key} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+                           for key, value in ((key, getattr(args, key)) for key in args.from_recipe)))
     return model, optimizer, scaler
 
 
@@ -431,7 +467,7 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
     selection_loaders = {name: sharded_loader(MedicalDataset(samples, args.image_size, skip_bad=args.skip_bad),
                                               args.batch_size, args.num_workers, where)
                          for name, samples in selection_samples.items()}
-    weights = loss_weights(args)
+    weights = loss_weights(args, model.config)
     last_good = resume_from
     writer = tensorboard_writer(save_path, logger) if args.tensorboard and where.is_main else None
     for epoch in range(start_epoch, args.epoch + 1):
@@ -446,7 +482,7 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
         extra = dict(epoch=epoch, threshold=threshold, selection_metrics=values, train_loss=averages,
                      args=vars(args))
         # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
-        improved = bool(args.k_shot) or score > best["score"]
+        improved = bool(args.k_shot) or args.keep == "last" or score > best["score"]
         if improved:
             best = {"score": score, "epoch": epoch}
         save_epoch(last_good, model, optimizer, scaler, extra, best, improved, rng_states)

@@ -4,7 +4,10 @@
 #   bash train.sh [indomain|zeroshot|fewshot|all|paper]      (default: all)
 # indomain also serves the cross-organ protocol (train on one organ, test on the other: test.sh).
 # paper (not part of all): the report's Tables 1-2, each of VARIANTS trained (train.py --variant) on the
-# first target's labelled valid split, into SAVE_ROOT/paper/<variant>; then bash test.sh paper.
+# first target's labelled valid split with its own recipe (recipes.json: the values of its paper's code),
+# into SAVE_ROOT/paper/<variant>; then bash test.sh paper. RECIPE=medvmad bash train.sh paper trains
+# every row with that one recipe instead (a controlled ablation), into SAVE_ROOT/paper_recipe_medvmad.
+# IMAGE_SIZE, EPOCH, BATCH_SIZE, LEARNING_RATE, FEWSHOT_EPOCH left empty take the recipe's values.
 # With no BMAD data under DATA_ROOT, the demo set is built and the tiny offline model is used.
 # A run folder that already holds a run is refused; OVERWRITE=1 bash train.sh ... replaces it.
 # GPUS=0,1,2,3 bash train.sh fewshot: the protocol's trainings run in parallel, one per GPU, queued
@@ -19,11 +22,12 @@ TARGETS=${TARGETS:-"Brain Liver"}            # datasets reported in the tables
 SOURCES=${SOURCES:-"Brain Liver Retina_RESC Retina_OCT2017 Chest Histopathology"}  # leave-one-out pool
 MODEL_NAME=${MODEL_NAME:-ViT-L-14-336}
 PRETRAINED=${PRETRAINED:-openai}              # or /path/to/ViT-L-14-336.pt offline
-IMAGE_SIZE=${IMAGE_SIZE:-336}
-EPOCH=${EPOCH:-10}
-BATCH_SIZE=${BATCH_SIZE:-8}
-FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-50}
-LEARNING_RATE=${LEARNING_RATE:-}             # empty: train.py's default (1e-4, or 1e-3 few-shot)
+IMAGE_SIZE=${IMAGE_SIZE:-}                   # empty: the recipe's (recipes.json; medvmad: 336)
+EPOCH=${EPOCH:-}                             # empty: the recipe's (medvmad: 10)
+BATCH_SIZE=${BATCH_SIZE:-}                   # empty: the recipe's (medvmad: 8)
+FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-}             # empty: the recipe's fewshot_epoch (50)
+LEARNING_RATE=${LEARNING_RATE:-}             # empty: the recipe's (medvmad: 1e-3, few-shot 1e-3)
+RECIPE=${RECIPE:-}                           # paper: empty = each row's own recipe; a variant name = that one for all
 K_SHOTS=${K_SHOTS:-"2 4 8 16"}
 SEEDS=${SEEDS:-"1 2 3"}
 VARIANTS=${VARIANTS:-"medvmad text_only anomalyclip mvfa"}   # paper: the models of the report's tables, in row order
@@ -39,17 +43,20 @@ LOG_DIR=${LOG_DIR:-$SAVE_ROOT/logs/$(date +%Y%m%d-%H%M%S)}   # per-job logs of a
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
   DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; SOURCES="Brain BrainCoronal"
-  MODEL_NAME=tiny; PRETRAINED=none; IMAGE_SIZE=224; LEARNING_RATE=1e-3
-  EPOCH=${DEMO_EPOCH:-15}; FEWSHOT_EPOCH=${DEMO_FEWSHOT_EPOCH:-3}
+  MODEL_NAME=tiny; PRETRAINED=none
+  if [[ ${1:-all} != paper ]]; then   # the tiny model's demo settings; paper keeps each row's recipe
+    IMAGE_SIZE=${IMAGE_SIZE:-224}; EPOCH=${EPOCH:-15}; FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-3}
+  fi
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
-COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED --image_size $IMAGE_SIZE --batch_size $BATCH_SIZE
-        --device $DEVICE --precision $PRECISION ${LEARNING_RATE:+--learning_rate $LEARNING_RATE} ${OVERWRITE:+--overwrite} $EXTRA"
+COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED ${IMAGE_SIZE:+--image_size $IMAGE_SIZE}
+        ${BATCH_SIZE:+--batch_size $BATCH_SIZE} ${LEARNING_RATE:+--learning_rate $LEARNING_RATE}
+        --device $DEVICE --precision $PRECISION ${OVERWRITE:+--overwrite} $EXTRA"
 PROTOCOL=${1:-all}
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   for target in $TARGETS; do   # (a) in-domain and (b) cross-organ: train on the target's labelled valid split
-    job $LAUNCH train.py --train_data_path "$DATA_ROOT/$target" --train_split valid --epoch "$EPOCH" \
+    job $LAUNCH train.py --train_data_path "$DATA_ROOT/$target" --train_split valid ${EPOCH:+--epoch $EPOCH} \
       --save_path "$SAVE_ROOT/indomain/$target" $COMMON
   done
 fi
@@ -60,7 +67,7 @@ if [[ $PROTOCOL == zeroshot || $PROTOCOL == all ]]; then
     for source in $SOURCES; do
       [[ $source != "$target" && -d $DATA_ROOT/$source ]] && others+=("$DATA_ROOT/$source")
     done
-    job $LAUNCH train.py --train_data_path "${others[@]}" --train_split test --epoch "$EPOCH" \
+    job $LAUNCH train.py --train_data_path "${others[@]}" --train_split test ${EPOCH:+--epoch $EPOCH} \
       --save_path "$SAVE_ROOT/zeroshot/$target" $COMMON
   done
 fi
@@ -70,7 +77,7 @@ if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
     for k in $K_SHOTS; do
       for seed in $SEEDS; do
         job $LAUNCH train.py --train_data_path "$DATA_ROOT/$target" --k_shot "$k" --fewshot_seed "$seed" \
-          --epoch "$FEWSHOT_EPOCH" --save_path "$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed" $COMMON
+          ${FEWSHOT_EPOCH:+--epoch $FEWSHOT_EPOCH} --save_path "$SAVE_ROOT/fewshot/$target/${k}shot_seed$seed" $COMMON
       done
     done
   done
@@ -79,8 +86,8 @@ fi
 if [[ $PROTOCOL == paper ]]; then   # Tables 1-2: every variant trained on the first target (Brain) alone
   source=${TARGETS%% *}
   for variant in $VARIANTS; do
-    job $LAUNCH train.py --train_data_path "$DATA_ROOT/$source" --train_split valid --epoch "$EPOCH" --variant "$variant" \
-      --save_path "$SAVE_ROOT/paper/$variant" $COMMON
+    job $LAUNCH train.py --train_data_path "$DATA_ROOT/$source" --train_split valid ${EPOCH:+--epoch $EPOCH} \
+      --variant "$variant" ${RECIPE:+--recipe $RECIPE} --save_path "$SAVE_ROOT/paper${RECIPE:+_recipe_$RECIPE}/$variant" $COMMON
   done
 fi
 

@@ -4,6 +4,7 @@ No I/O and no argument parsing: ``MedVMAD(config)`` builds the model, ``forward(
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -13,25 +14,56 @@ from torch import nn
 
 from CLIP.backbone import Backbone, BackboneConfig, build_backbone, default_features_list
 from CLIP.memory_bank import MemoryBank
-from prompt_ensemble import LearnablePrompts, ensemble_text_features
-
-
-def upgrade_config(values: dict) -> dict:
-    """A stored model config (dict) in today's field names: ``dataset`` became ``organ``."""
-    values = dict(values)
-    if "dataset" in values and "organ" not in values:
-        values["organ"] = values.pop("dataset")
-    return values
+from prompt_ensemble import ENSEMBLE_WORDINGS, LEARNABLE_WORDINGS, LearnablePrompts, ensemble_text_features
 
 
 # Model variants of the paper's tables (train.py --variant), on one backbone, data and selection:
-# the parts each switches on, and the scoring rule (see MedVMAD._score and the README).
-VARIANTS: dict[str, dict[str, bool]] = {
-    "medvmad": {"adapters": True, "learnable_prompts": True},
-    "text_only": {"adapters": False, "learnable_prompts": True},   # learnable text embeddings only
-    "mvfa": {"adapters": True, "learnable_prompts": False},        # MVFA-AD: adapters, fixed prompts
-    "anomalyclip": {"adapters": False, "learnable_prompts": True},  # object-agnostic prompts + DPAM
+# the parts each switches on, and the wording and image-level rule it uses unless the config names
+# others (see MedVMAD._score and the README's variant table). Training recipes: recipes.json.
+VARIANTS: dict[str, dict[str, object]] = {
+    # the seed (deeptiguntur/MedVMAD): learnable prompts + residual seg/det adapters; CLIP's learned
+    # logit scale (the seed's code has none: --seed_code)
+    "medvmad": {"adapters": True, "learnable_prompts": True, "wording": "report", "image_score": "mean_patch",
+                "logit_scale": "learned"},
+    # the report's "just learnable text embeddings": the seed without its adapters
+    "text_only": {"adapters": False, "learnable_prompts": True, "wording": "report", "image_score": "mean_patch",
+                  "logit_scale": "learned"},
+    # MVFA-AD: adapters, its own fixed prompt ensemble, cosines x 100 (its code's constant)
+    "mvfa": {"adapters": True, "learnable_prompts": False, "wording": "mvfa", "image_score": "mean_patch",
+             "logit_scale": 100.0},
+    # AnomalyCLIP: object-agnostic learnable prompts + DPAM, no adapters, cosines / 0.07 (its code's temperature)
+    "anomalyclip": {"adapters": False, "learnable_prompts": True, "wording": "object", "image_score": "global",
+                    "logit_scale": 1 / 0.07},
 }
+PARTS = ("adapters", "learnable_prompts")  # what a variant must have (medvmad without both: the baseline)
+
+# Image-level rules (MedVMADConfig.image_score); the output's image_logits are their terms.
+#   mean_patch      per detection layer the mean abnormal probability of its patches (the seed, MVFA);
+#                   score: their mean over layers. Without adapters: the tapped layers' projected patches
+#   max_patch       the global embedding and each detection layer's most abnormal patch; score: the
+#                   mean of their probabilities averaged with the map's maximum (an option; the
+#                   zero-training baseline's rule)
+#   global          the global embedding as AnomalyCLIP's code makes it: class token @ proj, no ln_post
+#   global_ln_post  the global embedding with ln_post (checkpoints of the anomalyclip variant
+#                   written before the line above was followed)
+IMAGE_SCORES = ("mean_patch", "max_patch", "global", "global_ln_post")
+
+
+def upgrade_config(values: dict) -> dict:
+    """A stored model config (dict) in today's field names and meanings: ``dataset`` became
+    ``organ``; a config written before ``wording`` and ``image_score`` existed rebuilds with the
+    rules it was trained with (medical wording, or AnomalyCLIP's object-agnostic prompts; the
+    image-level rules of that time)."""
+    values = dict(values)
+    if "dataset" in values and "organ" not in values:
+        values["organ"] = values.pop("dataset")
+    variant = values.get("variant", "medvmad")
+    if "wording" not in values:
+        values["wording"] = "object" if variant == "anomalyclip" else "medical"
+    if "image_score" not in values:
+        values["image_score"] = {"mvfa": "mean_patch", "anomalyclip": "global_ln_post"}.get(variant, "max_patch")
+    values.setdefault("logit_scale", "learned")
+    return values
 
 
 @dataclass
@@ -39,11 +71,15 @@ class MedVMADConfig:
     """Everything that rebuilds the model; stored in checkpoints as a plain dict."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    variant: str = "medvmad"                 # scoring rule of a VARIANTS row (see _score)
-    organ: str = "brain"                     # organ wording for prompt initialisation / ensemble
+    variant: str = "medvmad"                 # a VARIANTS row
+    organ: str = "brain"                     # the organ named in the prompts / ensemble
     features_list: list[int] | None = None   # 1-based tapped layers; None: 4 evenly spaced
     adapters: bool = True                    # False: zero-training baseline (projected tokens)
     learnable_prompts: bool = True           # False: fixed prompt ensemble
+    wording: str | None = None               # prompt_ensemble's LEARNABLE/ENSEMBLE_WORDINGS; None: the variant's
+    image_score: str | None = None           # IMAGE_SCORES; None: the variant's
+    logit_scale: float | str | None = None   # cosine multiplier: "learned" (CLIP's own), a number; None: the variant's
+    seed_code: bool = False                  # the seed code's rules: logit scale 1, its wording (and, in train.py, loss)
     alpha: float = 0.1                       # stream = (1-2a) x + a seg + a det
     n_ctx: int = 12
     depth: int = 9
@@ -56,16 +92,16 @@ class MedVMADConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MedVMADConfig":
-        """Inverse of ``to_dict``; configs written before the organ field was named ``organ``
-        call it ``dataset``."""
+        """Inverse of ``to_dict``; older configs are read as ``upgrade_config`` says."""
         values = upgrade_config(values)
         values["backbone"] = BackboneConfig.from_dict(values["backbone"])
         return cls(**values)
 
 
 def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
-    """A copy of ``config`` with the backbone's resolved config and the tapped layers checked
-    (None: 4 evenly spaced); what checkpoints store."""
+    """A copy of ``config`` with the backbone's resolved config, the variant's wording and image
+    rule where the config names none, and the tapped layers checked (None: 4 evenly spaced); what
+    checkpoints store."""
     asked, built = config.backbone, backbone.config
     differing = [name for name in ("model_name", "pretrained", "image_size")
                  if getattr(asked, name) != getattr(built, name)]
@@ -74,12 +110,34 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
                          f"({', '.join(f'{getattr(built, n)} vs {getattr(asked, n)}' for n in differing)})")
     if config.variant not in VARIANTS:
         raise ValueError(f"--variant {config.variant}: one of {', '.join(VARIANTS)}")
-    parts = {"adapters": config.adapters, "learnable_prompts": config.learnable_prompts}
-    if config.variant != "medvmad" and parts != VARIANTS[config.variant]:  # medvmad: also the baseline
-        raise ValueError(f"--variant {config.variant} is {VARIANTS[config.variant]}, not {parts}")
+    variant = VARIANTS[config.variant]
+    parts = {part: getattr(config, part) for part in PARTS}
+    if config.variant != "medvmad" and parts != {part: variant[part] for part in PARTS}:  # medvmad: also the baseline
+        raise ValueError(f"--variant {config.variant} is {({part: variant[part] for part in PARTS})}, not {parts}")
+    # The zero-training baseline (medvmad without either part) keeps this project's medical ensemble
+    # and the max_patch rule; --seed_code brings the seed code's wording.
+    baseline = config.variant == "medvmad" and not config.adapters and not config.learnable_prompts
+    wording = config.wording if config.wording is not None else \
+        "seed_code" if config.seed_code and config.learnable_prompts else \
+        "medical" if config.variant == "medvmad" and not config.learnable_prompts else variant["wording"]
+    wordings = LEARNABLE_WORDINGS if config.learnable_prompts else ENSEMBLE_WORDINGS
+    if wording not in wordings:
+        kind = "learnable prompts take" if config.learnable_prompts else "a fixed ensemble takes"
+        raise ValueError(f"--wording {wording}: {kind} one of {', '.join(wordings)}")
+    image_score = config.image_score if config.image_score is not None else \
+        "max_patch" if baseline else variant["image_score"]
+    logit_scale = config.logit_scale if config.logit_scale is not None else \
+        1.0 if config.seed_code else variant["logit_scale"]
+    if logit_scale != "learned" and not (isinstance(logit_scale, (int, float)) and 0 < logit_scale < math.inf):
+        raise ValueError(f"logit_scale {logit_scale!r}: 'learned' or a positive number")
+    if image_score not in IMAGE_SCORES:
+        raise ValueError(f"--image_score {image_score}: one of {', '.join(IMAGE_SCORES)}")
     if config.variant == "anomalyclip" and not backbone.value_attention:
         raise ValueError("--variant anomalyclip needs an image tower with DPAM's v-v attention "
                          "(open_clip CLIP ViTs with standard attention blocks)")
+    if image_score == "global" and not backbone.value_attention:
+        raise ValueError("--image_score global (AnomalyCLIP's un-normalised class token) needs an open_clip "
+                         "CLIP ViT image tower")
     num_layers = backbone.num_layers
     features_list = list(default_features_list(num_layers) if config.features_list is None
                          else config.features_list)
@@ -90,23 +148,23 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
         raise ValueError(f"--features_list {bad}: layers are 1-based, the model has {num_layers}")
     if len(set(features_list)) != len(features_list):
         raise ValueError(f"--features_list {features_list}: layers repeat")
-    return replace(config, backbone=replace(built), features_list=features_list)
+    return replace(config, backbone=replace(built), features_list=features_list, wording=wording,
+                   image_score=image_score, logit_scale=logit_scale)
 
 
 @dataclass
 class MedVMADOutput:
-    # [B] in [0,1]. Without a memory bank: (mean image-term probability + text_map max) / 2 (mvfa:
-    # the mean image-term probability; anomalyclip: the global embedding's abnormal probability);
-    # with one: the bank's combination of that score and the bank map's maximum (memory_bank.py).
+    # [B] float64. Without a memory bank: in [0,1], the image_score rule's (see IMAGE_SCORES); with
+    # one: the bank's z (memory_bank.py), unbounded, so that no two scores tie by saturation.
     image_score: torch.Tensor
-    # [B,H,W] in [0,1]. Without a bank: text_map; with one: the bank's combination of text_map and bank_map.
+    # [B,H,W] float64. Without a bank: text_map, in [0,1]; with one: the bank's z of text_map and bank_map.
     anomaly_map: torch.Tensor
     layer_logits: torch.Tensor     # [B,L,H,W] abnormal - normal logit per tapped layer, upsampled bilinearly
-    # [B,T,2] normal/abnormal logits of the image-level terms: the global embedding and each
-    # detection layer's most abnormal patch (mvfa: log-probabilities of each detection layer's mean)
+    # [B,T,2] normal/abnormal logits of the image-level terms (mean_patch: log-probabilities
+    # (log(1 - m), log m) of each detection layer's mean patch probability m)
     image_logits: torch.Tensor
     patch_features: list[torch.Tensor]  # per layer [B,N,E], L2-normalised segmentation features
-    text_map: torch.Tensor         # [B,H,W] mean over layers of sigmoid(layer_logits), smoothed
+    text_map: torch.Tensor         # [B,H,W] float64, mean over layers of sigmoid(layer_logits), smoothed
     bank_map: torch.Tensor | None  # [B,H,W] smoothed memory-bank distance map, when a bank is built
 
 
@@ -131,18 +189,33 @@ def mean_patch_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_probabilities, dim=1) - math.log(logits.shape[1])
 
 
+@functools.lru_cache(maxsize=16)
+def _blur_matrix(size: int, sigma: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """[size,size] matrix of a 1-D Gaussian blur along one axis: radius 4 sigma, mirror padding
+    (scipy mode "mirror": reflected about the edge pixels, repeatedly when the radius exceeds the size).
+    Built outside inference mode, so the cached matrix also serves passes that autograd records."""
+    with torch.inference_mode(False):
+        radius = int(4 * sigma + 0.5)
+        offsets = torch.arange(-radius, radius + 1)
+        kernel = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
+        kernel /= kernel.sum()
+        # Mirroring repeats with period 2 (size - 1): fold the kernel onto one period, then reflect.
+        period = max(2 * (size - 1), 1)
+        folded = torch.zeros(period, dtype=torch.float64).index_add_(0, offsets % period, kernel)
+        sources = (torch.arange(size)[:, None] + torch.arange(period)[None, :]) % period     # [size,period]
+        sources = torch.where(sources > size - 1, period - sources, sources)
+        matrix = torch.zeros(size, size, dtype=torch.float64).scatter_add_(1, sources, folded.expand(size, -1))
+        return matrix.to(device=device, dtype=dtype)
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of maps [B,H,W]: radius 4 sigma, mirror padding (scipy mode "mirror")."""
+    """Separable Gaussian smoothing of maps [B,H,W] as two matrix products, rows then columns
+    (radius 4 sigma, scipy's mode "mirror"; exact for any sigma, and fast in float64 too)."""
     if sigma <= 0:
         return maps
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype)
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    rows = _blur_matrix(maps.shape[-2], float(sigma), maps.dtype, str(maps.device))
+    columns = _blur_matrix(maps.shape[-1], float(sigma), maps.dtype, str(maps.device))
+    return rows @ maps @ columns.t()
 
 
 class MedVMAD(nn.Module):
@@ -160,9 +233,8 @@ class MedVMAD(nn.Module):
             if config.adapters else None
         self.det_adapters = nn.ModuleList([Adapter(width, embed_dim) for _ in self.features_list]) \
             if config.adapters else None
-        self.prompts = LearnablePrompts(self.backbone, config.organ, config.n_ctx, config.depth, config.t_n_ctx,
-                                        object_agnostic=config.variant == "anomalyclip") \
-            if config.learnable_prompts else None
+        self.prompts = LearnablePrompts(self.backbone, config.organ, config.wording, config.n_ctx, config.depth,
+                                        config.t_n_ctx) if config.learnable_prompts else None
         self._text_cache: torch.Tensor | None = None
         self._ensemble_name: str | None = None
         self.memory_bank: MemoryBank | None = None
@@ -171,11 +243,12 @@ class MedVMAD(nn.Module):
     # ---- parameters ----
     @property
     def trains_every_weight(self) -> bool:
-        """Whether every learnable weight reaches the loss. Not in mvfa with adapters: its scores come
-        from the detection layers' patches, not the global embedding, so nothing reads the stream
-        after the last tapped layer and that layer's adapter up-projections get no gradient (as in
-        MVFA's own code). DDP must then look for unused weights at every step."""
-        return not (self.config.variant == "mvfa" and self.seg_adapters is not None)
+        """Whether every learnable weight reaches the loss. Not with adapters and the mean_patch rule
+        (the seed, MVFA): the scores come from the detection layers' patches, not the global
+        embedding, so nothing reads the stream after the last tapped layer and that layer's adapter
+        up-projections get no gradient (as in the seed's and MVFA's own code). DDP must then look
+        for unused weights at every step."""
+        return not (self.config.image_score == "mean_patch" and self.seg_adapters is not None)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Prompts and adapters only (the frozen backbone is rebuilt from its config)."""
@@ -207,7 +280,7 @@ class MedVMAD(nn.Module):
         """[2,E] normal/abnormal text features; cached unless prompts are being trained."""
         if self.prompts is None:
             if self._text_cache is None or self._ensemble_name != self.config.organ:
-                self._text_cache = ensemble_text_features(self.backbone, self.config.organ)
+                self._text_cache = ensemble_text_features(self.backbone, self.config.organ, self.config.wording)
                 self._ensemble_name = self.config.organ
             return self._text_cache
         if self.training and torch.is_grad_enabled():
@@ -223,9 +296,11 @@ class MedVMAD(nn.Module):
 
     # ---- image ----
     def _logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """features [...,E] -> normal/abnormal logits [...,2] at CLIP's temperature."""
+        """features [...,E] -> normal/abnormal logits [...,2]: cosines times the config's logit scale
+        (CLIP's learned one, 100 for OpenAI CLIP; AnomalyCLIP 1/0.07; MVFA 100; the seed's code 1)."""
         features = features / features.norm(dim=-1, keepdim=True)
-        return self.backbone.logit_scale * features @ text.t()
+        scale = self.config.logit_scale
+        return (self.backbone.logit_scale if scale == "learned" else scale) * (features @ text.t())
 
     def forward(self, images: torch.Tensor) -> MedVMADOutput:
         """images [B,3,H,W] RGB in [0,1] -> scores, maps and per-layer maps.
@@ -250,7 +325,9 @@ class MedVMAD(nn.Module):
         hook = adapt if self.seg_adapters is not None else None
         # AnomalyCLIP's DPAM: the maps read a v-v attention stream from the first tapped layer on.
         vv_from = self.features_list[0] if self.config.variant == "anomalyclip" else None
-        global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook, vv_from)
+        # AnomalyCLIP's code returns the class token @ proj without ln_post (its patches get ln_post).
+        global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook, vv_from,
+                                                              global_norm=self.config.image_score != "global")
         if hook is None:
             seg_features = [self.backbone.project_tokens(tapped[layer][:, prefix:]) for layer in self.features_list]
 
@@ -261,39 +338,21 @@ class MedVMAD(nn.Module):
 
     def _score(self, global_embedding: torch.Tensor, seg_features: list[torch.Tensor],
                det_features: list[torch.Tensor], text: torch.Tensor, size: torch.Size) -> MedVMADOutput:
-        """Maps and scores from the global embedding [B,E] and per-layer patch features [B,N,E]."""
+        """Maps and scores from the global embedding [B,E] and per-layer patch features [B,N,E]
+        (``det_features`` empty without adapters: mean_patch then reads ``seg_features``).
+
+        Logits are float32; every probability is taken in float64, where sigmoid(g) reaches exactly
+        1 only at g > 36.7 instead of 16.6 (a cosine gap of 0.17 at scale 100), so scores of
+        confident images and pixels do not tie by saturation.
+        """
         size = (int(size[0]), int(size[1]))
         gaps = torch.stack([self._logits(features, text).diff(dim=-1)[..., 0]
                             for features in seg_features], dim=1)                         # [B,L,N]
         # Logits are upsampled (as MVFA does), then turned into probabilities: 2-class softmax of
         # bilinear logits = sigmoid of the bilinear logit gap. The loss works on the same logits.
         layer_logits = self._upsample(gaps, size)                                         # [B,L,H,W]
-
-        text_map = gaussian_blur(torch.sigmoid(layer_logits).mean(dim=1), self.config.sigma)
-        if self.config.variant == "mvfa":
-            # MVFA: per detection layer the mean abnormal probability of its patches, as
-            # log-probabilities (normal, abnormal) so the loss stays in log space; the image score
-            # is their mean over layers (MVFA sums them: the same ranking, kept in [0,1]).
-            image_logits = torch.stack([mean_patch_log_probabilities(self._logits(features, text))
-                                        for features in det_features], dim=1)          # [B,T,2]
-            image_score = image_logits.softmax(dim=-1)[..., 1].mean(dim=1)
-        elif self.config.variant == "anomalyclip":
-            # AnomalyCLIP: the image score and its loss come from the global embedding alone. Its
-            # map, the mean over layers of (p_abnormal + 1 - p_normal) / 2, is text_map: with two
-            # classes p_normal = 1 - p_abnormal.
-            image_logits = self._logits(global_embedding, text)[:, None]                 # [B,1,2]
-            image_score = image_logits.softmax(dim=-1)[:, 0, 1]
-        else:
-            image_logits = [self._logits(global_embedding, text)]                        # [B,2]
-            for features in det_features:
-                # Detection branch: the logits of the most abnormal patch (a lesion may be tiny).
-                logits = self._logits(features, text)                                      # [B,N,2]
-                top = (logits[..., 1] - logits[..., 0]).argmax(dim=1)
-                image_logits.append(logits[torch.arange(logits.shape[0], device=logits.device), top])
-            image_logits = torch.stack(image_logits, dim=1)                               # [B,T,2]
-            # Image score: the image-level terms' mean abnormal probability, averaged with the
-            # map's maximum (the map localises small lesions that the image-level terms miss).
-            image_score = 0.5 * image_logits.softmax(dim=-1)[..., 1].mean(dim=1) + 0.5 * text_map.flatten(1).amax(dim=1)
+        text_map = gaussian_blur(torch.sigmoid(layer_logits.double()).mean(dim=1), self.config.sigma)
+        image_logits, image_score = self._image_terms(global_embedding, det_features, seg_features, text, text_map)
 
         normalised = [features / features.norm(dim=-1, keepdim=True) for features in seg_features]
         anomaly_map, bank_map = text_map, None
@@ -302,6 +361,37 @@ class MedVMAD(nn.Module):
             anomaly_map, image_score = self.memory_bank.combine(text_map, bank_map, image_score,
                                                                 self.config.fewshot_weight)
         return MedVMADOutput(image_score, anomaly_map, layer_logits, image_logits, normalised, text_map, bank_map)
+
+    def _image_terms(self, global_embedding: torch.Tensor, det_features: list[torch.Tensor],
+                     seg_features: list[torch.Tensor], text: torch.Tensor,
+                     text_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image-level terms [B,T,2] (what the image loss reads) and the image score [B] (float64)
+        of the config's ``image_score`` rule (IMAGE_SCORES)."""
+        rule = self.config.image_score
+        if rule == "mean_patch":
+            # The seed and MVFA: per detection layer the mean abnormal probability m of its patches,
+            # as log-probabilities (log(1 - m), log m) so that the loss stays in log space; the image
+            # score is their mean over layers (both codes sum them: the same ranking, kept in [0,1]).
+            image_logits = torch.stack([mean_patch_log_probabilities(self._logits(features, text).double())
+                                        for features in det_features or seg_features], dim=1)  # [B,T,2]
+            return image_logits, image_logits[..., 1].exp().mean(dim=1)
+        if rule in ("global", "global_ln_post"):
+            # AnomalyCLIP: the image score and its loss come from the global embedding alone. Its
+            # map, the mean over layers of (p_abnormal + 1 - p_normal) / 2, is text_map: with two
+            # classes p_normal = 1 - p_abnormal.
+            image_logits = self._logits(global_embedding, text)[:, None]                 # [B,1,2]
+            return image_logits, image_logits.double().softmax(dim=-1)[:, 0, 1]
+        terms = [self._logits(global_embedding, text)]                                   # max_patch: [B,2]
+        for features in det_features:
+            # Detection branch: the logits of the most abnormal patch (a lesion may be tiny).
+            logits = self._logits(features, text)                                          # [B,N,2]
+            top = (logits[..., 1] - logits[..., 0]).argmax(dim=1)
+            terms.append(logits[torch.arange(logits.shape[0], device=logits.device), top])
+        image_logits = torch.stack(terms, dim=1)                                          # [B,T,2]
+        # Image score: the image-level terms' mean abnormal probability, averaged with the map's
+        # maximum (the map localises small lesions that the image-level terms miss).
+        probabilities = image_logits.double().softmax(dim=-1)[..., 1].mean(dim=1)
+        return image_logits, 0.5 * probabilities + 0.5 * text_map.flatten(1).amax(dim=1)
 
     def _upsample(self, patch_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Per-layer patch values [B,L,N] -> bilinear maps [B,L,H,W].

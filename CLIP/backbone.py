@@ -340,7 +340,7 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     # ---- passes ----
     @abc.abstractmethod
     def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
-                     vv_from: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     vv_from: int | None = None, global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the image tower block by block.
 
         images [B,3,H,W] (normalised); taps: 1-based layers. ``after_layer(layer, x)`` is called
@@ -350,6 +350,8 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
         ``value_attention``; no hook then): from that layer on a second stream adds each block's
         v-v self-attention of the original stream, without MLP (AnomalyCLIP's DPAM); taps from
         that layer on return it, and the global embedding still comes from the original stream.
+        ``global_norm`` False (where ``value_attention``): the global embedding skips the tower's
+        final norm, the pooled token @ the projection, as AnomalyCLIP's code returns it.
         """
 
     @abc.abstractmethod

@@ -100,7 +100,7 @@ class OpenCLIPBackbone(Backbone):
 
     # ---- image side ----
     def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
-                     vv_from: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     vv_from: int | None = None, global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         if vv_from is not None and after_layer is not None:
             raise ValueError("the v-v attention path takes no layer hook")
         visual = self.clip.visual
@@ -118,7 +118,7 @@ class OpenCLIPBackbone(Backbone):
                 tapped[index] = x if value_stream is None else value_stream
                 if after_layer is not None:
                     x = after_layer(index, x)
-        pooled, _ = visual._pool(x)
+        pooled, _ = visual._pool(x) if global_norm else visual._global_pool(x)
         return pooled @ visual.proj, tapped
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,10 @@ class TimmHFBackbone(Backbone):
 
     # ---- image side ----
     def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
-                     vv_from: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        if vv_from is not None:
-            raise ValueError("the v-v attention path (DPAM) is implemented for open_clip CLIP image towers only")
+                     vv_from: int | None = None, global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        if vv_from is not None or not global_norm:
+            raise ValueError("the v-v attention path (DPAM) and the un-normalised global embedding (AnomalyCLIP) "
+                             "are implemented for open_clip CLIP image towers only")
         trunk = self.trunk
         x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))  # [B,P+N,W]
         taps = set(taps)

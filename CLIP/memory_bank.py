@@ -4,8 +4,10 @@ A test patch's bank distance is 1 - its highest cosine similarity to the bank's 
 layer. The text map and the bank map live on different scales, so both are standardised with
 statistics of the *support* images (never the test set): every normal support image is scored
 against the bank built without it (leave one image out, its augmentations included). The combined
-map is ``sigmoid((1-w) z_text + w z_bank)``; the combined image score is the same rule applied to
-the text image score and the maximum of the bank map.
+map is ``z = (1-w) z_text + w z_bank``; the combined image score is the same rule applied to the
+text image score and the maximum of the bank map. Both are kept as z, unbounded, not squashed
+into [0,1]: a sigmoid saturates to exactly 1 at z > 16.6 in float32 (36.7 in float64), and
+support statistics of a few images make such z common, so distinct scores would tie.
 """
 from __future__ import annotations
 
@@ -58,9 +60,10 @@ class MemoryBank(nn.Module):
 
     def combine(self, text_map: torch.Tensor, bank_map: torch.Tensor, text_score: torch.Tensor,
                 weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Combined map [B,H,W] and image score [B], both in [0,1] (see the module docstring)."""
+        """Combined map [B,H,W] and image score [B], both z values in float64 (module docstring)."""
         (mt, st), (mb, sb), (ms, ss), (mbs, sbs) = self.statistics.tolist()
+        text_map, bank_map, text_score = text_map.double(), bank_map.double(), text_score.double()
         bank_score = bank_map.flatten(1).max(dim=1).values
         pixel = (1 - weight) * (text_map - mt) / (st + EPS) + weight * (bank_map - mb) / (sb + EPS)
         image = (1 - weight) * (text_score - ms) / (ss + EPS) + weight * (bank_score - mbs) / (sbs + EPS)
-        return torch.sigmoid(pixel), torch.sigmoid(image)
+        return pixel, image

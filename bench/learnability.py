@@ -1,6 +1,6 @@
 """Do the prompts, adapters and losses learn, without pretrained weights? (demo set, tiny model, CPU)
 
-    python bench/learnability.py [--epoch 15 --image_size 224]
+    python bench/learnability.py [--epoch 15 --image_size 224] [any further train.py flags, e.g. --wording medical]
 
 Trains the tiny random-weight backbone on the demo set's valid split (train.py, selection on a
 held-out part), then scores the test split with the FINAL weights (not the best epoch). Prints the
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--save_path", help="keep the run here (default: a temporary folder)")
-    args = parser.parse_args()
+    args, train_flags = parser.parse_known_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     root = ensure_demo()
@@ -53,7 +53,7 @@ def main() -> None:
     flags = ["--train_data_path", root, "--model_name", "tiny", "--pretrained", "none",
              "--image_size", str(args.image_size), "--epoch", str(args.epoch), "--batch_size", str(args.batch_size),
              "--learning_rate", str(args.learning_rate), "--seed", str(args.seed), "--num_workers", "2",
-             "--device", "cpu", "--save_path", save_path]
+             "--device", "cpu", "--save_path", save_path, *train_flags]
 
     test_set = MedicalDataset(list_samples(root, "test"), args.image_size)
     loader = DataLoader(test_set, batch_size=16, num_workers=2)
@@ -77,7 +77,7 @@ def main() -> None:
     image_after = metrics.image_auroc(after_predictions.labels, after_predictions.scores)
 
     print(f"training: {args.epoch} epochs in {seconds:.0f} s (CPU, tiny random-weight backbone, "
-          f"image_size {args.image_size}); run in {save_path}")
+          f"image_size {args.image_size}{', ' + ' '.join(train_flags) if train_flags else ''}); run in {save_path}")
     print(f"{'':28s} {'all pixels':>10s} {'brain only':>10s}")
     print(f"{'raw intensity (no learning)':28s} {raw[0]:10.3f} {raw[1]:10.3f}")
     print(f"{'MedVMAD before training':28s} {before[0]:10.3f} {before[1]:10.3f}")

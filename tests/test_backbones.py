@@ -126,12 +126,16 @@ def test_bert_prompt_frame_puts_the_context_after_cls(biomedclip, biomedclip_nam
         biomedclip.text_frame(["healthy brain."], 2, fits - 1)
 
 
-def test_learnable_prompts_on_bert_reach_the_text_features(biomedclip):
+@pytest.mark.parametrize("wording, context, deep_layers", [("report", slice(1, 5), 1), ("medical", slice(3, 7), 2)])
+def test_learnable_prompts_on_bert_reach_the_text_features(biomedclip, wording, context, deep_layers):
+    """The seed's prompts (deep tokens over the first context positions, from the 2nd layer) and the
+    medical option's (deep tokens in slots of their own before the context, from the 1st)."""
     torch.manual_seed(0)
-    model = MedVMAD(MedVMADConfig(BackboneConfig(biomedclip.config.model_name, "none", SIZE),
+    model = MedVMAD(MedVMADConfig(BackboneConfig(biomedclip.config.model_name, "none", SIZE), wording=wording,
                                   n_ctx=4, depth=2, t_n_ctx=2), backbone=biomedclip)
     prompts = model.prompts
-    assert prompts.context_slice == slice(3, 7) and prompts.frame.shape[:2] == (2, 32)
+    assert prompts.context_slice == context and prompts.frame.shape[:2] == (2, 32)
+    assert prompts.deep.shape[0] == deep_layers and prompts.first_deep_layer == 2 - deep_layers
     features = prompts(biomedclip)
     (features[1] - features[0]).sum().backward()
     # every context vector and every deep token of both layers reaches the features

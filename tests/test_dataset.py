@@ -88,7 +88,8 @@ def test_classification_only(tmp_path):
     samples = list_samples(str(root), "test")
     assert [(s.label, s.mask_path) for s in samples] == [(0, None), (1, None)]
     data = MedicalDataset(samples, 16)
-    assert not data[1]["has_mask"] and data[0]["has_mask"]
+    # a source without masks has no pixel truth, its normal images included (image loss only, as MVFA)
+    assert not data[1]["has_mask"] and not data[0]["has_mask"]
 
 
 def test_meta_json(tmp_path, brain):

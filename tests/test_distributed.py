@@ -271,6 +271,10 @@ def test_a_set_smaller_than_a_batch_with_unused_weights_recomputed_blocks_and_bf
     train.main([*args, "--save_path", str(tmp_path / "one")])
     one, two, bf16 = (torch.load(tmp_path / name / "epoch_2.pth", weights_only=True)
                       for name in ("one", "two", "two_bf16"))
+    # 5e-5 (a twentieth of one Adam step of lr 1e-3): Adam divides by the gradients' own size, so
+    # where a weight's two steps' gradients nearly cancel (betas 0.5, 0.999), the summation order of
+    # 1 vs 2 processes (1e-7 relative) moves its update by a few percent of a step; a wrong divisor or
+    # a skipped weight moves whole steps
     for key, weight in one["trainable"].items():
-        torch.testing.assert_close(two["trainable"][key], weight, atol=1e-5, rtol=0, msg=key)
+        torch.testing.assert_close(two["trainable"][key], weight, atol=5e-5, rtol=0, msg=key)
     assert bf16["train_loss"]["loss"] == pytest.approx(two["train_loss"]["loss"], rel=2e-2)

@@ -39,9 +39,10 @@ def test_output_shapes_and_ranges(tiny_model):
     assert out.image_score.shape == (3,)
     assert out.anomaly_map.shape == (3, TINY_SIZE, TINY_SIZE)
     assert out.layer_logits.shape == (3, 4, TINY_SIZE, TINY_SIZE)
-    assert out.image_logits.shape == (3, 5, 2)
+    assert out.image_logits.shape == (3, 4, 2)  # mean_patch: one term per detection layer
     assert len(out.patch_features) == 4 and out.patch_features[0].shape == (3, 16, 32)
     for tensor in (out.image_score, out.anomaly_map):
+        assert tensor.dtype == torch.float64  # probabilities in float64: no ties by saturation
         assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
 
 
@@ -73,7 +74,7 @@ def test_logits_are_clip_logit_scale_times_cosine():
         expected = F.interpolate(gap.reshape(2, 1, grid, grid), size=(TINY_SIZE, TINY_SIZE),
                                  mode="bilinear", align_corners=False)[:, 0]
         torch.testing.assert_close(out.layer_logits[:, layer], expected, atol=1e-4, rtol=1e-5)
-    expected_map = gaussian_blur(torch.sigmoid(out.layer_logits).mean(dim=1), model.config.sigma)
+    expected_map = gaussian_blur(torch.sigmoid(out.layer_logits.double()).mean(dim=1), model.config.sigma)
     torch.testing.assert_close(out.anomaly_map, expected_map)
 
 
@@ -85,7 +86,7 @@ def test_backbone_frozen_prompts_and_adapters_learn(tiny_model):
         assert not parameter.requires_grad and parameter.grad is None, name
     trainable = dict(tiny_model.named_parameters())
     for name in ("prompts.context", "prompts.deep", "seg_adapters.0.down.weight",
-                 "det_adapters.3.up.weight", "seg_adapters.3.down.weight"):
+                 "det_adapters.2.up.weight", "seg_adapters.3.down.weight", "det_adapters.3.down.weight"):
         grad = trainable[name].grad
         assert grad is not None and float(grad.abs().sum()) > 0, name
 
@@ -100,8 +101,11 @@ def test_maps_of_different_layers_differ(tiny_model):
             assert not torch.allclose(out.patch_features[i], out.patch_features[j])
 
 
-def test_adapters_change_the_residual_stream(tiny_model):
-    """alpha=0 leaves the last layer's CLS untouched; alpha=0.1 changes the global embedding."""
+def test_adapters_change_the_residual_stream():
+    """alpha=0 leaves the last layer's CLS untouched; alpha=0.1 changes the global embedding (the
+    max_patch rule's first image term)."""
+    torch.manual_seed(0)
+    tiny_model = MedVMAD(tiny_config(image_score="max_patch"))
     images = torch.randn(1, 3, TINY_SIZE, TINY_SIZE)
     tiny_model.eval()
     with torch.no_grad():
@@ -220,16 +224,22 @@ def test_zero_training_baseline_uses_projected_tokens_and_ensemble():
         out = model(images)
         global_embedding = model.backbone.encode_image(model.backbone.normalize(images), [])[0]
         global_probability = model._logits(global_embedding, model.text_features()).softmax(-1)[:, 1]
-    expected = 0.5 * global_probability + 0.5 * out.anomaly_map.flatten(1).max(dim=1).values
+    expected = 0.5 * global_probability.double() + 0.5 * out.anomaly_map.flatten(1).max(dim=1).values
     assert torch.allclose(out.image_score, expected, atol=1e-5)
+    assert (model.config.wording, model.config.image_score) == ("medical", "max_patch")
     assert out.image_logits.shape == (2, 1, 2)
 
 
-def test_gaussian_blur_matches_scipy():
-    maps = torch.rand(2, 40, 50)
-    ours = gaussian_blur(maps, 2.0).numpy()
-    reference = np.stack([ndimage.gaussian_filter(m, 2.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 30.0])  # 30: a radius of 120, wider than the map (mirrored again)
+def test_gaussian_blur_matches_scipy(sigma):
+    maps = torch.rand(2, 40, 50, dtype=torch.float64)
+    ours = gaussian_blur(maps, sigma).numpy()
+    reference = np.stack([ndimage.gaussian_filter(m, sigma, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    np.testing.assert_allclose(ours, reference, atol=1e-12)
+    np.testing.assert_allclose(gaussian_blur(maps.float(), sigma).numpy(), reference, atol=1e-5)
+    line = torch.rand(1, 1, 7, dtype=torch.float64)                      # a map one pixel high
+    np.testing.assert_allclose(gaussian_blur(line, sigma).numpy()[0],
+                               ndimage.gaussian_filter(line.numpy()[0], sigma, mode="mirror", truncate=4.0), atol=1e-12)
 
 
 def test_focal_and_dice_hand_values():
@@ -268,7 +278,7 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
     dice = sum(np.mean([1 - (2 * (p[i, l] * y[i]).sum() + 1) / (p[i, l].sum() + y[i].sum() + 1)
                         for i in range(len(y))]) for l in range(2))
     q = 1 / (1 + np.exp(-(image_logits[..., 1] - image_logits[..., 0])))
-    bce = np.mean(-(labels[:, None] * np.log(q) + (1 - labels[:, None]) * np.log(1 - q)))
+    bce = np.mean(np.sum(-(labels[:, None] * np.log(q) + (1 - labels[:, None]) * np.log(1 - q)), axis=1))
     assert float(parts["focal"]) == pytest.approx(focal, rel=1e-5)
     assert float(parts["dice"]) == pytest.approx(dice, rel=1e-5)
     assert float(parts["image"]) == pytest.approx(bce, rel=1e-5)
@@ -419,7 +429,7 @@ def test_bf16_autocast_training_step_keeps_fp32_weights(tiny_model):
     images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     with autocast(torch.device("cpu"), "bf16"):
         out = tiny_model(images)
-    assert out.anomaly_map.dtype == torch.float32 and out.image_score.dtype == torch.float32  # no bf16 ties
+    assert out.anomaly_map.dtype == torch.float64 and out.image_score.dtype == torch.float64  # no bf16 ties
     parts = medvmad_loss(out, torch.zeros(2, TINY_SIZE, TINY_SIZE), torch.tensor([0, 1]),
                          torch.ones(2, dtype=torch.bool), LossWeights())
     assert parts["loss"].dtype == torch.float32 and torch.isfinite(parts["loss"])

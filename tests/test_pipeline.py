@@ -275,9 +275,13 @@ def test_best_checkpoint_is_the_epoch_with_the_best_mean_of_image_and_pixel_auro
                     dict(image_auroc=0.7, pixel_auroc=0.7),   # mean 0.70: best
                     dict(image_auroc=0.3, pixel_auroc=0.8)])  # mean 0.55, last
     monkeypatch.setattr(train, "compute_metrics", lambda predictions: next(planned))
-    run_train(tmp_path / "run", small, "--epoch", "3")
+    run_train(tmp_path / "run", small, "--epoch", "3", "--keep", "best")
     best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
     assert best["epoch"] == 2 and best["selection_metrics"]["pixel_auroc"] == pytest.approx(0.7)
+    # medvmad's recipe keeps the last epoch, as the seed's code evaluates its final one
+    planned = iter([dict(image_auroc=0.9, pixel_auroc=0.4), dict(image_auroc=0.3, pixel_auroc=0.8)])
+    run_train(tmp_path / "last", small, "--epoch", "2")
+    assert torch.load(tmp_path / "last" / "best.pth", weights_only=True)["epoch"] == 2
     # (its threshold, F1-max over all selection sources pooled, is pinned in test_faithful.py)
 
 
