@@ -28,12 +28,14 @@ QUICK_GELU = {"auto": None, "on": True, "off": False}
 RECIPE_FILE = Path(__file__).resolve().parent / "recipes.json"
 # The train.py flags a recipe sets when they are not given; with --k_shot, epoch and learning_rate
 # come from the recipe's fewshot_epoch and fewshot_learning_rate.
-RECIPE_KEYS = ("image_size", "epoch", "batch_size", "learning_rate", "adam_betas", "keep", "n_ctx", "depth", "t_n_ctx",
-               "alpha", "sigma", "focal_weight", "dice_weight", "normal_dice_weight", "image_weight")
+RECIPE_KEYS = ("image_size", "epoch", "batch_size", "learning_rate", "adam_betas", "keep", "features_list", "n_ctx",
+               "depth", "t_n_ctx", "alpha", "sigma", "focal_weight", "dice_weight", "normal_dice_weight",
+               "image_weight")
 
 
 def load_recipes() -> dict[str, dict[str, Any]]:
-    """recipes.json: {name: {flag: value, ..., "source": where the values come from}}."""
+    """recipes.json: {name: {flag: value, ..., "source": where the values come from}}; a
+    ``features_list`` of null is the model's default (4 evenly spaced), -1 its last layer."""
     recipes = json.loads(RECIPE_FILE.read_text())
     for name, recipe in recipes.items():
         missing = [key for key in RECIPE_KEYS + ("fewshot_epoch", "fewshot_learning_rate") if key not in recipe]
@@ -50,8 +52,8 @@ def apply_recipe(args: argparse.Namespace) -> list[str]:
     fewshot = {"epoch": "fewshot_epoch", "learning_rate": "fewshot_learning_rate"} if args.k_shot else {}
     filled = [key for key in RECIPE_KEYS if getattr(args, key) is None]
     for key in filled:
-        value = recipe[fewshot.get(key, key)]
-        setattr(args, key, tuple(value) if isinstance(value, list) else value)
+        setattr(args, key, recipe[fewshot.get(key, key)])
+    args.adam_betas = tuple(args.adam_betas)  # the same type whether given or from the recipe (resume compares)
     return filled
 
 

@@ -3,7 +3,7 @@ without running the model again.
 
 One dataset ``NAME`` of a run is three files in ``<save_path>/maps/``:
 
-    NAME.npy         float32 [N,H,W] anomaly maps (or float16 with --map_dtype float16)
+    NAME.npy         float64 [N,H,W] anomaly maps (or float32/float16 with --map_dtype)
     NAME_masks.npy   bool [N,H,W] ground-truth masks (all False for normal images)
     NAME.json        {"paths": [N], "labels": [N], "scores": [N], "has_masks": bool}, row order
                      of the arrays; written last
@@ -72,5 +72,5 @@ def load_maps(folder: str | os.PathLike, name: str, mmap: bool = True) -> Predic
         raise InputError(f"saved maps {name} in {folder}: {len(index['paths'])} paths, maps "
                          f"{maps.shape} and masks {masks.shape} do not match")
     return Predictions(paths=index["paths"], labels=np.asarray(index["labels"], dtype=np.int64),
-                       scores=np.asarray(index["scores"], dtype=np.float32), maps=maps, masks=masks,
+                       scores=np.asarray(index["scores"], dtype=np.float64), maps=maps, masks=masks,
                        has_masks=bool(index["has_masks"]))

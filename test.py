@@ -62,10 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                         help="write overlays for N normal and N abnormal images per dataset, and ROC/PRO curves")
     evaluation_args = parser.add_argument_group("evaluation")
-    evaluation_args.add_argument("--map_dtype", default="float32", choices=list(MAP_DTYPES),
-                                 help="precision of the stored maps, whose metrics are exact at it: float32; float64 "
-                                      "(the model's own: twice the memory; pixels whose probability is within 6e-8 "
-                                      "of 1 stay apart); float16 (half the memory; metrics describe the rounded maps)")
+    evaluation_args.add_argument("--map_dtype", default="float64", choices=list(MAP_DTYPES),
+                                 help="precision of the stored maps, whose metrics are exact at it: float64 (the "
+                                      "model's own); float32 (half the memory; pixels within 6e-8 of 1 round to 1 "
+                                      "and tie); float16 (a quarter; metrics describe the rounded maps)")
     evaluation_args.add_argument("--max_ram_maps_gb", type=non_negative_float,
                                  help="keep a dataset's maps and masks in RAM up to this size, else stream them to "
                                       "memory-mapped files in --save_path (default: half the available memory)")
@@ -280,10 +280,13 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
                       "interval": "95% percentile"} if args.bootstrap else None,
         "support_files": support_sources,
+        # few-shot scores and maps are the memory bank's z values (CLIP/memory_bank.py), on another
+        # scale than the checkpoint's threshold, which was chosen on probabilities without a bank
+        "score_scale": "z" if args.k_shot else "probability",
         "args": vars(args),
         "checkpoint": None if checkpoint is None else {
             "path": os.path.abspath(args.checkpoint_path), "epoch": checkpoint.get("epoch"),
-            "config": checkpoint["config"], "threshold": checkpoint.get("threshold")},
+            "config": checkpoint["config"], "threshold": None if args.k_shot else checkpoint.get("threshold")},
         "versions": versions(),
         "seconds": round(time.time() - started, 2),
     }

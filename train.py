@@ -123,8 +123,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Flags a resumed run must share with the run it continues (the model config is compared too).
 RESUME_KEYS = ("train_data_path", "dataset", "train_split", "valid_data_path", "valid_split", "holdout_fraction",
-               "k_shot", "fewshot_seed", "support_file", "batch_size", "learning_rate", "adam_betas", "focal_weight",
-               "dice_weight", "normal_dice_weight", "image_weight", "seed", "precision", "skip_bad")
+               "k_shot", "fewshot_seed", "support_file", "batch_size", "learning_rate", "adam_betas", "keep",
+               "focal_weight", "dice_weight", "normal_dice_weight", "image_weight", "seed", "precision", "skip_bad")
+
+
+def stored_run_args(stored: dict) -> dict:
+    """A checkpoint's saved arguments as today's: runs from before recipes used Adam betas (0.5,
+    0.999), kept the best epoch and added the normal channel's dice (at --dice_weight) for
+    anomalyclip alone; sequences compare as tuples."""
+    legacy = {"adam_betas": (0.5, 0.999), "keep": "best",
+              "normal_dice_weight": stored.get("dice_weight") if stored.get("variant") == "anomalyclip" else 0.0}
+    values = {**legacy, **stored}
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -198,10 +208,13 @@ def read_resume_state(path: Path, config: MedVMADConfig, args: argparse.Namespac
                          + ", ".join(differing) + " (a checkpoint from before a field existed lacks it)")
     if not isinstance(state["args"], dict):
         raise InputError(f"--resume {path}: its saved arguments are damaged")
-    changed = [key for key in RESUME_KEYS if state["args"].get(key) != vars(args).get(key)]
+    stored = stored_run_args(state["args"])
+    current = {key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()}
+    changed = [key for key in RESUME_KEYS if stored.get(key) != current.get(key)]
     if changed:
         raise InputError(f"--resume {path}: the run was started with other "
-                         + ", ".join(f"--{key} {state['args'].get(key)}" for key in changed))
+                         + ", ".join(f"--{key} {' '.join(map(str, stored[key])) if isinstance(stored.get(key), tuple) else stored.get(key)}"
+                                     for key in changed))
     return state
 
 

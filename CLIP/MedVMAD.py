@@ -63,6 +63,9 @@ def upgrade_config(values: dict) -> dict:
     if "image_score" not in values:
         values["image_score"] = {"mvfa": "mean_patch", "anomalyclip": "global_ln_post"}.get(variant, "max_patch")
     values.setdefault("logit_scale", "learned")
+    values.setdefault("blur_boundary", "mirror")  # smoothed with scipy's mode "mirror" until the codes' reflect
+    if variant == "anomalyclip" and "dpam_from" not in values:  # DPAM started at the first tapped layer
+        values["dpam_from"] = (values.get("features_list") or [None])[0]
     return values
 
 
@@ -73,18 +76,20 @@ class MedVMADConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     variant: str = "medvmad"                 # a VARIANTS row
     organ: str = "brain"                     # the organ named in the prompts / ensemble
-    features_list: list[int] | None = None   # 1-based tapped layers; None: 4 evenly spaced
+    features_list: list[int] | None = None   # 1-based tapped layers (-1: the last); None: 4 evenly spaced
     adapters: bool = True                    # False: zero-training baseline (projected tokens)
     learnable_prompts: bool = True           # False: fixed prompt ensemble
     wording: str | None = None               # prompt_ensemble's LEARNABLE/ENSEMBLE_WORDINGS; None: the variant's
     image_score: str | None = None           # IMAGE_SCORES; None: the variant's
     logit_scale: float | str | None = None   # cosine multiplier: "learned" (CLIP's own), a number; None: the variant's
     seed_code: bool = False                  # the seed code's rules: logit scale 1, its wording (and, in train.py, loss)
+    dpam_from: int | None = None             # anomalyclip: first layer (1-based) of DPAM's v-v stream; None: the variant's
     alpha: float = 0.1                       # stream = (1-2a) x + a seg + a det
     n_ctx: int = 12
     depth: int = 9
     t_n_ctx: int = 4
     sigma: float = 4.0                       # Gaussian smoothing of the final map, in pixels
+    blur_boundary: str = "reflect"           # its boundary, scipy's mode: reflect (the codes'); mirror (before)
     fewshot_weight: float = 0.5              # weight of the memory-bank map when a bank is built
 
     def to_dict(self) -> dict:
@@ -130,6 +135,8 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
         1.0 if config.seed_code else variant["logit_scale"]
     if logit_scale != "learned" and not (isinstance(logit_scale, (int, float)) and 0 < logit_scale < math.inf):
         raise ValueError(f"logit_scale {logit_scale!r}: 'learned' or a positive number")
+    if config.blur_boundary not in ("reflect", "mirror"):
+        raise ValueError(f"blur_boundary {config.blur_boundary!r}: reflect or mirror")
     if image_score not in IMAGE_SCORES:
         raise ValueError(f"--image_score {image_score}: one of {', '.join(IMAGE_SCORES)}")
     if config.variant == "anomalyclip" and not backbone.value_attention:
@@ -139,8 +146,17 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
         raise ValueError("--image_score global (AnomalyCLIP's un-normalised class token) needs an open_clip "
                          "CLIP ViT image tower")
     num_layers = backbone.num_layers
-    features_list = list(default_features_list(num_layers) if config.features_list is None
-                         else config.features_list)
+    features_list = [layer + num_layers + 1 if isinstance(layer, int) and layer < 0 else layer
+                     for layer in (default_features_list(num_layers) if config.features_list is None
+                                   else config.features_list)]
+    dpam_from = config.dpam_from
+    if config.variant == "anomalyclip":
+        # AnomalyCLIP's DAPM_replace(DPAM_layer=20) gives the last 19 blocks the v-v path (6..24 of 24)
+        dpam_from = max(1, num_layers - 18) if dpam_from is None else dpam_from
+        if not 1 <= dpam_from <= num_layers:
+            raise ValueError(f"dpam_from {dpam_from}: a layer of the model's {num_layers}")
+    elif dpam_from is not None:
+        raise ValueError(f"dpam_from {dpam_from}: DPAM belongs to --variant anomalyclip")
     if not features_list:
         raise ValueError("--features_list: give at least one layer")
     bad = [layer for layer in features_list if not 1 <= layer <= num_layers]
@@ -149,7 +165,7 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
     if len(set(features_list)) != len(features_list):
         raise ValueError(f"--features_list {features_list}: layers repeat")
     return replace(config, backbone=replace(built), features_list=features_list, wording=wording,
-                   image_score=image_score, logit_scale=logit_scale)
+                   image_score=image_score, logit_scale=logit_scale, dpam_from=dpam_from)
 
 
 @dataclass
@@ -190,31 +206,35 @@ def mean_patch_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _blur_matrix(size: int, sigma: float, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """[size,size] matrix of a 1-D Gaussian blur along one axis: radius 4 sigma, mirror padding
-    (scipy mode "mirror": reflected about the edge pixels, repeatedly when the radius exceeds the size).
-    Built outside inference mode, so the cached matrix also serves passes that autograd records."""
+def _blur_matrix(size: int, sigma: float, boundary: str, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """[size,size] matrix of a 1-D Gaussian blur along one axis: radius 4 sigma, scipy's boundary
+    ``mode`` "reflect" (d c b a | a b c d | d c b a) or "mirror" (d c b | a b c d | c b a), repeatedly
+    when the radius exceeds the size. Built outside inference mode, so the cached matrix also serves
+    passes that autograd records."""
     with torch.inference_mode(False):
         radius = int(4 * sigma + 0.5)
         offsets = torch.arange(-radius, radius + 1)
         kernel = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
         kernel /= kernel.sum()
-        # Mirroring repeats with period 2 (size - 1): fold the kernel onto one period, then reflect.
-        period = max(2 * (size - 1), 1)
+        # Either boundary repeats with a period: fold the kernel onto one period, then reflect.
+        period = 2 * size if boundary == "reflect" else max(2 * (size - 1), 1)
         folded = torch.zeros(period, dtype=torch.float64).index_add_(0, offsets % period, kernel)
         sources = (torch.arange(size)[:, None] + torch.arange(period)[None, :]) % period     # [size,period]
-        sources = torch.where(sources > size - 1, period - sources, sources)
+        last = period - 1 if boundary == "reflect" else period                               # the mirror image
+        sources = torch.where(sources >= size, last - sources, sources)
         matrix = torch.zeros(size, size, dtype=torch.float64).scatter_add_(1, sources, folded.expand(size, -1))
         return matrix.to(device=device, dtype=dtype)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of maps [B,H,W] as two matrix products, rows then columns
-    (radius 4 sigma, scipy's mode "mirror"; exact for any sigma, and fast in float64 too)."""
+def gaussian_blur(maps: torch.Tensor, sigma: float, boundary: str = "reflect") -> torch.Tensor:
+    """Gaussian smoothing of maps [B,H,W] as the seed's and AnomalyCLIP's test.py do it
+    (``scipy.ndimage.gaussian_filter(map, sigma)``: radius 4 sigma, mode "reflect"; ``boundary``
+    "mirror" for checkpoints of before), written as two matrix products, rows then columns: exact
+    for any sigma, and fast in float64 too."""
     if sigma <= 0:
         return maps
-    rows = _blur_matrix(maps.shape[-2], float(sigma), maps.dtype, str(maps.device))
-    columns = _blur_matrix(maps.shape[-1], float(sigma), maps.dtype, str(maps.device))
+    rows = _blur_matrix(maps.shape[-2], float(sigma), boundary, maps.dtype, str(maps.device))
+    columns = _blur_matrix(maps.shape[-1], float(sigma), boundary, maps.dtype, str(maps.device))
     return rows @ maps @ columns.t()
 
 
@@ -323,8 +343,8 @@ class MedVMAD(nn.Module):
             return (1 - 2 * alpha) * tokens + alpha * seg_out + alpha * det_out
 
         hook = adapt if self.seg_adapters is not None else None
-        # AnomalyCLIP's DPAM: the maps read a v-v attention stream from the first tapped layer on.
-        vv_from = self.features_list[0] if self.config.variant == "anomalyclip" else None
+        # AnomalyCLIP's DPAM: the maps read a v-v attention stream from layer dpam_from on.
+        vv_from = self.config.dpam_from
         # AnomalyCLIP's code returns the class token @ proj without ln_post (its patches get ln_post).
         global_embedding, tapped = self.backbone.encode_image(images, self.features_list, hook, vv_from,
                                                               global_norm=self.config.image_score != "global")
@@ -351,7 +371,8 @@ class MedVMAD(nn.Module):
         # Logits are upsampled (as MVFA does), then turned into probabilities: 2-class softmax of
         # bilinear logits = sigmoid of the bilinear logit gap. The loss works on the same logits.
         layer_logits = self._upsample(gaps, size)                                         # [B,L,H,W]
-        text_map = gaussian_blur(torch.sigmoid(layer_logits.double()).mean(dim=1), self.config.sigma)
+        text_map = gaussian_blur(torch.sigmoid(layer_logits.double()).mean(dim=1), self.config.sigma,
+                                 self.config.blur_boundary)
         image_logits, image_score = self._image_terms(global_embedding, det_features, seg_features, text, text_map)
 
         normalised = [features / features.norm(dim=-1, keepdim=True) for features in seg_features]
@@ -410,7 +431,7 @@ class MedVMAD(nn.Module):
 
     def _bank_map(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bank distances [B,L,N] -> smoothed mean map [B,H,W]."""
-        return gaussian_blur(self._upsample(distances, size).mean(dim=1), self.config.sigma)
+        return gaussian_blur(self._upsample(distances, size).mean(dim=1), self.config.sigma, self.config.blur_boundary)
 
     @torch.no_grad()
     def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor, batch_size: int = 8) -> None:

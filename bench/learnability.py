@@ -3,7 +3,8 @@
     python bench/learnability.py [--epoch 15 --image_size 224] [any further train.py flags, e.g. --wording medical]
 
 Trains the tiny random-weight backbone on the demo set's valid split (train.py, selection on a
-held-out part), then scores the test split with the FINAL weights (not the best epoch). Prints the
+held-out part), then scores the test split with the FINAL weights (``--evaluate best``: best.pth,
+the epoch train.py kept). Prints the
 test pixel AUROC before and after training, over all pixels and over pixels inside the brain only
 (background is easy: raw intensity alone separates it), beside a no-learning baseline that uses the
 raw image intensity as the anomaly map. Last line: ``pixel_auroc_after X brain_pixel_auroc_after Y``
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--save_path", help="keep the run here (default: a temporary folder)")
+    parser.add_argument("--evaluate", choices=["final", "best"], default="final",
+                        help="score the final epoch's weights or best.pth (what --keep chose)")
     args, train_flags = parser.parse_known_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
@@ -69,7 +72,8 @@ def main() -> None:
     started = time.time()
     train.main(flags)
     seconds = time.time() - started
-    final, _ = load_model(Path(save_path) / f"epoch_{args.epoch}.pth", device)
+    final, _ = load_model(Path(save_path) / ("best.pth" if args.evaluate == "best" else f"epoch_{args.epoch}.pth"),
+                          device)
     after_predictions = predict(final, loader, device, desc="after")
     after = pixel_aurocs(after_predictions, brain)
     raw = pixel_aurocs(Predictions(after_predictions.paths, after_predictions.labels, after_predictions.scores,
@@ -81,7 +85,8 @@ def main() -> None:
     print(f"{'':28s} {'all pixels':>10s} {'brain only':>10s}")
     print(f"{'raw intensity (no learning)':28s} {raw[0]:10.3f} {raw[1]:10.3f}")
     print(f"{'MedVMAD before training':28s} {before[0]:10.3f} {before[1]:10.3f}")
-    print(f"{'MedVMAD after (final epoch)':28s} {after[0]:10.3f} {after[1]:10.3f}")
+    print(f"{'MedVMAD after (' + ('best.pth' if args.evaluate == 'best' else 'final epoch') + ')':28s} "
+          f"{after[0]:10.3f} {after[1]:10.3f}")
     print(f"image_auroc_after {image_after:.3f}")
     print(f"pixel_auroc_after {after[0]:.3f} brain_pixel_auroc_after {after[1]:.3f}")
 

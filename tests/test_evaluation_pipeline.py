@@ -29,11 +29,11 @@ def run(demo: str, out, *extra: str) -> dict:
     return test_script.main(["--data_path", demo, "--save_path", str(out), *BASELINE, *extra])
 
 
-def test_saved_float32_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo):
+def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo):
     summary = run(demo, tmp_path / "a", "--save_maps", "--bootstrap", "50", "--max_ram_maps_gb", "0")
     name, values = next(iter(summary["datasets"].items()))
     saved = load_maps(tmp_path / "a" / "maps", name)
-    assert saved.maps.dtype == np.float32 and isinstance(saved.maps, np.memmap)
+    assert saved.maps.dtype == np.float64 and isinstance(saved.maps, np.memmap)  # the default --map_dtype
     assert saved.maps.shape == saved.masks.shape == (10, SIZE, SIZE)
     assert len(saved.paths) == 10 and all(os.path.isfile(p) for p in saved.paths)
     assert values["pixel_auroc"] == pytest.approx(roc_auc_score(saved.masks.ravel(), saved.maps.ravel()), abs=1e-9)

@@ -230,16 +230,21 @@ def test_zero_training_baseline_uses_projected_tokens_and_ensemble():
     assert out.image_logits.shape == (2, 1, 2)
 
 
-@pytest.mark.parametrize("sigma", [0.7, 2.0, 30.0])  # 30: a radius of 120, wider than the map (mirrored again)
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 30.0])  # 30: a radius of 120, wider than the map (reflected again)
 def test_gaussian_blur_matches_scipy(sigma):
+    """The codes' ``gaussian_filter(map, sigma)``: scipy's defaults, mode "reflect", truncate 4."""
     maps = torch.rand(2, 40, 50, dtype=torch.float64)
     ours = gaussian_blur(maps, sigma).numpy()
-    reference = np.stack([ndimage.gaussian_filter(m, sigma, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    reference = np.stack([ndimage.gaussian_filter(m, sigma) for m in maps.numpy()])
     np.testing.assert_allclose(ours, reference, atol=1e-12)
     np.testing.assert_allclose(gaussian_blur(maps.float(), sigma).numpy(), reference, atol=1e-5)
     line = torch.rand(1, 1, 7, dtype=torch.float64)                      # a map one pixel high
     np.testing.assert_allclose(gaussian_blur(line, sigma).numpy()[0],
-                               ndimage.gaussian_filter(line.numpy()[0], sigma, mode="mirror", truncate=4.0), atol=1e-12)
+                               ndimage.gaussian_filter(line.numpy()[0], sigma), atol=1e-12)
+    # checkpoints written before the codes' boundary was followed smooth as they did: mode "mirror"
+    mirrored = np.stack([ndimage.gaussian_filter(m, sigma, mode="mirror") for m in maps.numpy()])
+    np.testing.assert_allclose(gaussian_blur(maps, sigma, "mirror").numpy(), mirrored, atol=1e-12)
+    assert np.abs(mirrored - reference).max() > 1e-4
 
 
 def test_focal_and_dice_hand_values():

@@ -170,9 +170,11 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, demo):
     run_train(tmp_path / "whole", demo)
     train.main(["--train_data_path", demo, "--save_path", str(tmp_path / "split"), "--epoch", "1",
                 "--learning_rate", "1e-3", *TINY])
-    run_train(tmp_path / "split", demo, "--resume")
     with pytest.raises(InputError, match="started with other --learning_rate 0.001"):
         run_train(tmp_path / "split", demo, "--resume", "--learning_rate", "1e-2")
+    with pytest.raises(InputError, match="started with other --keep last"):
+        run_train(tmp_path / "split", demo, "--resume", "--keep", "best")
+    run_train(tmp_path / "split", demo, "--resume", "--adam_betas", "0.5", "0.999")  # the recipe's, given
     whole = torch.load(tmp_path / "whole" / "epoch_2.pth", weights_only=True)["trainable"]
     resumed = torch.load(tmp_path / "split" / "epoch_2.pth", weights_only=True)["trainable"]
     assert whole.keys() == resumed.keys()

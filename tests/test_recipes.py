@@ -30,13 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # zqhang/AnomalyCLIP train.py/train.sh (2024); MVFA-AD train_zero.py / train_few.py / test_*.py.
 PAPER_VALUES = {
     "medvmad": dict(image_size=336, epoch=10, batch_size=8, learning_rate=1e-3, adam_betas=(0.5, 0.999), n_ctx=12,
-                    depth=9, t_n_ctx=4, alpha=0.1, sigma=4, normal_dice_weight=1),
+                    depth=9, t_n_ctx=4, alpha=0.1, sigma=4, keep="last", features_list=None, focal_weight=1,
+                    dice_weight=1, normal_dice_weight=1),
     "text_only": dict(image_size=336, epoch=10, batch_size=8, learning_rate=1e-3, adam_betas=(0.5, 0.999),
-                      sigma=4, normal_dice_weight=1),
+                      sigma=4, keep="last", features_list=None, focal_weight=1, dice_weight=1, normal_dice_weight=1),
+    # its code's four taps are all layer 24 (references updated in place): the last layer, pixel loss x 4
     "anomalyclip": dict(image_size=518, epoch=15, batch_size=8, learning_rate=1e-3, adam_betas=(0.5, 0.999), n_ctx=12,
-                        depth=9, t_n_ctx=4, sigma=4, normal_dice_weight=1),
+                        depth=9, t_n_ctx=4, sigma=4, keep="last", features_list=[-1], focal_weight=4, dice_weight=4,
+                        normal_dice_weight=4),
     "mvfa": dict(image_size=240, epoch=50, batch_size=1, learning_rate=1e-4, adam_betas=(0.5, 0.999), alpha=0.1,
-                 sigma=0, normal_dice_weight=0),
+                 sigma=0, keep="best", features_list=None, focal_weight=1, dice_weight=1, normal_dice_weight=0),
 }
 
 
@@ -45,7 +48,7 @@ def test_each_variant_trains_with_its_own_papers_recipe(variant):
     args = train.parse_args(["--variant", variant])
     for key, value in PAPER_VALUES[variant].items():
         assert getattr(args, key) == value, key
-    assert args.recipe == variant and args.focal_weight == args.dice_weight == args.image_weight == 1
+    assert args.recipe == variant and args.image_weight == 1
     fewshot = train.parse_args(["--variant", variant, "--k_shot", "2"])
     assert (fewshot.learning_rate, fewshot.epoch) == (1e-3, 50)  # MVFA's few-shot script; ours follows it
 
@@ -71,6 +74,17 @@ def test_the_optimizer_takes_the_recipes_learning_rate_and_betas():
     group = optimizer.param_groups[0]
     assert group["lr"] == 1e-3 and group["betas"] == (0.5, 0.999)
     assert any("recipe medvmad" in line and "--learning_rate 0.001" in line for line in records)
+
+
+def test_runs_from_before_the_recipes_resume_with_the_values_they_trained_with():
+    """A run saved before adam_betas, keep and normal_dice_weight were flags used (0.5, 0.999), the
+    best epoch, and the normal channel's dice for anomalyclip alone (at --dice_weight)."""
+    for variant, normal in (("medvmad", 0.0), ("anomalyclip", 0.5)):
+        old = {key: value for key, value in vars(train.parse_args(["--variant", variant])).items()
+               if key not in ("adam_betas", "keep", "normal_dice_weight")}
+        old["dice_weight"] = 0.5
+        stored = train.stored_run_args(old)
+        assert (stored["adam_betas"], stored["keep"], stored["normal_dice_weight"]) == ((0.5, 0.999), "best", normal)
 
 
 def run_train_sh(tmp_path: Path, protocol: str, **env: str) -> list[str]:
@@ -195,12 +209,20 @@ def test_medvmad_image_score_and_loss_are_the_seeds_per_layer_mean_patch_probabi
     y = labels[:, None]
     expected_image = np.mean(np.sum(-(y * np.log(m) + (1 - y) * np.log(1 - m)), axis=1))
     assert float(parts["image"]) == pytest.approx(expected_image, rel=1e-5)
-    p = torch.sigmoid(output.layer_logits.double()).numpy()
+    # the maps come from the segmentation features: s * (cos(abnormal) - cos(normal)) per patch
+    f = [s.double().numpy() / np.linalg.norm(s.double().numpy(), axis=-1, keepdims=True) for s in seg]
+    gaps = torch.from_numpy(np.stack([scale * (x[..., 1] - x[..., 0]) for x in f], axis=1)).reshape(2, 4, 4, 4)
+    expected_logits = torch.nn.functional.interpolate(gaps, size=(64, 64), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(output.layer_logits.double().numpy(), expected_logits.numpy(), atol=1e-4)
+    p = torch.sigmoid(expected_logits).numpy()
     t = masks.numpy()[:, None]
     dice = lambda q, g: np.mean([1 - (2 * (q[i] * g[i]).sum() + 1) / (q[i].sum() + g[i].sum() + 1)  # noqa: E731
                                  for i in range(2)])
     both = sum(dice(p[:, l], t[:, 0]) + dice(1 - p[:, l], 1 - t[:, 0]) for l in range(4))
     assert float(parts["dice"]) == pytest.approx(both, rel=1e-4)
+    focal = sum(np.mean(-t[:, 0] * (1 - p[:, l]) ** 2 * np.log(p[:, l]) - (1 - t[:, 0]) * p[:, l] ** 2
+                        * np.log(1 - p[:, l])) for l in range(4))
+    assert float(parts["focal"]) == pytest.approx(focal, rel=1e-4)
 
 
 def test_seed_code_flag_reproduces_the_seeds_similarity_loss_and_wording():
@@ -208,9 +230,9 @@ def test_seed_code_flag_reproduces_the_seeds_similarity_loss_and_wording():
     seed code's 'object' / 'abnormal object' prompts."""
     model, weights = model_of("--seed_code")
     assert (model.config.seed_code, model.config.wording, weights.probability_as_logit) == (True, "seed_code", True)
-    det = random_features(2, 4, 16, seed=5)
-    output = model._score(torch.randn(2, 32), det, det, text_axes(), torch.Size([64, 64]))
-    m = hand_mean_probabilities(det, scale=1.0)                     # bare cosines
+    det, seg = random_features(2, 4, 16, seed=5), random_features(2, 4, 16, seed=8)
+    output = model._score(torch.randn(2, 32), seg, det, text_axes(), torch.Size([64, 64]))
+    m = hand_mean_probabilities(det, scale=1.0)                     # bare cosines, of the detection features
     np.testing.assert_allclose(output.image_score.numpy(), m.mean(axis=1), rtol=1e-6)
     labels = np.array([1, 0])
     parts = medvmad_loss(output, torch.zeros(2, 64, 64), torch.tensor(labels), torch.zeros(2, dtype=torch.bool),
@@ -230,10 +252,13 @@ def test_the_earlier_rules_are_options_and_old_checkpoints_keep_them():
     # a config stored before the fields existed rebuilds with the rules it was trained with
     for variant, rules in (("medvmad", ("medical", "max_patch")), ("text_only", ("medical", "max_patch")),
                            ("mvfa", ("medical", "mean_patch")), ("anomalyclip", ("object", "global_ln_post"))):
-        old = {key: value for key, value in tiny_config(variant=variant).to_dict().items()
-               if key not in ("wording", "image_score", "seed_code")}
+        old = {key: value for key, value in tiny_config(variant=variant, features_list=[2, 4]).to_dict().items()
+               if key not in ("wording", "image_score", "seed_code", "logit_scale", "dpam_from", "blur_boundary")}
         upgraded = upgrade_config(old)
         assert (upgraded["wording"], upgraded["image_score"]) == rules, variant
+        assert upgraded["logit_scale"] == "learned", variant  # not the variant's 100 or 1/0.07 of today
+        assert upgraded["blur_boundary"] == "mirror", variant  # the maps were smoothed so
+        assert upgraded.get("dpam_from") == (2 if variant == "anomalyclip" else None)  # DPAM from the first tap
 
 
 # ----------------------------------------------------------------------------- MVFA-AD as its code has it
@@ -290,6 +315,25 @@ def test_a_source_without_masks_gets_no_segmentation_loss(tmp_path):
     assert [item["has_mask"] for item in MedicalDataset(masked, 16)] == [True, True, False]
 
 
+def test_training_on_a_maskless_source_has_no_pixel_truth(tmp_path):
+    """train.py's data, as BMAD's image-level sets (Chest, OCT2017) come: no masks at all. Neither the
+    training images nor a few-shot support set of such a target carry pixel truth, normals included."""
+    root = tmp_path / "Chest"
+    for label, folder in ((0, "good"), (1, "Ungood")):
+        for index in range(4):
+            path = root / "valid" / folder / f"p{index}_{label}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), np.full((16, 16), 40 + 50 * label + index, np.uint8))
+    logger = logging.getLogger("test_recipes")
+    for extra in ([], ["--k_shot", "2"]):
+        args = train.parse_args(["--train_data_path", str(root), "--image_size", "32", "--holdout_fraction", "0.25",
+                                 "--save_path", str(tmp_path / "run"), *extra])
+        dataset, _ = train.training_data(args, [str(root)], ["Chest"], logger)
+        has_mask = [bool(train.batch_tensors(next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset)))))[3][i])
+                    for i in range(len(dataset))]
+        assert len(has_mask) > 0 and not any(has_mask), extra
+
+
 # ----------------------------------------------------------------------------- AnomalyCLIP's global embedding
 
 def test_anomalyclip_global_embedding_is_the_class_token_times_proj_without_ln_post():
@@ -341,20 +385,27 @@ def test_confident_scores_do_not_tie_by_saturation(variant):
     assert peak[0] < peak[1] < peak[2]
 
 
-def test_scores_are_stored_in_float64():
+def test_scores_and_maps_are_stored_in_float64_and_stay_apart():
+    """Through predict and the metrics: two images (and two pixels) whose probabilities differ below
+    float32's resolution at 1 keep their order, so AUROC is 1, not 0.5 for a tie."""
     from CLIP.MedVMAD import MedVMADOutput
     from inference import predict
 
-    class Scores(torch.nn.Module):  # a "model" whose two scores differ below float32's resolution at 1
+    class Scores(torch.nn.Module):  # a "model" whose scores and maps differ within 1e-9 of 1
         def forward(self, images: torch.Tensor) -> MedVMADOutput:
             score = 1 - torch.tensor([1e-9, 1e-10], dtype=torch.float64)
-            maps = torch.zeros(len(images), 4, 4, dtype=torch.float64)
+            maps = torch.full((len(images), 4, 4), 1 - 1e-9, dtype=torch.float64)
+            maps[1, 0, 0] = 1 - 1e-10                                  # the lesion pixel, above the rest
             return MedVMADOutput(score, maps, maps, maps, [], maps, None)
 
-    items = [dict(image=torch.zeros(3, 4, 4), path=str(i), label=i, has_mask=True, mask=torch.zeros(4, 4))
-             for i in range(2)]
+    assert np.float32(1 - 1e-9) == np.float32(1 - 1e-10) == 1.0
+    masks = torch.zeros(2, 4, 4)
+    masks[1, 0, 0] = 1
+    items = [dict(image=torch.zeros(3, 4, 4), path=str(i), label=i, has_mask=True, mask=masks[i]) for i in range(2)]
     predictions = predict(Scores(), torch.utils.data.DataLoader(items, batch_size=2), torch.device("cpu"))
-    assert predictions.scores.dtype == np.float64 and predictions.scores[0] < predictions.scores[1]
+    assert predictions.scores.dtype == predictions.maps.dtype == np.float64
+    assert metrics.image_auroc(predictions.labels, predictions.scores) == 1.0
+    assert metrics.pixel_auroc(predictions.masks, predictions.maps) == 1.0
 
 
 # ----------------------------------------------------------------------------- legacy AUPRO
