@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterator, Tuple
 
@@ -260,23 +262,24 @@ class _Opens:
 
 def zip_entries_replaced(archive: Path, out: Path, replace: dict[str, bytes]) -> Path:
     """A copy of the zip ``archive`` with some entries' bytes replaced (stored, as torch writes)."""
-    import zipfile
-
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
         for info in source.infolist():
             target.writestr(info.filename, replace.get(info.filename, source.read(info)))
     return out
 
 
+# pickle opcodes of a scripted module M whose attribute "a" is M itself: m = M(); m.__setstate__({"a": m})
+SELF_HOLDING_MODULE = (b"\x80\x02" b"c__torch__\nM\n" b"q\x00" b")" b"\x81" b"q\x01" b"}" b"X\x01\x00\x00\x00a"
+                       b"h\x01" b"s" b"b" b".")
+
+
 @pytest.mark.parametrize("change, fragment", [
     ("global", "refers to io.open"),                  # data.pkl names a function to call
     ("storage_short", "is missing, compressed or not"),  # a storage shorter than its tensor claims
-    ("not_zip_pickle", "damaged"),                     # data.pkl is not a pickle
+    ("garbage_pickle", "damaged"),                     # data.pkl is not a pickle
+    ("cycle", "nest or repeat without end"),           # a module that holds itself
 ])
 def test_crafted_archive_contents_are_refused_in_one_line(tmp_path, scripted_tiny, change, fragment):
-    import pickle
-    import zipfile
-
     path, _ = scripted_tiny
     marker = tmp_path / "code_ran"
     with zipfile.ZipFile(path) as archive:
@@ -284,7 +287,8 @@ def test_crafted_archive_contents_are_refused_in_one_line(tmp_path, scripted_tin
     root = names[0].split("/")[0]
     replace = {"global": {f"{root}/data.pkl": pickle.dumps(_Opens(marker), protocol=2)},
                "storage_short": {f"{root}/data/0": b"\0" * 8},
-               "not_zip_pickle": {f"{root}/data.pkl": b"not a pickle"}}[change]
+               "garbage_pickle": {f"{root}/data.pkl": b"not a pickle"},
+               "cycle": {f"{root}/data.pkl": SELF_HOLDING_MODULE}}[change]
     crafted = zip_entries_replaced(path, tmp_path / "crafted.pt", replace)
     with pytest.raises(ArchiveError, match=fragment):
         read_torchscript_state_dict(str(crafted))
