@@ -356,6 +356,21 @@ def test_a_stored_weights_file_loads_when_named_on_the_command_line(tmp_path, sc
     assert torch.equal(rebuilt.backbone.clip.visual.proj, reference["visual.proj"])
 
 
+def test_a_stored_tag_reaches_open_clip_as_stored(tmp_path, monkeypatch):
+    """A checkpoint naming an open_clip tag builds with it (the build itself is stubbed: no download)."""
+    path = tampered(tmp_path / "tagged.pth", backbone_set(model_name="ViT-B-32", pretrained="openai", image_size=224))
+    built = []
+
+    def stub(config):
+        built.append(config.backbone)
+        raise ValueError("stubbed build")
+
+    monkeypatch.setattr("CLIP.checkpoint.MedVMAD", stub)
+    with pytest.raises(InputError, match="stubbed build"):
+        load_model(path, torch.device("cpu"))
+    assert [(b.model_name, b.pretrained) for b in built] == [("ViT-B-32", "openai")]
+
+
 def test_tags_and_none_in_a_checkpoint_keep_loading(tmp_path):
     checkpoint = checkpoint_naming(tmp_path / "none.pth", "none")
     [record] = test_one_example.main(["--image_path", str(scan(tmp_path)), "--checkpoint_path", str(checkpoint),
