@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +62,13 @@ def upgrade_config(values: dict) -> dict:
     if "wording" not in values:
         values["wording"] = "object" if variant == "anomalyclip" else "medical"
     if "image_score" not in values:
-        values["image_score"] = {"mvfa": "mean_patch", "anomalyclip": "global_ln_post"}.get(variant, "max_patch")
+        values["image_score"] = {"mvfa": "mean_patch", "anomalyclip": "global_ln_post"}.get(variant, "max_patch") \
+            if isinstance(variant, str) else None
     values.setdefault("logit_scale", "learned")
     values.setdefault("blur_boundary", "mirror")  # smoothed with scipy's mode "mirror" until the codes' reflect
     if variant == "anomalyclip" and "dpam_from" not in values:  # DPAM started at the first tapped layer
-        values["dpam_from"] = (values.get("features_list") or [None])[0]
+        layers = values.get("features_list")
+        values["dpam_from"] = layers[0] if isinstance(layers, list) and layers else None
     return values
 
 
@@ -103,18 +106,102 @@ class MedVMADConfig:
         return cls(**values)
 
 
+def _integer(minimum: float) -> Callable[[object], bool]:
+    """An int (not a bool, not a float such as 2.0) >= minimum."""
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _number(low: float, high: float = math.inf) -> Callable[[object], bool]:
+    """A finite int or float (not a bool, not a string) in [low, high]."""
+    def valid(value: object) -> bool:
+        try:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and low <= value <= high
+        except OverflowError:  # an int beyond any float
+            return False
+    return valid
+
+
+def _one_of(choices: object) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _flag(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _optional(rule: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: value is None or rule(value)
+
+
+def _three(rule: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, (tuple, list)) and len(value) == 3 and all(map(rule, value))
+
+
+def _layers(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(_integer(-math.inf), value))
+
+
+# What each config field may hold: the rules of its flag (cli.py, train.py), and the types the
+# model code assumes. Checked before anything is built (``check_config``).
+CONFIG_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "backbone.model_name": (_text, "an open_clip model name"),
+    "backbone.pretrained": (_text, "an open_clip tag, a weights file or none"),
+    "backbone.image_size": (_integer(1), "an integer >= 1"),
+    "backbone.quick_gelu": (_optional(_flag), "true, false or null"),
+    "backbone.image_mean": (_optional(_three(_number(-math.inf))), "null or 3 finite numbers"),
+    "backbone.image_std": (_optional(_three(lambda value: _number(0)(value) and value > 0)),
+                           "null or 3 finite numbers > 0"),
+    "variant": (_one_of(VARIANTS), f"one of {', '.join(VARIANTS)}"),
+    "organ": (_text, "an organ name"),
+    "features_list": (_optional(_layers), "null or a list of integer layers (1-based; -1 the last)"),
+    "adapters": (_flag, "true or false"),
+    "learnable_prompts": (_flag, "true or false"),
+    "wording": (_optional(_text), "null or a wording name"),
+    "image_score": (_optional(_one_of(IMAGE_SCORES)), f"null or one of {', '.join(IMAGE_SCORES)}"),
+    "logit_scale": (_optional(lambda value: value == "learned" or (_number(0)(value) and value > 0)),
+                    "null, 'learned' or a positive number"),
+    "seed_code": (_flag, "true or false"),
+    "dpam_from": (_optional(_integer(1)), "null or a layer (an integer >= 1)"),
+    "alpha": (_number(0, 1), "a number in [0, 1]"),
+    "n_ctx": (_integer(1), "an integer >= 1"),
+    "depth": (_integer(0), "an integer >= 0"),
+    "t_n_ctx": (_integer(1), "an integer >= 1"),
+    "sigma": (_number(0), "a finite number >= 0"),
+    "blur_boundary": (_one_of(("reflect", "mirror")), "reflect or mirror"),
+    "fewshot_weight": (_number(0, 1), "a number in [0, 1]"),
+}
+
+
+def check_config(config: MedVMADConfig) -> None:
+    """Refuse (``ValueError`` naming the field) a value that its flag would refuse or that the model
+    code cannot take (a string where a number belongs, a negative count, a fractional layer)."""
+    for name, (valid, rule) in CONFIG_RULES.items():
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part)
+        if not valid(value):
+            shown = repr(value)
+            raise ValueError(f"{name} {shown if len(shown) <= 80 else shown[:80] + '...'}: {rule}")
+
+
 def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
     """A copy of ``config`` with the backbone's resolved config, the variant's wording and image
-    rule where the config names none, and the tapped layers checked (None: 4 evenly spaced); what
-    checkpoints store."""
+    rule where the config names none, and the tapped layers checked (None: 4 evenly spaced; -1 the
+    last); what checkpoints store. Every field is checked (``check_config``)."""
     asked, built = config.backbone, backbone.config
     differing = [name for name in ("model_name", "pretrained", "image_size")
                  if getattr(asked, name) != getattr(built, name)]
     if differing:
         raise ValueError(f"the backbone given was built with other {', '.join(differing)} than the config names "
                          f"({', '.join(f'{getattr(built, n)} vs {getattr(asked, n)}' for n in differing)})")
-    if config.variant not in VARIANTS:
+    if not isinstance(config.variant, str) or config.variant not in VARIANTS:
         raise ValueError(f"--variant {config.variant}: one of {', '.join(VARIANTS)}")
+    check_config(config)
     variant = VARIANTS[config.variant]
     parts = {part: getattr(config, part) for part in PARTS}
     if config.variant != "medvmad" and parts != {part: variant[part] for part in PARTS}:  # medvmad: also the baseline
@@ -133,20 +220,18 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
         "max_patch" if baseline else variant["image_score"]
     logit_scale = config.logit_scale if config.logit_scale is not None else \
         1.0 if config.seed_code else variant["logit_scale"]
-    if logit_scale != "learned" and not (isinstance(logit_scale, (int, float)) and 0 < logit_scale < math.inf):
-        raise ValueError(f"logit_scale {logit_scale!r}: 'learned' or a positive number")
-    if config.blur_boundary not in ("reflect", "mirror"):
-        raise ValueError(f"blur_boundary {config.blur_boundary!r}: reflect or mirror")
-    if image_score not in IMAGE_SCORES:
-        raise ValueError(f"--image_score {image_score}: one of {', '.join(IMAGE_SCORES)}")
     if config.variant == "anomalyclip" and not backbone.value_attention:
         raise ValueError("--variant anomalyclip needs an image tower with DPAM's v-v attention "
                          "(open_clip CLIP ViTs with standard attention blocks)")
     if image_score == "global" and not backbone.value_attention:
         raise ValueError("--image_score global (AnomalyCLIP's un-normalised class token) needs an open_clip "
                          "CLIP ViT image tower")
+    context = backbone.context_length
+    too_long = [f"--{name} {getattr(config, name)}" for name in ("n_ctx", "t_n_ctx") if getattr(config, name) >= context]
+    if config.learnable_prompts and too_long:
+        raise ValueError(f"{', '.join(too_long)}: the prompts must fit the text context of {context} tokens")
     num_layers = backbone.num_layers
-    features_list = [layer + num_layers + 1 if isinstance(layer, int) and layer < 0 else layer
+    features_list = [layer + num_layers + 1 if layer < 0 else layer
                      for layer in (default_features_list(num_layers) if config.features_list is None
                                    else config.features_list)]
     dpam_from = config.dpam_from

@@ -11,8 +11,8 @@ import abc
 import logging
 import os
 import pickle
+import shutil
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +22,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from utils import InputError
+from CLIP.torchscript_weights import ArchiveError, is_torchscript_archive, read_torchscript_state_dict
+from utils import InputError, atomic_torch_save
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -32,6 +33,9 @@ logger = logging.getLogger("medvmad")
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SCHEMAS = ("hf-hub:", "local-dir:")  # model names whose weights come with them: ``pretrained`` is ignored
+LOCAL_DIR = "local-dir:"
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth")  # the files open_clip loads from a local-dir: folder
 
 
 @dataclass
@@ -54,8 +58,9 @@ class BackboneConfig:
         stored were trained with OpenAI's constants, so those are what they rebuild with."""
         values = dict(values)
         for key, default in (("image_mean", OPENAI_MEAN), ("image_std", OPENAI_STD)):
-            values[key] = tuple(values[key]) if values.get(key) is not None else \
-                (default if key not in values else None)
+            given = values.get(key)  # a list or tuple; anything else is kept for the checks to refuse
+            values[key] = tuple(given) if isinstance(given, (list, tuple)) else \
+                (default if key not in values else given)
         return cls(**values)
 
 
@@ -97,69 +102,171 @@ def _uses_quick_gelu(model: nn.Module) -> bool:
     return any(type(module).__name__ == "QuickGELU" for module in model.modules())
 
 
-def _is_torchscript_archive(path: str) -> bool:
-    """OpenAI released its CLIP weights as TorchScript zip archives (they contain ``code/``)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
-
-
 def default_features_list(num_layers: int, count: int = 4) -> list[int]:
     """Four evenly spaced 1-based layers ending at the last: 24 layers -> [6, 12, 18, 24]."""
     count = min(count, num_layers)
     return [round(num_layers * (i + 1) / count) for i in range(count)]
 
 
-def _torchscript_state_dict(path: str, folder: str) -> str:
-    """Save the state dict of an OpenAI TorchScript archive as a plain tensor file in ``folder``.
+def reads_weights_file(config: BackboneConfig) -> bool:
+    """Whether building ``config`` reads ``pretrained`` as a weights file: anything but ``none`` and
+    open_clip's tags of the model (``hf-hub:`` and ``local-dir:`` models ignore ``pretrained``)."""
+    if config.model_name.startswith(SCHEMAS) or config.pretrained.lower() == "none":
+        return False
+    return not open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
 
-    The archive is read with ``torch.jit.load`` only (never unpickled as a checkpoint), so a file
-    that merely looks like an archive cannot run code; the copy is then read with ``weights_only``.
-    """
+
+def _physical_memory() -> int | None:
+    """Bytes of memory of this machine, None where the system does not say."""
     try:
-        state = torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception as error:  # torch raises many types for a damaged or crafted archive
-        raise InputError(f"--pretrained {path}: not a loadable TorchScript archive "
-                         f"({type(error).__name__})") from None
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def _size(sizes: dict, key: str, default: float | None = None) -> float | None:
+    """A non-negative number of a model config's tower sizes (None when absent or not a number)."""
+    value = sizes.get(key, default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _least_bytes(model_name: str, image_size: int) -> float | None:
+    """A lower bound of the memory the model needs at ``image_size``: its transformer blocks' and
+    token embedding's weights and one image's tokens (positions and stream), float32; None for
+    models whose config is not at hand (``hf-hub:``, unknown names) or names no tower sizes."""
+    if model_name.startswith("hf-hub:"):
+        return None  # its config is downloaded while building
+    try:
+        model_config = open_clip.get_model_config(model_name)
+    except Exception:  # a local-dir: config missing or damaged: building the model says so
+        return None
+    values = 0.0
+    for tower in ("vision_cfg", "text_cfg"):
+        sizes = model_config.get(tower) if isinstance(model_config, dict) else None
+        sizes = sizes if isinstance(sizes, dict) else {}
+        width, layers, ratio = _size(sizes, "width"), _size(sizes, "layers"), _size(sizes, "mlp_ratio", 4.0)
+        if width is None or layers is None or ratio is None:
+            continue  # timm and Hugging Face towers name their sizes elsewhere
+        values += layers * (4 + 2 * ratio) * width ** 2            # attention and MLP weights per block
+        if tower == "text_cfg":
+            values += (_size(sizes, "vocab_size") or 0) * width
+        elif _size(sizes, "patch_size"):
+            values += 2 * ((image_size // _size(sizes, "patch_size")) ** 2 + 1) * width
+    return 4 * values or None
+
+
+def check_memory(config: BackboneConfig) -> None:
+    """Refuse (``ValueError``) a model whose tensors cannot fit in this machine's memory at the
+    config's image size, before anything is built."""
+    needed, available = _least_bytes(config.model_name, config.image_size), _physical_memory()
+    if needed is not None and available is not None and needed > available:
+        raise ValueError(f"{config.model_name} at image size {config.image_size} needs at least "
+                         f"{needed / 2 ** 30:,.0f} GiB for its weights and one image's tokens, more than this "
+                         f"machine's {available / 2 ** 30:,.0f} GiB of memory")
+
+
+def _torchscript_state_dict(path: str, folder: str, source: str) -> str:
+    """Save the tensors of an OpenAI TorchScript archive as a plain tensor file in ``folder``
+    (then read with ``weights_only``). The archive is read by ``read_torchscript_state_dict``,
+    which runs none of its code; ``source`` (the flag that named it) starts its errors."""
+    try:
+        state = read_torchscript_state_dict(path)
+    except ArchiveError as error:
+        raise InputError(f"{source}: refusing this TorchScript archive: {error}; only the tensors of a "
+                         f"scripted model are read from one, and none of its code runs") from None
+    if not state:  # its modules keep their tensors in their own __getstate__, which only its code reads
+        raise InputError(f"{source}: refusing this TorchScript archive: it holds no weights by name (only its "
+                         f"code could read them, and none of its code runs)")
     # OpenAI's extra entries, and the causal mask (a derived buffer that scripting keeps)
     for key in [key for key in state if key.split(".")[-1] in ("input_resolution", "context_length",
                                                                  "vocab_size", "attn_mask")]:
         del state[key]
-    plain = os.path.join(folder, "openai_state_dict.pt")
-    torch.save({key: value.detach().clone() for key, value in state.items()}, plain)
+    plain = os.path.join(folder, "open_clip_pytorch_model.bin")
+    atomic_torch_save(state, plain)
     return plain
+
+
+def _local_dir_weights(model_name: str) -> list[str]:
+    """The weights files of a ``local-dir:`` folder (those open_clip chooses from), refused when
+    one of several is a TorchScript archive (which one open_clip reads is then unclear)."""
+    folder = Path(model_name[len(LOCAL_DIR):])
+    try:
+        found = sorted(str(path) for path in folder.iterdir() if path.suffix in WEIGHTS_SUFFIXES and path.is_file())
+    except OSError:  # no such folder, or unreadable: open_clip says which
+        return []
+    scripted = [path for path in found if is_torchscript_archive(path)]
+    if scripted and len(found) > 1:
+        raise InputError(f"--model_name {model_name}: the folder holds several weights files "
+                         f"({', '.join(Path(path).name for path in found)}), {Path(scripted[0]).name} a TorchScript "
+                         f"archive; keep only the one to load")
+    return found
+
+
+def _missing_weights(config: BackboneConfig) -> InputError:
+    """The error for a ``pretrained`` that is neither one of the model's tags nor an existing file."""
+    pretrained = config.pretrained
+    if os.sep in pretrained or os.path.splitext(pretrained)[1]:
+        return InputError(f"--pretrained {pretrained}: no such weights file")
+    tags = open_clip.list_pretrained_tags_by_model(config.model_name)
+    return InputError(f"--pretrained {pretrained}: neither a known tag of {config.model_name} "
+                      f"({', '.join(tags) or 'it has none'}) nor an existing file")
 
 
 def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
     """Build the open_clip model, turning every loading failure into one clear ``InputError``.
 
     Returns it and whether it runs QuickGELU (``config.quick_gelu`` None: auto), and logs why.
+    The weights are read with ``weights_only`` (tensors only); OpenAI's TorchScript archives, given
+    with ``--pretrained`` or as a ``local-dir:`` folder's weights file, through
+    ``read_torchscript_state_dict``, which runs none of their code.
     """
-    pretrained = config.pretrained
-    use_file = pretrained.lower() != "none" and (os.sep in pretrained or os.path.splitext(pretrained)[1] != "")
-    has_schema = config.model_name.startswith(("hf-hub:", "local-dir:"))
-    if use_file and not os.path.isfile(pretrained):
-        raise InputError(f"--pretrained {pretrained}: no such weights file")
-    torchscript = use_file and not has_schema and _is_torchscript_archive(pretrained)  # schema: ignored
+    name, pretrained = config.model_name, config.pretrained
+    if not name.startswith(SCHEMAS) and open_clip.get_model_config(name.replace("/", "-")) is None:
+        raise InputError(f"--model_name {name}: unknown open_clip model "
+                         f"(see open_clip.list_models(), or 'tiny' for the test model)")
+    try:
+        check_memory(config)
+    except ValueError as error:
+        raise InputError(f"--image_size {config.image_size}: {error}") from None
+    if reads_weights_file(config) and not os.path.isfile(pretrained):
+        raise _missing_weights(config)
+    local_dir = name.startswith(LOCAL_DIR)
+    folder_weights = _local_dir_weights(name) if local_dir else []
+    weights_file = (folder_weights[0] if len(folder_weights) == 1 else None) if local_dir else \
+        pretrained if reads_weights_file(config) else None
+    source = f"--model_name {name}" if name.startswith(SCHEMAS) else f"--pretrained {pretrained}"
+    if local_dir and weights_file is not None:
+        source += f" (weights file {weights_file})"
+    torchscript = weights_file is not None and is_torchscript_archive(weights_file)
     asked = config.quick_gelu
-    reason = quick_gelu_rule(config.model_name, "none" if has_schema else pretrained, torchscript) \
+    reason = quick_gelu_rule(name, "none" if name.startswith(SCHEMAS) else pretrained, torchscript) \
         if asked is None else "set explicitly"
     with tempfile.TemporaryDirectory(prefix="medvmad_weights_") as folder:
-        weights = _torchscript_state_dict(pretrained, folder) if torchscript else pretrained
+        # open_clip's pretrained: a tag or a file; None for random weights and hf-hub:/local-dir: models
+        built_name = name
+        weights = None if name.startswith(SCHEMAS) or pretrained.lower() == "none" else pretrained
+        if torchscript:
+            weights = _torchscript_state_dict(weights_file, folder, source)
+        model_config = Path(name[len(LOCAL_DIR):]) / "open_clip_config.json"
+        if torchscript and local_dir and model_config.is_file():  # the config beside the archive's tensors
+            shutil.copy(model_config, folder)
+            built_name, weights = f"{LOCAL_DIR}{folder}", None
         kwargs = dict(
-            pretrained=None if has_schema or pretrained.lower() == "none" else weights,
+            pretrained=weights,
             force_quick_gelu=bool(asked) if asked is not None else reason is not None,
             force_image_size=config.image_size,
             weights_only=True,  # never unpickle code from a weights file
         )
-        model = _call_open_clip(config, kwargs)
+        model = _call_open_clip(config, built_name, kwargs, source, weights_file)
+    if local_dir and not folder_weights:
+        logger.warning(f"--model_name {name}: the folder holds no weights file ({', '.join(WEIGHTS_SUFFIXES)}); "
+                       f"the model has random weights")
     # Read from the built model and kept in the resolved config, so checkpoints rebuild it.
     quick_gelu = _uses_quick_gelu(model)
     if asked is False and quick_gelu:
-        raise InputError(f"--quick_gelu off: the model config of {config.model_name} turns QuickGELU on")
+        raise InputError(f"--quick_gelu off: the model config of {name} turns QuickGELU on")
     if asked is True and not quick_gelu:
-        raise InputError(f"--quick_gelu on: {config.model_name} has no QuickGELU to turn on (timm and "
+        raise InputError(f"--quick_gelu on: {name} has no QuickGELU to turn on (timm and "
                          f"Hugging Face towers keep their own activations)")
     if asked is None and quick_gelu and reason is None:
         reason = "the model config sets it"
@@ -168,56 +275,72 @@ def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
     return model, quick_gelu
 
 
-def _call_open_clip(config: BackboneConfig, kwargs: dict) -> nn.Module:
-    """``open_clip.create_model`` with its failures turned into one-line ``InputError``s."""
-    pretrained = config.pretrained
+def _call_open_clip(config: BackboneConfig, built_name: str, kwargs: dict, source: str,
+                    weights_file: str | None) -> nn.Module:
+    """``open_clip.create_model(built_name, **kwargs)`` with its failures turned into one-line
+    ``InputError``s (see ``_explain``)."""
     try:
         # Seeded so that a random-init backbone (--pretrained none) is rebuilt identically from a
         # checkpoint's config (with the same library versions); loaded weights overwrite it anyway.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return open_clip.create_model(config.model_name, **kwargs)
-    except RuntimeError as error:
-        message = str(error)
-        if "pip install transformers" in message:
-            raise InputError(f"--model_name {config.model_name} has a Hugging Face text tower: "
-                             f"pip install transformers") from None
-        if "not found in built-ins" in message:
-            raise InputError(f"--model_name {config.model_name}: unknown open_clip model "
-                             f"(see open_clip.list_models(), or 'tiny' for the test model)") from None
-        if "Failed to download" in message or "HF Hub" in message:
-            raise InputError(
-                f"could not download the '{pretrained}' weights of {config.model_name} (offline?); "
-                f"pass a local weights file with --pretrained /path/to/{config.model_name}.pt "
-                f"(.pt, .bin or .safetensors)") from None
-        if "not a known tag" in message:
-            raise InputError(f"--pretrained {pretrained}: neither a known tag of {config.model_name} "
-                             f"({', '.join(open_clip.list_pretrained_tags_by_model(config.model_name))}) "
-                             f"nor an existing file") from None
-        if "Error(s) in loading state_dict" in message:
-            raise InputError(f"--pretrained {pretrained} does not fit {config.model_name}: "
-                             f"{message.splitlines()[1].strip() if len(message.splitlines()) > 1 else message}") from None
-        if os.path.isfile(pretrained):
-            raise _unreadable_weights(pretrained, error) from None
-        raise
-    except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):  # a pickle that names code, not only tensors
-            raise InputError(f"--pretrained {pretrained}: holds more than tensors; refusing to unpickle it, "
-                             f"since that could run code (save the weights as .safetensors)") from None
-        raise _unreadable_weights(pretrained, error) from None
-    except (FileNotFoundError, ValueError) as error:  # UnicodeDecodeError too, for random bytes
-        if os.path.isfile(pretrained):
-            raise _unreadable_weights(pretrained, error) from None
-        raise InputError(f"could not load {config.model_name}: {error}") from None
-    except Exception as error:  # safetensors, zip and pickle readers raise many types for a damaged file
-        if os.path.isfile(pretrained):
-            raise _unreadable_weights(pretrained, error) from None
-        raise
+            return open_clip.create_model(built_name, **kwargs)
+    except Exception as error:  # open_clip, torch, safetensors and zip readers raise many types
+        explained = _explain(error, config, built_name, kwargs, source, weights_file)
+        if explained is None:
+            raise
+        raise explained from None
 
 
-def _unreadable_weights(path: str, error: Exception) -> InputError:
+def _first_line(error: Exception) -> str:
+    """The error's type and the first line of its message, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def _builds_without_weights(built_name: str, kwargs: dict) -> bool:
+    """Whether open_clip builds the model from its config alone (tells a bad folder config from bad weights)."""
+    try:
+        open_clip.create_model(built_name, **{**kwargs, "load_weights": False})
+        return True
+    except Exception:  # whatever the config makes open_clip raise
+        return False
+
+
+def _explain(error: Exception, config: BackboneConfig, built_name: str, kwargs: dict, source: str,
+             weights_file: str | None) -> InputError | None:
+    """The one-line error for what ``open_clip.create_model`` raised (None: not the input's fault).
+    ``source`` names what the user gave for the weights (``--pretrained X``, or ``--model_name
+    local-dir:X`` and its weights file), ``weights_file`` the file read, where known."""
+    name, message = config.model_name, str(error)
+    if "pip install transformers" in message:
+        return InputError(f"--model_name {name} has a Hugging Face text tower: pip install transformers")
+    if name.startswith("hf-hub:") and ("Failed" in message or "HF Hub" in message):
+        return InputError(f"--model_name {name}: could not download it from the Hugging Face Hub (offline?); "
+                          f"give a downloaded copy as --model_name local-dir:/path")
+    if "Failed to download" in message:
+        return InputError(f"could not download the '{config.pretrained}' weights of {name} (offline?); pass a local "
+                          f"weights file with --pretrained /path/to/{name}.pt (.pt, .bin or .safetensors)")
+    if "Error(s) in loading state_dict" in message:
+        lines = message.splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else message
+        return InputError(f"{source} does not fit {name}: {detail if len(detail) <= 300 else detail[:300] + ' ...'}")
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in message:  # names code, not tensors
+        return InputError(f"{source}: holds more than tensors; refusing to unpickle it, since that could run code "
+                          f"(save the weights as .safetensors)")
+    if name.startswith(LOCAL_DIR) and not _builds_without_weights(built_name, kwargs):
+        return InputError(f"--model_name {name}: open_clip builds no model from the folder ({_first_line(error)})")
+    if weights_file is not None and os.path.isfile(weights_file):
+        return _unreadable_weights(source, error)
+    if isinstance(error, (FileNotFoundError, ValueError)):
+        return InputError(f"could not load --model_name {name}: {_first_line(error)}")
+    return None
+
+
+def _unreadable_weights(source: str, error: Exception) -> InputError:
     """The error for a weights file that no reader understands (random bytes, text, truncated)."""
-    return InputError(f"--pretrained {path}: not a readable weights file ({type(error).__name__}); expected "
+    return InputError(f"{source}: not a readable weights file ({type(error).__name__}); expected "
                       f"a state dict (.pt/.bin), OpenAI's TorchScript .pt, or .safetensors")
 
 
@@ -304,6 +427,11 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def text_layers(self) -> int:
         """Blocks of the text tower (the most --depth can use)."""
+
+    @property
+    def context_length(self) -> int:
+        """Tokens of a text (CLIP: 77), the most the prompts' context can take."""
+        return self.tokenizer.context_length
 
     @property
     def device(self) -> torch.device:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig, upgrade_config
-from CLIP.backbone import BackboneConfig
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig, check_config, upgrade_config
+from CLIP.backbone import BackboneConfig, check_memory, reads_weights_file
 from utils import InputError, atomic_torch_save, versions
 
 FORMAT = "medvmad-checkpoint-1"
@@ -71,16 +71,27 @@ def _fields(values: Any, schema: type, where: str, required: tuple[str, ...]) ->
 
 def checkpoint_config(payload: dict[str, Any], path: str | os.PathLike,
                       flag: str = "--checkpoint_path") -> MedVMADConfig:
-    """The model config stored in a checkpoint. A key this version does not know is refused; a
-    missing optional key takes its default (older files keep loading); the backbone's name,
-    weights and image size are required."""
+    """The model config stored in a checkpoint, checked before anything is built. A key this
+    version does not know is refused; a missing optional key takes its default (older files keep
+    loading); the backbone's name, weights and image size are required. Every value must pass its
+    flag's rule (``check_config``: no string where a number belongs, no negative count, integer
+    layers), and the backbone must fit in memory at the stored image size."""
     try:
         stored = payload.get("config")
         values = dict(_fields(upgrade_config(stored) if isinstance(stored, dict) else stored,
                               MedVMADConfig, "config", ("backbone",)))
         values["backbone"] = _fields(values["backbone"], BackboneConfig, "config.backbone",
                                      ("model_name", "pretrained", "image_size"))
-        return MedVMADConfig.from_dict(values)
+        config = MedVMADConfig.from_dict(values)
+        try:
+            check_config(config)
+        except ValueError as error:
+            raise ValueError(f"config.{error}") from None
+        try:
+            check_memory(config.backbone)
+        except ValueError as error:
+            raise ValueError(f"config.backbone.image_size {config.backbone.image_size}: {error}") from None
+        return config
     except (ValueError, TypeError) as error:
         raise InputError(f"{flag} {path}: bad model config: {error}") from None
 
@@ -93,9 +104,16 @@ def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | 
     ``pretrained`` overrides where the backbone weights are read from, ``image_size`` and
     ``sigma`` override the evaluation resolution and smoothing; ``backbone_overrides`` (e.g.
     ``image_mean``) replace other ``BackboneConfig`` fields when not None. Errors name ``flag``.
+
+    A weights file that the checkpoint names (rather than a tag or ``none``) is never read unless
+    ``pretrained`` names one: a checkpoint is data, and the path it holds could be any file.
     """
     payload = read_checkpoint(path, flag)
     config = checkpoint_config(payload, path, flag)
+    if pretrained is None and reads_weights_file(config.backbone):
+        stored = config.backbone.pretrained
+        raise InputError(f"{flag} {path}: its backbone weights are the file {stored}, which is not read because "
+                         f"a checkpoint names it; to load that file, pass --pretrained {stored}")
     overrides = dict(backbone_overrides, pretrained=pretrained, image_size=image_size)
     for key, value in overrides.items():
         if value is not None:

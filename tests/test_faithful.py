@@ -89,7 +89,7 @@ def test_quick_gelu_for_weights_files_by_name_and_logged(tmp_path, caplog, monke
     path = tmp_path / "model.pth"
     save_checkpoint(path, MedVMAD(tiny_config(backbone=BackboneConfig("tiny", str(openai_file), TINY_SIZE))))
     assert torch.load(path, weights_only=True)["config"]["backbone"]["quick_gelu"] is True
-    rebuilt, _ = load_model(path, torch.device("cpu"))
+    rebuilt, _ = load_model(path, torch.device("cpu"), pretrained=str(openai_file))  # a stored file is named again
     assert activations(rebuilt.backbone) == {"QuickGELU"}
 
 

@@ -414,13 +414,13 @@ def test_local_dir_model_loads_config_and_weights(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TorchScript is deprecated, but OpenAI shipped it
 def test_torchscript_archives_are_told_from_state_dicts(tmp_path):
-    from CLIP.backbone import _is_torchscript_archive
+    from CLIP.torchscript_weights import is_torchscript_archive
 
     scripted = tmp_path / "openai_style.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
     state = tmp_path / "state.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), state)
-    assert _is_torchscript_archive(str(scripted)) and not _is_torchscript_archive(str(state))
+    assert is_torchscript_archive(str(scripted)) and not is_torchscript_archive(str(state))
 
 
 def test_offline_hf_hub_model_is_a_clear_error():
