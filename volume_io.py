@@ -384,8 +384,9 @@ class SeriesGrid:
 
 
 def series_grid(path: str, files: list[str], positions: np.ndarray) -> SeriesGrid:
-    """Put a sorted series' slice positions on one uniform grid whose step is the smallest one.
-    Refused, naming the folder: two files at one position (not one volume), positions off any
+    """Put a sorted series' slice positions on one uniform grid: each slice numbered by the smallest
+    step, the grid's step then fitted to all positions (least squares, so positions rounded in the
+    files still fit). Refused, naming the folder: two files at one position (not one volume), positions off any
     uniform grid (read as one, the map would carry a wrong spacing), and gaps that would invent more
     blank slices than the series holds (a slice 100 m away would make 100,000 of them)."""
     steps = np.abs(np.diff(positions))
@@ -395,10 +396,10 @@ def series_grid(path: str, files: list[str], positions: np.ndarray) -> SeriesGri
         raise InputError(f"{path}: {os.path.basename(files[index])} and {os.path.basename(files[index + 1])} lie "
                          f"at one position ({positions[index]:.2f} mm): not one volume (several acquisitions, "
                          f"echoes or times?); keep one per folder")
-    step = float(steps.min())
-    offsets = np.abs(positions - positions[0]) / step
-    places = np.round(offsets).astype(np.int64)
-    if np.abs(offsets - places).max() > GRID_TOLERANCE:
+    distances = np.abs(positions - positions[0])
+    places = np.round(distances / steps.min()).astype(np.int64)
+    step = float(np.dot(distances, places) / np.dot(places, places))
+    if np.abs(distances / step - places).max() > GRID_TOLERANCE:
         shown = ", ".join(f"{s:.2f}" for s in steps[:8]) + (" ..." if len(steps) > 8 else "")
         raise InputError(f"{path}: its slice positions are not evenly spaced (steps {shown} mm), so they do not "
                          f"form one grid; resample the series first")
@@ -455,6 +456,8 @@ def _read_series(path: str, series_uid: str | None, window: tuple[float, float] 
         warnings += undecoded
     if grid and grid.gaps:
         image = _fill_gaps(image, grid, shown.inverted)
+    elif grid:
+        image.SetSpacing(image.GetSpacing()[:2] + (grid.step,))
     return image, warnings, shown
 
 

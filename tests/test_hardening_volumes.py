@@ -449,7 +449,7 @@ def test_a_short_series_with_a_missing_slice_keeps_each_slice_at_its_position(tm
     assert "1 missing slice(s) between position 30.00 mm" in warning and "35.00 mm" in warning
 
 
-def test_positions_off_any_uniform_grid_are_refused(tmp_path):
+def test_positions_off_any_uniform_grid_are_refused_but_rounded_ones_fit(tmp_path):
     series = generate_uid()
     (tmp_path / "uneven").mkdir()
     for k, z in enumerate((30.0, 32.5, 36.1, 38.6)):
@@ -457,6 +457,12 @@ def test_positions_off_any_uniform_grid_are_refused(tmp_path):
     with pytest.raises(InputError, match=rf"^{tmp_path / 'uneven'}: its slice positions are not evenly spaced "
                                          r"\(steps 2.50, 3.60, 2.50 mm\)"):
         read_input(str(tmp_path / "uneven"))
+    (tmp_path / "rounded").mkdir()  # 0.625 mm slices whose positions the scanner wrote to 0.1 mm
+    for k, z in enumerate((30.0, 30.6, 31.3, 31.9, 32.5)):
+        write_slice(tmp_path / "rounded" / f"{k}.dcm", np.full((12, 10), 1000), z, series)
+    scan = read_input(str(tmp_path / "rounded"))
+    assert scan.geometry.shape[2] == 5 and not scan.warnings
+    assert scan.geometry.affine[2, 2] == pytest.approx(18.9 / 30)  # least squares: sum(d * k) / sum(k * k)
 
 
 # ----------------------------------------------------------------------------- items 8, 9: converters, page flags
