@@ -10,15 +10,24 @@ Reading, scoring and the output files are test_one_example.py's own (``read_inpu
 ``score_slices``, ``report``), so the page shows the score the command line gives. Every
 test_one_example.py flag (--window, --axis, --threshold, --volume_format, --device ...) applies.
 Runs offline: no analytics, no share link, served on localhost only by default.
+
+Limits (the README lists them): an upload of at most MAX_UPLOAD; inputs over --max_voxels refused
+from their header; headers that name a separate data file (.mhd, .nhdr) refused, so an upload can
+never make the server read another file; images drawn at most DISPLAY_SIDE pixels a side; each
+upload's output folder removed once its result has been sent.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import test_one_example  # noqa: E402
-from utils import ArgumentParser, InputError, resolve_device, run_cli  # noqa: E402
-from visualization import overlay_panel  # noqa: E402
+from utils import ArgumentParser, InputError, one_line, resolve_device, run_cli  # noqa: E402
+from visualization import fit_within, overlay_panel  # noqa: E402
 from volume_io import read_input  # noqa: E402
 
 DEFAULT_CHECKPOINT = "checkpoint/indomain/Brain/best.pth"
@@ -35,6 +44,9 @@ DEFAULT_DEMO = "data/demo/Brain"
 HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train.sh indomain` (about two minutes "
                   "on a CPU; it writes `checkpoint/indomain/Brain/best.pth`), then start the page again with "
                   "`python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth`.")
+MAX_UPLOAD = "1gb"  # gradio refuses larger uploads in the page
+DISPLAY_SIDE = 1024  # slices are drawn at most this many pixels a side (WebP stops at 16383)
+CACHE_CLEANING = (600, 3600)  # every 10 minutes, gradio deletes its cached uploads and results older than an hour
 logger = logging.getLogger("medvmad.app")
 
 
@@ -70,27 +82,44 @@ def score_plot(indices: list[int], scores: np.ndarray, threshold: float, current
 
 
 class Scorer:
-    """Scores one file the way test_one_example.py does and keeps what the page needs."""
+    """Scores one file the way test_one_example.py does and keeps what the page needs.
+
+    Uploads are read as single files (a header naming another file is refused) of at most
+    ``--max_voxels``; each one's output files go to a folder of their own under ``workspace``
+    (removed with the app), which ``release`` removes once the page has been sent the result."""
 
     def __init__(self, model, threshold: float, source: str, args: argparse.Namespace, device):
         self.model, self.threshold, self.source, self.args, self.device = model, threshold, source, args, device
+        self.workspace = tempfile.TemporaryDirectory(prefix="medvmad_app_")
 
     def __call__(self, path: str) -> dict:
         args = self.args
         window = tuple(args.window) if args.window else test_one_example.WINDOW_PRESETS.get(args.window_preset)
-        scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None, args.series_uid)
+        scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None, args.series_uid,
+                          args.max_voxels, single_file=True)
         scores, maps = test_one_example.score_slices(self.model, scan.slices, self.device, args.precision,
                                                      args.batch_size, path)
-        out = Path(tempfile.mkdtemp(prefix="medvmad_app_"))
-        record = test_one_example.report(scan, scores, maps, self.threshold, self.source, out, args.top_k,
-                                         args.volume_format)
+        out = Path(tempfile.mkdtemp(dir=self.workspace.name))
+        try:
+            record = test_one_example.report(scan, scores, maps, self.threshold, self.source, out, args.top_k,
+                                             args.volume_format)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         stem = test_one_example.output_stem(scan.path)
+        record["folder"] = str(out)
         record["downloads"] = [p for p in (str(out / f"{stem}.png"), record.get("map_png"), record.get("mask_png"),
                                            record.get("map_volume"), record.get("mask_volume")) if p]
         record["overlay"] = str(out / f"{stem}.png")
-        record["view"] = {"images": [to_uint8(s) for s in scan.slices], "maps": maps, "scores": scores,
+        record["view"] = {"images": [fit_within(to_uint8(s), DISPLAY_SIDE) for s in scan.slices],
+                          "maps": [fit_within(m, DISPLAY_SIDE) for m in maps], "scores": scores,
                           "indices": scan.slice_indices}
         return record
+
+    @staticmethod
+    def release(record: dict) -> None:
+        """Remove a result's output folder (the page has its own copies of what it sent)."""
+        shutil.rmtree(record["folder"], ignore_errors=True)
 
 
 def slice_panel(view: dict, threshold: float, index: int | None) -> np.ndarray:
@@ -101,11 +130,20 @@ def slice_panel(view: dict, threshold: float, index: int | None) -> np.ndarray:
     return overlay_panel(view["images"][position], view["maps"][position], 0.0, 1.0, text=text)
 
 
+def failure_line(error: BaseException, path: str) -> str:
+    """One line for the page and the log: an ``InputError``'s own message, anything else with its
+    type; the upload's server folder left out."""
+    text = one_line(str(error)) if str(error).strip() else ""
+    if not isinstance(error, InputError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text.replace(os.path.dirname(path) + os.sep, "")
+
+
 def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None = None):
     """The Gradio page. ``scorer`` None: the page explains how to get a checkpoint."""
     import gradio as gr
 
-    with gr.Blocks(title="MedVMAD") as page:
+    with gr.Blocks(title="MedVMAD", delete_cache=CACHE_CLEANING) as page:
         gr.Markdown("# MedVMAD: anomaly maps for medical scans\nUpload a PNG/JPG, DICOM, NIfTI/NRRD/MetaImage "
                     "volume or a zipped DICOM series, or pick a demo image.")
         status = gr.Markdown(message or ("" if scorer else HOW_TO_GET_ONE), elem_id="status")
@@ -121,28 +159,41 @@ def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None =
         slider = gr.Slider(label="slice", minimum=0, maximum=1, step=1, value=0, visible=False, elem_id="slice")
         plot = gr.Plot(label="score per slice", visible=False)
         montage = gr.Image(label="most anomalous slices", type="filepath", interactive=False, visible=False)
-        files = gr.File(label="downloads: overlay, map, mask", file_count="multiple", interactive=False)
+        files = gr.File(label="downloads: overlay, map, mask", file_count="multiple", interactive=False,
+                        elem_id="downloads")
         state = gr.State(None)
 
-        def run(path):
+        def run(path: str | None) -> Iterator[tuple]:
+            """The page's outputs for one upload; its output folder is removed once gradio has sent
+            them (and copied the files into its own cache), when the generator resumes or is closed."""
             empty = ("", "", None, gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
                      None, None)
             if not path:
-                return (gr.Markdown(),) + empty
+                yield (gr.Markdown(),) + empty
+                return
             if scorer is None:
-                return (gr.Markdown(HOW_TO_GET_ONE),) + empty
+                yield (gr.Markdown(HOW_TO_GET_ONE),) + empty
+                return
+            record = None
             try:
                 record = scorer(path)
+                outputs = page_outputs(record)
             except Exception as error:  # noqa: BLE001 - any bad upload: one line in the page and the log
-                line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-                if not isinstance(error, InputError):
-                    line = f"{type(error).__name__}: {line}"
-                line = line.replace(os.path.dirname(path) + os.sep, "")
+                if record is not None:
+                    scorer.release(record)
+                line = failure_line(error, path)
                 logger.warning("could not score %s: %s", os.path.basename(path), line)
-                return (gr.Markdown(f"**Could not score this file.** {line}"),) + empty
-            view, threshold = record["view"], record["threshold"]
+                yield (gr.Markdown(f"**Could not score this file.** {line}"),) + empty
+                return
             logger.info("scored %s: score %.6f %s", os.path.basename(path), record["score"], record["decision"])
-            note = " ".join(f"Warning: {w.replace(os.path.dirname(path) + os.sep, '')}"
+            try:
+                yield outputs
+            finally:
+                scorer.release(record)
+
+        def page_outputs(record: dict) -> tuple:
+            view, threshold = record["view"], record["threshold"]
+            note = " ".join(f"Warning: {w.replace(os.path.dirname(record['path']) + os.sep, '')}"
                             for w in record.get("warnings", []))
             verdict = f"{record['decision']} (threshold {threshold:.3f}, {record['threshold_from']})"
             if view["indices"] is None:
@@ -159,15 +210,19 @@ def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None =
 
         def show_slice(view, index):
             if not view or view["indices"] is None:
-                return gr.Image(), gr.Plot()
+                return gr.Markdown(), gr.Image(), gr.Plot()
             threshold = scorer.threshold
-            return (slice_panel(view, threshold, index),
-                    gr.Plot(score_plot(view["indices"], view["scores"], threshold, int(index))))
+            try:
+                return (gr.Markdown(), slice_panel(view, threshold, index),
+                        gr.Plot(score_plot(view["indices"], view["scores"], threshold, int(index))))
+            except Exception as error:  # noqa: BLE001 - one line in the page, never a bare "Error"
+                logger.warning("could not show slice %s: %s", index, one_line(str(error)))
+                return gr.Markdown(f"**Could not show slice {index}.** {one_line(str(error))}"), gr.Image(), gr.Plot()
 
         outputs = [status, score, decision, overlay, slider, plot, montage, files, state]
         upload.upload(run, inputs=upload, outputs=outputs)
         chooser.input(run, inputs=chooser, outputs=outputs)
-        slider.release(show_slice, inputs=[state, slider], outputs=[overlay, plot])
+        slider.release(show_slice, inputs=[state, slider], outputs=[status, overlay, plot])
     return page
 
 
@@ -179,10 +234,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--demo_path", default=DEFAULT_DEMO, help="dataset root whose test images are offered")
     own, rest = parser.parse_known_args(argv)
+    if not 1 <= own.port <= 65535:
+        parser.error(f"argument --port: must be a port number in 1..65535, got {own.port}")
     scoring = test_one_example.parse_args(["--image_path", "(uploads)", *rest])
     if scoring.checkpoint_path is None and os.path.isfile(DEFAULT_CHECKPOINT):
         scoring.checkpoint_path = DEFAULT_CHECKPOINT
     return own, scoring
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, before anything is loaded, a --host that does not resolve or is not this machine's,
+    and a --port that is taken or not ours to use: one line each, not the server's traceback."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise InputError(f"--host {host}: cannot be resolved ({error.strerror})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise InputError(f"--port {port}: already in use on {host}; choose another --port") from None
+            raise InputError(f"--host {host} --port {port}: cannot serve there ({error.strerror})") from None
 
 
 def load_scorer(args: argparse.Namespace) -> tuple[Scorer | None, str | None]:
@@ -202,12 +276,16 @@ def load_scorer(args: argparse.Namespace) -> tuple[Scorer | None, str | None]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     own, scoring = parse_args(argv)
+    check_address(own.host, own.port)
     scorer, message = load_scorer(scoring)
     if message or scorer is None:
         logger.warning("no checkpoint loaded: the page says how to get one")
     page = build_app(scorer, demo_images(own.demo_path), message)
-    page.launch(server_name=own.host, server_port=own.port, share=False, show_error=False,
-                footer_links=[], allowed_paths=[os.path.abspath(own.demo_path)])
+    try:
+        page.launch(server_name=own.host, server_port=own.port, share=False, show_error=False, footer_links=[],
+                    allowed_paths=[os.path.abspath(own.demo_path)], max_file_size=MAX_UPLOAD)
+    except OSError as error:  # the port was taken after check_address
+        raise InputError(f"--host {own.host} --port {own.port}: cannot serve there ({one_line(str(error))})") from None
 
 
 if __name__ == "__main__":

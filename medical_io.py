@@ -11,12 +11,18 @@ Intensity rules (documented in the README):
   to RAS and their slices shown as the converters write them (anterior or superior up, patient's
   right on the left), so a raw volume's slice scores as its converted PNG does; a 2-D NIfTI is kept
   as stored.
+- Size: an image or volume over ``max_voxels`` (default ``MAX_VOXELS``) is refused from its header,
+  before its data is read.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -24,9 +30,13 @@ from dataset import load_image
 from generate_dataset.common import display, scale_intensity
 from utils import InputError
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+MAX_VOXELS = 2**28  # 512 x 512 x 1024, 1 GiB as float32: the most voxels (pixels) one input may hold
 
 # name -> (low, high) in the file's units (HU for CT)
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -45,13 +55,13 @@ class Scan:
     slice_indices: list[int] | None     # volume slice numbers; None for a 2-D image
 
 
-def _suffix(path: str) -> str:
+def suffix_of(path: str) -> str:
     lower = path.lower()
     return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
 
 
-def _is_dicom(path: str) -> bool:
-    if _suffix(path) in DICOM_SUFFIXES:
+def is_dicom(path: str) -> bool:
+    if suffix_of(path) in DICOM_SUFFIXES:
         return True
     with open(path, "rb") as handle:
         handle.seek(128)
@@ -60,8 +70,8 @@ def _is_dicom(path: str) -> bool:
 
 def is_supported(path: str) -> bool:
     """A file this module can read (by extension, or the DICOM preamble for extension-less files)."""
-    suffix = _suffix(path)
-    return suffix in IMAGE_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES or (suffix == "" and _is_dicom(path))
+    suffix = suffix_of(path)
+    return suffix in IMAGE_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES or (suffix == "" and is_dicom(path))
 
 
 def list_inputs(folder: str) -> list[str]:
@@ -92,34 +102,102 @@ def _check_finite(values: np.ndarray, path: str) -> np.ndarray:
     return values
 
 
+def check_voxel_count(path: str, shape: tuple[int, ...], max_voxels: int) -> None:
+    """Refuse an input whose header says it holds more than ``max_voxels`` voxels (or pixels),
+    before any of its data is read."""
+    count = math.prod(int(size) for size in shape)
+    if count > max_voxels:
+        raise InputError(f"{path}: {' x '.join(str(int(s)) for s in shape)} = {count:,} voxels, over the limit of "
+                         f"{max_voxels:,}; crop or downsample it (or raise --max_voxels)")
+
+
+def check_affine(path: str, affine: np.ndarray) -> None:
+    """Refuse a volume whose voxel-to-world matrix is not finite or is singular (a zero or repeated
+    axis): it has no orientation to slice it by."""
+    if not np.isfinite(affine).all():
+        raise InputError(f"{path}: its affine (voxel-to-world matrix) holds NaN or infinite values; fix its header")
+    if np.linalg.matrix_rank(np.asarray(affine, dtype=float)[:3, :3]) < 3:
+        raise InputError(f"{path}: its affine (voxel-to-world matrix) is singular (a zero or repeated axis); "
+                         f"fix its header")
+
+
 def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2)
 
 
-def _read_dicom(path: str, window: tuple[float, float] | None) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
+def _dicom_number(data: Dataset, keyword: str, path: str) -> float | None:
+    """The first value of a numeric DICOM attribute; None when absent; a value that is not a finite
+    number is refused, naming the file and the attribute."""
+    if keyword not in data:
+        return None
+    stored = data[keyword].value
+    try:
+        value = float(np.atleast_1d(stored)[0])
+    except (TypeError, ValueError, IndexError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise InputError(f"{path}: its {keyword} {stored!r} is not a finite number; fix the file"
+                         + (" or give --window LOW HIGH" if keyword.startswith("Window") else ""))
+    return value
 
-    pydicom_log = logging.getLogger("pydicom")  # it logs a decoder failure's traceback; we report one line
+
+def dicom_window(data: Dataset, path: str) -> tuple[float, float] | None:
+    """The window a DICOM file asks for (its first WindowCenter/WindowWidth) as (low, high); None
+    without one. A value that is not a finite number, or a width <= 0, is refused naming the file."""
+    center, width = _dicom_number(data, "WindowCenter", path), _dicom_number(data, "WindowWidth", path)
+    if center is None or width is None:
+        return None
+    if width <= 0:
+        raise InputError(f"{path}: its WindowWidth {width:g} is not > 0; fix the file or give --window LOW HIGH")
+    return center - width / 2, center + width / 2
+
+
+def check_rescale(data: Dataset, path: str) -> None:
+    """Refuse a DICOM file whose RescaleSlope/RescaleIntercept is not a finite number, or whose
+    slope is 0 (every pixel would be one value: a blank image scored as normal)."""
+    slope = _dicom_number(data, "RescaleSlope", path)
+    _dicom_number(data, "RescaleIntercept", path)
+    if slope == 0:
+        raise InputError(f"{path}: its RescaleSlope is 0 (every pixel would be one value); fix the file")
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's logger: it logs a decoder failure's traceback, and we report one line."""
+    pydicom_log = logging.getLogger("pydicom")
     level = pydicom_log.level
     pydicom_log.setLevel(logging.CRITICAL)
     try:
-        data = pydicom.dcmread(path)
-        pixels = data.pixel_array
-    except Exception as error:
-        raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
+        yield
     finally:
         pydicom_log.setLevel(level)
+
+
+def _read_dicom(path: str, window: tuple[float, float] | None, max_voxels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    with quiet_pydicom():
+        try:
+            data = pydicom.dcmread(path, defer_size=1 << 20)  # the pixel data is read when it is used
+            size = (int(data.get("NumberOfFrames", 1) or 1), int(data.get("Rows", 0)), int(data.get("Columns", 0)))
+        except Exception as error:
+            raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
+        check_voxel_count(path, size, max_voxels)
+        check_rescale(data, path)
+        window = window or dicom_window(data, path)
+        try:
+            pixels = data.pixel_array
+        except Exception as error:
+            raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
     _check_finite(pixels, path)
     if pixels.ndim == 3 and data.get("SamplesPerPixel", 1) == 3:
+        if not np.issubdtype(pixels.dtype, np.integer):
+            raise InputError(f"{path}: RGB pixel data of type {pixels.dtype}; only 8- or 16-bit integer RGB is read")
         return (pixels.astype(np.float32) / np.iinfo(pixels.dtype).max).clip(0, 1)
     if pixels.ndim != 2:
         raise InputError(f"{path}: multi-frame DICOM with shape {pixels.shape}; export one frame per file")
     values = _check_finite(apply_modality_lut(pixels, data).astype(np.float32), path)
-    if window is None and "WindowCenter" in data and "WindowWidth" in data:
-        center = float(np.atleast_1d(data.WindowCenter)[0])
-        width = float(np.atleast_1d(data.WindowWidth)[0])
-        window = (center - width / 2, center + width / 2)
     image = apply_window(values, *(window or percentile_window(values)))
     if data.get("PhotometricInterpretation") == "MONOCHROME1":
         image = 1.0 - image
@@ -127,28 +205,38 @@ def _read_dicom(path: str, window: tuple[float, float] | None) -> np.ndarray:
 
 
 def _read_nifti(path: str, window: tuple[float, float] | None, axis: int,
-                slice_range: tuple[int, int] | None) -> Scan:
+                slice_range: tuple[int, int] | None, max_voxels: int) -> Scan:
     import nibabel
+    from nibabel.orientations import apply_orientation, io_orientation
 
     try:
-        image = nibabel.load(path)
-        volume = np.asarray(image.dataobj, dtype=np.float32)
+        image = nibabel.load(path)  # the header only: the voxels are read below, once the size is known
+    except Exception as error:
+        raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
+    shape = tuple(int(size) for size in image.shape)
+    while len(shape) > 2 and shape[-1] == 1:  # [X,Y,1] is a 2-D image, [X,Y,Z,1] a volume
+        shape = shape[:-1]
+    if math.prod(shape) == 0:
+        raise InputError(f"{path}: empty volume")
+    if len(shape) < 2:
+        raise InputError(f"{path}: a 1-D NIfTI of {shape[0]} values; an image has 2 or 3 dimensions")
+    if len(shape) > 3:
+        raise InputError(f"{path}: {len(shape)}-D volume {shape}; extract one 3-D volume first")
+    check_voxel_count(path, shape, max_voxels)
+    if len(shape) == 3:
+        check_affine(path, image.affine)
+    try:
+        volume = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except Exception as error:
         raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
     _check_finite(volume, path)
-    while volume.ndim > 2 and volume.shape[-1] == 1:  # [X,Y,1] is a 2-D image, [X,Y,Z,1] a volume
-        volume = volume[..., 0]
-    if volume.size == 0:
-        raise InputError(f"{path}: empty volume")
-    if volume.ndim == 4:
-        raise InputError(f"{path}: 4-D volume {volume.shape}; extract one 3-D volume first")
     if volume.ndim == 2:  # a 2-D image: kept as stored, like a PNG of the same array
-        return Scan(path, [_gray_to_rgb(_scale(volume, window, path))], None)
+        return Scan(path, [_gray_to_rgb(scale_to_unit(volume, window, path))], None)
     if not 0 <= axis < 3:
         raise InputError(f"--axis {axis}: a 3-D volume has axes 0, 1, 2")
-    # As the converters write BMAD slices: RAS orientation, shown anterior/superior up.
-    canonical = np.asarray(nibabel.as_closest_canonical(image).dataobj, dtype=np.float32)
-    scaled = _scale(canonical.reshape(canonical.shape[:3]), window, path)  # drops a trailing 1
+    # As the converters write BMAD slices: RAS orientation (nibabel's as_closest_canonical), shown
+    # anterior/superior up.
+    scaled = scale_to_unit(apply_orientation(volume, io_orientation(image.affine)), window, path)
     count = scaled.shape[axis]
     first, last = slice_range if slice_range else (0, count - 1)
     if not 0 <= first <= last < count:
@@ -158,7 +246,7 @@ def _read_nifti(path: str, window: tuple[float, float] | None, axis: int,
     return Scan(path, slices, indices)
 
 
-def _scale(values: np.ndarray, window: tuple[float, float] | None, path: str) -> np.ndarray:
+def scale_to_unit(values: np.ndarray, window: tuple[float, float] | None, path: str) -> np.ndarray:
     """NIfTI intensities -> [0,1]: the window when given, else the BraTS converter's rule (0.5-99.5
     percentiles of voxels > 0 to 0-255, background 0), so slices look as in training."""
     if window is not None:
@@ -178,16 +266,35 @@ def check_file(path: str) -> None:
         raise InputError(f"{path}: empty file")
 
 
+def check_image_size(path: str, max_voxels: int) -> None:
+    """Refuse a PNG/JPG/TIFF whose header says it holds more than ``max_voxels`` pixels, before
+    decoding it (Pillow reads only the header; its own decompression-bomb limit also refuses)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{path}: {error}") from None
+    except Exception:  # noqa: BLE001 - not readable by Pillow: the image reader reports it
+        return
+    check_voxel_count(path, (height, width), max_voxels)
+
+
 def read_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
-              slice_range: tuple[int, int] | None = None) -> Scan:
-    """Read one image, DICOM file or NIfTI volume; bad input raises ``InputError`` naming the path."""
+              slice_range: tuple[int, int] | None = None, max_voxels: int = MAX_VOXELS) -> Scan:
+    """Read one image, DICOM file or NIfTI volume; bad input raises ``InputError`` naming the path,
+    and one over ``max_voxels`` is refused before its data is read."""
     check_file(path)
-    suffix = _suffix(path)
+    suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path, window, axis, slice_range)
+        return _read_nifti(path, window, axis, slice_range, max_voxels)
     if suffix in IMAGE_SUFFIXES:
+        check_image_size(path, max_voxels)
         return Scan(path, [load_image(path)], None)
-    if _is_dicom(path):
-        return Scan(path, [_read_dicom(path, window)], None)
+    if is_dicom(path):
+        return Scan(path, [_read_dicom(path, window, max_voxels)], None)
     raise InputError(f"{path}: unknown file type '{suffix or 'no extension'}' "
                      f"(PNG/JPG/TIFF, DICOM or NIfTI expected)")

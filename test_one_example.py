@@ -23,7 +23,7 @@ import torch
 from CLIP.MedVMAD import MedVMAD
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
-from medical_io import WINDOW_PRESETS, Scan
+from medical_io import MAX_VOXELS, WINDOW_PRESETS, Scan
 from utils import (ArgumentParser, InputError, autocast, finite_float, non_negative_int, one_line, positive_int,
                    prepare_output_dir, resolve_device, run_cli, unit_interval)
 from visualization import montage, overlay_panel, save_png
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="volume slice range")
     parser.add_argument("--top_k", type=positive_int, default=8, help="slices in a volume's montage")
     parser.add_argument("--series_uid", help="the DICOM series to score when a folder holds several")
+    parser.add_argument("--max_voxels", type=positive_int, default=MAX_VOXELS,
+                        help=f"refuse an input of more voxels (pixels), from its header (default {MAX_VOXELS:,}: "
+                             f"512 x 512 x 1024)")
     parser.add_argument("--volume_format", choices=sorted(VOLUME_FORMATS), default="nifti",
                         help="format of a volume's map and mask (nifti: .nii.gz, nrrd: .nrrd)")
     add_model_args(parser, checkpoint=True, features_list=False)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for path in paths:
             try:
                 scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None,
-                                  args.series_uid)
+                                  args.series_uid, args.max_voxels)
             except InputError as error:
                 if not in_folder:
                     raise

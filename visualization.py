@@ -15,6 +15,17 @@ def to_display(image: torch.Tensor) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+def fit_within(image: np.ndarray, longest: int) -> np.ndarray:
+    """``image`` shrunk, keeping its aspect, so that its longest side is at most ``longest`` pixels;
+    unchanged when it already fits."""
+    height, width = image.shape[:2]
+    scale = longest / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(round(width * scale), 1), max(round(height * scale), 1))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """Heat [H,W] -> RGB uint8 [H,W,3] with the jet colormap, scaled to [vmin, vmax]."""
     scaled = np.clip((heat.astype(np.float32) - vmin) / max(vmax - vmin, 1e-8), 0, 1)

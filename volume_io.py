@@ -11,10 +11,19 @@ turned to the closest RAS orientation with nibabel's own ``io_orientation``/``ap
 (what ``nibabel.as_closest_canonical`` does), then sliced with ``generate_dataset.common.display``,
 so a NRRD or DICOM series of the same voxels gives the same slices as the NIfTI path. Writing goes the
 other way with the inverse orientation, and the written map has the input's size, spacing, origin and
-direction.
+direction (NIfTI maps carry the input's affine exactly, a sheared one too).
+
+Limits, all checked before any voxel is read: a NRRD/MetaImage header may name a data file only in
+its own folder (and none at all for the web page's single-file uploads), read from the header text
+before SimpleITK opens anything; an input over ``max_voxels`` is refused from its header; a DICOM
+series must lie on one uniform grid (no two slices at one position, gaps filled with at most as
+many blank slices as real ones, no slice of it left out as unreadable); a multi-frame file must hold
+the frames it declares; a zip is checked from its directory (paths, encryption, compression method,
+members, unpacked size and ratio) before it is unpacked.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
@@ -22,23 +31,40 @@ import shutil
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
 from generate_dataset.common import display
-from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, _is_dicom, _scale, _suffix, check_file,
-                        list_inputs as list_image_inputs, percentile_window, read_scan)
-from utils import InputError
+from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, Scan, check_file, check_rescale,
+                        check_voxel_count, dicom_window, is_dicom, list_inputs as list_image_inputs, percentile_window,
+                        quiet_pydicom, read_scan, scale_to_unit, suffix_of)
+from utils import InputError, atomic_write_bytes, one_line
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+# The SimpleITK reader of each kind, named rather than guessed from the content (a ".mha" that is
+# really a NRRD header must not be read as one); DICOM files are read by GDCMImageIO.
+SITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO",
+           ".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO"}
 ZIP_SUFFIXES = (".zip",)
 VOLUME_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-GAP_FACTOR = 1.5  # a step between slice positions over 1.5x the typical step is a gap
+POSITION_TOLERANCE_MM = 1e-3  # two DICOM slices closer than this along the normal share one position
+GRID_TOLERANCE = 0.1  # a slice may lie this far (in steps) from its place on the series' uniform grid
+MAX_HEADER_BYTES = 1 << 20  # a NRRD/MetaImage header must end within its first MiB
+MAX_DATA_FILES = 100_000  # the most data files a header's file pattern may name
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+ZIP_BYTES_PER_VOXEL = 4  # a zipped series may unpack to 4 bytes per allowed voxel (1 GiB by default)
+MAX_ZIP_MEMBERS = 10_000
+MAX_ZIP_RATIO, ZIP_RATIO_FROM_BYTES = 100, 16 << 20  # over 16 MiB, more than 100:1 is a zip bomb
 
 logger = logging.getLogger("medvmad")
 
@@ -102,7 +128,7 @@ def canonical_slices(path: str, canonical: np.ndarray, window: tuple[float, floa
     """RGB [0,1] slices of a RAS volume along ``axis``, scaled and shown as the NIfTI path does."""
     if not 0 <= axis < 3:
         raise InputError(f"--axis {axis}: a 3-D volume has axes 0, 1, 2")
-    scaled = _scale(canonical.astype(np.float32), window, path)
+    scaled = scale_to_unit(canonical.astype(np.float32), window, path)
     count = scaled.shape[axis]
     first, last = slice_range if slice_range else (0, count - 1)
     if not 0 <= first <= last < count:
@@ -120,6 +146,86 @@ def _check_voxels(path: str, voxels: np.ndarray) -> None:
         raise InputError(f"{path}: {bad} of {voxels.size} voxels are NaN or infinite; fix or mask them first")
 
 
+# ----------------------------------------------------------------------------- headers naming data files
+
+def _pattern_names(value: str) -> list[str] | None:
+    """The file names of a NRRD/MetaImage file pattern ``<printf format> <min> <max> <step>``;
+    None when ``value`` is not one."""
+    tokens = value.split()
+    if len(tokens) < 4 or "%" not in tokens[0]:
+        return None
+    try:
+        first, last, step = (int(token) for token in tokens[1:4])
+    except ValueError:
+        return None
+    numbers = range(first, last + (1 if step > 0 else -1), step) if step else range(0)
+    if not 0 < len(numbers) <= MAX_DATA_FILES:
+        raise InputError(f"data file pattern {value!r} names {len(numbers)} files (1 to {MAX_DATA_FILES} allowed)")
+    try:
+        return [tokens[0] % number for number in numbers]
+    except (TypeError, ValueError):
+        raise InputError(f"data file pattern {value!r} cannot be expanded") from None
+
+
+def _named_files(value: str, following: list[str], local: str | None) -> list[str]:
+    """The data files one header field names: none for ``local`` (data in the same file), the lines
+    after it for ``LIST``, a pattern's expansion, or the one file."""
+    if local is not None and value.upper() == local:
+        return []
+    if value.split()[:1] == ["LIST"]:
+        return [line.strip() for line in following if line.strip()]
+    return _pattern_names(value) or [value]
+
+
+def header_data_files(path: str) -> list[str]:
+    """The separate data files a NRRD (``data file:``) or MetaImage (``ElementDataFile =``) header
+    names, as written in it; empty when its data follow the header in the same file. Read from the
+    header text alone, before any image library opens the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(MAX_HEADER_BYTES + 1)
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    names: list[str] = []
+    if suffix_of(path) in (".nrrd", ".nhdr"):
+        if "" not in lines[1:] and len(head) > MAX_HEADER_BYTES:
+            raise InputError(f"{path}: no end of its NRRD header in the first {MAX_HEADER_BYTES:,} bytes")
+        for number, line in enumerate(lines[1:], start=1):
+            if not line:
+                break  # the end of the header: attached data follow
+            field, _, value = line.partition(":")
+            if field.strip().lower() in ("data file", "datafile"):
+                names += _named_files(value.strip(), lines[number + 1:], None)
+    else:
+        for number, line in enumerate(lines):
+            key, _, value = line.partition("=")
+            if key.strip().lower() == "elementdatafile":  # the header's last field
+                names = _named_files(value.strip(), lines[number + 1:], "LOCAL")
+                break
+    return names
+
+
+def check_data_files(path: str, single_file: bool) -> None:
+    """Refuse a NRRD/MetaImage header that names data outside its own folder (``../secret``,
+    ``/etc/passwd``, a link leading out) or, with ``single_file`` (the web page: an upload is one
+    file), that names any separate data file at all."""
+    try:
+        names = header_data_files(path)
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None
+    if names and single_file:
+        raise InputError(f"{path}: a detached header naming the data file {names[0]!r}; only a file that holds "
+                         f"its own data can be read here (save it as .nrrd or .mha)")
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for name in names:
+        if "\0" in name:  # C readers stop at it: what they would open is not what is checked here
+            raise InputError(f"{path}: its data file name {name!r} holds a NUL byte")
+        target = os.path.realpath(os.path.join(folder, name))
+        if os.path.commonpath([folder, target]) != folder:
+            raise InputError(f"{path}: its data file {name!r} lies outside the header's folder; keep the data "
+                             f"file beside its header")
+
+
+# ----------------------------------------------------------------------------- DICOM
+
 @dataclass
 class DicomDisplay:
     """How a DICOM file asks to be shown: its own WindowCenter/Width (first value), as the
@@ -128,16 +234,55 @@ class DicomDisplay:
     inverted: bool = False
 
 
-def _dicom_display(path: str) -> DicomDisplay:
+def _header(path: str) -> Dataset:
+    """A DICOM file's header, without its pixel data."""
     import pydicom
 
-    data = pydicom.dcmread(path, stop_before_pixels=True)
-    window = None
-    if "WindowCenter" in data and "WindowWidth" in data:
-        center = float(np.atleast_1d(data.WindowCenter)[0])
-        width = float(np.atleast_1d(data.WindowWidth)[0])
-        window = (center - width / 2, center + width / 2)
-    return DicomDisplay(window, data.get("PhotometricInterpretation") == "MONOCHROME1")
+    with quiet_pydicom():
+        return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _dicom_header(path: str) -> Dataset:
+    """A DICOM file's header (no pixel data), its rescale checked: one that is not a finite number is
+    refused naming the file."""
+    try:
+        data = _header(path)
+    except Exception as error:
+        raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
+    check_rescale(data, path)
+    return data
+
+
+def _dicom_display(data: Dataset, path: str, window: tuple[float, float] | None) -> DicomDisplay:
+    """How the file asks to be shown; its own window is read (and checked) only without ``window``."""
+    return DicomDisplay(None if window else dicom_window(data, path),
+                        data.get("PhotometricInterpretation") == "MONOCHROME1")
+
+
+def check_frames(path: str) -> None:
+    """Refuse a multi-frame DICOM file whose pixel data holds fewer frames than its NumberOfFrames
+    (GDCM would fill the missing ones with blank slices)."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels.utils import get_expected_length
+
+    try:
+        with quiet_pydicom():
+            data = pydicom.dcmread(path)
+        frames = int(data.get("NumberOfFrames", 1) or 1)
+        if "PixelData" not in data:
+            raise InputError(f"{path}: no pixel data")
+        if data.file_meta.TransferSyntaxUID.is_encapsulated:
+            held = sum(1 for _ in generate_frames(data.PixelData, number_of_frames=frames))
+        else:
+            held = len(data.PixelData) // max(get_expected_length(data) // frames, 1)
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
+    if held < frames:
+        raise InputError(f"{path}: NumberOfFrames is {frames} but its pixel data hold {held} frame(s) "
+                         f"(truncated?); fix the file")
 
 
 def _stored_values(files: list[str], like) -> object | None:
@@ -149,18 +294,14 @@ def _stored_values(files: list[str], like) -> object | None:
     from pydicom.pixels import apply_modality_lut
 
     sitk = _quiet_sitk()
-    pydicom_log = logging.getLogger("pydicom")  # it logs a decoder failure's traceback
-    level = pydicom_log.level
-    pydicom_log.setLevel(logging.CRITICAL)
     frames = []
     try:
-        for file in files:
-            data = pydicom.dcmread(file)
-            frames.append(np.asarray(apply_modality_lut(data.pixel_array, data), dtype=np.float32))
+        with quiet_pydicom():
+            for file in files:
+                data = pydicom.dcmread(file)
+                frames.append(np.asarray(apply_modality_lut(data.pixel_array, data), dtype=np.float32))
     except Exception:
         return None
-    finally:
-        pydicom_log.setLevel(level)
     voxels = np.concatenate([f if f.ndim == 3 else f[None] for f in frames])  # [k,j,i]
     image = sitk.GetImageFromArray(voxels.reshape(like.GetSize()[::-1]))  # a single frame keeps its 2-D shape
     image.CopyInformation(like)
@@ -203,11 +344,25 @@ def dicom_series(folder: str, series_uid: str | None = None) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid or uids[0]))
 
 
-def slice_positions(files: list[str]) -> np.ndarray | None:
-    """Each sorted file's position along the slice normal (mm); None without the position tags."""
-    import pydicom
+def check_series_complete(folder: str, files: list[str], uid: str) -> None:
+    """Refuse a series folder holding a file of the same series that GDCM left out (a truncated or
+    corrupt slice): the rest would be read as if nothing were missing there."""
+    listed = {os.path.realpath(file) for file in files}
+    for name in sorted(os.listdir(folder)):
+        file = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(file) or os.path.realpath(file) in listed or not is_dicom(file):
+            continue
+        try:
+            other = _header(file).get("SeriesInstanceUID")
+        except Exception:  # noqa: BLE001 - a DICOM file whose header cannot be read may be one of its slices
+            other = uid
+        if other == uid:
+            raise InputError(f"{file}: a DICOM file of the series that GDCM cannot read (truncated or corrupt?); "
+                             f"replace or remove it")
 
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+
+def slice_positions(headers: list[Dataset]) -> np.ndarray | None:
+    """Each sorted file's position along the slice normal (mm); None without the position tags."""
     if any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in headers):
         return None
     orientation = np.array(headers[0].ImageOrientationPatient, dtype=float)
@@ -215,68 +370,141 @@ def slice_positions(files: list[str]) -> np.ndarray | None:
     return np.array([np.dot(np.array(h.ImagePositionPatient, dtype=float), normal) for h in headers])
 
 
-def series_gaps(files: list[str], positions: np.ndarray | None) -> tuple[list[str], float]:
-    """Gaps in a sorted series' slice positions, one sentence each, and the typical slice step."""
-    if positions is None or len(positions) < 3:
-        return [], 0.0
-    steps = np.diff(positions)
-    typical = float(np.median(np.abs(steps)))
+@dataclass
+class SeriesGrid:
+    """Where a sorted series' slices go on one uniform grid: each file's slice number, the step (mm)
+    and a sentence per gap."""
+    places: np.ndarray
+    step: float
+    gaps: list[str]
+
+    @property
+    def count(self) -> int:
+        return int(self.places[-1]) + 1
+
+
+def series_grid(path: str, files: list[str], positions: np.ndarray) -> SeriesGrid:
+    """Put a sorted series' slice positions on one uniform grid: each slice numbered by the smallest
+    step, the grid's step then fitted to all positions (least squares, so positions rounded in the
+    files still fit). Refused, naming the folder: two files at one position (not one volume), positions off any
+    uniform grid (read as one, the map would carry a wrong spacing), and gaps that would invent more
+    blank slices than the series holds (a slice 100 m away would make 100,000 of them)."""
+    steps = np.abs(np.diff(positions))
+    shared = np.flatnonzero(steps < POSITION_TOLERANCE_MM)
+    if shared.size:
+        index = shared[0]
+        raise InputError(f"{path}: {os.path.basename(files[index])} and {os.path.basename(files[index + 1])} lie "
+                         f"at one position ({positions[index]:.2f} mm): not one volume (several acquisitions, "
+                         f"echoes or times?); keep one per folder")
+    distances = np.abs(positions - positions[0])
+    places = np.round(distances / steps.min()).astype(np.int64)
+    step = float(np.dot(distances, places) / np.dot(places, places))
+    if np.abs(distances / step - places).max() > GRID_TOLERANCE:
+        shown = ", ".join(f"{s:.2f}" for s in steps[:8]) + (" ..." if len(steps) > 8 else "")
+        raise InputError(f"{path}: its slice positions are not evenly spaced (steps {shown} mm), so they do not "
+                         f"form one grid; resample the series first")
+    blank = int(places[-1]) + 1 - len(files)
+    if blank > len(files):
+        raise InputError(f"{path}: its {len(files)} slices span {int(places[-1]) + 1:,} positions of {step:.2f} mm; "
+                         f"filling the gaps would invent {blank:,} blank slices (at most as many as real ones "
+                         f"are filled); is a slice misplaced?")
     gaps = []
-    for index in np.flatnonzero(np.abs(steps) > GAP_FACTOR * typical):
-        missing = int(round(abs(steps[index]) / typical)) - 1
-        gaps.append(f"{missing} missing slice(s) between position {positions[index]:.2f} mm "
-                    f"({os.path.basename(files[index])}) and {positions[index + 1]:.2f} mm "
+    for index in np.flatnonzero(np.diff(places) > 1):
+        gaps.append(f"{int(places[index + 1] - places[index]) - 1} missing slice(s) between position "
+                    f"{positions[index]:.2f} mm ({os.path.basename(files[index])}) and {positions[index + 1]:.2f} mm "
                     f"({os.path.basename(files[index + 1])}), filled with blank slices; "
-                    f"the slice step is {typical:.2f} mm")
-    return gaps, typical
+                    f"the slice step is {step:.2f} mm")
+    return SeriesGrid(places, step, gaps)
 
 
-def _fill_gaps(image, positions: np.ndarray, step: float, inverted: bool = False):
-    """Put each slice of a gapped series at its own position on a uniform grid (blank slices between:
+def _fill_gaps(image, grid: SeriesGrid, inverted: bool = False):
+    """Put each slice of a gapped series at its own place on the uniform grid (blank slices between:
     the lowest value, the highest in a MONOCHROME1 series, where it shows black), so maps written
     back overlay the series exactly (ITK would stretch the spacing over the gap)."""
     import SimpleITK as sitk
 
     voxels = sitk.GetArrayFromImage(image)  # [k,j,i]
-    places = np.round(np.abs(positions - positions[0]) / step).astype(int)
     blank = voxels.max() if inverted else voxels.min()
-    filled = np.full((places[-1] + 1,) + voxels.shape[1:], blank, voxels.dtype)
-    filled[places] = voxels
+    filled = np.full((grid.count,) + voxels.shape[1:], blank, voxels.dtype)
+    filled[grid.places] = voxels
     result = sitk.GetImageFromArray(filled)
     result.SetOrigin(image.GetOrigin())
     result.SetDirection(image.GetDirection())
-    result.SetSpacing(image.GetSpacing()[:2] + (step,))
+    result.SetSpacing(image.GetSpacing()[:2] + (grid.step,))
     return result
 
 
-def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], DicomDisplay]:
-    """A SimpleITK image of a file or DICOM series folder, with warnings and, for DICOM, how it asks
-    to be shown (window, MONOCHROME1)."""
+def _read_series(path: str, series_uid: str | None, window: tuple[float, float] | None,
+                 max_voxels: int) -> tuple[object, list[str], DicomDisplay]:
+    """A DICOM series folder as one SimpleITK image on a uniform grid, its warnings, and how it asks to
+    be shown; every header and the grid's size are checked before any pixel is read."""
+    sitk = _quiet_sitk()
+    files = dicom_series(path, series_uid)
+    headers = [_dicom_header(file) for file in files]
+    check_series_complete(path, files, headers[0].get("SeriesInstanceUID"))
+    positions = slice_positions(headers)
+    grid = series_grid(path, files, positions) if positions is not None and len(files) > 1 else None
+    count = grid.count if grid else sum(int(h.get("NumberOfFrames", 1) or 1) for h in headers)
+    check_voxel_count(path, (count, int(headers[0].get("Rows", 0)), int(headers[0].get("Columns", 0))), max_voxels)
+    shown = _dicom_display(headers[0], files[0], window)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    warnings = [f"{path}: {gap}" for gap in grid.gaps] if grid else []
+    if shown.inverted:
+        image, shown, undecoded = _monochrome1_values(path, files, image, shown)
+        warnings += undecoded
+    if grid and grid.gaps:
+        image = _fill_gaps(image, grid, shown.inverted)
+    elif grid:
+        image.SetSpacing(image.GetSpacing()[:2] + (grid.step,))
+    return image, warnings, shown
+
+
+def _read_file(path: str, window: tuple[float, float] | None, max_voxels: int,
+               single_file: bool) -> tuple[object, list[str], DicomDisplay]:
+    """A NRRD/MetaImage volume or multi-frame DICOM file as a SimpleITK image, read by the reader
+    its kind names (never guessed from the content), after its header is checked: the data files it
+    names, its size, its values per voxel and dimensions."""
     sitk = _quiet_sitk()
     warnings: list[str] = []
     shown = DicomDisplay()
+    dicom = suffix_of(path) not in SITK_IO
+    if dicom:
+        header = _dicom_header(path)
+        check_voxel_count(path, (int(header.get("NumberOfFrames", 1) or 1), int(header.get("Rows", 0)),
+                                 int(header.get("Columns", 0))), max_voxels)
+        shown = _dicom_display(header, path, window)
+        check_frames(path)
+    elif suffix_of(path) in SITK_SUFFIXES:
+        check_data_files(path, single_file)
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO" if dicom else SITK_IO[suffix_of(path)])
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{path}: {reader.GetNumberOfComponents()} values per voxel; scalar volumes only "
+                         f"(save one channel)")
+    if reader.GetDimension() > 3:
+        raise InputError(f"{path}: {reader.GetDimension()}-D volume of size {reader.GetSize()}; extract one 3-D "
+                         f"volume first")
+    check_voxel_count(path, reader.GetSize()[::-1], max_voxels)
+    image = reader.Execute()
+    if shown.inverted:
+        image, shown, undecoded = _monochrome1_values(path, [path], image, shown)
+        warnings += undecoded
+    return image, warnings, shown
+
+
+def _read_sitk(path: str, series_uid: str | None, window: tuple[float, float] | None, max_voxels: int,
+               single_file: bool) -> tuple[object, list[str], DicomDisplay]:
+    """A SimpleITK image of a file or DICOM series folder, with warnings and, for DICOM, how it asks
+    to be shown (its own window unless ``window`` is given, MONOCHROME1)."""
     try:
         if os.path.isdir(path):
-            files = dicom_series(path, series_uid)
-            positions = slice_positions(files)
-            gaps, step = series_gaps(files, positions)
-            warnings = [f"{path}: {gap}" for gap in gaps]
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            image = reader.Execute()
-            shown = _dicom_display(files[0])
-            if shown.inverted:
-                image, shown, undecoded = _monochrome1_values(path, files, image, shown)
-                warnings += undecoded
-            if gaps:
-                image = _fill_gaps(image, positions, step, shown.inverted)
+            image, warnings, shown = _read_series(path, series_uid, window, max_voxels)
         else:
-            image = sitk.ReadImage(path)
-            if _suffix(path) not in SITK_SUFFIXES + NIFTI_SUFFIXES and _is_dicom(path):
-                shown = _dicom_display(path)
-                if shown.inverted:
-                    image, shown, undecoded = _monochrome1_values(path, [path], image, shown)
-                    warnings += undecoded
+            image, warnings, shown = _read_file(path, window, max_voxels, single_file)
     except InputError:
         raise
     except Exception as error:  # SimpleITK raises RuntimeError with a multi-line ITK report
@@ -287,21 +515,22 @@ def _read_sitk(path: str, series_uid: str | None) -> tuple[object, list[str], Di
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: {image.GetNumberOfComponentsPerPixel()} values per voxel; "
                          f"scalar volumes only (save one channel)")
-    if image.GetDimension() == 4 or (image.GetDimension() > 3):
+    if image.GetDimension() > 3:
         raise InputError(f"{path}: 4-D volume of size {image.GetSize()}; extract one 3-D volume first")
     return image, warnings, shown
 
 
 def read_sitk_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
-                   slice_range: tuple[int, int] | None = None, series_uid: str | None = None) -> Scan:
+                   slice_range: tuple[int, int] | None = None, series_uid: str | None = None,
+                   max_voxels: int = MAX_VOXELS, single_file: bool = False) -> Scan:
     """Read a volume (or a 2-D image) with SimpleITK and slice it as the NIfTI path does."""
-    image, warnings, shown = _read_sitk(path, series_uid)
+    image, warnings, shown = _read_sitk(path, series_uid, window, max_voxels, single_file)
     sitk = _quiet_sitk()
     voxels = sitk.GetArrayFromImage(image).astype(np.float32)  # [k,j,i] (or [j,i] for 2-D)
     _check_voxels(path, voxels)
     window = window or shown.window
     if image.GetDimension() == 2:  # a 2-D image: rows and columns as stored
-        scaled = _scale(voxels, window, path)
+        scaled = scale_to_unit(voxels, window, path)
         return Scan(path, [np.repeat((1 - scaled if shown.inverted else scaled)[..., None], 3, axis=2)], None)
     stored, affine = voxels.transpose(2, 1, 0), sitk_affine(image)
     slices, indices = canonical_slices(path, to_canonical(stored, affine), window, axis, slice_range)
@@ -312,17 +541,36 @@ def read_sitk_scan(path: str, window: tuple[float, float] | None = None, axis: i
     return VolumeScan(path, slices, indices, Geometry(stored.shape, affine, axis), warnings)
 
 
-def _extract_zip(path: str, folder: str) -> str:
-    """Unpack a zipped DICOM series safely; return the folder holding its files."""
+# ----------------------------------------------------------------------------- zips
+
+def _extract_zip(path: str, folder: str, max_bytes: int) -> str:
+    """Unpack a zipped DICOM series safely; return the folder holding its files. Everything is
+    checked from the archive's directory before one byte is unpacked: member paths, encryption,
+    compression methods, the number of members, the unpacked size and the compression ratio."""
     try:
         with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
+            members = [member for member in archive.infolist() if not member.is_dir()]
+            for member in members:
                 target = os.path.realpath(os.path.join(folder, member.filename))
                 if not target.startswith(os.path.realpath(folder) + os.sep):
                     raise InputError(f"{path}: unsafe path {member.filename!r} in the archive")
-            archive.extractall(folder)
-    except zipfile.BadZipFile as error:
-        raise InputError(f"{path}: unreadable zip ({error})") from None
+                if member.flag_bits & 0x1:
+                    raise InputError(f"{path}: {member.filename!r} is encrypted; zip the series without a password")
+                if member.compress_type not in ZIP_METHODS:
+                    raise InputError(f"{path}: {member.filename!r} uses compression method {member.compress_type}, "
+                                     f"which cannot be read; zip it with the standard method (deflate)")
+            unpacked, packed = sum(m.file_size for m in members), sum(m.compress_size for m in members)
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise InputError(f"{path}: {len(members):,} files in the archive (at most {MAX_ZIP_MEMBERS:,})")
+            if unpacked > max_bytes:
+                raise InputError(f"{path}: unpacks to {unpacked:,} bytes, over the limit of {max_bytes:,}")
+            if unpacked > ZIP_RATIO_FROM_BYTES and unpacked > MAX_ZIP_RATIO * packed:
+                raise InputError(f"{path}: unpacks to {unpacked:,} bytes from {packed:,} (over {MAX_ZIP_RATIO}:1); "
+                                 f"refused as a zip bomb")
+            for member in members:
+                archive.extract(member, folder)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+        raise InputError(f"{path}: unreadable zip ({one_line(str(error))})") from None
     holders = sorted({os.path.dirname(os.path.join(root, name)) for root, _, names in os.walk(folder)
                       for name in names if not name.startswith(".")})
     if len(holders) != 1:
@@ -331,10 +579,8 @@ def _extract_zip(path: str, folder: str) -> str:
 
 
 def is_multiframe_dicom(path: str) -> bool:
-    import pydicom
-
     try:
-        return int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1) > 1
+        return int(_header(path).get("NumberOfFrames", 1) or 1) > 1
     except Exception:
         return False
 
@@ -346,7 +592,7 @@ def is_series_folder(path: str) -> bool:
         return False
     files = [os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")]
     files = [f for f in files if os.path.isfile(f)]
-    dicom = [f for f in files if _is_dicom(f)]
+    dicom = [f for f in files if is_dicom(f)]
     if not dicom:
         return False
     sitk = _quiet_sitk()
@@ -365,29 +611,37 @@ def _nifti_geometry(path: str, axis: int) -> Geometry:
 
 
 def read_input(path: str, window: tuple[float, float] | None = None, axis: int = 2,
-               slice_range: tuple[int, int] | None = None, series_uid: str | None = None) -> Scan:
+               slice_range: tuple[int, int] | None = None, series_uid: str | None = None,
+               max_voxels: int = MAX_VOXELS, single_file: bool = False) -> Scan:
     """Read any supported input: images, DICOM (single, multi-frame, series folder or zip), NIfTI,
-    NRRD, MetaImage. Volumes come back as a ``VolumeScan`` that knows its geometry."""
+    NRRD, MetaImage. Volumes come back as a ``VolumeScan`` that knows its geometry.
+
+    Limits: an input over ``max_voxels`` voxels is refused from its header, before its data are
+    read (a zip: from its directory, before it is unpacked); a NRRD/MetaImage header may name a data
+    file in its own folder only, and none at all with ``single_file`` (the web page's uploads)."""
     if os.path.isdir(path):
-        return read_sitk_scan(path, window, axis, slice_range, series_uid)
+        return read_sitk_scan(path, window, axis, slice_range, series_uid, max_voxels)
     check_file(path)
-    suffix = _suffix(path)
+    suffix = suffix_of(path)
     if suffix in ZIP_SUFFIXES:
         folder = tempfile.mkdtemp(prefix="medvmad_zip_")
         try:
-            scan = read_sitk_scan(_extract_zip(path, folder), window, axis, slice_range, series_uid)
+            scan = read_sitk_scan(_extract_zip(path, folder, ZIP_BYTES_PER_VOXEL * max_voxels), window, axis,
+                                  slice_range, series_uid, max_voxels)
+        except InputError as error:  # name the zip, not the temporary folder it was unpacked into
+            raise InputError(str(error).replace(folder, path)) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         scan.path = path
         scan.warnings = [w.replace(folder, path) for w in getattr(scan, "warnings", [])]
         return scan
-    if suffix in SITK_SUFFIXES or (suffix not in IMAGE_SUFFIXES + NIFTI_SUFFIXES and _is_dicom(path)
+    if suffix in SITK_SUFFIXES or (suffix not in IMAGE_SUFFIXES + NIFTI_SUFFIXES and is_dicom(path)
                                    and is_multiframe_dicom(path)):
-        return read_sitk_scan(path, window, axis, slice_range, series_uid)
-    if suffix not in IMAGE_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES and not _is_dicom(path):
+        return read_sitk_scan(path, window, axis, slice_range, series_uid, max_voxels, single_file)
+    if suffix not in IMAGE_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES and not is_dicom(path):
         raise InputError(f"{path}: unknown file type '{suffix or 'no extension'}' (expected "
                          f"PNG/JPG/TIFF, DICOM, NIfTI, NRRD, MetaImage, or a zipped DICOM series)")
-    scan = read_scan(path, window, axis, slice_range)
+    scan = read_scan(path, window, axis, slice_range, max_voxels)
     if suffix in NIFTI_SUFFIXES and scan.slice_indices is not None:
         return VolumeScan(scan.path, scan.slices, scan.slice_indices, _nifti_geometry(path, axis))
     return scan
@@ -397,7 +651,7 @@ def list_inputs(folder: str) -> list[str]:
     """Supported files directly in ``folder`` (images, DICOM, NIfTI, NRRD, MetaImage, zips), sorted."""
     found = set(list_image_inputs(folder))
     for name in os.listdir(folder):
-        if _suffix(name) in SITK_SUFFIXES + ZIP_SUFFIXES and os.path.isfile(os.path.join(folder, name)):
+        if suffix_of(name) in SITK_SUFFIXES + ZIP_SUFFIXES and os.path.isfile(os.path.join(folder, name)):
             found.add(os.path.join(folder, name))
     return sorted(found)
 
@@ -416,10 +670,19 @@ def map_volume(scan: VolumeScan, maps: list[np.ndarray]) -> np.ndarray:
 
 
 def write_volume(path: str | os.PathLike, stored: np.ndarray, affine: np.ndarray) -> None:
-    """Write stored [i,j,k] voxels with a RAS affine's geometry (format by extension)."""
+    """Write stored [i,j,k] voxels with a RAS affine's geometry (format by extension). NIfTI is
+    written with nibabel, which keeps any affine exactly, a sheared one too (ITK's writer would make
+    its axes orthogonal, and the map would no longer overlay its scan)."""
+    import nibabel
     import SimpleITK as sitk
 
-    tmp = f"{path}.tmp{VOLUME_FORMATS['nifti'] if str(path).endswith('.nii.gz') else Path(path).suffix}"
+    if str(path).endswith(VOLUME_FORMATS["nifti"]):
+        image = nibabel.Nifti1Image(stored, affine)
+        image.set_qform(affine, code=1)  # scanner coordinates, as ITK writes them; the closest orthogonal
+        image.set_sform(affine, code=1)  # form in the qform, the affine itself in the sform
+        atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
+        return
+    tmp = f"{path}.tmp{Path(path).suffix}"
     sitk.WriteImage(to_sitk(stored, affine), tmp, True)
     os.replace(tmp, path)
 

@@ -15,7 +15,9 @@ Output (BMAD layout, read by ``dataset.list_samples``)::
 ``<case>`` is the case number (``00124``), ``<slice>`` the axial index in RAS order (``60``; the
 stored index for BraTS volumes, which are stored inferior to superior). Cases are split by
 patient with a seed, so no patient is in two splits. Intensities are scaled per volume: the
-0.5-99.5 percentiles of brain voxels (> 0) map to 0-255, background stays 0.
+0.5-99.5 percentiles of brain voxels (> 0) map to 0-255, background stays 0. A volume that is not
+3-D, or holds NaN or infinite voxels (whose slices would otherwise look empty and be dropped), stops
+the conversion with one line naming the file (and the slices).
 
 Usage: ``python generate_dataset/brats2021.py --raw_path BraTS2021 --save_path data/Brain``
 """
@@ -30,8 +32,8 @@ from tqdm import tqdm
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import (check_empty_target, display, load_volume, scale_intensity,  # noqa: E402
-                                     split_cases, write_sample, write_split_info)
+from generate_dataset.common import (check_empty_target, check_finite_volume, display, load_volume,  # noqa: E402
+                                     scale_intensity, split_cases, write_sample, write_split_info)
 from dataset import SPLITS  # noqa: E402
 from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging  # noqa: E402
 
@@ -85,6 +87,7 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
             volume, seg = load_volume(image_path), load_volume(seg_path)
             if volume.shape != seg.shape:
                 raise InputError(f"{image_path} is {volume.shape} but {seg_path} is {seg.shape}")
+            check_finite_volume(image_path, volume)
             try:
                 scaled = scale_intensity(volume)
             except InputError as error:

@@ -20,12 +20,38 @@ def load_volume(path: str) -> np.ndarray:
     """NIfTI volume [X,Y,Z] in RAS orientation (Z = axial, inferior to superior), stored dtype.
 
     The stored dtype (scaled to float only when the file has a scale factor) keeps large CT
-    volumes small in memory.
+    volumes small in memory. Anything but a 3-D volume (a 2-D slice, a 4-D series; a trailing
+    length-1 axis is dropped) is refused naming the file, from its header.
     """
     try:
-        return np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+        image = nib.load(path)
+        shape = tuple(image.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:
+            raise InputError(f"{path}: a {len(shape)}-D volume of shape {image.shape}; a 3-D volume is expected")
+        volume = np.asanyarray(nib.as_closest_canonical(image).dataobj)
+    except InputError:
+        raise
     except Exception as error:  # nibabel raises many types for corrupt files
         raise InputError(f"cannot read volume {path}: {error}") from error
+    return volume.reshape(volume.shape[:3])
+
+
+def check_finite_volume(path: str, volume: np.ndarray, region: np.ndarray | None = None,
+                        region_name: str = "") -> None:
+    """Refuse a volume holding NaN or infinite voxels (only those inside ``region``, named
+    ``region_name``, when given), naming the file and their axial slices: written as PNG they would
+    turn black, a lesion-like hole, or empty a slice that is then dropped without a word."""
+    bad = ~np.isfinite(volume)
+    if region is not None:
+        bad &= region
+    if bad.any():
+        slices = [int(z) for z in np.flatnonzero(bad.any(axis=(0, 1)))]
+        shown = ", ".join(map(str, slices[:10])) + (" ..." if len(slices) > 10 else "")
+        where = f" in {region_name}" if region_name else ""
+        raise InputError(f"{path}: {int(bad.sum())} NaN or infinite voxel(s){where} in axial slice(s) {shown}; "
+                         f"fix or mask them first")
 
 
 def display(slice_2d: np.ndarray) -> np.ndarray:

@@ -72,6 +72,11 @@ def build_index(save_path: str, normal: str | None, abnormal: str | None, masks:
                 index = json.load(handle)
         except ValueError as error:
             raise InputError(f"existing index {save_path} is not valid JSON: {error}") from error
+        except RecursionError:
+            raise InputError(f"existing index {save_path} is nested too deeply to be a meta.json") from None
+        if not isinstance(index, dict):
+            raise InputError(f"existing index {save_path} holds a JSON {type(index).__name__}, not an object of "
+                             f"splits; move it away or choose another --save_path")
         logger.info("updating %s: replacing split(s) %s", save_path, ", ".join(splits))
     for split in splits:
         index[split] = {cls_name: entries}

@@ -9,7 +9,9 @@ Inputs:
 
 Every slice is HU-windowed to ``hu_window`` (default [-200, 250]) and scaled to 0-255, and
 everything outside the liver (BTCV label 6, LiTS label >= 1) is zeroed. Volumes are turned to RAS;
-slices are shown anterior up, patient's right on the left, at their native size.
+slices are shown anterior up, patient's right on the left, at their native size. A NaN or infinite
+HU inside the liver (it would be written black, a lesion-like hole) stops the conversion with one
+line naming the file and the slices; outside the liver it is zeroed with the rest.
 
 Output::
 
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import (check_empty_target, display, load_volume,  # noqa: E402
+from generate_dataset.common import (check_empty_target, check_finite_volume, display, load_volume,  # noqa: E402
                                      split_cases, write_sample, write_split_info)
 from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,  # noqa: E402
                    setup_logging, unit_interval)
@@ -113,6 +115,7 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
 
     for number in tqdm(sorted(btcv), desc="BTCV", unit="volume"):
         volume, label = _load_pair(*btcv[number])
+        check_finite_volume(btcv[number][0], volume, label == BTCV_LIVER, "the liver")
         for z in range(volume.shape[2]):
             liver = label[:, :, z] == BTCV_LIVER
             if liver.any():
@@ -123,6 +126,7 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
     for split_name, numbers in (("valid", valid_ids), ("test", test_ids)):
         for number in tqdm(numbers, desc=f"LiTS {split_name}", unit="volume"):
             volume, label = _load_pair(*lits[number])
+            check_finite_volume(lits[number][0], volume, label >= LITS_LIVER, "the liver")
             for z in range(volume.shape[2]):
                 liver = label[:, :, z] >= LITS_LIVER
                 if not liver.any():
