@@ -41,6 +41,7 @@ from visualization import overlay_panel, save_curve, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
 RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
+MAPS_TEMP = ".maps-"  # prefix of the folders maps are streamed to (maps_dir_for)
 MAX_BOOTSTRAP = 100_000  # resamples: a 95% interval is stable from a few thousand; more only costs time
 
 
@@ -127,7 +128,7 @@ def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name:
     logger.info(f"{name}: maps and masks take {need / 2**30:.1f} GB, over {budget:.1f} GB: streamed to "
                 f"memory-mapped files in {save_path}")
     save_path.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=save_path, prefix=f".maps-{name}-"))
+    return Path(tempfile.mkdtemp(dir=save_path, prefix=f"{MAPS_TEMP}{name}-"))
 
 
 def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions: Predictions,
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_path = prepare_output_dir(args.save_path, files=RESULT_FILES + ("test_log.txt", ".lock"),
                                        folders=("maps",) * args.save_maps + ("visualization",) * bool(args.visualize))
         with locked_folder(save_path):  # two evaluations into one folder would mix their results files
+            for stale in save_path.glob(f"{MAPS_TEMP}*"):  # maps streamed by a killed run: no live run owns them
+                shutil.rmtree(stale, ignore_errors=True)
             return evaluate(args, device, where)
 
 

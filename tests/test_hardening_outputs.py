@@ -457,6 +457,8 @@ def test_a_full_disk_while_drawing_keeps_the_finished_results(tmp_path, data, mo
     """The first overlay meets a full disk: the results written before it are whole (manifest
     checked), no overlay is half-written, and the line names the folder."""
     out = tmp_path / "out"
+    (out / ".maps-Brain-killed").mkdir(parents=True)  # maps a killed run streamed to disk
+    (out / ".maps-Brain-killed" / "maps.npy").write_bytes(b"\x93NUMPY half")
     real = utils.atomic_write
 
     def write(path, fill):
@@ -471,6 +473,7 @@ def test_a_full_disk_while_drawing_keeps_the_finished_results(tmp_path, data, mo
     summary = json.loads((out / "results.json").read_text())
     assert summary["complete"] and summary["datasets"]["Brain"]["n_images"] == 4
     assert not list((out / "visualization").rglob("*.png")) and temp_files(out) == []
+    assert not (out / ".maps-Brain-killed").exists()
 
 
 def test_a_bootstrap_that_does_not_fit_is_refused_before_any_image_is_scored(tmp_path, data, monkeypatch):
