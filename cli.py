@@ -18,7 +18,8 @@ import torch
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
-from utils import InputError, device_name, non_negative_float, non_negative_int, positive_int
+from utils import (InputError, device_name, finite_float, non_negative_float, non_negative_int, positive_float,
+                   positive_int)
 
 MODEL = MedVMADConfig()  # its field values are the flags' defaults
 BACKBONE = MODEL.backbone
@@ -82,9 +83,9 @@ def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None
     parser.add_argument("--quick_gelu", choices=sorted(QUICK_GELU), default="auto",
                         help="QuickGELU activation; auto: on for OpenAI weights (the openai tag, TorchScript "
                              "archives, *-quickgelu names, files or repos whose name says openai)")
-    parser.add_argument("--image_mean", type=float, nargs=3, metavar=("R", "G", "B"),
+    parser.add_argument("--image_mean", type=finite_float, nargs=3, metavar=("R", "G", "B"),
                         help="image normalisation mean (default: the weights' own preprocess config)")
-    parser.add_argument("--image_std", type=float, nargs=3, metavar=("R", "G", "B"),
+    parser.add_argument("--image_std", type=positive_float, nargs=3, metavar=("R", "G", "B"),
                         help="image normalisation std (default: the weights' own preprocess config)")
     if features_list:
         parser.add_argument("--features_list", type=positive_int, nargs="+",

@@ -16,18 +16,31 @@ import math
 import os
 from pathlib import Path
 
-from utils import _atomic_write, atomic_write_text
+from utils import InputError, atomic_write_bytes, atomic_write_text
 
 CSV_NAME, PNG_NAME = "metrics.csv", "curves.png"
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, float]]:
-    """metrics.csv as a list of {column: value} (empty cells left out)."""
+    """metrics.csv as a list of {column: value} (empty cells left out); an ``InputError`` when the
+    file is damaged (a cell that is no number, a row without its epoch, a row longer than the header)."""
     if not os.path.isfile(path):
         return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{key: float(value) for key, value in row.items() if value not in ("", None)}
-                for row in csv.DictReader(handle)]
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [{key: float(value) for key, value in row.items() if value not in ("", None)}
+                    for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as error:
+        raise InputError(f"{path} is damaged ({type(error).__name__}: {error})") from None
+    if any("epoch" not in row or not float(row["epoch"]).is_integer() for row in rows):
+        raise InputError(f"{path} is damaged (a row without a whole epoch number)")
+    return rows
+
+
+def epoch_row(epoch: int, losses: dict[str, float], selection: dict[str, float]) -> dict[str, float]:
+    """The metrics.csv row of an epoch: its loss terms as ``train/<term>`` and its selection metrics."""
+    return {"epoch": float(epoch), **{f"train/{key}": float(value) for key, value in losses.items()},
+            **{key: float(value) for key, value in selection.items()}}
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict[str, float]]) -> None:
@@ -72,9 +85,10 @@ def draw(path: str | os.PathLike, rows: list[dict[str, float]]) -> None:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    suffix = Path(path).suffix
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format=suffix.lstrip(".") or "png"))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def tensorboard_writer(save_path: str | os.PathLike, logger: logging.Logger):
@@ -92,9 +106,8 @@ def log_epoch(save_path: str | os.PathLike, epoch: int, losses: dict[str, float]
               writer=None) -> dict[str, float]:
     """Add (or replace) this epoch's row in metrics.csv, redraw curves.png, log to TensorBoard."""
     save_path = Path(save_path)
-    row = {"epoch": float(epoch), **{f"train/{key}": float(value) for key, value in losses.items()},
-           **{key: float(value) for key, value in selection.items()}}
-    rows = [old for old in read_rows(save_path / CSV_NAME) if old.get("epoch", 0) < epoch] + [row]
+    row = epoch_row(epoch, losses, selection)
+    rows = [old for old in read_rows(save_path / CSV_NAME) if old["epoch"] < epoch] + [row]
     write_rows(save_path / CSV_NAME, rows)
     draw(save_path / PNG_NAME, rows)
     if writer is not None:

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from utils import InputError, atomic_write_text, one_line
+from utils import InputError, atomic_write_text, one_line, safe_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_FOLDERS = ("anomaly_mask", "label")
@@ -134,11 +134,14 @@ def pair_masks(image_paths: list[str], mask_paths: list[str]) -> list[str | None
 
 
 def _child(folder: str, name: str) -> str | None:
-    """The sub-folder of ``folder`` called ``name`` (case-insensitive), or None."""
-    for entry in sorted(os.listdir(folder)):
-        if entry.lower() == name.lower() and os.path.isdir(os.path.join(folder, entry)):
-            return os.path.join(folder, entry)
-    return None
+    """The sub-folder of ``folder`` called ``name`` (case-insensitive), or None; two of them
+    (``Good/`` and ``good/``) are an InputError: reading one would silently ignore the other."""
+    found = [entry for entry in sorted(os.listdir(folder))
+             if entry.lower() == name.lower() and os.path.isdir(os.path.join(folder, entry))]
+    if len(found) > 1:
+        raise InputError(f"{folder} holds both {' and '.join(f'{entry}/' for entry in found)}: folder names are "
+                         f"matched case-insensitively; merge them into one")
+    return os.path.join(folder, found[0]) if found else None
 
 
 def _list_bmad(root: str, split: str) -> list[Sample]:
@@ -163,6 +166,11 @@ def _list_bmad(root: str, split: str) -> list[Sample]:
         samples += [Sample(path, mask, 1) for path, mask in zip(images, pair_masks(images, masks))]
     if not samples:
         raise InputError(f"split folder {split_dir} holds no images in good/ or Ungood/")
+    seen: dict[str, str] = {}
+    for sample in samples:  # a link to an image already listed would be scored twice
+        first = seen.setdefault(os.path.realpath(sample.image_path), sample.image_path)
+        if first != sample.image_path:
+            raise InputError(f"{sample.image_path} and {first} are the same file; a split lists each image once")
     return samples
 
 
@@ -182,6 +190,9 @@ def _meta_entry(entry: object, base: str, where: str) -> Sample:
     for path in (image, mask):
         if path is not None and not os.path.isfile(path):
             raise InputError(f"{where} names {path}, which does not exist")
+    if label == 0 and mask is not None and load_mask(mask).any():
+        raise InputError(f"{where} is labelled normal (anomaly 0), but its mask {mask} marks a lesion; "
+                         f"fix the label or the mask")
     return Sample(image, mask if label == 1 else None, int(label))
 
 
@@ -193,6 +204,8 @@ def _list_meta(meta_path: str, split: str) -> list[Sample]:
             meta = json.load(handle)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read index {meta_path}: {one_line(str(error))}") from None
+    except RecursionError:
+        raise InputError(f"cannot read index {meta_path}: nested too deeply to be a meta.json") from None
     if not isinstance(meta, dict) or split not in meta:
         raise InputError(f"index {meta_path} has no {split!r} split")
     if not isinstance(meta[split], dict) or not all(isinstance(v, list) for v in meta[split].values()):
@@ -203,7 +216,7 @@ def _list_meta(meta_path: str, split: str) -> list[Sample]:
         for index, entry in enumerate(entries):
             where = f"index {meta_path}: {split}/{cls_name}[{index}]"
             sample = _meta_entry(entry, base, where)
-            key = os.path.normpath(sample.image_path)
+            key = os.path.realpath(sample.image_path)  # a link to a listed image is the same image
             if key in seen:  # a repeated entry would be counted twice in every metric
                 raise InputError(f"{where} lists {sample.image_path} again (first at {seen[key]})")
             seen[key] = f"{split}/{cls_name}[{index}]"
@@ -256,6 +269,8 @@ def table_name(root: str) -> str:
 
 def dataset_names(roots: list[str], names: list[str] | None) -> list[str]:
     """Table names for dataset roots: the given ``--dataset`` names, else the folder names; distinct."""
+    for name in names or []:  # output files are named after them
+        safe_name(name, "--dataset")
     names = names or [table_name(root) for root in roots]
     if len(names) != len(roots):
         raise InputError(f"--dataset gives {len(names)} names for {len(roots)} dataset roots")

@@ -78,14 +78,35 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _launch_variable(name: str, default: str | None = None, minimum: int = 0) -> int:
+    """The integer launcher variable ``name`` (set by torchrun); an InputError naming it when it is
+    missing (without a ``default``), not an integer, or below ``minimum``."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise InputError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but {name} is not set: start the processes "
+                         f"with torchrun")
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"{name}={text!r}: expected a whole number (torchrun sets it)") from None
+    if value < minimum:
+        raise InputError(f"{name}={text}: must be >= {minimum}")
+    return value
+
+
 def launched_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it. Values a
+    launcher could not have set (WORLD_SIZE 0, a RANK outside it, a missing MASTER_ADDR) are InputErrors."""
+    world = _launch_variable("WORLD_SIZE", "1", minimum=1)
     if world == 1:
         return 0, 1, 0
-    if "RANK" not in os.environ:
-        raise InputError(f"WORLD_SIZE is {world} but RANK is not set: start the processes with torchrun")
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _launch_variable("RANK"), _launch_variable("LOCAL_RANK", "0")
+    if rank >= world:
+        raise InputError(f"RANK={rank} with WORLD_SIZE={world}: ranks run from 0 to {world - 1}")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise InputError(f"WORLD_SIZE is {world} but {name} is not set: start the processes with torchrun")
+    return rank, world, local_rank
 
 
 @contextlib.contextmanager
@@ -113,8 +134,14 @@ def distributed(device_name: str, timeout_s: float) -> Iterator[tuple[Distribute
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise InputError(f"--device {device_name}: torchrun runs on CUDA (NCCL) or CPU (gloo) processes")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as error:  # DistStoreError (a peer never joined), DistNetworkError, bad port
+        cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InputError(f"could not start the run's {world} processes at {os.environ['MASTER_ADDR']}:"
+                         f"{os.environ['MASTER_PORT']} within --dist_timeout {timeout_s:g} s ({type(error).__name__}: "
+                         f"{cause}); check that every rank was started") from None
     try:
         yield Distributed(rank, world), device
     except RuntimeError as error:  # DistErrors (NCCL, the store), and gloo's plain RuntimeErrors

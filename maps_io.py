@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from inference import Predictions
-from utils import InputError, _atomic_write, atomic_write_json
+from utils import InputError, atomic_write, atomic_write_json, write_error
 
 
 def save_maps(folder: str | os.PathLike, name: str, predictions: Predictions) -> None:
@@ -39,22 +39,18 @@ def save_maps(folder: str | os.PathLike, name: str, predictions: Predictions) ->
         source = getattr(array, "filename", None)
         if source is not None and Path(source).parent.stat().st_dev == folder.stat().st_dev:
             array.flush()
-            os.replace(source, target)  # the whole file was written before the rename
+            try:
+                os.replace(source, target)  # the whole file was written before the rename
+            except OSError as error:
+                raise write_error(target, error) from None
         else:
-            _atomic_write(target, lambda tmp, array=array: _save_npy(tmp, array))
+            # written through the handle, chunk by chunk: a memory map is never loaded whole, and
+            # a full disk raises (a memory-mapped target would kill the process with SIGBUS)
+            atomic_write(target, lambda handle, array=array: np.lib.format.write_array(handle, array,
+                                                                                      allow_pickle=False))
     atomic_write_json(folder / f"{name}.json", {
         "paths": list(predictions.paths), "labels": predictions.labels.tolist(),
         "scores": predictions.scores.tolist(), "has_masks": bool(predictions.has_masks)})
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    """np.save in chunks of images, so a memory-mapped array is never loaded whole."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
-    step = max(1, (1 << 26) // max(1, array[0].nbytes))
-    for start in range(0, len(array), step):
-        out[start:start + step] = array[start:start + step]
-    out.flush()
-    del out
 
 
 def load_maps(folder: str | os.PathLike, name: str, mmap: bool = True) -> Predictions:

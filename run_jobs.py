@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from utils import ArgumentParser, InputError, run_cli
+from utils import ArgumentParser, InputError, prepare_output_dir, run_cli
 
 
 @dataclass
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = [line.strip() for line in Path(args.jobs).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
         raise InputError(f"--jobs {args.jobs}: cannot read it ({error.strerror})") from None
+    prepare_output_dir(args.log_dir, "--log_dir (LOG_DIR)")  # before any job runs
     print(f"{len(commands)} job(s) on GPU(s) {', '.join(gpus)}; logs in {args.log_dir}", flush=True)
     jobs = run_jobs(commands, gpus, Path(args.log_dir))
     failed = [job for job in jobs if job.status != 0]

@@ -91,21 +91,21 @@ def paper_table(results_by_row: dict[str, dict[str, float]], columns: list[tuple
     (no mean row: the rows are different models), as {"md": pipe table, "csv": CSV text, "json":
     JSON text}. Cells are x100 with one decimal and the 95% interval as '97.2 [96.8–97.5]' when the
     results carry ``<metric>_ci``; the JSON keeps the values as measured (in [0, 1]) with their
-    intervals, null where a metric is nan (strict JSON)."""
+    intervals, null where a metric is nan or infinite (strict JSON)."""
     headers = [first] + [title for _, title in columns]
     markdown = pipe_table(format_table(results_by_row, columns, mean_row=False), headers)
     rows = [{first: name, **{field: _finite_or_none(values[field]) for key, _ in columns
                              for field in (key, f"{key}_ci") if field in values}}
             for name, values in results_by_row.items()]
     return {"md": markdown + "\n", "csv": csv_text(csv_rows(results_by_row, columns, first, mean_row=False)),
-            "json": json.dumps({"columns": [key for key, _ in columns], "rows": rows}, indent=2) + "\n"}
+            "json": json.dumps({"columns": [key for key, _ in columns], "rows": rows}, indent=2, allow_nan=False) + "\n"}
 
 
 def _finite_or_none(value):
-    """A number, or each number of an interval, with nan as None."""
+    """A number, or each number of an interval, with nan and infinities as None (strict JSON)."""
     if isinstance(value, (list, tuple)):
         return [_finite_or_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def variant_of(config: dict | None) -> str:

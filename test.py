@@ -11,6 +11,7 @@ Writes results.json, results.csv, scores.csv (and overlays/curves with --visuali
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -25,20 +26,32 @@ import evaluation
 import metrics
 from CLIP.MedVMAD import MedVMAD
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
-from dataset import (MedicalDataset, dataset_names, list_samples, organ_name, resolve_support, save_support,
+from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
                      support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from inference import MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
 from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
-from utils import (MANIFEST, ArgumentParser, locked_folder, non_negative_float, non_negative_int,
-                   prepare_output_dir, run_cli, seed_everything, setup_logging, unit_interval, versions,
+from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, check_shared_flags,
+                   locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
+                   seed_everything, seed_value, setup_logging, unique_stems, unit_interval, versions,
                    write_result_files)
-from visualization import overlay_panel, save_curve, save_png, to_display
+from visualization import overlay_panel, save_curve, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
 RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
+MAPS_TEMP = ".maps-"  # prefix of the folders maps are streamed to (maps_dir_for)
+MAX_BOOTSTRAP = 100_000  # resamples: a 95% interval is stable from a few thousand; more only costs time
+
+
+def bootstrap_count(text: str) -> int:
+    """--bootstrap: 0 (off) to MAX_BOOTSTRAP resamples."""
+    value = non_negative_int(text)
+    if value > MAX_BOOTSTRAP:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BOOTSTRAP} resamples (intervals settle within a few "
+                                         f"thousand), got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,15 +85,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation_args.add_argument("--save_maps", action="store_true",
                                  help="write the maps, masks, paths, labels and scores to SAVE_PATH/maps/ "
                                       "(read back with maps_io.load_maps)")
-    evaluation_args.add_argument("--bootstrap", type=non_negative_int, default=0, metavar="N",
-                                 help="95%% intervals from N resamples of patients (case ids of <case>_<slice> "
-                                      "names, else images); 0 = off")
-    evaluation_args.add_argument("--bootstrap_seed", type=non_negative_int, default=0)
+    evaluation_args.add_argument("--bootstrap", type=bootstrap_count, default=0, metavar="N",
+                                 help=f"95%% intervals from N resamples of patients (case ids of <case>_<slice> "
+                                      f"names, else images), at most {MAX_BOOTSTRAP}; 0 = off")
+    evaluation_args.add_argument("--bootstrap_seed", type=seed_value, default=0)
     fewshot = parser.add_argument_group("few-shot (memory bank of normal support patches)")
     add_fewshot_args(fewshot)
     fewshot.add_argument("--fewshot_weight", type=unit_interval,
                          help=f"weight of the memory-bank map (default: the checkpoint's, else {MODEL.fewshot_weight})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_shared_flags(args)
+    return args
 
 
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,
@@ -96,19 +111,24 @@ def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name:
     return source
 
 
+def ram_budget_gb(args: argparse.Namespace) -> float:
+    """--max_ram_maps_gb, by default half the memory available now."""
+    if args.max_ram_maps_gb is not None:
+        return args.max_ram_maps_gb
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 2**30
+
+
 def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name: str, save_path: Path,
                  logger) -> Path | None:
     """A temporary folder in save_path to stream the maps to, when they would not fit in RAM."""
-    budget = args.max_ram_maps_gb
-    if budget is None:
-        budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 2**30
+    budget = ram_budget_gb(args)
     need = maps_bytes(n_images, image_size, args.map_dtype)
     if need <= budget * 2**30:
         return None
     logger.info(f"{name}: maps and masks take {need / 2**30:.1f} GB, over {budget:.1f} GB: streamed to "
                 f"memory-mapped files in {save_path}")
     save_path.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=save_path, prefix=f".maps-{name}-"))
+    return Path(tempfile.mkdtemp(dir=save_path, prefix=f"{MAPS_TEMP}{name}-"))
 
 
 def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions: Predictions,
@@ -157,23 +177,81 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
     return values, patient_values, per_class
 
 
+VISUAL_KINDS = ((0, "normal"), (1, "abnormal"))
+CURVE_FILES = ("roc_image.png", "pro_pixel.png")
+
+
+def drawn_overlays(samples: list[Sample], count: int) -> list[tuple[int, str]]:
+    """(index, visualization/NAME/ name) of the overlays ``write_visuals`` draws: the first
+    ``count`` normal and abnormal images, named by their stems, made unique (``unique_stems``)."""
+    stems = unique_stems([sample.image_path for sample in samples])
+    labels = np.array([sample.label for sample in samples])
+    return [(int(index), f"{kind}/{stems[index]}.png") for label, kind in VISUAL_KINDS
+            for index in np.flatnonzero(labels == label)[:count]]
+
+
 def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions: Predictions, count: int) -> None:
     """Overlays for ``count`` normal and abnormal images (one heat scale per dataset) and curves."""
     maps = predictions.maps
     sample = maps[:: max(1, len(maps) // 256)].astype(np.float32)  # a display scale needs no exact quantile
     vmin, vmax = float(np.percentile(sample, 1)), float(np.percentile(sample, 99.9))
-    for label, kind in ((0, "normal"), (1, "abnormal")):
-        for index in np.flatnonzero(predictions.labels == label)[:count]:
-            item = dataset[int(index)]
-            panel = overlay_panel(to_display(item["image"]), maps[index].astype(np.float32), vmin, vmax,
-                                  predictions.masks[index], f"score {predictions.scores[index]:.3f}")
-            save_png(folder / name / kind / f"{Path(predictions.paths[index]).stem}.png", panel)
+    for index, file_name in drawn_overlays(dataset.samples, count):
+        item = dataset[index]
+        panel = overlay_panel(to_display(item["image"]), maps[index].astype(np.float32), vmin, vmax,
+                              predictions.masks[index], f"score {predictions.scores[index]:.3f}")
+        atomic_write_image(folder / name / file_name, panel)
+    curves = []
     if len(set(predictions.labels.tolist())) == 2:
         fpr, tpr, _ = roc_curve(predictions.labels, predictions.scores)
-        save_curve(folder / name / "roc_image.png", fpr, tpr, "FPR", "TPR", f"{name} image ROC")
+        curves.append((CURVE_FILES[0], (fpr, tpr, "FPR", "TPR", f"{name} image ROC")))
     if predictions.has_masks and predictions.masks.any():
         fpr, pro = metrics.pro_curve(predictions.masks, predictions.maps)
-        save_curve(folder / name / "pro_pixel.png", fpr, pro, "FPR", "PRO", f"{name} PRO", xlim=0.3)
+        curves.append((CURVE_FILES[1], (fpr, pro, "FPR", "PRO", f"{name} PRO", 0.3)))
+    for file_name, curve in curves:
+        drawn = io.BytesIO()
+        save_curve(drawn, *curve)
+        atomic_write_bytes(folder / name / file_name, drawn.getvalue())
+
+
+def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[str, list[Sample]],
+                      image_size: int, keep_maps: bool) -> None:
+    """Refuse, before any image is scored, what would fail after it: an output name of a dataset
+    taken (a file where a folder goes, or the reverse), bootstrap resamples that do not fit in
+    memory, and maps to put on disk (--save_maps, or streamed) that do not fit on it."""
+    disk_kept, disk_streamed = 0, 0
+    for name, samples in listed.items():
+        files, folders = [], []
+        if args.k_shot:
+            files.append(support_file_name(args.k_shot, args.fewshot_seed, name))
+        if args.save_maps:
+            folders.append("maps")
+            files += [f"maps/{name}.npy", f"maps/{name}_masks.npy", f"maps/{name}.json"]
+        if args.visualize:
+            folders += ["visualization", f"visualization/{name}"] + [f"visualization/{name}/{kind}"
+                                                                     for _, kind in VISUAL_KINDS]
+            files += [f"visualization/{name}/{file_name}" for file_name in CURVE_FILES]
+            files += [f"visualization/{name}/{file_name}" for _, file_name in drawn_overlays(samples, args.visualize)]
+        refuse_taken(save_path, files, folders)
+        if args.bootstrap:
+            n_patients = len(evaluation.groups_of([sample.image_path for sample in samples])[1])
+            need = args.bootstrap * n_patients * 16  # the draws and counts of every resample, int64
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if need > available / 2:
+                raise InputError(f"--bootstrap {args.bootstrap}: {n_patients} patients of {name} need "
+                                 f"{need / 2**30:.1f} GiB for the resamples, over half the available memory "
+                                 f"({available / 2**30:.1f} GiB); use at most "
+                                 f"{int(available / 2 // (n_patients * 16))} resamples")
+        if keep_maps:
+            need = maps_bytes(len(samples), image_size, args.map_dtype)
+            if args.save_maps:
+                disk_kept += need
+            elif need > ram_budget_gb(args) * 2**30:  # streamed to a temp folder (maps_dir_for)
+                disk_streamed = max(disk_streamed, need)
+    need, free = disk_kept + disk_streamed, shutil.disk_usage(save_path).free
+    if need > free:
+        raise InputError(f"--save_path {save_path}: the maps to write there take {need / 2**30:.1f} GiB, but only "
+                         f"{free / 2**30:.1f} GiB are free; free some space"
+                         + ("" if args.save_maps else " or raise --max_ram_maps_gb"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,21 +259,27 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed(args.device, args.dist_timeout) as (where, device):
         if not where.is_main:  # process 0 alone checks, locks and writes the folder
             return evaluate(args, device, where)
-        save_path = prepare_output_dir(args.save_path, files=RESULT_FILES)  # before any work is done
+        save_path = prepare_output_dir(args.save_path, files=RESULT_FILES + ("test_log.txt", ".lock"),
+                                       folders=("maps",) * args.save_maps + ("visualization",) * bool(args.visualize))
         with locked_folder(save_path):  # two evaluations into one folder would mix their results files
+            for stale in save_path.glob(f"{MAPS_TEMP}*"):  # maps streamed by a killed run: no live run owns them
+                shutil.rmtree(stale, ignore_errors=True)
             return evaluate(args, device, where)
 
 
 def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> dict:
     """The evaluation itself, writing into ``args.save_path`` (checked and locked by ``main``).
     Under torchrun every process scores its share of each dataset; process 0 gathers the maps and
-    scores in dataset order, computes every figure and writes every file (the others return {})."""
+    scores in dataset order, computes every figure and writes every file (the others return {}).
+    The results files are rewritten after each dataset's figures, before its optional overlays
+    and maps, so a failure there keeps every figure computed (``complete`` false until the last)."""
     started = time.time()
     save_path = Path(args.save_path)
     logger = setup_logging(save_path if where.is_main else None, "test_log.txt", rank=where.rank)
     seed_everything(args.seed)
     roots = args.data_path or [where.on_main(ensure_demo)]  # built once
     names = dataset_names(roots, args.dataset)
+    listed = {name: list_samples(root, args.split) for root, name in zip(roots, names)}  # logs the counts per class
 
     model, checkpoint = build_model(args, device)
     if args.fewshot_weight is not None:
@@ -207,20 +291,18 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
 
     want_image = args.metrics in ("image-level", "image-pixel-level")
     want_pixel = args.metrics in ("pixel-level", "image-pixel-level")
+    keep_maps = want_pixel or args.visualize > 0 or args.save_maps
+    if where.is_main:
+        check_before_work(args, save_path, listed, image_size, keep_maps)
     if args.bootstrap:
         logger.info(f"bootstrap: {args.bootstrap} resamples of patients, seed {args.bootstrap_seed}")
-    results: dict[str, dict[str, float]] = {}
-    patient_results: dict[str, dict[str, float]] = {}
-    score_rows = [["dataset", "path", "label", "score"]]
-    support_sources: dict[str, str] = {}
+    run = RunResults(args, checkpoint, started, len(names))
     for root, name in zip(roots, names):
-        samples = list_samples(root, args.split)  # logs the counts per class
-        dataset = MedicalDataset(samples, image_size, skip_bad=args.skip_bad)
+        dataset = MedicalDataset(listed[name], image_size, skip_bad=args.skip_bad)
         loader = sharded_loader(dataset, args.batch_size, args.num_workers, where)
         model.set_organ(organ_name(name))
         if args.k_shot:
-            support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger, where)
-        keep_maps = want_pixel or args.visualize > 0 or args.save_maps
+            run.support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger, where)
         maps_dir = (maps_dir_for(args, len(dataset), image_size, name, save_path, logger)
                     if keep_maps and where.is_main else None)
         try:
@@ -232,14 +314,8 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                                                                  want_image, logger)
             if want_pixel and not predictions.has_masks:
                 logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
-            values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
-            if per_class:
-                values["classes"] = per_class
-            results[name] = values
-            if patient_values is not None:
-                patient_results[name] = patient_values
-            score_rows += [[name, path, int(label), f"{score:.6f}"]
-                           for path, label, score in zip(predictions.paths, predictions.labels, predictions.scores)]
+            run.add(name, predictions, values, patient_values, per_class)
+            run.write(save_path, logger)  # what is done is kept before the optional extras
             if args.visualize > 0:
                 write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
             if args.save_maps:
@@ -248,52 +324,82 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         finally:
             if maps_dir is not None:
                 shutil.rmtree(maps_dir, ignore_errors=True)
-
     if not where.is_main:
         return {}
-    headers = ["dataset"] + [title for _, title in TABLE_COLUMNS]
-    rows = format_table(results)
-    aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
-    interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
-                     if args.bootstrap else "")
-    table = pipe_table(rows, headers)
-    logger.info(f"\n{table}\n({aupro_note}; values x100{interval_note})")
-    files = {"results.csv": csv_text(csv_rows(results))}
-    if patient_results:
-        shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
-                 for name, v in patient_results.items()}
-        patient_table = pipe_table(format_table(shown, PATIENT_COLUMNS)[:-1],
-                                   ["dataset"] + [title for _, title in PATIENT_COLUMNS])
-        logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
-                    f"{patient_table}")
-        files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))
-    per_class = {f"{name}/{class_name}": class_values for name, values in results.items()
-                 for class_name, class_values in values.get("classes", {}).items()}
-    if per_class:
-        files["results_per_class.csv"] = csv_text(csv_rows(per_class, first="dataset/class"))
-    files["scores.csv"] = csv_text(score_rows)
-    summary = {
-        "datasets": results,
-        "patients": patient_results,
-        "aupro": args.aupro,
-        "map_dtype": args.map_dtype,
-        "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
-                      "interval": "95% percentile"} if args.bootstrap else None,
-        "support_files": support_sources,
-        # few-shot scores and maps are the memory bank's z values (CLIP/memory_bank.py), on another
-        # scale than the checkpoint's threshold, which was chosen on probabilities without a bank
-        "score_scale": "z" if args.k_shot else "probability",
-        "args": vars(args),
-        "checkpoint": None if checkpoint is None else {
-            "path": os.path.abspath(args.checkpoint_path), "epoch": checkpoint.get("epoch"),
-            "config": checkpoint["config"], "threshold": None if args.k_shot else checkpoint.get("threshold")},
-        "versions": versions(),
-        "seconds": round(time.time() - started, 2),
-    }
-    files["results.json"] = json.dumps(summary, indent=2, default=str) + "\n"
-    write_result_files(save_path, files, stale=RESULT_FILES)  # all or nothing: a killed run leaves no manifest
-    logger.info(f"results written to {save_path} ({', '.join(files)}, {MANIFEST})")
-    return summary
+    return run.summary
+
+
+class RunResults:
+    """The figures of the datasets evaluated so far and the results files they make."""
+
+    def __init__(self, args: argparse.Namespace, checkpoint: dict | None, started: float, n_datasets: int) -> None:
+        self.args, self.checkpoint, self.started, self.n_datasets = args, checkpoint, started, n_datasets
+        self.results: dict[str, dict] = {}
+        self.patient_results: dict[str, dict] = {}
+        self.support_sources: dict[str, str] = {}
+        self.score_rows = [["dataset", "path", "label", "score"]]
+        self.summary: dict = {}
+
+    def add(self, name: str, predictions: Predictions, values: dict, patient_values: dict | None,
+            per_class: dict) -> None:
+        values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
+        if per_class:
+            values["classes"] = per_class
+        self.results[name] = values
+        if patient_values is not None:
+            self.patient_results[name] = patient_values
+        self.score_rows += [[name, path, int(label), f"{score:.6f}"]
+                            for path, label, score in zip(predictions.paths, predictions.labels, predictions.scores)]
+
+    def write(self, save_path: Path, logger) -> None:
+        """Write the results files of the datasets so far as one unit (``write_result_files``)."""
+        args, results, patient_results = self.args, self.results, self.patient_results
+        complete = len(results) == self.n_datasets
+        headers = ["dataset"] + [title for _, title in TABLE_COLUMNS]
+        rows = format_table(results)
+        aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
+        interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
+                         if args.bootstrap else "")
+        if complete:
+            logger.info(f"\n{pipe_table(rows, headers)}\n({aupro_note}; values x100{interval_note})")
+        files = {"results.csv": csv_text(csv_rows(results))}
+        if patient_results:
+            shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
+                     for name, v in patient_results.items()}
+            patient_table = pipe_table(format_table(shown, PATIENT_COLUMNS)[:-1],
+                                       ["dataset"] + [title for _, title in PATIENT_COLUMNS])
+            if complete:
+                logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
+                            f"{patient_table}")
+            files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))
+        per_class = {f"{name}/{class_name}": class_values for name, values in results.items()
+                     for class_name, class_values in values.get("classes", {}).items()}
+        if per_class:
+            files["results_per_class.csv"] = csv_text(csv_rows(per_class, first="dataset/class"))
+        files["scores.csv"] = csv_text(self.score_rows)
+        checkpoint = self.checkpoint
+        self.summary = {
+            "datasets": results,
+            "patients": patient_results,
+            "complete": complete,  # false: a failure stopped the run before its last dataset
+            "aupro": args.aupro,
+            "map_dtype": args.map_dtype,
+            "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
+                          "interval": "95% percentile"} if args.bootstrap else None,
+            "support_files": self.support_sources,
+            # few-shot scores and maps are the memory bank's z values (CLIP/memory_bank.py), on another
+            # scale than the checkpoint's threshold, which was chosen on probabilities without a bank
+            "score_scale": "z" if args.k_shot else "probability",
+            "args": vars(args),
+            "checkpoint": None if checkpoint is None else {
+                "path": os.path.abspath(args.checkpoint_path), "epoch": checkpoint.get("epoch"),
+                "config": checkpoint["config"], "threshold": None if args.k_shot else checkpoint.get("threshold")},
+            "versions": versions(),
+            "seconds": round(time.time() - self.started, 2),
+        }
+        files["results.json"] = json.dumps(self.summary, indent=2, default=str) + "\n"
+        write_result_files(save_path, files, stale=RESULT_FILES)  # all or nothing: a killed run leaves no manifest
+        logger.info(f"results {'' if complete else 'so far '}written to {save_path} ({', '.join(files)}, {MANIFEST})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source jobs.sh
+PROTOCOL=${1:-all}
+case $PROTOCOL in
+  indomain|crossorgan|zeroshot|fewshot|all|paper) ;;
+  *) echo "error: unknown protocol '$PROTOCOL': choose indomain, crossorgan, zeroshot, fewshot, all or paper" >&2
+     exit 2 ;;
+esac
 
 DATA_ROOT=${DATA_ROOT:-data/BMAD}
 TARGETS=${TARGETS:-"Brain Liver"}
@@ -37,8 +43,12 @@ if [ ! -d "$DATA_ROOT/Brain" ]; then
 fi
 BOOTSTRAP=${BOOTSTRAP:-1000}                    # patient resamples for the 95% intervals; 0 = off
 COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION --bootstrap $BOOTSTRAP $EXTRA"
-PROTOCOL=${1:-all}
 read -r -a targets <<< "$TARGETS"
+if [[ $PROTOCOL == crossorgan || $PROTOCOL == all || $PROTOCOL == paper ]] && (( ${#targets[@]} < 2 )); then
+  echo "error: test.sh $PROTOCOL: TARGETS must name two datasets (crossorgan tests each on the other's checkpoint;" \
+       "paper: Table 1 on the first, Table 2 on the second), got TARGETS='$TARGETS'" >&2
+  exit 2
+fi
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   for target in "${targets[@]}"; do
@@ -85,10 +95,6 @@ if [[ $PROTOCOL == fewshot || $PROTOCOL == all ]]; then
 fi
 
 if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, tested on both targets
-  if (( ${#targets[@]} < 2 )); then
-    echo "test.sh paper: TARGETS must name two datasets (Table 1: trained and tested on the first; Table 2: tested on the second)" >&2
-    exit 2
-  fi
   paper=paper${RECIPE:+_recipe_$RECIPE}
   recipes=${RECIPE:+"every row with the $RECIPE recipe"}
   runs=(); checkpoints=()

@@ -7,13 +7,18 @@ scale), <name>.npy (the map, float16, at the input's size; [S,H,W] for a volume)
 in predictions.jsonl: path, score, decision, threshold (and per-slice scores for a volume, whose
 score is the maximum over slices, plus a montage of its most anomalous slices).
 The decision threshold is the checkpoint's (F1-max on its validation split); --threshold overrides.
+An input's files and its line are written as one unit: a line names only files written whole, and
+no file is left without its line, even after a full disk or a kill.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -24,10 +29,14 @@ from CLIP.MedVMAD import MedVMAD
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
 from medical_io import MAX_VOXELS, WINDOW_PRESETS, Scan
-from utils import (ArgumentParser, InputError, autocast, finite_float, non_negative_int, one_line, positive_int,
-                   prepare_output_dir, resolve_device, run_cli, unit_interval)
-from visualization import montage, overlay_panel, save_png
+from utils import (STAGING, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, autocast,
+                   check_shared_flags, commit_staged, discard_staged, finite_float, locked_folder, non_negative_int,
+                   one_line, positive_int, prepare_output_dir, recover_staged, refuse_taken, resolve_device, run_cli,
+                   staging_folder, sync_file, unique_stems, unit_interval)
+from visualization import montage, overlay_panel
 from volume_io import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
+
+PREDICTIONS = "predictions.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,38 +104,116 @@ def output_stem(path: str) -> str:
     return name[:-7] if name.lower().endswith(".nii.gz") else os.path.splitext(name)[0]
 
 
+def output_names(stem: str, volume_format: str = "nifti") -> list[str]:
+    """Every file an input named ``stem`` may get: overlay, map array, and the 2-D or volume map and mask."""
+    suffix = VOLUME_FORMATS[volume_format]
+    return [f"{stem}.png", f"{stem}.npy", f"{stem}_map.png", f"{stem}_mask.png", f"{stem}_map{suffix}",
+            f"{stem}_mask{suffix}"]
+
+
+def recorded_stems(save_path: Path) -> dict[str, str]:
+    """The output stem -> input (resolved path) of every record in ``save_path``'s predictions.jsonl."""
+    owners = {}
+    try:
+        lines = (save_path / PREDICTIONS).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return owners
+    for line in lines:
+        try:
+            record = json.loads(line)
+            stem = Path(record["map_npy"]).stem if "map_npy" in record else output_stem(record["path"])
+            owners[stem] = os.path.realpath(record["path"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return owners
+
+
+def output_stems(paths: list[str], save_path: Path) -> list[str]:
+    """A name for each input's outputs: ``unique_stems`` (``x.png`` and ``x.jpg`` in one folder do not
+    share files), moved on to ``<stem>-2``, ``-3``, ... where an earlier record in the folder names
+    that stem's files for another input: one set of files describes one input."""
+    owners, chosen = recorded_stems(save_path), []
+    for path, stem in zip(paths, unique_stems(paths)):
+        base, number, source = stem, 1, os.path.realpath(path)
+        while owners.get(stem, source) != source or stem in chosen:
+            number += 1
+            stem = f"{base}-{number}"
+        chosen.append(stem)
+    return chosen
+
+
+def check_written(path: Path, shown_as: Path) -> None:
+    """A map or mask file that a library wrote by its path: whole (a PNG decodes; a gzip stream,
+    such as a .nii.gz, ends with its checksum; SimpleITK writes a short .nii.gz without a word on
+    a full disk) and synced; ``shown_as`` is its name in the output folder."""
+    problem = None
+    if not path.is_file() or path.stat().st_size == 0:
+        problem = "it was not written"
+    elif path.suffix == ".png" and cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is None:
+        problem = "it does not decode"
+    elif path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error):
+            problem = "it is cut short"
+    if problem:
+        raise InputError(f"cannot write {shown_as}: {problem} (is the disk of {shown_as.parent} full?); "
+                         f"nothing of this input was kept")
+    sync_file(path)
+
+
 def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: float, source: str,
-           save_path: Path, top_k: int, volume_format: str = "nifti") -> dict:
-    """Write the overlay/montage PNG and the map; return the JSON record."""
-    stem = output_stem(scan.path)
-    to_uint8 = lambda image: (image * 255).round().astype(np.uint8)  # noqa: E731
-    np.save(save_path / f"{stem}.npy", np.stack(maps).astype(np.float16) if scan.slice_indices else
-            maps[0].astype(np.float16))
-    record = {"path": scan.path, "score": float(scores.max()), "threshold": threshold, "threshold_from": source}
-    record["decision"] = "anomalous" if record["score"] >= threshold else "normal"
-    record.update(write_maps(scan, maps, threshold, save_path, stem, volume_format),
-                  warnings=getattr(scan, "warnings", []))
-    if scan.slice_indices is None:
-        save_png(save_path / f"{stem}.png", overlay_panel(to_uint8(scan.slices[0]), maps[0], 0.0, 1.0,
-                                                          text=f"score {scores[0]:.3f} {record['decision']}"))
-        return record
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    panels = [overlay_panel(to_uint8(scan.slices[i]), maps[i], 0.0, 1.0,
-                            text=f"slice {scan.slice_indices[i]} score {scores[i]:.3f}") for i in order]
-    save_png(save_path / f"{stem}.png", montage(panels, columns=1))
-    record.update(
-        slice_scores={str(index): float(score) for index, score in zip(scan.slice_indices, scores)},
-        most_anomalous_slice=int(scan.slice_indices[int(order[0])]),
-        slices_over_threshold=[int(i) for i, s in zip(scan.slice_indices, scores) if s >= threshold])
+           save_path: Path, top_k: int, volume_format: str = "nifti", stem: str | None = None) -> dict:
+    """Write the overlay/montage PNG, the map (.npy) and the map and mask files of one input, and
+    its JSON record in ``save_path``/predictions.jsonl, as one unit (``utils.commit_staged``, under
+    the folder's lock); return the record. ``stem`` names the files (default: the input's)."""
+    stem = stem or output_stem(scan.path)
+    staging = staging_folder(save_path)
+    try:
+        to_uint8 = lambda image: (image * 255).round().astype(np.uint8)  # noqa: E731
+        array = io.BytesIO()
+        np.save(array, np.stack(maps).astype(np.float16) if scan.slice_indices else maps[0].astype(np.float16))
+        atomic_write_bytes(staging / f"{stem}.npy", array.getvalue())
+        record = {"path": scan.path, "score": float(scores.max()), "threshold": threshold, "threshold_from": source}
+        record["decision"] = "anomalous" if record["score"] >= threshold else "normal"
+        try:
+            written = write_maps(scan, maps, threshold, staging, stem, volume_format)
+        except (RuntimeError, OSError) as error:  # SimpleITK's writers raise RuntimeError
+            raise InputError(f"cannot write the map of {scan.path} in {save_path} "
+                             f"({one_line(str(error))[:200]})") from None
+        for path in written.values():
+            check_written(Path(path), save_path / Path(path).name)
+        record.update({key: str(save_path / Path(path).name) for key, path in written.items()},
+                      overlay=str(save_path / f"{stem}.png"), map_npy=str(save_path / f"{stem}.npy"),
+                      warnings=getattr(scan, "warnings", []))
+        if scan.slice_indices is None:
+            atomic_write_image(staging / f"{stem}.png", overlay_panel(
+                to_uint8(scan.slices[0]), maps[0], 0.0, 1.0, text=f"score {scores[0]:.3f} {record['decision']}"))
+        else:
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            panels = [overlay_panel(to_uint8(scan.slices[i]), maps[i], 0.0, 1.0,
+                                    text=f"slice {scan.slice_indices[i]} score {scores[i]:.3f}") for i in order]
+            atomic_write_image(staging / f"{stem}.png", montage(panels, columns=1))
+            record.update(
+                slice_scores={str(index): float(score) for index, score in zip(scan.slice_indices, scores)},
+                most_anomalous_slice=int(scan.slice_indices[int(order[0])]),
+                slices_over_threshold=[int(i) for i, s in zip(scan.slice_indices, scores) if s >= threshold])
+    except Exception:  # nothing of this input is kept (a kill leaves it to recover_staged)
+        discard_staged(save_path)
+        raise
+    commit_staged(save_path, PREDICTIONS, json.dumps(record, allow_nan=False))
     return record
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    check_shared_flags(args)
     if args.window and args.window_preset:
         raise InputError("give --window or --window_preset, not both")
     window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)
-    save_path = prepare_output_dir(args.save_path, files=("predictions.jsonl",))
+    save_path = prepare_output_dir(args.save_path, files=(PREDICTIONS, ".lock"), folders=(STAGING,))
     if is_series_folder(args.image_path):  # a DICOM series: one volume
         paths, in_folder = [args.image_path], False
     elif os.path.isdir(args.image_path):
@@ -137,12 +224,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         paths, in_folder = [args.image_path], False
     else:
         raise InputError(f"--image_path {args.image_path}: no such file or folder")
-    device = resolve_device(args.device)
-    model, threshold, source = build(args, device)
 
     records = []
-    with open(save_path / "predictions.jsonl", "a", encoding="utf-8") as lines:
-        for path in paths:
+    with locked_folder(save_path):  # one run at a time writes the folder's files and records
+        recover_staged(save_path, PREDICTIONS)  # the input a killed run was committing: finished or dropped
+        stems = output_stems(paths, save_path)
+        refuse_taken(save_path, [name for stem in stems for name in output_names(stem, args.volume_format)])
+        device = resolve_device(args.device)
+        model, threshold, source = build(args, device)
+        for path, stem in zip(paths, stems):
             try:
                 scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None,
                                   args.series_uid, args.max_voxels)
@@ -152,9 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"skipped: {one_line(str(error))}", file=sys.stderr)
                 continue
             scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size, path)
-            record = report(scan, scores, maps, threshold, source, save_path, args.top_k, args.volume_format)
-            lines.write(json.dumps(record, allow_nan=False) + "\n")
-            lines.flush()
+            record = report(scan, scores, maps, threshold, source, save_path, args.top_k, args.volume_format, stem)
             print(json.dumps({k: record[k] for k in ("path", "score", "decision")}))
             records.append(record)
     if not records:

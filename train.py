@@ -27,7 +27,7 @@ from CLIP.MedVMAD import IMAGE_SCORES, PARTS, VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from cli import (MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, apply_recipe,
                  backbone_config, load_recipes)
-from curves import log_epoch, tensorboard_writer
+from curves import CSV_NAME, PNG_NAME, draw, epoch_row, log_epoch, read_rows, tensorboard_writer, write_rows
 from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, has_masks,
                      list_samples, organ_name, resolve_support, save_support, split_holdout, support_file_name)
 from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
@@ -35,9 +35,9 @@ from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from metrics import image_metrics
-from utils import (ArgumentParser, InputError, atomic_write_json, autocast, locked_folder, non_negative_float,
-                   non_negative_int, positive_float, positive_int, prepare_output_dir, run_cli, seed_everything,
-                   setup_logging, unit_interval, versions)
+from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
+                   autocast, check_shared_flags, locked_folder, non_negative_float, non_negative_int, positive_float,
+                   positive_int, prepare_output_dir, run_cli, seed_everything, setup_logging, unit_interval, versions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--tensorboard", action="store_true",
                      help="also log losses and selection metrics to TensorBoard (needs the tensorboard package)")
     args = parser.parse_args(argv)
+    check_shared_flags(args)
     args.from_recipe = apply_recipe(args)
     if args.focal_weight + args.dice_weight + args.normal_dice_weight + args.image_weight == 0:
         raise InputError("--focal_weight, --dice_weight, --normal_dice_weight and --image_weight are all 0: "
@@ -173,6 +174,7 @@ def config_differences(stored: dict, current: dict, prefix: str = "") -> list[st
 
 RUN_MARKERS = ("args.json", "best.pth", "epoch_*.pth")  # files that show a folder holds a run
 RUN_FILES = RUN_MARKERS + ("train_log.txt", SUPPORT_FILES)  # what a run writes
+OUTPUT_FILES = ("args.json", "best.pth", "train_log.txt", CSV_NAME, PNG_NAME, ".lock")  # checked free before work
 
 
 def claim_folder(save_path: Path, args: argparse.Namespace) -> list[Path]:
@@ -183,6 +185,10 @@ def claim_folder(save_path: Path, args: argparse.Namespace) -> list[Path]:
     checkpoints) and returned.
     """
     found = sorted(path for pattern in RUN_MARKERS for path in save_path.glob(pattern))
+    for path in found:
+        if not path.is_file():
+            raise InputError(f"--save_path {save_path}: {path.name} is taken by a folder; move it away or choose "
+                             f"another --save_path")
     if args.resume or not found:
         return []
     if not args.overwrite:
@@ -224,11 +230,25 @@ def diverged(what: str, where: str, last_good: Path | None) -> InputError:
                       f"last good checkpoint: {last_good or 'none yet'}")
 
 
-def latest_epoch_checkpoint(save_path: Path) -> Path | None:
-    """The epoch_<n>.pth with the highest n in ``save_path``."""
+def epoch_checkpoints(save_path: Path) -> list[Path]:
+    """The epoch_<n>.pth files in ``save_path``, the highest n first."""
     found = [(int(m.group(1)), p) for p in save_path.glob("epoch_*.pth")
-             if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
-    return max(found)[1] if found else None
+             if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name)) and p.is_file()]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_epoch_checkpoint(save_path: Path, logger=None) -> Path | None:
+    """The readable epoch_<n>.pth with the highest n in ``save_path``: a damaged newer one (written
+    by a version that could leave half a file on a full disk) is passed over, with a warning."""
+    for path in epoch_checkpoints(save_path):
+        try:
+            read_checkpoint(path, "--resume")
+        except InputError as error:
+            if logger is not None:
+                logger.warning(f"--resume: passed over {path}: {error}")
+            continue
+        return path
+    return None
 
 
 def training_data(args, roots: list[str], names: list[str], logger,
@@ -297,14 +317,56 @@ def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return tuple(batch)
 
 
-def resume_checkpoint(args: argparse.Namespace, save_path: Path) -> Path | None:
+def resume_checkpoint(args: argparse.Namespace, save_path: Path, logger=None) -> Path | None:
     """The epoch checkpoint ``--resume`` continues from (None without --resume)."""
     if not args.resume:
         return None
-    resume_from = latest_epoch_checkpoint(save_path) if args.resume == "latest" else Path(args.resume)
+    resume_from = latest_epoch_checkpoint(save_path, logger) if args.resume == "latest" else Path(args.resume)
     if resume_from is None:
-        raise InputError(f"--resume: no epoch_<n>.pth in {save_path} to continue from")
+        raise InputError(f"--resume: no whole epoch_<n>.pth in {save_path} to continue from (the run stopped "
+                         f"before its first epoch was saved); start afresh with --overwrite")
     return resume_from
+
+
+def reconcile_best(save_path: Path, best: dict, logger) -> None:
+    """Make best.pth hold the epoch that the records (``best``, from the resumed epoch_<n>.pth)
+    call best: a run stopped after writing best.pth but before its epoch_<n>.pth leaves a best.pth
+    of an epoch that the resumed run redoes; it is rebuilt from epoch_<best>.pth."""
+    if best.get("epoch") is None:
+        return
+    best_path = save_path / "best.pth"
+    try:
+        held = torch.load(best_path, map_location="cpu", weights_only=True).get("epoch")
+    except Exception:  # missing or unreadable: rebuilt below
+        held = None
+    if held == best["epoch"]:
+        return
+    source = save_path / f"epoch_{best['epoch']}.pth"
+    state = read_checkpoint(source, "--resume")
+    atomic_torch_save({key: value for key, value in state.items() if key not in EPOCH_ONLY}, best_path)
+    logger.warning(f"--resume: best.pth held epoch {held}, the records say epoch {best['epoch']}: "
+                   f"rebuilt from {source.name}")
+
+
+def reconcile_history(save_path: Path, epochs_done: int, logger) -> None:
+    """Make metrics.csv hold a row for every finished epoch: when it is damaged or lacks one, it is
+    rebuilt from the losses and selection metrics that each epoch_<n>.pth stores."""
+    try:
+        rows = read_rows(save_path / CSV_NAME)
+        if {int(row["epoch"]) for row in rows} >= set(range(1, epochs_done + 1)):
+            return
+        reason = "lacks finished epochs"
+    except InputError as error:
+        reason = str(error)
+    rows = []
+    for epoch in range(1, epochs_done + 1):
+        path = save_path / f"epoch_{epoch}.pth"
+        if path.is_file():
+            state = read_checkpoint(path, "--resume")
+            rows.append(epoch_row(epoch, state.get("train_loss", {}), state.get("selection_metrics", {})))
+    write_rows(save_path / CSV_NAME, rows)
+    draw(save_path / PNG_NAME, rows)
+    logger.warning(f"--resume: {CSV_NAME} {reason}; rebuilt from the epoch checkpoints ({len(rows)} rows)")
 
 
 def build_model_and_optimizer(config: MedVMADConfig, args: argparse.Namespace, device: torch.device,
@@ -422,14 +484,20 @@ def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: t
     return score, values, 0.5 if math.isnan(threshold) else float(threshold)
 
 
+EPOCH_ONLY = ("best", "optimizer", "scaler", "rng")  # what epoch_<n>.pth holds beyond best.pth
+
+
 def save_epoch(epoch_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               extra: dict, best: dict, improved: bool, rng_states: list[dict]) -> None:
-    """Write epoch_<n>.pth (with what --resume needs: ``rng_states`` holds every process's, by rank)
-    and, when ``improved``, best.pth beside it. The same format from one process or several."""
-    save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), rng=rng_states)
+               extra: dict, best: dict, improved: bool, rng_states: list[dict], writer=None) -> None:
+    """Write an epoch's files: best.pth (when ``improved``), metrics.csv and curves.png, then
+    epoch_<n>.pth (with what --resume needs: ``rng_states`` holds every process's, by rank), last:
+    it commits the epoch. A run stopped before it redoes the epoch on --resume (``reconcile_best``
+    puts back a best.pth written ahead). The same format from one process or several."""
     if improved:
         save_checkpoint(epoch_path.parent / "best.pth", model, **extra)
+    log_epoch(epoch_path.parent, extra["epoch"], extra["train_loss"], extra["selection_metrics"], writer)
+    save_checkpoint(epoch_path, model, **extra, best=best, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), rng=rng_states)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -437,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed(args.device, args.dist_timeout) as (where, device):
         if not where.is_main:  # process 0 alone claims the folder and writes into it
             return train(args, [], device, where)
-        save_path = prepare_output_dir(args.save_path)
+        save_path = prepare_output_dir(args.save_path, files=OUTPUT_FILES,
+                                       folders=("tensorboard",) if args.tensorboard else ())
         with locked_folder(save_path):  # a second run into this folder is refused while this one lives
             removed = claim_folder(save_path, args)
             return train(args, removed, device, where)
@@ -455,8 +524,8 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
                          f"{where.world_size} processes")
     roots = args.train_data_path or [where.on_main(ensure_demo)]  # built once
     names = dataset_names(roots, args.dataset)
-    resume_from = where.on_main(resume_checkpoint, args, save_path)
-    seed_everything(args.seed + where.rank)
+    resume_from = where.on_main(resume_checkpoint, args, save_path, logger)
+    seed_everything((args.seed + where.rank) % SEED_LIMIT)
 
     train_set, selection_samples = training_data(args, roots, names, logger, where)
     if len(train_set) < where.world_size:
@@ -468,6 +537,9 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
         start_epoch, best = restore_run(resume_from, args, model, optimizer, scaler, where, logger)
+        if where.is_main:  # the files of what is best and of the finished epochs agree with the records
+            reconcile_best(save_path, best, logger)
+            reconcile_history(save_path, start_epoch - 1, logger)
     # Gradients of the learnable weights only are averaged (the frozen backbone has none); DDP also
     # starts every process from process 0's weights.
     trained = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -498,12 +570,14 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
         improved = bool(args.k_shot) or args.keep == "last" or score > best["score"]
         if improved:
             best = {"score": score, "epoch": epoch}
-        save_epoch(last_good, model, optimizer, scaler, extra, best, improved, rng_states)
+        try:
+            save_epoch(last_good, model, optimizer, scaler, extra, best, improved, rng_states, writer)
+        except DiskFullError as error:
+            raise DiskFullError(f"{error}; then continue with --resume") from None
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in averages.items())
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))
                     + (" | kept as best.pth" if improved else ""))
-        log_epoch(save_path, epoch, averages, values, writer)  # metrics.csv and curves.png
     if where.is_main:
         logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
     return {"best": best, "save_path": str(save_path)}

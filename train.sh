@@ -16,6 +16,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source jobs.sh
+PROTOCOL=${1:-all}
+case $PROTOCOL in
+  indomain|zeroshot|fewshot|all|paper) ;;
+  *) echo "error: unknown protocol '$PROTOCOL': choose indomain, zeroshot, fewshot, all or paper" >&2; exit 2 ;;
+esac
 
 DATA_ROOT=${DATA_ROOT:-data/BMAD}            # holds Brain/, Liver/, Retina_RESC/, ... (BMAD layout)
 TARGETS=${TARGETS:-"Brain Liver"}            # datasets reported in the tables
@@ -44,7 +49,7 @@ if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set with the tiny offline model"
   DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; SOURCES="Brain BrainCoronal"
   MODEL_NAME=tiny; PRETRAINED=none
-  if [[ ${1:-all} != paper ]]; then   # the tiny model's demo settings; paper keeps each row's recipe
+  if [[ $PROTOCOL != paper ]]; then   # the tiny model's demo settings; paper keeps each row's recipe
     IMAGE_SIZE=${IMAGE_SIZE:-224}; EPOCH=${EPOCH:-15}; FEWSHOT_EPOCH=${FEWSHOT_EPOCH:-3}
   fi
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
@@ -52,7 +57,6 @@ fi
 COMMON="--model_name $MODEL_NAME --pretrained $PRETRAINED ${IMAGE_SIZE:+--image_size $IMAGE_SIZE}
         ${BATCH_SIZE:+--batch_size $BATCH_SIZE} ${LEARNING_RATE:+--learning_rate $LEARNING_RATE}
         --device $DEVICE --precision $PRECISION ${OVERWRITE:+--overwrite} $EXTRA"
-PROTOCOL=${1:-all}
 
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   for target in $TARGETS; do   # (a) in-domain and (b) cross-organ: train on the target's labelled valid split

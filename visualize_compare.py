@@ -30,9 +30,12 @@ from dataset import MedicalDataset, Sample, list_samples, load_mask, organ_name
 from evaluation import patient_of
 from inference import predict
 from tables import distinct_names, variant_of
-from utils import (ArgumentParser, InputError, atomic_write_bytes, non_negative_int, prepare_output_dir,
-                   resolve_device, run_cli)
+from utils import (ArgumentParser, InputError, atomic_write_bytes, check_shared_flags, non_negative_int,
+                   prepare_output_dir, resolve_device, run_cli, seed_value)
 from visualization import to_display
+
+
+MAX_ROWS, MAX_MODELS = 40, 12  # images and checkpoints of one figure: 40 x 14 panels is about 2600 x 7500 px
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,13 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="abnormal images to pick: the largest lesions, one per patient first (default 3)")
     parser.add_argument("--n_normal", type=non_negative_int, default=2,
                         help="normal images to pick, drawn from the split with --seed (default 2)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the normal images' draw")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the normal images' draw")
     parser.add_argument("--save_path", default="results/compare.png", help="the PNG to write")
     add_model_args(parser, checkpoint=True, features_list=False)
     add_runtime_args(parser, datasets=False)
     args = parser.parse_args(argv)
+    check_shared_flags(args)
     if args.names and len(args.names) != len(args.checkpoint_path):
         parser.error(f"--names gives {len(args.names)} names for {len(args.checkpoint_path)} --checkpoint_path files")
+    if len(args.checkpoint_path) > MAX_MODELS:
+        parser.error(f"--checkpoint_path: at most {MAX_MODELS} checkpoints in one figure, got {len(args.checkpoint_path)}")
+    rows = len(args.image_paths) if args.image_paths else args.n_abnormal + args.n_normal
+    if rows > MAX_ROWS:
+        parser.error(f"{'--image_paths' if args.image_paths else '--n_abnormal + --n_normal'}: at most {MAX_ROWS} "
+                     f"images in one figure, got {rows}")
     return args
 
 
@@ -86,6 +96,8 @@ def find_samples(samples: list[Sample], image_paths: list[str], where: str) -> l
             raise InputError(f"--image_paths {path}: no such file")
         if os.path.realpath(path) not in by_path:
             raise InputError(f"--image_paths {path}: not an image of {where}")
+        if by_path[os.path.realpath(path)] in found:
+            raise InputError(f"--image_paths {path}: given twice (or through a link); each image is one row")
         found.append(by_path[os.path.realpath(path)])
     return found
 
@@ -124,10 +136,21 @@ def comparison_figure(images: list[np.ndarray], maps: np.ndarray, masks: list[np
     return figure
 
 
-def png_bytes(figure: Figure) -> bytes:
+def figure_bytes(figure: Figure, file_format: str = "png") -> bytes:
+    """The figure encoded as ``file_format`` (png, jpg, pdf, svg, ...: matplotlib's)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format=file_format)
     return buffer.getvalue()
+
+
+def figure_format(save_path: Path) -> str:
+    """The image format --save_path's suffix names, refused unless matplotlib writes it."""
+    file_format = save_path.suffix.lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if file_format not in supported:
+        raise InputError(f"--save_path {save_path}: give a file name ending in one of "
+                         f"{', '.join('.' + kind for kind in sorted(supported))} (the figure's format)")
+    return file_format
 
 
 def resized(maps: np.ndarray, size: int) -> np.ndarray:
@@ -145,6 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     save_path = Path(args.save_path)
     if save_path.is_dir():
         raise InputError(f"--save_path {save_path} is a folder; give a .png file name")
+    file_format = figure_format(save_path)
     prepare_output_dir(save_path.parent, "--save_path")
     samples = list_samples(args.data_path, args.split)
     where = f"the {args.split} split of {args.data_path}"
@@ -171,7 +195,7 @@ def main(argv: list[str] | None = None) -> Path:
                                np.stack([resized(m, size) for m in maps]),
                                [item["mask"].numpy() > 0.5 for item in items], names,
                                [f"{Path(s.image_path).stem}\n{'abnormal' if s.label else 'normal'}" for s in chosen])
-    atomic_write_bytes(save_path, png_bytes(figure))
+    atomic_write_bytes(save_path, figure_bytes(figure, file_format))
     print(save_path)
     return save_path
 

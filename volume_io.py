@@ -43,7 +43,7 @@ from generate_dataset.common import display
 from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, Scan, check_file, check_rescale,
                         check_voxel_count, dicom_window, is_dicom, list_inputs as list_image_inputs, percentile_window,
                         quiet_pydicom, read_scan, scale_to_unit, suffix_of)
-from utils import InputError, atomic_write_bytes, one_line
+from utils import InputError, atomic_write_bytes, atomic_write_image, one_line
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -694,14 +694,12 @@ def write_maps(scan: Scan, maps: list[np.ndarray], threshold: float, save_path: 
     2-D input: <stem>_map.png (16-bit, 0-65535 = 0-1) and <stem>_mask.png (0/255), at the input's size.
     Volume: <stem>_map and <stem>_mask as NIfTI (.nii.gz) or NRRD, same size/spacing/origin/direction.
     """
-    import cv2
-
     save_path = Path(save_path)
     if scan.slice_indices is None or getattr(scan, "geometry", None) is None:
         heat = np.clip(np.asarray(maps[0], np.float32), 0, 1)
         paths = {"map_png": str(save_path / f"{stem}_map.png"), "mask_png": str(save_path / f"{stem}_mask.png")}
-        cv2.imwrite(paths["map_png"], (heat * 65535).round().astype(np.uint16))
-        cv2.imwrite(paths["mask_png"], ((heat >= threshold) * 255).astype(np.uint8))
+        atomic_write_image(paths["map_png"], (heat * 65535).round().astype(np.uint16))
+        atomic_write_image(paths["mask_png"], ((heat >= threshold) * 255).astype(np.uint8))
         return paths
     suffix = VOLUME_FORMATS[volume_format]
     stored = map_volume(scan, maps)

@@ -3,6 +3,7 @@ streamed maps, --save_maps and its reader, bootstrap intervals, patient and per-
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 
@@ -12,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 import metrics
 from maps_io import load_maps
+from utils import InputError
 from test_pipeline import SIZE, test_script
 from generate_dataset.demo import build_demo
 
@@ -77,12 +79,11 @@ def test_save_maps_replaces_whole_files_and_a_failed_write_keeps_the_old(tmp_pat
     name = next(p.stem for p in folder.glob("*.json"))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
-    def broken(path, array):
-        open(path, "wb").write(b"half")
-        raise OSError("disk full")
-    import maps_io
-    monkeypatch.setattr(maps_io, "_save_npy", broken)
-    with pytest.raises(OSError, match="disk full"):
+    def broken(handle, array, allow_pickle):
+        handle.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np.lib.format, "write_array", broken)
+    with pytest.raises(InputError, match=f"no space left to write {name}.npy in {folder}"):
         run(demo, tmp_path, "--save_maps")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file left either
     assert load_maps(folder, name).maps.shape[0] == 10
