@@ -18,8 +18,8 @@ import torch
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model
-from utils import (InputError, device_name, finite_float, non_negative_float, non_negative_int, positive_float,
-                   positive_int)
+from utils import (InputError, device_name, finite_float, non_negative_int, positive_float, positive_int, seed_value,
+                   sigma_value)
 
 MODEL = MedVMADConfig()  # its field values are the flags' defaults
 BACKBONE = MODEL.backbone
@@ -92,7 +92,7 @@ def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None
                             help="tapped layers, 1-based (default: 4 evenly spaced)" + (
                                 "; a checkpoint keeps its own, and other layers are refused" if checkpoint else ""))
     value, note = recipe_default(MODEL.sigma)
-    parser.add_argument("--sigma", type=non_negative_float, default=value,
+    parser.add_argument("--sigma", type=sigma_value, default=value,
                         help=f"Gaussian smoothing of the maps, pixels ({note})")
 
 
@@ -106,7 +106,7 @@ def add_runtime_args(parser, datasets: bool = True, batch_size: int | None = 8) 
                         help="autocast for the forward pass; learnable weights stay fp32")
     if datasets:
         parser.add_argument("--num_workers", type=non_negative_int, default=2)
-        parser.add_argument("--seed", type=non_negative_int, default=111)
+        parser.add_argument("--seed", type=seed_value, default=111)
 
 
 def add_distributed_args(parser) -> None:
@@ -122,7 +122,7 @@ def add_fewshot_args(parser) -> None:
                         help="few-shot: k normal + k abnormal support images of the valid split (train.py trains "
                              "on them, augmented x11, with one training root; test.py banks the normal ones' "
                              "patches); 0 = off")
-    parser.add_argument("--fewshot_seed", type=non_negative_int, default=1, help="seed of the sampled support set")
+    parser.add_argument("--fewshot_seed", type=seed_value, default=1, help="seed of the sampled support set")
     parser.add_argument("--support_file", help="read the support set from this file (default: the one beside "
                         "--checkpoint_path when there is one, else sampled from the valid split with --fewshot_seed)")
 

@@ -1,6 +1,7 @@
 """Batched scoring of a dataset and its metrics; shared by test.py, train.py (validation) and benches."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -96,8 +97,29 @@ def _map_storage(shape: tuple[int, ...], map_dtype: str, maps_dir: str | os.Path
     if maps_dir is None:
         return np.empty(shape, dtype=map_dtype), np.empty(shape, dtype=bool)
     Path(maps_dir).mkdir(parents=True, exist_ok=True)
-    return (np.lib.format.open_memmap(Path(maps_dir) / MAPS_FILE, mode="w+", dtype=map_dtype, shape=shape),
-            np.lib.format.open_memmap(Path(maps_dir) / MASKS_FILE, mode="w+", dtype=bool, shape=shape))
+    arrays = []
+    for name, dtype in ((MAPS_FILE, map_dtype), (MASKS_FILE, bool)):
+        array = np.lib.format.open_memmap(Path(maps_dir) / name, mode="w+", dtype=dtype, shape=shape)
+        reserve_disk(Path(maps_dir) / name)
+        arrays.append(array)
+    return arrays[0], arrays[1]
+
+
+def reserve_disk(path: Path) -> None:
+    """Give the sparse file ``path`` its blocks now, so that a disk too small for the streamed maps
+    stops the run before scoring with one line, not with a bus error when a page is first written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise InputError(f"no space left to stream the maps to {path.parent} "
+                                 f"({os.fstat(handle.fileno()).st_size / 2 ** 30:.1f} GiB for {path.name}); free "
+                                 f"space there, or halve the maps with --map_dtype float32") from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: as before
+                raise
 
 
 def maps_bytes(n_images: int, image_size: int, map_dtype: str = "float64") -> int:

@@ -33,7 +33,7 @@ from generate_dataset.demo import ensure_demo
 from inference import MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
 from maps_io import save_maps
 from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
-from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, check_shared_flags,
+from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
                    seed_everything, seed_value, setup_logging, unique_stems, unit_interval, versions,
                    write_result_files)
@@ -94,7 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fewshot.add_argument("--fewshot_weight", type=unit_interval,
                          help=f"weight of the memory-bank map (default: the checkpoint's, else {MODEL.fewshot_weight})")
     args = parser.parse_args(argv)
-    check_shared_flags(args)
     return args
 
 

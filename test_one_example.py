@@ -30,7 +30,7 @@ from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
 from medical_io import MAX_VOXELS, WINDOW_PRESETS, Scan
 from utils import (STAGING, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, autocast,
-                   check_shared_flags, commit_staged, discard_staged, finite_float, locked_folder, non_negative_int,
+                   commit_staged, discard_staged, finite_float, locked_folder, non_negative_int,
                    one_line, positive_int, prepare_output_dir, recover_staged, refuse_taken, resolve_device, run_cli,
                    staging_folder, sync_file, unique_stems, unit_interval)
 from visualization import montage, overlay_panel
@@ -209,7 +209,6 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    check_shared_flags(args)
     if args.window and args.window_preset:
         raise InputError("give --window or --window_preset, not both")
     window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)

@@ -36,7 +36,7 @@ from inference import SELECTION_KEYS, compute_metrics, predict, selection_summar
 from loss import LossWeights, medvmad_loss
 from metrics import image_metrics
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
-                   autocast, check_shared_flags, locked_folder, non_negative_float, non_negative_int, positive_float,
+                   autocast, locked_folder, non_negative_float, non_negative_int, positive_float,
                    positive_int, prepare_output_dir, run_cli, seed_everything, setup_logging, unit_interval, versions)
 
 
@@ -112,7 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--tensorboard", action="store_true",
                      help="also log losses and selection metrics to TensorBoard (needs the tensorboard package)")
     args = parser.parse_args(argv)
-    check_shared_flags(args)
     args.from_recipe = apply_recipe(args)
     if args.focal_weight + args.dice_weight + args.normal_dice_weight + args.image_weight == 0:
         raise InputError("--focal_weight, --dice_weight, --normal_dice_weight and --image_weight are all 0: "

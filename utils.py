@@ -128,16 +128,10 @@ def seed_value(text: str) -> int:
 MAX_SIGMA = 10_000.0  # pixels: far beyond any map (the blur is flat there), and its kernel stays small
 
 
-def check_shared_flags(args: argparse.Namespace) -> None:
-    """Bounds of shared flags beyond their parse-time checks: the seeds (``--seed``,
-    ``--fewshot_seed``) in [0, 2**32), and ``--sigma`` at most ``MAX_SIGMA``; an InputError names the flag."""
-    for flag in ("seed", "fewshot_seed"):
-        value = getattr(args, flag, None)
-        if value is not None and not 0 <= value < SEED_LIMIT:
-            raise InputError(f"argument --{flag}: must be in [0, 2**32), got {value}")
-    sigma = getattr(args, "sigma", None)
-    if sigma is not None and sigma > MAX_SIGMA:
-        raise InputError(f"argument --sigma: at most {MAX_SIGMA:g} pixels (a blur far wider than any map), got {sigma:g}")
+def sigma_value(text: str) -> float:
+    """A Gaussian sigma in pixels: in [0, MAX_SIGMA]."""
+    return _bounded(float, text, lambda value: 0 <= value <= MAX_SIGMA,
+                    f"in [0, {MAX_SIGMA:g}] (wider than any map, where the blur is flat)")
 
 
 def unit_interval(text: str) -> float:

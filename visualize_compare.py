@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from CLIP.checkpoint import read_checkpoint
+from CLIP.checkpoint import checkpoint_config, read_checkpoint, refuse_stored_weights_file
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import MedicalDataset, Sample, list_samples, load_mask, organ_name
 from evaluation import patient_of
 from inference import predict
 from tables import distinct_names, variant_of
-from utils import (ArgumentParser, InputError, atomic_write_bytes, check_shared_flags, non_negative_int,
+from utils import (ArgumentParser, InputError, atomic_write_bytes, non_negative_int,
                    prepare_output_dir, resolve_device, run_cli, seed_value)
 from visualization import to_display
 
@@ -57,7 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(parser, checkpoint=True, features_list=False)
     add_runtime_args(parser, datasets=False)
     args = parser.parse_args(argv)
-    check_shared_flags(args)
     if args.names and len(args.names) != len(args.checkpoint_path):
         parser.error(f"--names gives {len(args.names)} names for {len(args.checkpoint_path)} --checkpoint_path files")
     if len(args.checkpoint_path) > MAX_MODELS:
@@ -178,6 +177,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise InputError(f"no images to draw from {where} (--n_abnormal and --n_normal are 0, or the split "
                          f"lacks those images)")
     payloads = [read_checkpoint(path) for path in args.checkpoint_path]  # every file checked before work
+    for path, payload in zip(args.checkpoint_path, payloads):
+        refuse_stored_weights_file(checkpoint_config(payload, path), path, args.pretrained)
     names = args.names or distinct_names([variant_of(payload["config"]) for payload in payloads],
                                          [Path(path).parent.name for path in args.checkpoint_path])
     device = resolve_device(args.device)

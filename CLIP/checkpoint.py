@@ -96,6 +96,17 @@ def checkpoint_config(payload: dict[str, Any], path: str | os.PathLike,
         raise InputError(f"{flag} {path}: bad model config: {error}") from None
 
 
+def refuse_stored_weights_file(config: MedVMADConfig, path: str | os.PathLike, pretrained: str | None,
+                               flag: str = "--checkpoint_path") -> None:
+    """A weights file that a checkpoint's config names (rather than a tag or ``none``) is never
+    read unless the user names one (``pretrained``): a checkpoint is data, and the path it holds
+    could be any file. An ``InputError`` that says how to load it."""
+    if pretrained is None and reads_weights_file(config.backbone):
+        stored = config.backbone.pretrained
+        raise InputError(f"{flag} {path}: its backbone weights are the file {stored}, which is not read because "
+                         f"a checkpoint names it; to load that file, pass --pretrained {stored}")
+
+
 def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | None = None,
                image_size: int | None = None, sigma: float | None = None, flag: str = "--checkpoint_path",
                **backbone_overrides: Any) -> tuple[MedVMAD, dict[str, Any]]:
@@ -105,15 +116,12 @@ def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | 
     ``sigma`` override the evaluation resolution and smoothing; ``backbone_overrides`` (e.g.
     ``image_mean``) replace other ``BackboneConfig`` fields when not None. Errors name ``flag``.
 
-    A weights file that the checkpoint names (rather than a tag or ``none``) is never read unless
-    ``pretrained`` names one: a checkpoint is data, and the path it holds could be any file.
+    A weights file that the checkpoint names is read only when ``pretrained`` names one
+    (``refuse_stored_weights_file``).
     """
     payload = read_checkpoint(path, flag)
     config = checkpoint_config(payload, path, flag)
-    if pretrained is None and reads_weights_file(config.backbone):
-        stored = config.backbone.pretrained
-        raise InputError(f"{flag} {path}: its backbone weights are the file {stored}, which is not read because "
-                         f"a checkpoint names it; to load that file, pass --pretrained {stored}")
+    refuse_stored_weights_file(config, path, pretrained, flag)
     overrides = dict(backbone_overrides, pretrained=pretrained, image_size=image_size)
     for key, value in overrides.items():
         if value is not None:

@@ -20,7 +20,7 @@ import test_one_example
 import train
 from CLIP.MedVMAD import MedVMAD
 from CLIP.backbone import BackboneConfig
-from CLIP.checkpoint import FORMAT, load_model, save_checkpoint
+from CLIP.checkpoint import load_model, save_checkpoint
 from tests.conftest import TINY_SIZE, tiny_config
 from tests.test_pipeline import test_script
 from dataset import MedicalDataset, list_samples, load_image, read_support
@@ -194,12 +194,12 @@ ONE = ["--image_path", "x.png"]
     ("train", ["--alpha", "nan"], "argument --alpha: expected a finite number"),
     ("train", ["--alpha", "1.5"], r"argument --alpha: must be in \[0, 1\]"),
     ("train", ["--sigma", "nan"], "argument --sigma: expected a finite number"),
-    ("train", ["--sigma", "-1"], "argument --sigma: must be >= 0"),
+    ("train", ["--sigma", "-1"], r"argument --sigma: must be in \[0, 10000\]"),
     ("train", ["--k_shot", "-2"], "argument --k_shot: must be >= 0, got -2"),
     ("train", ["--holdout_fraction", "1.5"], r"argument --holdout_fraction: must be in \[0, 1\]"),
     ("train", ["--features_list", "0", "2"], "argument --features_list: must be >= 1"),
     ("train", ["--num_workers", "-1"], "argument --num_workers: must be >= 0"),
-    ("train", ["--seed", "-1"], "argument --seed: must be >= 0"),
+    ("train", ["--seed", "-1"], r"argument --seed: must be in \[0, 2\*\*32\)"),
     ("train", ["--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
     ("train", ["--device", "gpu0"], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu0'"),
     ("train", ["--dice_weight", "-1"], "argument --dice_weight: must be >= 0"),

@@ -4,6 +4,8 @@ configs are refused field by field before anything is built, and errors of a ``l
 name the folder the user gave. Every crafted file is built here, with ``torch.jit.script``/``save``."""
 from __future__ import annotations
 
+from unittest import mock
+
 import contextlib
 import json
 import os
@@ -334,6 +336,15 @@ def test_a_checkpoint_never_loads_the_weights_file_it_names(tmp_path):
     with pytest.raises(InputError, match=refusal):  # through cli.build_model, as test.py and app.py go
         test_one_example.main(["--image_path", str(scan(tmp_path)), "--checkpoint_path", str(checkpoint),
                                "--save_path", str(tmp_path / "out"), "--device", "cpu"])
+    # visualize_compare checks every checkpoint before it scores the first (a clean one here)
+    import visualize_compare
+    from generate_dataset.demo import build_demo
+    data = build_demo(str(tmp_path / "data"), n_train=1, n_valid=(1, 1), n_test=(1, 1), image_size=TINY_SIZE)
+    clean = checkpoint_naming(tmp_path / "clean.pth", "none")
+    with pytest.raises(InputError, match=rf"^--checkpoint_path {checkpoint}: its backbone weights"), \
+            mock.patch.object(visualize_compare, "build_model", side_effect=AssertionError("scored before the check")):
+        visualize_compare.main(["--checkpoint_path", str(clean), str(checkpoint), "--data_path", data,
+                                "--save_path", str(tmp_path / "figure.png"), "--device", "cpu"])
     assert not marker.exists()
 
 

@@ -494,7 +494,7 @@ def test_a_bootstrap_that_does_not_fit_is_refused_before_any_image_is_scored(tmp
     ("--seed", "4294967296", r"--seed: must be in \[0, 2\*\*32\)"),
     ("--fewshot_seed", str(2 ** 64), r"--fewshot_seed: must be in \[0, 2\*\*32\)"),
     ("--bootstrap_seed", str(2 ** 32), r"--bootstrap_seed: must be in \[0, 2\*\*32\)"),
-    ("--sigma", "20000", "--sigma: at most 10000 pixels"),
+    ("--sigma", "20000", r"--sigma: must be in \[0, 10000\]"),
     ("--image_std", "inf", "--image_std: expected a finite number, got 'inf'"),
     ("--image_std", "0", "--image_std: must be > 0"),
     ("--image_std", "-1", "--image_std: must be > 0"),
@@ -857,3 +857,28 @@ def test_summary_output_problems_are_refused_before_reading(tmp_path, monkeypatc
         argv, fragment = ["--paper", "--name", "../escaped"], "--name '../escaped': must be a plain name"
     with pytest.raises(InputError, match=fragment):
         summarize_results.main(["--results", missing, "--save_path", str(save_path), *argv])
+
+
+def test_streamed_maps_reserve_their_disk_before_scoring(tmp_path, monkeypatch):
+    """Maps streamed to memory-mapped files take their blocks up front: a disk too small ends with
+    one line naming the folder, not with a bus error when a page is first written."""
+    from CLIP.MedVMAD import MedVMADOutput
+    from inference import predict
+
+    class Maps(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> MedVMADOutput:
+            maps = torch.zeros(len(images), 8, 8, dtype=torch.float64)
+            return MedVMADOutput(torch.zeros(len(images), dtype=torch.float64), maps, maps, maps, [], maps, None)
+
+    items = [dict(image=torch.zeros(3, 8, 8), path=str(i), label=i % 2, has_mask=True, mask=torch.zeros(8, 8))
+             for i in range(4)]
+    loader = torch.utils.data.DataLoader(items, batch_size=2)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(InputError, match=rf"no space left to stream the maps to {tmp_path / 'maps'} "):
+        predict(Maps(), loader, torch.device("cpu"), maps_dir=tmp_path / "maps")
+    monkeypatch.undo()
+    predictions = predict(Maps(), loader, torch.device("cpu"), maps_dir=tmp_path / "ok")
+    assert os.stat(tmp_path / "ok" / "maps.npy").st_blocks * 512 >= predictions.maps.nbytes  # really allocated

@@ -16,7 +16,7 @@ import torch
 
 import metrics
 import train
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig, upgrade_config
+from CLIP.MedVMAD import MedVMAD, upgrade_config
 from conftest import TINY_SIZE, tiny_config
 from dataset import MedicalDataset, Sample
 from loss import medvmad_loss

@@ -8,8 +8,6 @@ voxel indices chosen by hand.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
