@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import test_one_example  # noqa: E402
-from utils import ArgumentParser, InputError, one_line, resolve_device, run_cli  # noqa: E402
+from utils import ArgumentParser, InputError, one_line, positive_int, resolve_device, run_cli  # noqa: E402
 from visualization import fit_within, overlay_panel  # noqa: E402
 from volume_io import read_input  # noqa: E402
 
@@ -45,6 +45,7 @@ HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train
                   "on a CPU; it writes `checkpoint/indomain/Brain/best.pth`), then start the page again with "
                   "`python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth`.")
 MAX_UPLOAD = "1gb"  # gradio refuses larger uploads in the page
+PAGE_MAX_VOXELS = 2**26  # 64 Mi voxels (256 x 256 x 1024): a shared page holds less than one CLI run may
 DISPLAY_SIDE = 1024  # slices are drawn at most this many pixels a side (WebP stops at 16383)
 CACHE_CLEANING = (600, 3600)  # every 10 minutes, gradio deletes its cached uploads and results older than an hour
 logger = logging.getLogger("medvmad.app")
@@ -233,10 +234,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--demo_path", default=DEFAULT_DEMO, help="dataset root whose test images are offered")
+    parser.add_argument("--max_voxels", type=positive_int, default=PAGE_MAX_VOXELS,
+                        help=f"largest upload the page scores, in voxels (default {PAGE_MAX_VOXELS:,}, a quarter "
+                             "of test_one_example.py's: several users share the server's memory)")
     own, rest = parser.parse_known_args(argv)
     if not 1 <= own.port <= 65535:
         parser.error(f"argument --port: must be a port number in 1..65535, got {own.port}")
-    scoring = test_one_example.parse_args(["--image_path", "(uploads)", *rest])
+    scoring = test_one_example.parse_args(["--image_path", "(uploads)", "--max_voxels", str(own.max_voxels), *rest])
     if scoring.checkpoint_path is None and os.path.isfile(DEFAULT_CHECKPOINT):
         scoring.checkpoint_path = DEFAULT_CHECKPOINT
     return own, scoring

@@ -147,11 +147,7 @@ def build_model(args: argparse.Namespace, device: torch.device,
     the zero-training baseline: fixed prompt ensemble with ``organ``'s wording, no adapters)."""
     if args.checkpoint_path:
         model, checkpoint = load_model(args.checkpoint_path, device, args.pretrained, args.image_size, args.sigma,
-                                       **backbone_overrides(args))
-        trained_on = model.config.backbone.model_name
-        if args.model_name and args.model_name != trained_on:
-            raise InputError(f"--checkpoint_path {args.checkpoint_path} was trained on {trained_on}, "
-                             f"not --model_name {args.model_name}")
+                                       model_name=args.model_name, **backbone_overrides(args))
         asked_layers = vars(args).get("features_list")
         if asked_layers and list(asked_layers) != model.features_list:
             raise InputError(f"--checkpoint_path {args.checkpoint_path} taps layers {model.features_list} (its "

@@ -16,7 +16,7 @@ import metrics
 from CLIP.MedVMAD import MedVMAD
 from dataset import MedicalDataset, Sample, augment_support
 from distributed import SINGLE, Distributed
-from utils import InputError, autocast
+from utils import DISK_FULL, InputError, autocast
 
 
 @dataclass
@@ -114,7 +114,7 @@ def reserve_disk(path: Path) -> None:
         try:
             os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if error.errno in DISK_FULL:
                 raise InputError(f"no space left to stream the maps to {path.parent} "
                                  f"({os.fstat(handle.fileno()).st_size / 2 ** 30:.1f} GiB for {path.name}); free "
                                  f"space there, or halve the maps with --map_dtype float32") from None

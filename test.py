@@ -93,8 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_fewshot_args(fewshot)
     fewshot.add_argument("--fewshot_weight", type=unit_interval,
                          help=f"weight of the memory-bank map (default: the checkpoint's, else {MODEL.fewshot_weight})")
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,

@@ -31,18 +31,21 @@ DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-fp32}
 SAVE_ROOT=${SAVE_ROOT:-checkpoint}
 RESULTS=${RESULTS:-results}
-EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro legacy, --pretrained PATH
+EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro legacy
+PRETRAINED=${PRETRAINED:-}                     # as given to train.sh when that was a weights file (/path/to/ViT-L-14-336.pt)
+MODEL_NAME=${MODEL_NAME:-}                     # as given to train.sh when that was local-dir:/path or hf-hub:...
 GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU in parallel; empty: one after another
 LAUNCH=${LAUNCH:-python}                       # or "torchrun --standalone --nproc_per_node N" (without GPUS)
 LOG_DIR=${LOG_DIR:-$RESULTS/logs/$(date +%Y%m%d-%H%M%S)}     # per-job logs of a GPUS run
 
 if [ ! -d "$DATA_ROOT/Brain" ]; then
   echo "no BMAD data in $DATA_ROOT: using the demo set"
-  DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"
+  DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; MODEL_NAME=; PRETRAINED=   # the tiny model, as stored
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
 BOOTSTRAP=${BOOTSTRAP:-1000}                    # patient resamples for the 95% intervals; 0 = off
-COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION --bootstrap $BOOTSTRAP $EXTRA"
+COMMON="--batch_size $BATCH_SIZE --device $DEVICE --precision $PRECISION --bootstrap $BOOTSTRAP
+        ${PRETRAINED:+--pretrained $PRETRAINED} ${MODEL_NAME:+--model_name $MODEL_NAME} $EXTRA"
 read -r -a targets <<< "$TARGETS"
 if [[ $PROTOCOL == crossorgan || $PROTOCOL == all || $PROTOCOL == paper ]] && (( ${#targets[@]} < 2 )); then
   echo "error: test.sh $PROTOCOL: TARGETS must name two datasets (crossorgan tests each on the other's checkpoint;" \

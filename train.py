@@ -173,6 +173,7 @@ def config_differences(stored: dict, current: dict, prefix: str = "") -> list[st
 
 RUN_MARKERS = ("args.json", "best.pth", "epoch_*.pth")  # files that show a folder holds a run
 RUN_FILES = RUN_MARKERS + ("train_log.txt", SUPPORT_FILES)  # what a run writes
+EPOCH_ONLY = ("best", "optimizer", "scaler", "rng")  # what epoch_<n>.pth holds beyond best.pth
 OUTPUT_FILES = ("args.json", "best.pth", "train_log.txt", CSV_NAME, PNG_NAME, ".lock")  # checked free before work
 
 
@@ -481,9 +482,6 @@ def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: t
     score, values = selection_summary(per_source)
     threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
     return score, values, 0.5 if math.isnan(threshold) else float(threshold)
-
-
-EPOCH_ONLY = ("best", "optimizer", "scaler", "rng")  # what epoch_<n>.pth holds beyond best.pth
 
 
 def save_epoch(epoch_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

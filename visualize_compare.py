@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from CLIP.checkpoint import checkpoint_config, read_checkpoint, refuse_stored_weights_file
+from CLIP.checkpoint import checkpoint_config, read_checkpoint, refuse_stored_sources
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import MedicalDataset, Sample, list_samples, load_mask, organ_name
 from evaluation import patient_of
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
                          f"lacks those images)")
     payloads = [read_checkpoint(path) for path in args.checkpoint_path]  # every file checked before work
     for path, payload in zip(args.checkpoint_path, payloads):
-        refuse_stored_weights_file(checkpoint_config(payload, path), path, args.pretrained)
+        refuse_stored_sources(checkpoint_config(payload, path), path, args.pretrained, args.model_name)
     names = args.names or distinct_names([variant_of(payload["config"]) for payload in payloads],
                                          [Path(path).parent.name for path in args.checkpoint_path])
     device = resolve_device(args.device)

@@ -177,30 +177,38 @@ def _named_files(value: str, following: list[str], local: str | None) -> list[st
     return _pattern_names(value) or [value]
 
 
+HEADER_LINES = re.compile(r"\r\n|\r|\n")  # NRRD (teem) and MetaImage (MetaIO) accept any of these line ends
+# "key = value", "key : value", "key := value": MetaIO accepts each; NRRD fields are "key: value"
+HEADER_FIELD = re.compile(r"\s*([^:=]*?)\s*(?::=|=|:)\s*(.*)")
+
+
 def header_data_files(path: str) -> list[str]:
-    """The separate data files a NRRD (``data file:``) or MetaImage (``ElementDataFile =``) header
-    names, as written in it; empty when its data follow the header in the same file. Read from the
-    header text alone, before any image library opens the file."""
+    """The separate data files a NRRD (``data file:``) or MetaImage (``ElementDataFile``) header
+    names, as written in it; empty only when the header shows its data follow in the same file
+    (NRRD: the blank line that ends its header; MetaImage: ``ElementDataFile = LOCAL``). Read from
+    the header text alone, before any image library opens the file; a header that shows neither
+    within ``MAX_HEADER_BYTES`` is refused, since a reader would look further than this check."""
     with open(path, "rb") as handle:
         head = handle.read(MAX_HEADER_BYTES + 1)
-    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
-    names: list[str] = []
+    whole = len(head) <= MAX_HEADER_BYTES
+    lines = HEADER_LINES.split(head.decode("latin-1"))
+    fields = [(match.group(1).strip().lower().replace(" ", ""), match.group(2).strip()) if match else (None, "")
+              for match in map(HEADER_FIELD.fullmatch, lines)]
     if suffix_of(path) in (".nrrd", ".nhdr"):
-        if "" not in lines[1:] and len(head) > MAX_HEADER_BYTES:
-            raise InputError(f"{path}: no end of its NRRD header in the first {MAX_HEADER_BYTES:,} bytes")
-        for number, line in enumerate(lines[1:], start=1):
-            if not line:
-                break  # the end of the header: attached data follow
-            field, _, value = line.partition(":")
-            if field.strip().lower() in ("data file", "datafile"):
-                names += _named_files(value.strip(), lines[number + 1:], None)
-    else:
-        for number, line in enumerate(lines):
-            key, _, value = line.partition("=")
-            if key.strip().lower() == "elementdatafile":  # the header's last field
-                names = _named_files(value.strip(), lines[number + 1:], "LOCAL")
-                break
-    return names
+        end = next((number for number, line in enumerate(lines[1:], start=1) if not line.strip()), None)
+        if end is None and not whole:
+            raise InputError(f"no end of its NRRD header in the first {MAX_HEADER_BYTES:,} bytes")
+        names: list[str] = []
+        for number in range(1, end if end is not None else len(lines)):
+            if fields[number][0] == "datafile":
+                names += _named_files(fields[number][1], lines[number + 1:end], None)
+        if end is None and not names:
+            raise InputError("its NRRD header names no data file and no blank line ends it")
+        return names
+    for number, (key, value) in enumerate(fields):
+        if key == "elementdatafile":  # the header's last field
+            return _named_files(value, lines[number + 1:], "LOCAL")
+    raise InputError(f"no ElementDataFile field in {'its header' if whole else f'the first {MAX_HEADER_BYTES:,} bytes'}")
 
 
 def check_data_files(path: str, single_file: bool) -> None:
@@ -384,9 +392,10 @@ class SeriesGrid:
 
 
 def series_grid(path: str, files: list[str], positions: np.ndarray) -> SeriesGrid:
-    """Put a sorted series' slice positions on one uniform grid: each slice numbered by the smallest
-    step, the grid's step then fitted to all positions (least squares, so positions rounded in the
-    files still fit). Refused, naming the folder: two files at one position (not one volume), positions off any
+    """Put a sorted series' slice positions on one uniform grid: each slice numbered from its
+    neighbour by the smallest step (one place, or several across a gap; never by its distance from
+    the first, which drifts over many rounded positions), the grid's step fitted to all positions
+    (least squares, so positions rounded in the files still fit), and numbered again by that step. Refused, naming the folder: two files at one position (not one volume), positions off any
     uniform grid (read as one, the map would carry a wrong spacing), and gaps that would invent more
     blank slices than the series holds (a slice 100 m away would make 100,000 of them)."""
     steps = np.abs(np.diff(positions))
@@ -397,8 +406,10 @@ def series_grid(path: str, files: list[str], positions: np.ndarray) -> SeriesGri
                          f"at one position ({positions[index]:.2f} mm): not one volume (several acquisitions, "
                          f"echoes or times?); keep one per folder")
     distances = np.abs(positions - positions[0])
-    places = np.round(distances / steps.min()).astype(np.int64)
-    step = float(np.dot(distances, places) / np.dot(places, places))
+    step = float(steps.min())
+    for _ in range(2):  # number each slice from its neighbour (no drift over many slices), refit the step
+        places = np.concatenate([[0], np.cumsum(np.maximum(1, np.round(steps / step)))]).astype(np.int64)
+        step = float(np.dot(distances, places) / np.dot(places, places))
     if np.abs(distances / step - places).max() > GRID_TOLERANCE:
         shown = ", ".join(f"{s:.2f}" for s in steps[:8]) + (" ..." if len(steps) > 8 else "")
         raise InputError(f"{path}: its slice positions are not evenly spaced (steps {shown} mm), so they do not "

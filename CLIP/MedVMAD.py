@@ -16,6 +16,7 @@ from torch import nn
 from CLIP.backbone import Backbone, BackboneConfig, build_backbone, default_features_list
 from CLIP.memory_bank import MemoryBank
 from prompt_ensemble import ENSEMBLE_WORDINGS, LEARNABLE_WORDINGS, LearnablePrompts, ensemble_text_features
+from utils import MAX_SIGMA
 
 
 # Model variants of the paper's tables (train.py --variant), on one backbone, data and selection:
@@ -157,21 +158,21 @@ CONFIG_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "backbone.image_std": (_optional(_three(lambda value: _number(0)(value) and value > 0)),
                            "null or 3 finite numbers > 0"),
     "variant": (_one_of(VARIANTS), f"one of {', '.join(VARIANTS)}"),
-    "organ": (_text, "an organ name"),
+    "organ": (lambda value: _text(value) and len(value) <= 64, "an organ name of at most 64 characters"),
     "features_list": (_optional(_layers), "null or a list of integer layers (1-based; -1 the last)"),
     "adapters": (_flag, "true or false"),
     "learnable_prompts": (_flag, "true or false"),
     "wording": (_optional(_text), "null or a wording name"),
     "image_score": (_optional(_one_of(IMAGE_SCORES)), f"null or one of {', '.join(IMAGE_SCORES)}"),
-    "logit_scale": (_optional(lambda value: value == "learned" or (_number(0)(value) and value > 0)),
-                    "null, 'learned' or a positive number"),
+    "logit_scale": (_optional(lambda value: value == "learned" or (_number(0, 1000)(value) and value > 0)),
+                    "null, 'learned' or a number in (0, 1000] (CLIP's learned scale stops at 100)"),
     "seed_code": (_flag, "true or false"),
     "dpam_from": (_optional(_integer(1)), "null or a layer (an integer >= 1)"),
     "alpha": (_number(0, 1), "a number in [0, 1]"),
     "n_ctx": (_integer(1), "an integer >= 1"),
     "depth": (_integer(0), "an integer >= 0"),
     "t_n_ctx": (_integer(1), "an integer >= 1"),
-    "sigma": (_number(0), "a finite number >= 0"),
+    "sigma": (_number(0, MAX_SIGMA), f"a number in [0, {MAX_SIGMA:g}]"),
     "blur_boundary": (_one_of(("reflect", "mirror")), "reflect or mirror"),
     "fewshot_weight": (_number(0, 1), "a number in [0, 1]"),
 }

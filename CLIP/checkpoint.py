@@ -96,32 +96,39 @@ def checkpoint_config(payload: dict[str, Any], path: str | os.PathLike,
         raise InputError(f"{flag} {path}: bad model config: {error}") from None
 
 
-def refuse_stored_weights_file(config: MedVMADConfig, path: str | os.PathLike, pretrained: str | None,
-                               flag: str = "--checkpoint_path") -> None:
-    """A weights file that a checkpoint's config names (rather than a tag or ``none``) is never
-    read unless the user names one (``pretrained``): a checkpoint is data, and the path it holds
-    could be any file. An ``InputError`` that says how to load it."""
+def refuse_stored_sources(config: MedVMADConfig, path: str | os.PathLike, pretrained: str | None,
+                          model_name: str | None = None, flag: str = "--checkpoint_path") -> None:
+    """A checkpoint is data, and a path it holds could be any file: a weights file its config names
+    (rather than a tag or ``none``) is read only when the user names one (``pretrained``), and a
+    ``local-dir:`` folder or ``hf-hub:`` repo it names only when the user names it (``model_name``).
+    An ``InputError`` that says how to load it."""
     if pretrained is None and reads_weights_file(config.backbone):
         stored = config.backbone.pretrained
         raise InputError(f"{flag} {path}: its backbone weights are the file {stored}, which is not read because "
                          f"a checkpoint names it; to load that file, pass --pretrained {stored}")
+    stored = config.backbone.model_name
+    if model_name is not None and model_name != stored:
+        raise InputError(f"{flag} {path} was trained on {stored}, not --model_name {model_name}")
+    if model_name is None and stored.startswith(("local-dir:", "hf-hub:")):
+        raise InputError(f"{flag} {path}: its backbone is {stored}, which is not read (or downloaded) because a "
+                         f"checkpoint names it; to load it, pass --model_name {stored}")
 
 
 def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | None = None,
                image_size: int | None = None, sigma: float | None = None, flag: str = "--checkpoint_path",
-               **backbone_overrides: Any) -> tuple[MedVMAD, dict[str, Any]]:
+               model_name: str | None = None, **backbone_overrides: Any) -> tuple[MedVMAD, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as, on ``device``.
 
     ``pretrained`` overrides where the backbone weights are read from, ``image_size`` and
     ``sigma`` override the evaluation resolution and smoothing; ``backbone_overrides`` (e.g.
     ``image_mean``) replace other ``BackboneConfig`` fields when not None. Errors name ``flag``.
 
-    A weights file that the checkpoint names is read only when ``pretrained`` names one
-    (``refuse_stored_weights_file``).
+    A weights file, ``local-dir:`` folder or ``hf-hub:`` repo that the checkpoint names is read
+    only when ``pretrained`` or ``model_name`` (the user's) names one (``refuse_stored_sources``).
     """
     payload = read_checkpoint(path, flag)
     config = checkpoint_config(payload, path, flag)
-    refuse_stored_weights_file(config, path, pretrained, flag)
+    refuse_stored_sources(config, path, pretrained, model_name, flag)
     overrides = dict(backbone_overrides, pretrained=pretrained, image_size=image_size)
     for key, value in overrides.items():
         if value is not None:
@@ -131,6 +138,6 @@ def load_model(path: str | os.PathLike, device: torch.device, pretrained: str | 
     try:
         model = MedVMAD(config)
         model.load_trainable_state_dict(payload["trainable"])
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, InputError) as error:  # what the stored config asks for names the file
         raise InputError(f"{flag} {path}: {error}") from None
     return model.to(device), payload

@@ -40,6 +40,12 @@ def test_a_bad_page_flag_is_one_line_error():
         app.parse_args(["--port", "x"])
 
 
+def test_the_page_scores_at_most_a_quarter_of_the_cli_voxel_cap():
+    """A page shared by several users defaults to 2**26 voxels (the CLI to 2**28); --max_voxels sets it."""
+    assert app.parse_args([])[1].max_voxels == 2**26
+    assert app.parse_args(["--max_voxels", "1000"])[1].max_voxels == 1000
+
+
 def test_no_checkpoint_page_says_how_to_get_one(tmp_path):
     scorer, message = app.load_scorer(app.parse_args(["--checkpoint_path", str(tmp_path / "none.pth")])[1])
     assert scorer is None and "not found" in message and "bash train.sh indomain" in message

@@ -159,19 +159,23 @@ def test_biomedclip_trains_tests_and_scores_end_to_end(tmp_path, demo, biomedcli
     checkpoint = tmp_path / "run" / "best.pth"
     stored = torch.load(checkpoint, weights_only=True)["config"]["backbone"]
     assert stored["model_name"] == biomedclip_name and stored["quick_gelu"] is False
+    named = ["--model_name", biomedclip_name]  # a local-dir: backbone a checkpoint names is read only when named
+    with pytest.raises(InputError, match=rf"its backbone is {biomedclip_name}, which is not read"):
+        test_script.main(["--data_path", demo, "--checkpoint_path", str(checkpoint), "--save_path",
+                          str(tmp_path / "test"), "--num_workers", "0", "--device", "cpu"])
     summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(checkpoint), "--save_path",
-                                str(tmp_path / "test"), "--num_workers", "0", "--device", "cpu"])
+                                str(tmp_path / "test"), "--num_workers", "0", "--device", "cpu", *named])
     assert 0 <= summary["datasets"]["Brain"]["pixel_auroc"] <= 1
     train.main(["--train_data_path", demo, "--save_path", str(tmp_path / "fewshot"), "--epoch", "1",
                 "--k_shot", "2", *common, *prompts])
     fewshot = test_script.main(["--data_path", demo, "--checkpoint_path", str(tmp_path / "fewshot" / "best.pth"),
                                 "--k_shot", "2", "--save_path", str(tmp_path / "fewshot_test"),
-                                "--num_workers", "0", "--device", "cpu"])
+                                "--num_workers", "0", "--device", "cpu", *named])
     assert 0 <= fewshot["datasets"]["Brain"]["image_auroc"] <= 1
     image = next((Path(demo) / "test" / "Ungood" / "img").iterdir())
     results = test_one_example.main(["--image_path", str(image), "--checkpoint_path", str(checkpoint),
-                                     "--save_path", str(tmp_path / "one"), "--device", "cpu"])
-    model = load_model(checkpoint, torch.device("cpu"))[0].eval()
+                                     "--save_path", str(tmp_path / "one"), "--device", "cpu", *named])
+    model = load_model(checkpoint, torch.device("cpu"), model_name=biomedclip_name)[0].eval()
     assert results[0]["score"] == pytest.approx(reference_score(model, image)[0], abs=1e-6)
     assert json.loads((tmp_path / "run" / "args.json").read_text())["args"]["model_name"] == biomedclip_name
 
@@ -184,7 +188,7 @@ def test_biomedclip_checkpoint_round_trip(tmp_path, biomedclip):
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     save_checkpoint(tmp_path / "model.pth", model)
-    loaded, _ = load_model(tmp_path / "model.pth", torch.device("cpu"))
+    loaded, _ = load_model(tmp_path / "model.pth", torch.device("cpu"), model_name=biomedclip.config.model_name)
     assert type(loaded.backbone) is TimmHFBackbone and loaded.config == model.config
     images = torch.rand(2, 3, SIZE, SIZE)
     model.eval(), loaded.eval()

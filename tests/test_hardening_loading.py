@@ -8,6 +8,7 @@ from unittest import mock
 
 import contextlib
 import json
+import re
 import os
 import pickle
 import signal
@@ -348,6 +349,22 @@ def test_a_checkpoint_never_loads_the_weights_file_it_names(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("stored", ["local-dir:/any/folder", "hf-hub:someone/any-repo"])
+def test_a_checkpoint_never_reads_or_downloads_the_model_it_names(tmp_path, stored, monkeypatch):
+    """A local-dir: folder or hf-hub: repo a checkpoint names is read only when --model_name names it
+    (a stored name is data too): refused at once, before open_clip is asked for anything."""
+    checkpoint = tmp_path / "named.pth"
+    payload = torch.load(checkpoint_naming(checkpoint, "none"), weights_only=True)
+    payload["config"]["backbone"]["model_name"] = stored
+    torch.save(payload, checkpoint)
+    monkeypatch.setattr("open_clip.create_model", mock.Mock(side_effect=AssertionError("open_clip was asked")))
+    with pytest.raises(InputError, match=rf"^--checkpoint_path {checkpoint}: its backbone is {re.escape(stored)}, "
+                                         rf"which is not read .*pass --model_name {re.escape(stored)}$"):
+        load_model(checkpoint, torch.device("cpu"))
+    with pytest.raises(InputError, match=rf"{checkpoint} was trained on {re.escape(stored)}, not --model_name tiny"):
+        load_model(checkpoint, torch.device("cpu"), model_name="tiny")
+
+
 def test_a_stored_weights_file_loads_when_named_on_the_command_line(tmp_path, scripted_tiny, monkeypatch):
     path, reference = scripted_tiny
     forbid_jit_load(monkeypatch)
@@ -432,7 +449,10 @@ def backbone_set(**values):
     (lambda c: c.update(depth=-1), r"config.depth -1: an integer >= 0"),
     (lambda c: c.update(t_n_ctx=2.0), r"config.t_n_ctx 2.0: an integer >= 1"),
     (lambda c: c.update(alpha="0.1"), r"config.alpha '0.1': a number in \[0, 1\]"),
-    (lambda c: c.update(sigma=float("inf")), r"config.sigma inf: a finite number >= 0"),
+    (lambda c: c.update(sigma=float("inf")), r"config.sigma inf: a number in \[0, 10000\]"),
+    (lambda c: c.update(sigma=1e12), r"config.sigma 1000000000000.0: a number in \[0, 10000\]"),
+    (lambda c: c.update(logit_scale=1e308), r"config.logit_scale 1e\+308: null, 'learned' or a number in \(0, 1000\]"),
+    (lambda c: c.update(organ="x" * 10000), r"config.organ 'xxx.*: an organ name of at most 64 characters"),
     (lambda c: c.update(fewshot_weight=10 ** 400), r"config.fewshot_weight 1000"),
     (lambda c: c.update(features_list=[1.5, 2, 3, 4]), r"config.features_list \[1.5, 2, 3, 4\]: null or a list of integer"),
     (lambda c: c.update(features_list="1234"), r"config.features_list '1234'"),

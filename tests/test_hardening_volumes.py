@@ -35,7 +35,7 @@ from tests.conftest import TINY_SIZE
 from tests.test_generate_dataset import brats_case, liver_volumes, save_nifti
 from tests.test_volumes import STEP, write_series, write_slice
 from utils import InputError, run_cli
-from volume_io import read_input
+from volume_io import read_input, series_grid
 
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 SECRET = b"root:x:0:0:secret server file\n" * 64
@@ -118,6 +118,39 @@ def test_a_header_naming_a_file_outside_its_folder_is_refused_before_simpleitk_o
     monkeypatch.setattr(sitk, "ReadImage", Forbidden)
     with pytest.raises(InputError, match=rf"^{header}: its data file (name )?{re.escape(repr(target))} {message}"):
         read_input(str(header))
+
+
+@pytest.mark.parametrize("name, text", [
+    ("colon.mha", "ObjectType = Image\nNDims = 2\nDimSize = 8 8\nElementType = MET_UCHAR\nElementDataFile : {}\n"),
+    ("assign.mha", "ObjectType = Image\nNDims = 2\nDimSize = 8 8\nElementType = MET_UCHAR\nElementDataFile := {}\n"),
+    ("spaced.mhd", "NDims = 2\r\nDimSize = 8 8\r\nElementType = MET_UCHAR\r\n  elementdatafile\t=  {}\r\n"),
+    ("cr.mha", "ObjectType = Image\rNDims = 2\rDimSize = 8 8\rElementType = MET_UCHAR\rElementDataFile = {}\r"),
+    ("cr.nhdr", "NRRD0004\rtype: uint8\rdimension: 2\rsizes: 8 8\rencoding: raw\rdata file: {}\r\r"),
+    ("crlf.nrrd", "NRRD0004\r\ntype: uint8\r\ndimension: 2\r\nsizes: 8 8\r\nencoding: raw\r\ndatafile: {}\r\n"),
+])
+def test_every_spelling_readers_accept_is_checked(tmp_path, secret, name, text, monkeypatch):
+    """MetaIO takes "=", ":" and ":=" and any case; teem and MetaIO take CR, LF and CRLF line ends:
+    a header spelt any of these ways is read by the check as the library would read it."""
+    monkeypatch.setattr(sitk, "ImageFileReader", None)
+    monkeypatch.setattr(sitk, "ReadImage", None)
+    header = tmp_path / "upload" / name
+    header.parent.mkdir()
+    header.write_bytes(text.format(secret).encode())
+    for single_file, message in ((False, "lies outside the header's folder"), (True, "a detached header")):
+        with pytest.raises(InputError, match=message):
+            read_input(str(header), window=(0, 255), single_file=single_file)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("far.mha", "NDims = 2\nDimSize = 8 8\nElementType = MET_UCHAR\n" + "\n" * (1 << 21) + "ElementDataFile = {}\n"),
+    ("far.nrrd", "NRRD0004\ntype: uint8\n" + "# comment\n" * (1 << 18) + "data file: {}\n\n"),
+])
+def test_a_header_too_long_to_check_is_refused(tmp_path, secret, name, text):
+    """A field a reader would find past what the check reads: refused, not let through."""
+    header = tmp_path / name
+    header.write_bytes(text.format(secret).encode())
+    with pytest.raises(InputError, match=r"(no ElementDataFile field|no end of its NRRD header) in the first"):
+        read_input(str(header), window=(0, 255))
 
 
 def test_the_command_line_says_so_in_one_line(tmp_path, secret, capsys):
@@ -463,6 +496,21 @@ def test_positions_off_any_uniform_grid_are_refused_but_rounded_ones_fit(tmp_pat
     scan = read_input(str(tmp_path / "rounded"))
     assert scan.geometry.shape[2] == 5 and not scan.warnings
     assert scan.geometry.affine[2, 2] == pytest.approx(18.9 / 30)  # least squares: sum(d * k) / sum(k * k)
+
+
+@pytest.mark.parametrize("step, decimals, count, missing", [
+    (0.625, 2, 120, ()), (1.25, 1, 200, ()), (1.25, 1, 100, (40, 41, 70)), (3.0, None, 60, ()), (1.0, None, 300, (5,))])
+def test_long_series_with_rounded_or_jittered_positions_form_their_grid(step, decimals, count, missing):
+    """Positions as scanners write them, rounded to 0.01 or 0.1 mm (or jittered by up to 5% of a step),
+    over hundreds of slices: read as the one grid they are, gaps placed where they are, not refused
+    for rounding that adds up when slices are numbered by their distance from the first."""
+    places = np.delete(np.arange(count), missing)
+    positions = 30 + step * places
+    positions = np.round(positions, decimals) if decimals is not None else \
+        positions + np.random.default_rng(0).uniform(-0.05, 0.05, len(places)) * step
+    grid = series_grid("S", [f"{k}.dcm" for k in places], positions)
+    assert np.array_equal(grid.places, places) and grid.step == pytest.approx(step, rel=1e-3)
+    assert len(grid.gaps) == len([k for k in missing if k - 1 not in missing])
 
 
 # ----------------------------------------------------------------------------- items 8, 9: converters, page flags
