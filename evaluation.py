@@ -7,9 +7,12 @@ image whose name carries no slice number is its own patient.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -23,6 +26,7 @@ PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max")
 HISTOGRAM_CELLS = 1 << 22
 MAX_BINS = 1 << 12
 REPLICATES_AT_ONCE = 64
+T = TypeVar("T")
 
 
 def patient_of(path: str) -> str:
@@ -54,11 +58,45 @@ def interval(values: np.ndarray) -> list[float]:
     return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
 
 
-def _quiet(function, *args):
-    """A metric of one replicate; single-class replicates give nan without a warning each."""
+def quietly(function: Callable[..., T], *args) -> T:
+    """``function(*args)`` without metrics.py's warnings of undefined (single-class) metrics, which
+    stay nan: replicates are many, and test.py notes a table's undefined metrics once
+    (``note_undefined``)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", metrics.UndefinedMetricWarning)
         return function(*args)
+
+
+def undefined_metrics(values: dict, labels: np.ndarray, unit: str = "image") -> str | None:
+    """Which metrics of ``values`` are undefined (nan) and why, as "image_auroc, image_ap undefined
+    (all 6 images are abnormal)"; None when every one is defined. ``labels`` [N] are those of the
+    images (or patients: ``unit``) the values were computed on."""
+    undefined = [key for key, value in values.items() if isinstance(value, float) and math.isnan(value)
+                 and not key.endswith(("_ci", "_threshold"))]
+    if not undefined:
+        return None
+    n, n_abnormal = len(labels), int(np.sum(labels))
+    one_class = (f"all {n} {unit}s are abnormal" if n_abnormal == n else
+                 f"all {n} {unit}s are normal" if n_abnormal == 0 else None)
+    reasons: dict[str, list[str]] = {}
+    for key in undefined:
+        if key.startswith("pixel_"):
+            why = f"none of the {n} {unit}s has a lesion" if n_abnormal == 0 else "its maps give no curve over FPR"
+        else:
+            why = one_class or "its labels give no curve"
+        reasons.setdefault(why, []).append(key)
+    return "; ".join(f"{', '.join(keys)} undefined ({why})" for why, keys in reasons.items())
+
+
+def note_undefined(logger: logging.Logger, table: str, rows: dict[str, tuple[dict, np.ndarray]],
+                   unit: str = "image") -> None:
+    """Log one line for ``table`` naming the undefined metrics of its rows and why (row name ->
+    (values, labels [N] they were computed on)); nothing when every metric is defined. The row
+    names are left out of a one-row table."""
+    found = {row: undefined_metrics(values, labels, unit) for row, (values, labels) in rows.items()}
+    parts = [what if len(rows) == 1 else f"{row}: {what}" for row, what in found.items() if what]
+    if parts:
+        logger.info(f"note: {table}: {'; '.join(parts)}; shown as '-' and null in results.json")
 
 
 def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
@@ -83,7 +121,7 @@ def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
     results = {key: np.empty(len(counts)) for key in IMAGE_METRICS}
     for replicate, drawn in enumerate(counts):
         chosen = np.repeat(order, drawn[groups[order]])
-        scored = _quiet(metrics.image_metrics, labels[chosen], scores[chosen])
+        scored = quietly(metrics.image_metrics, labels[chosen], scores[chosen])
         for key in IMAGE_METRICS:
             results[key][replicate] = scored[key]
     return results

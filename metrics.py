@@ -18,8 +18,9 @@ distinct score values, in descending order, and every curve is read off its cumu
   become one histogram entry: the curves are unchanged (see _sorted_histogram).
 WORKERS threads read chunks and sort blocks at once (numpy releases the GIL). Extra memory stays
 below the maps' size (chunks of CHUNK_PIXELS; the blocks in flight hold at most NEGATIVE_FRACTION
-of the maps' bytes), and maps may be np.memmap arrays. Single-class input gives nan with a
-RuntimeWarning; NaN or inf scores, and labels and scores of different shapes, raise ValueError.
+of the maps' bytes), and maps may be np.memmap arrays. Single-class input gives nan with an
+UndefinedMetricWarning (a RuntimeWarning); NaN or inf scores, and labels and scores of different
+shapes, raise ValueError.
 """
 from __future__ import annotations
 
@@ -51,8 +52,12 @@ class _Histogram(NamedTuple):
     n_regions: int
 
 
+class UndefinedMetricWarning(RuntimeWarning):
+    """A metric of single-class input: undefined, returned as nan (test.py notes these per table instead)."""
+
+
 def _nan(what: str, why: str) -> float:
-    warnings.warn(f"{what} is undefined: {why}; returning nan", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{what} is undefined: {why}; returning nan", UndefinedMetricWarning, stacklevel=3)
     return float("nan")
 
 

@@ -26,7 +26,7 @@ from dataset import table_name
 from tables import (PAPER_COLUMNS, TABLE_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table, pipe_table,
                     variant_of)
 from utils import (ArgumentParser, InputError, atomic_write_json, atomic_write_text, prepare_output_dir, read_manifest,
-                   run_cli, safe_name)
+                   run_cli, safe_name, undefined_as_nan)
 
 METRICS = {key for key, _ in TABLE_COLUMNS + PAPER_COLUMNS}
 
@@ -37,9 +37,9 @@ def _number(value: object) -> bool:
 
 def check_result(result: object, path: str) -> dict:
     """A loaded results.json whose fields this script reads have test.py's types: ``datasets`` an
-    object of metric objects, each tabled metric a number in [0, 1] (NaN or null when undefined),
-    each ``<metric>_ci`` a pair of them, ``args`` and ``checkpoint`` objects, ``complete`` not false;
-    anything else is an InputError naming ``path`` and the field."""
+    object of metric objects, each tabled metric a number in [0, 1] (null when undefined: read back
+    as NaN), each ``<metric>_ci`` a pair of them, ``args`` and ``checkpoint`` objects, ``complete``
+    not false; anything else is an InputError naming ``path`` and the field."""
     if not isinstance(result, dict):
         raise InputError(f"{path}: not a results.json of test.py (a {type(result).__name__}, not an object)")
     datasets = result.get("datasets")
@@ -56,8 +56,11 @@ def check_result(result: object, path: str) -> dict:
                 raise InputError(f"{path}: datasets.{name}.{key} is {value!r}, not a number in [0, 1]")
             bounds = values.get(f"{key}_ci")
             if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
-                    _number(bound) and (math.isnan(bound) or 0 <= bound <= 1) for bound in bounds)):
+                    bound is None or _number(bound) and (math.isnan(bound) or 0 <= bound <= 1) for bound in bounds)):
                 raise InputError(f"{path}: datasets.{name}.{key}_ci is {bounds!r}, not a [low, high] pair in [0, 1]")
+            for field in (key, f"{key}_ci"):  # null (undefined) computes as NaN
+                if field in values:
+                    values[field] = undefined_as_nan(values[field])
     for field in ("args", "checkpoint"):
         if result.get(field) is not None and not isinstance(result[field], dict):
             raise InputError(f"{path}: '{field}' is a {type(result[field]).__name__}, not an object")

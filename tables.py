@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 
 import numpy as np
 from tabulate import tabulate
+
+from utils import strict_json
 
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
                  ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
@@ -94,18 +95,11 @@ def paper_table(results_by_row: dict[str, dict[str, float]], columns: list[tuple
     intervals, null where a metric is nan or infinite (strict JSON)."""
     headers = [first] + [title for _, title in columns]
     markdown = pipe_table(format_table(results_by_row, columns, mean_row=False), headers)
-    rows = [{first: name, **{field: _finite_or_none(values[field]) for key, _ in columns
+    rows = [{first: name, **{field: values[field] for key, _ in columns
                              for field in (key, f"{key}_ci") if field in values}}
             for name, values in results_by_row.items()]
     return {"md": markdown + "\n", "csv": csv_text(csv_rows(results_by_row, columns, first, mean_row=False)),
-            "json": json.dumps({"columns": [key for key, _ in columns], "rows": rows}, indent=2, allow_nan=False) + "\n"}
-
-
-def _finite_or_none(value):
-    """A number, or each number of an interval, with nan and infinities as None (strict JSON)."""
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+            "json": strict_json({"columns": [key for key, _ in columns], "rows": rows}) + "\n"}
 
 
 def variant_of(config: dict | None) -> str:

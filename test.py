@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from maps_io import save_maps
 from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
-                   seed_everything, seed_value, setup_logging, unique_stems, unit_interval, versions,
+                   seed_everything, seed_value, setup_logging, strict_json, unique_stems, unit_interval, versions,
                    write_result_files)
 from visualization import overlay_panel, save_curve, to_display
 
@@ -133,7 +132,8 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                      want_pixel: bool, want_image: bool, logger) -> tuple[dict, dict | None, dict]:
     """Metrics of one dataset (with intervals under --bootstrap), its patient-level figures
     (None without case ids) and its per-class metrics ({} unless meta.json has several classes)."""
-    values = compute_metrics(predictions, pixel=want_pixel, image=want_image, aupro_variant=args.aupro)
+    values = evaluation.quietly(compute_metrics, predictions, want_pixel, want_image, args.aupro)
+    evaluation.note_undefined(logger, name, {name: (values, predictions.labels)})
     groups, patients = evaluation.groups_of(predictions.paths)
     if args.bootstrap:
         counts = evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed)
@@ -149,7 +149,9 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
     patient_values = None
     if want_image and len(patients) < len(predictions.paths):
         labels, scores = evaluation.patient_level(predictions.labels, predictions.scores, groups, len(patients))
-        patient_values = {f"patient_{key[6:]}": value for key, value in metrics.image_metrics(labels, scores).items()}
+        patient_values = {f"patient_{key[6:]}": value
+                          for key, value in evaluation.quietly(metrics.image_metrics, labels, scores).items()}
+        evaluation.note_undefined(logger, f"{name} patient level", {name: (patient_values, labels)}, "patient")
         patient_values.update(n_patients=len(patients), n_abnormal=int(labels.sum()))
         if args.bootstrap:
             own = np.arange(len(patients))
@@ -158,7 +160,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
             patient_values.update({f"patient_{key[6:]}_ci": evaluation.interval(samples)
                                    for key, samples in replicates.items()})
     classes = evaluation.meta_classes(root, args.split)
-    per_class = {}
+    per_class, labelled = {}, {}
     names = [classes.get(path) for path in predictions.paths]
     if len(set(names) - {None}) > 1:
         for class_name in sorted(set(names) - {None}):
@@ -168,8 +170,9 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                  None if predictions.maps is None else predictions.maps[chosen],
                                  None if predictions.masks is None else predictions.masks[chosen],
                                  predictions.has_masks)
-            per_class[class_name] = compute_metrics(subset, pixel=want_pixel, image=want_image,
-                                                    aupro_variant=args.aupro)
+            per_class[class_name] = evaluation.quietly(compute_metrics, subset, want_pixel, want_image, args.aupro)
+            labelled[class_name] = (per_class[class_name], subset.labels)
+        evaluation.note_undefined(logger, f"{name} per class", labelled)
         logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
                                                         ["class"] + [title for _, title in TABLE_COLUMNS]))
     return values, patient_values, per_class
@@ -395,7 +398,7 @@ class RunResults:
             "versions": versions(),
             "seconds": round(time.time() - self.started, 2),
         }
-        files["results.json"] = json.dumps(self.summary, indent=2, default=str) + "\n"
+        files["results.json"] = strict_json(self.summary) + "\n"  # undefined metrics as null
         write_result_files(save_path, files, stale=RESULT_FILES)  # all or nothing: a killed run leaves no manifest
         logger.info(f"results {'' if complete else 'so far '}written to {save_path} ({', '.join(files)}, {MANIFEST})")
 

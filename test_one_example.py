@@ -32,7 +32,7 @@ from medical_io import MAX_VOXELS, WINDOW_PRESETS, Scan
 from utils import (STAGING, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, autocast,
                    commit_staged, discard_staged, finite_float, locked_folder, non_negative_int,
                    one_line, positive_int, prepare_output_dir, recover_staged, refuse_taken, resolve_device, run_cli,
-                   staging_folder, sync_file, unique_stems, unit_interval)
+                   staging_folder, strict_json, sync_file, unique_stems, unit_interval)
 from visualization import montage, overlay_panel
 from volume_io import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
 
@@ -203,7 +203,7 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
     except Exception:  # nothing of this input is kept (a kill leaves it to recover_staged)
         discard_staged(save_path)
         raise
-    commit_staged(save_path, PREDICTIONS, json.dumps(record, allow_nan=False))
+    commit_staged(save_path, PREDICTIONS, strict_json(record, indent=None))
     return record
 
 

@@ -340,9 +340,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite number (an undefined metric) replaced by None, and numpy
+    numbers and arrays as plain ones, so that it encodes as strict JSON (RFC 8259 has no NaN)."""
+    if isinstance(obj, dict):
+        return {key: json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, (np.ndarray, np.generic)):
+        obj = obj.tolist()
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(value) for value in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON text: undefined numbers (NaN, infinities) as null (``json_ready``),
+    objects JSON has no type for as their ``str``. Every .json and .jsonl the scripts write is this."""
+    return json.dumps(json_ready(obj), indent=indent, default=str, allow_nan=False)
+
+
+def undefined_as_nan(value: Any) -> Any:
+    """A number read back from strict JSON, or each number of a list: null (an undefined metric) as NaN."""
+    if isinstance(value, list):
+        return [undefined_as_nan(item) for item in value]
+    return math.nan if value is None else value
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """Atomically write ``obj`` as indented strict JSON (``strict_json``)."""
+    atomic_write_text(path, strict_json(obj) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ def run(demo: str, out, *extra: str) -> dict:
     return test_script.main(["--data_path", demo, "--save_path", str(out), *BASELINE, *extra])
 
 
-def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo):
+def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo, strict_json_files):
     summary = run(demo, tmp_path / "a", "--save_maps", "--bootstrap", "50", "--max_ram_maps_gb", "0")
     name, values = next(iter(summary["datasets"].items()))
     saved = load_maps(tmp_path / "a" / "maps", name)
@@ -65,6 +65,7 @@ def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_
     if 0 < sum(labels) < len(labels):
         assert patients["patient_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert "patient level" in log
+    assert {"a/results.json", f"a/maps/{name}.json"} <= set(strict_json_files(tmp_path))
 
     # The same run with float16 maps in RAM and no intervals: rounded figures, no "_ci".
     half = run(demo, tmp_path / "b", "--map_dtype", "float16")["datasets"][name]
@@ -89,7 +90,7 @@ def test_save_maps_replaces_whole_files_and_a_failed_write_keeps_the_old(tmp_pat
     assert load_maps(folder, name).maps.shape[0] == 10
 
 
-def test_per_class_tables_for_a_meta_json_dataset(tmp_path, demo):
+def test_per_class_tables_for_a_meta_json_dataset(tmp_path, demo, strict_json_files):
     meta = {"test": {}}
     for cls in ("good", "Ungood"):
         folder = os.path.join(demo, "test", cls, "img")
@@ -117,3 +118,4 @@ def test_per_class_tables_for_a_meta_json_dataset(tmp_path, demo):
         roc_auc_score(saved.masks[chosen].ravel(), saved.maps[chosen].ravel()), abs=1e-9)
     rows = list(csv.reader(open(tmp_path / "results_per_class.csv")))
     assert [r[0] for r in rows[1:]] == [f"{name}/brain", f"{name}/liver", "mean"]
+    assert "results.json" in strict_json_files(tmp_path)

@@ -109,7 +109,7 @@ def run_train(save_path: Path, root: str, *extra: str) -> dict:
                        "--learning_rate", "1e-3", *TINY, *extra])
 
 
-def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch):
+def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_json_files):
     """best.pth is the epoch with the best mean selection AUROC, with its F1-max threshold; test.py's
     metrics equal scikit-learn's and a slow AUPRO on its maps and the masks on disk; the model learned."""
     selection = spy_predict(monkeypatch, train)
@@ -163,6 +163,7 @@ def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch):
     assert len(list((out / "visualization" / "Brain" / "abnormal").glob("*.png"))) == 2
     assert (out / "visualization" / "Brain" / "roc_image.png").is_file()
     assert (out / "visualization" / "Brain" / "pro_pixel.png").is_file()
+    assert {"run/args.json", "results/results.json", "results/manifest.json"} <= set(strict_json_files(tmp_path))
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, demo):

@@ -150,7 +150,7 @@ def test_dicom_scores_with_the_baseline_and_a_preset(tmp_path):
     assert liver["score"] == pytest.approx(explicit["score"], abs=1e-7)
 
 
-def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
+def test_nifti_volume_slice_by_slice(tmp_path, checkpoint, strict_json_files):
     """An LPS-stored volume: slice z scores as the PNG of its percentile-scaled, RAS-displayed slice."""
     volume = np.stack([brain_like(centre=(8 + 6 * s, 10 + 3 * s)) * (1 + 0.1 * s) for s in range(6)],
                       axis=2).astype(np.float32)  # [X=48, Y=40, Z=6], the blob moves with z
@@ -175,6 +175,7 @@ def test_nifti_volume_slice_by_slice(tmp_path, checkpoint):
     assert maps.shape == (4, 40, 48)  # [X,Y] stored -> [Y,X] displayed
     np.testing.assert_allclose(maps[2], reference_score(model, pngs / "3.png")[1], atol=2e-3)
     assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 40, 3 * 48, 3)
+    assert strict_json_files(tmp_path / "out") == ["predictions.jsonl"]
 
 
 def test_nifti_axis_picks_the_slicing_axis(tmp_path):
