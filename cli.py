@@ -79,7 +79,10 @@ def add_model_args(parser, checkpoint: bool, features_list: bool = True) -> None
                         help=f"backbone weights: open_clip tag, local weights file, or none ({note})")
     value, note = recipe_default(BACKBONE.image_size)
     parser.add_argument("--image_size", type=positive_int, default=value,
-                        help=f"input side, a multiple of the backbone's patch size (14 for ViT-L-14; {note})")
+                        help=f"input side in pixels; CLIP's positional embeddings are resized to it. A side that is "
+                             f"not a multiple of the patch size (14 for ViT-L-14) works: the ViT drops the last "
+                             f"partial patch, with a warning, and the map's edge is repeated over those pixels; "
+                             f"below one patch it is refused ({note})")
     parser.add_argument("--quick_gelu", choices=sorted(QUICK_GELU), default="auto",
                         help="QuickGELU activation; auto: on for OpenAI weights (the openai tag, TorchScript "
                              "archives, *-quickgelu names, files or repos whose name says openai)")

@@ -70,3 +70,15 @@ def test_features_list_other_than_the_checkpoints_is_refused(tmp_path):
     model, _ = build_model(test_script.parse_args(["--checkpoint_path", str(checkpoint), "--features_list",
                                                    "1", "2", "3", "4"]), device)
     assert model.features_list == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("parse", [train.parse_args, test_script.parse_args, test_one_example.parse_args])
+def test_image_size_help_says_what_the_model_does_with_any_side(parse, capsys):
+    """Sides that are not a multiple of the patch work with a warning, below one patch they are
+    refused (both checked in test_hardening.py): --help says so, not that sides must be multiples."""
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("A side that is not a multiple of the patch size (14 for ViT-L-14) works: the ViT drops the last "
+            "partial patch, with a warning, and the map's edge is repeated over those pixels; below one patch it "
+            "is refused") in text
