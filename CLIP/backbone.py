@@ -8,6 +8,7 @@ projections) are touched only in those two files.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import pickle
@@ -15,8 +16,9 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.utils.checkpoint
@@ -36,6 +38,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SCHEMAS = ("hf-hub:", "local-dir:")  # model names whose weights come with them: ``pretrained`` is ignored
 LOCAL_DIR = "local-dir:"
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth")  # the files open_clip loads from a local-dir: folder
+HUB_TIMEOUT = 5.0  # seconds the Hugging Face Hub has to answer before a download is given up as offline
+OFFLINE_HINTS = ("or try the pipeline offline with the tiny test model (--model_name tiny --pretrained none; "
+                 "bash train.sh indomain does so on the demo set)")
 
 
 @dataclass
@@ -114,6 +119,41 @@ def reads_weights_file(config: BackboneConfig) -> bool:
     if config.model_name.startswith(SCHEMAS) or config.pretrained.lower() == "none":
         return False
     return not open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
+
+
+def downloads_weights(config: BackboneConfig) -> bool:
+    """Whether building ``config`` may fetch files from the Hugging Face Hub: an ``hf-hub:`` name,
+    or one of open_clip's weight tags (a file path, ``none`` and ``local-dir:`` fetch nothing)."""
+    name = config.model_name
+    if name.startswith(SCHEMAS):
+        return not name.startswith(LOCAL_DIR)
+    return config.pretrained.lower() != "none" and not reads_weights_file(config)
+
+
+def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the Hugging Face Hub cannot be asked for files (``HF_HUB_OFFLINE`` set, or no answer
+    from its endpoint within ``timeout`` seconds), or None when it answers."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = huggingface_hub.constants.ENDPOINT
+    try:
+        huggingface_hub.get_session().head(endpoint, timeout=timeout)
+    except Exception as error:  # no route, no DNS, refused, timed out: whatever the HTTP client raises
+        return f"{endpoint} did not answer within {timeout:g} s ({type(error).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode (as ``HF_HUB_OFFLINE=1`` sets it): cached files are read
+    without asking the network, and a file missing from the cache fails at once instead of after a
+    minute of retries."""
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def _physical_memory() -> int | None:
@@ -212,8 +252,9 @@ def _missing_weights(config: BackboneConfig) -> InputError:
                       f"({', '.join(tags) or 'it has none'}) nor an existing file")
 
 
-def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
-    """Build the open_clip model, turning every loading failure into one clear ``InputError``.
+def _create_clip(config: BackboneConfig, offline: str | None = None) -> tuple[nn.Module, bool]:
+    """Build the open_clip model, turning every loading failure into one clear ``InputError``
+    (``offline``: why the Hugging Face Hub is not asked, named in a failed download's error).
 
     Returns it and whether it runs QuickGELU (``config.quick_gelu`` None: auto), and logs why.
     The weights are read with ``weights_only`` (tensors only); OpenAI's TorchScript archives, given
@@ -257,7 +298,7 @@ def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
             force_image_size=config.image_size,
             weights_only=True,  # never unpickle code from a weights file
         )
-        model = _call_open_clip(config, built_name, kwargs, source, weights_file)
+        model = _call_open_clip(config, built_name, kwargs, source, weights_file, offline)
     if local_dir and not folder_weights:
         logger.warning(f"--model_name {name}: the folder holds no weights file ({', '.join(WEIGHTS_SUFFIXES)}); "
                        f"the model has random weights")
@@ -276,9 +317,9 @@ def _create_clip(config: BackboneConfig) -> tuple[nn.Module, bool]:
 
 
 def _call_open_clip(config: BackboneConfig, built_name: str, kwargs: dict, source: str,
-                    weights_file: str | None) -> nn.Module:
+                    weights_file: str | None, offline: str | None = None) -> nn.Module:
     """``open_clip.create_model(built_name, **kwargs)`` with its failures turned into one-line
-    ``InputError``s (see ``_explain``)."""
+    ``InputError``s (see ``_explain``; ``offline``: why the Hub is not asked, None when it is)."""
     try:
         # Seeded so that a random-init backbone (--pretrained none) is rebuilt identically from a
         # checkpoint's config (with the same library versions); loaded weights overwrite it anyway.
@@ -286,7 +327,7 @@ def _call_open_clip(config: BackboneConfig, built_name: str, kwargs: dict, sourc
             torch.manual_seed(0)
             return open_clip.create_model(built_name, **kwargs)
     except Exception as error:  # open_clip, torch, safetensors and zip readers raise many types
-        explained = _explain(error, config, built_name, kwargs, source, weights_file)
+        explained = _explain(error, config, built_name, kwargs, source, weights_file, offline)
         if explained is None:
             raise
         raise explained from None
@@ -309,19 +350,22 @@ def _builds_without_weights(built_name: str, kwargs: dict) -> bool:
 
 
 def _explain(error: Exception, config: BackboneConfig, built_name: str, kwargs: dict, source: str,
-             weights_file: str | None) -> InputError | None:
+             weights_file: str | None, offline: str | None = None) -> InputError | None:
     """The one-line error for what ``open_clip.create_model`` raised (None: not the input's fault).
     ``source`` names what the user gave for the weights (``--pretrained X``, or ``--model_name
-    local-dir:X`` and its weights file), ``weights_file`` the file read, where known."""
+    local-dir:X`` and its weights file), ``weights_file`` the file read, where known, ``offline``
+    why the Hub was not asked (None: it was)."""
     name, message = config.model_name, str(error)
+    why = f"offline: {offline}, and not in the Hugging Face cache" if offline else "offline?"
     if "pip install transformers" in message:
         return InputError(f"--model_name {name} has a Hugging Face text tower: pip install transformers")
     if name.startswith("hf-hub:") and ("Failed" in message or "HF Hub" in message):
-        return InputError(f"--model_name {name}: could not download it from the Hugging Face Hub (offline?); "
-                          f"give a downloaded copy as --model_name local-dir:/path")
+        return InputError(f"--model_name {name}: could not download it from the Hugging Face Hub ({why}); "
+                          f"give a downloaded copy as --model_name local-dir:/path, {OFFLINE_HINTS}")
     if "Failed to download" in message:
-        return InputError(f"could not download the '{config.pretrained}' weights of {name} (offline?); pass a local "
-                          f"weights file with --pretrained /path/to/{name}.pt (.pt, .bin or .safetensors)")
+        return InputError(f"could not download the '{config.pretrained}' weights of {name} ({why}); pass a local "
+                          f"weights file with --pretrained /path/to/{name}.pt (.pt, .bin or .safetensors), "
+                          f"{OFFLINE_HINTS}")
     if "Error(s) in loading state_dict" in message:
         lines = message.splitlines()
         detail = lines[1].strip() if len(lines) > 1 else message
@@ -525,12 +569,23 @@ def build_backbone(config: BackboneConfig) -> Backbone:
     """Load the model ``config`` names and wrap it in the implementation its towers call for.
 
     ``config`` is not changed: the backbone keeps a resolved copy (QuickGELU as built, the
-    normalisation of the weights), which checkpoints store.
+    normalisation of the weights), which checkpoints store. Hub files are fetched only when the
+    Hub answers (``hub_unreachable``); otherwise they are read from its cache, or the build stops at
+    once naming the offline ways.
     """
+    offline = hub_unreachable() if downloads_weights(config) else None
+    if offline is None:
+        return _wrap(config, *_create_clip(config))
+    logger.info(f"Hugging Face Hub offline ({offline}): only its local cache is read")
+    with hub_offline():  # the weights, and for hf-hub: models the config and tokenizer, from the cache
+        return _wrap(config, *_create_clip(config, offline))
+
+
+def _wrap(config: BackboneConfig, clip: nn.Module, quick_gelu: bool) -> Backbone:
+    """The built open_clip model in the ``Backbone`` implementation its towers call for."""
     from CLIP.backbone_clip import OpenCLIPBackbone
     from CLIP.backbone_timm_hf import TimmHFBackbone
 
-    clip, quick_gelu = _create_clip(config)
     if getattr(clip, "logit_bias", None) is not None:
         raise InputError(f"--model_name {config.model_name}: SigLIP-style models (sigmoid loss with a logit "
                          f"bias) are not supported; use a CLIP-style model (softmax over prompts)")
