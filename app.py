@@ -41,8 +41,9 @@ from volume_io import read_input  # noqa: E402
 
 DEFAULT_CHECKPOINT = "checkpoint/indomain/Brain/best.pth"
 DEFAULT_DEMO = "data/demo/Brain"
-HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train.sh indomain` (about two minutes "
-                  "on a CPU; it writes `checkpoint/indomain/Brain/best.pth`), then start the page again with "
+HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train.sh indomain` (minutes on a CPU: "
+                  "the README's Quick start gives the times measured; it writes `checkpoint/indomain/Brain/best.pth`), "
+                  "then start the page again with "
                   "`python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth`.")
 MAX_UPLOAD = "1gb"  # gradio refuses larger uploads in the page
 PAGE_MAX_VOXELS = 2**26  # 64 Mi voxels (256 x 256 x 1024): a shared page holds less than one CLI run may

@@ -6,7 +6,7 @@
 # Table 2 (second target's, trained on the first), a row per variant, as RESULTS/paper/table{1,2}.{md,csv,json},
 # and the side-by-side figures RESULTS/paper/figure_<target>.png. RECIPE=medvmad bash test.sh paper: the
 # shared-recipe ablation that RECIPE=medvmad bash train.sh paper trained, into RESULTS/paper_recipe_medvmad.
-# With no BMAD data under DATA_ROOT, the demo set and the tiny offline model are used.
+# With no BMAD data under DATA_ROOT, the demo set (DEMO_ROOT) and the model train.sh stored (tiny) are used.
 # GPUS=0,1,2,3 bash test.sh all: the evaluations run in parallel, one per GPU, queued (jobs.sh), logs in
 # LOG_DIR; the summary tables are the same as from a sequential run. LAUNCH="torchrun --standalone
 # --nproc_per_node 4" bash test.sh ...: each evaluation sharded over 4 GPUs.
@@ -38,9 +38,11 @@ GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU i
 LAUNCH=${LAUNCH:-python}                       # or "torchrun --standalone --nproc_per_node N" (without GPUS)
 LOG_DIR=${LOG_DIR:-$RESULTS/logs/$(date +%Y%m%d-%H%M%S)}     # per-job logs of a GPUS run
 
+DEMO_ROOT=${DEMO_ROOT:-data/demo}              # as in train.sh
+
 if [ ! -d "$DATA_ROOT/Brain" ]; then
-  echo "no BMAD data in $DATA_ROOT: using the demo set"
-  DATA_ROOT=data/demo; TARGETS="Brain BrainCoronal"; MODEL_NAME=; PRETRAINED=   # the tiny model, as stored
+  echo "no BMAD data in $DATA_ROOT: using the demo set in $DEMO_ROOT"
+  DATA_ROOT=$DEMO_ROOT; TARGETS="Brain BrainCoronal"   # the model as the checkpoints store it
   python -c "from generate_dataset.demo import ensure_demo; ensure_demo('$DATA_ROOT'); ensure_demo('$DATA_ROOT', view='coronal')"
 fi
 BOOTSTRAP=${BOOTSTRAP:-1000}                    # patient resamples for the 95% intervals; 0 = off
