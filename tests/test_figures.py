@@ -1,8 +1,12 @@
 """Figures people look at: overlay panels (titles, colour bar, colormap and blending), ROC/PRO
-curves (AUROC/AUPRO in the legend, the chance diagonal) and test.py's --visualize files."""
+curves (AUROC/AUPRO in the legend, the chance diagonal), test.py's --visualize files, the quick
+start's overlays (test.sh) and where test_one_example.py says it wrote its outputs."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import cv2
 import matplotlib
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+import test_one_example
 import visualization
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
@@ -17,6 +22,7 @@ from inference import Predictions
 from tests.test_metrics import blob_data, reference_aupro
 from tests.test_pipeline import test_script
 
+REPO = Path(__file__).resolve().parent.parent
 INFERNO = matplotlib.colormaps["inferno"]  # the colormap the README names, at the alpha it states
 ALPHA = 0.45
 
@@ -170,3 +176,35 @@ def test_test_py_visualize_writes_titled_overlays_and_curves_of_its_own_predicti
         assert figure.get_suptitle() == f"score {scores[index]:.3f}"
         assert cv2.imread(str(tmp_path / "out" / "Brain" / name)) is not None
     assert (tmp_path / "out" / "Brain" / "roc_image.png").read_bytes() == b"figure"
+
+
+def test_the_quick_start_draws_overlays_and_says_where_results_land(tmp_path):
+    """bash test.sh indomain passes --visualize 4 to each target's test.py (VISUALIZE=0: none) and
+    ends naming the folders; the test.py runs are stood in for by echo."""
+    for target in ("Brain", "Liver"):
+        (tmp_path / "data" / target).mkdir(parents=True)
+    env = {**os.environ, "DATA_ROOT": str(tmp_path / "data"), "LAUNCH": "echo", "RESULTS": "out"}
+    for visualize, shown in ((None, "4"), ("0", "0")):
+        done = subprocess.run(["bash", "test.sh", "indomain"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**env, "VISUALIZE": visualize} if visualize else env)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        runs = [line for line in lines if line.startswith("test.py")]
+        assert len(runs) == 2 and all(f"--visualize {shown} " in line for line in runs)
+        assert lines[-2:] == ["  out/indomain/Brain", "  out/indomain/Liver"]
+        assert ("overlays and ROC/PRO curves in visualization/<target>/" in lines[-3]) == (shown != "0")
+
+
+def test_test_one_example_says_where_its_outputs_are(tmp_path, monkeypatch, capsys):
+    """The default folder is results/one_example (in --help too); the last line names it."""
+    with pytest.raises(SystemExit):
+        test_one_example.parse_args(["--help"])
+    assert "(default: results/one_example)" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite("scan.png", np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8))
+    [record] = test_one_example.main(["--image_path", "scan.png", "--model_name", "tiny", "--pretrained", "none",
+                                      "--image_size", "64", "--device", "cpu"])
+    assert record["overlay"] == os.path.join("results", "one_example", "scan.png")
+    assert (tmp_path / "results" / "one_example" / "scan.png").is_file()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("outputs written to results/one_example ") and "predictions.jsonl" in last
