@@ -42,6 +42,16 @@ def ground_truth(demo_root: str, name: str) -> str:
     return "lesion" if mask.is_file() and cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE).any() else "normal"
 
 
+def test_demo_images_are_captioned_with_their_ground_truth(tmp_path):
+    """Normal and lesion images alternate, each captioned by what its mask file says."""
+    demo_root = build_demo(str(tmp_path / "demo"), n_train=1, n_valid=(1, 1), n_test=(3, 2), image_size=64)
+    choices = app.demo_images(demo_root)
+    assert len(choices) == 4  # pairs of one normal and one lesion image
+    for caption, path in choices:
+        assert caption == f"{ground_truth(demo_root, Path(path).name)}: {Path(path).name}" and os.path.isfile(path)
+    assert [caption.split(":")[0] for caption, _ in choices] == ["normal", "lesion", "normal", "lesion"]
+
+
 def test_a_bad_page_flag_is_one_line_error():
     with pytest.raises(InputError, match="argument --port: invalid int value: 'x'"):
         app.parse_args(["--port", "x"])

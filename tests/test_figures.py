@@ -106,6 +106,9 @@ def test_a_heat_scale_other_than_0_1_is_the_colour_bar_and_the_blend_scale():
     overlay = figure.axes[2].images[0].get_array().astype(float)
     assert np.abs(overlay[heat == 1] - expected_overlay(image[heat == 1], 1.0)).max() <= 0.5 + 1e-9
     np.testing.assert_array_equal(overlay[heat == 0], image[heat == 0])
+    beyond = visualization.overlay_figure(image, heat * 3 - 1, 0.0, 1.0).axes[2].images[0].get_array().astype(float)
+    assert np.abs(beyond[heat == 1] - expected_overlay(image[heat == 1], 1.0)).max() <= 0.5 + 1e-9  # 2 drawn as 1
+    np.testing.assert_array_equal(beyond[heat == 0], image[heat == 0])                              # -1 drawn as 0
 
 
 @pytest.mark.parametrize("height, width", [(40, 48), (64, 6000), (3000, 2000)])
