@@ -47,16 +47,21 @@ HOW_TO_GET_ONE = ("**No checkpoint loaded.** Train the demo one with `bash train
                   "`python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth`.")
 MAX_UPLOAD = "1gb"  # gradio refuses larger uploads in the page
 PAGE_MAX_VOXELS = 2**26  # 64 Mi voxels (256 x 256 x 1024): a shared page holds less than one CLI run may
+NO_SHARE = ["download", "fullscreen"]  # image buttons: gradio's default adds "share" (to Hugging Face)
 DISPLAY_SIDE = 1024  # slices are drawn at most this many pixels a side (WebP stops at 16383)
 CACHE_CLEANING = (600, 3600)  # every 10 minutes, gradio deletes its cached uploads and results older than an hour
 logger = logging.getLogger("medvmad.app")
 
 
-def demo_images(root: str, count: int = 12) -> list[str]:
-    """Up to ``count`` test images of the demo set, normal and anomalous alternating."""
-    classes = [sorted(Path(root, "test", name, "img").glob("*.png")) for name in ("good", "Ungood")]
-    mixed = [str(path) for pair in zip(*classes) for path in pair]
-    return mixed[:count]
+DEMO_CLASSES = (("good", "normal"), ("Ungood", "lesion"))  # test/<folder>/img and the ground truth it means
+
+
+def demo_images(root: str, count: int = 12) -> list[tuple[str, str]]:
+    """Up to ``count`` test images of the demo set, normal and anomalous alternating, as
+    (caption with the ground truth, path): ("lesion: 000_112.png", ".../test/Ungood/img/000_112.png")."""
+    classes = [[(f"{truth}: {path.name}", str(path)) for path in sorted(Path(root, "test", folder, "img").glob("*.png"))]
+               for folder, truth in DEMO_CLASSES]
+    return [choice for pair in zip(*classes) for choice in pair][:count]
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -141,26 +146,27 @@ def failure_line(error: BaseException, path: str) -> str:
     return text.replace(os.path.dirname(path) + os.sep, "")
 
 
-def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None = None):
+def build_app(scorer: Scorer | None, demo: list[tuple[str, str]] = (), message: str | None = None):
     """The Gradio page. ``scorer`` None: the page explains how to get a checkpoint."""
     import gradio as gr
 
     with gr.Blocks(title="MedVMAD", delete_cache=CACHE_CLEANING) as page:
         gr.Markdown("# MedVMAD: anomaly maps for medical scans\nUpload a PNG/JPG, DICOM, NIfTI/NRRD/MetaImage "
-                    "volume or a zipped DICOM series, or pick a demo image.")
+                    "volume or a zipped DICOM series, or pick a demo image (listed with its ground truth).")
         status = gr.Markdown(message or ("" if scorer else HOW_TO_GET_ONE), elem_id="status")
         with gr.Row():
             upload = gr.File(label="scan", file_count="single", type="filepath", elem_id="upload")
-            chooser = gr.Dropdown(choices=[(Path(p).name, p) for p in demo], value=None, label="demo image",
+            chooser = gr.Dropdown(choices=list(demo), value=None, label="demo image (ground truth: file)",
                                   elem_id="demo", interactive=bool(demo))
         with gr.Row():
             score = gr.Textbox(label="score", interactive=False, elem_id="score")
             decision = gr.Textbox(label="decision", interactive=False, elem_id="decision")
-        overlay = gr.Image(label="image | heat map | overlay", type="numpy", interactive=False, elem_id="overlay",
-                           height=300)
+        overlay = gr.Image(label="overlay", type="numpy", interactive=False, elem_id="overlay", height=400,
+                           buttons=NO_SHARE)
         slider = gr.Slider(label="slice", minimum=0, maximum=1, step=1, value=0, visible=False, elem_id="slice")
         plot = gr.Plot(label="score per slice", visible=False)
-        montage = gr.Image(label="most anomalous slices", type="filepath", interactive=False, visible=False)
+        montage = gr.Image(label="most anomalous slices", type="filepath", interactive=False, visible=False,
+                           buttons=NO_SHARE)
         files = gr.File(label="downloads: overlay, map, mask", file_count="multiple", interactive=False,
                         elem_id="downloads")
         state = gr.State(None)
@@ -223,7 +229,7 @@ def build_app(scorer: Scorer | None, demo: list[str] = (), message: str | None =
 
         outputs = [status, score, decision, overlay, slider, plot, montage, files, state]
         upload.upload(run, inputs=upload, outputs=outputs)
-        chooser.input(run, inputs=chooser, outputs=outputs)
+        chooser.select(run, inputs=chooser, outputs=outputs)  # once per pick (.input fires twice in gradio 6)
         slider.release(show_slice, inputs=[state, slider], outputs=[status, overlay, plot])
     return page
 
@@ -288,9 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     page = build_app(scorer, demo_images(own.demo_path), message)
     try:
         page.launch(server_name=own.host, server_port=own.port, share=False, show_error=False, footer_links=[],
-                    allowed_paths=[os.path.abspath(own.demo_path)], max_file_size=MAX_UPLOAD)
+                    allowed_paths=[os.path.abspath(own.demo_path)], max_file_size=MAX_UPLOAD,
+                    quiet=True, prevent_thread_lock=True)  # quiet: no "To create a public link" hint
     except OSError as error:  # the port was taken after check_address
         raise InputError(f"--host {own.host} --port {own.port}: cannot serve there ({one_line(str(error))})") from None
+    logger.info("serving on %s (this machine only unless --host says otherwise; no share link); Ctrl+C stops it",
+                page.local_url)
+    page.block_thread()
 
 
 if __name__ == "__main__":

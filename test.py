@@ -11,7 +11,6 @@ Writes results.json, results.csv, scores.csv (and overlays/curves with --visuali
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import tempfile
@@ -19,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 import evaluation
 import metrics
@@ -36,7 +34,7 @@ from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, ato
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
                    seed_everything, seed_value, setup_logging, strict_json, unique_stems, unit_interval, versions,
                    write_result_files)
-from visualization import overlay_panel, save_curve, to_display
+from visualization import figure_bytes, overlay_panel, pro_figure, roc_figure, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
 RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
@@ -201,17 +199,13 @@ def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions:
         panel = overlay_panel(to_display(item["image"]), maps[index].astype(np.float32), vmin, vmax,
                               predictions.masks[index], f"score {predictions.scores[index]:.3f}")
         atomic_write_image(folder / name / file_name, panel)
-    curves = []
+    figures = {}
     if len(set(predictions.labels.tolist())) == 2:
-        fpr, tpr, _ = roc_curve(predictions.labels, predictions.scores)
-        curves.append((CURVE_FILES[0], (fpr, tpr, "FPR", "TPR", f"{name} image ROC")))
+        figures[CURVE_FILES[0]] = roc_figure(predictions.labels, predictions.scores, f"{name} image ROC")
     if predictions.has_masks and predictions.masks.any():
-        fpr, pro = metrics.pro_curve(predictions.masks, predictions.maps)
-        curves.append((CURVE_FILES[1], (fpr, pro, "FPR", "PRO", f"{name} PRO", 0.3)))
-    for file_name, curve in curves:
-        drawn = io.BytesIO()
-        save_curve(drawn, *curve)
-        atomic_write_bytes(folder / name / file_name, drawn.getvalue())
+        figures[CURVE_FILES[1]] = pro_figure(predictions.masks, predictions.maps, f"{name} PRO")
+    for file_name, figure in figures.items():
+        atomic_write_bytes(folder / name / file_name, figure_bytes(figure))
 
 
 def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[str, list[Sample]],
@@ -319,6 +313,7 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
             run.write(save_path, logger)  # what is done is kept before the optional extras
             if args.visualize > 0:
                 write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
+                logger.info(f"{name}: overlays and ROC/PRO curves written to {save_path / 'visualization' / name}")
             if args.save_maps:
                 save_maps(save_path / "maps", name, predictions)
                 logger.info(f"{name}: maps written to {save_path / 'maps'} (maps_io.load_maps)")

@@ -32,6 +32,7 @@ PRECISION=${PRECISION:-fp32}
 SAVE_ROOT=${SAVE_ROOT:-checkpoint}
 RESULTS=${RESULTS:-results}
 EXTRA=${EXTRA:-}                               # e.g. --visualize 8, --aupro legacy
+VISUALIZE=${VISUALIZE:-4}                      # indomain: overlays of this many normal and abnormal images, and ROC/PRO curves; 0 = none
 PRETRAINED=${PRETRAINED:-}                     # as given to train.sh when that was a weights file (/path/to/ViT-L-14-336.pt)
 MODEL_NAME=${MODEL_NAME:-}                     # as given to train.sh when that was local-dir:/path or hf-hub:...
 GPUS=${GPUS:-}                                 # e.g. 0,1,2,3: one job per GPU in parallel; empty: one after another
@@ -58,7 +59,7 @@ fi
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   for target in "${targets[@]}"; do
     job $LAUNCH test.py --data_path "$DATA_ROOT/$target" --checkpoint_path "$SAVE_ROOT/indomain/$target/best.pth" \
-      --save_path "$RESULTS/indomain/$target" $COMMON
+      --save_path "$RESULTS/indomain/$target" --visualize "$VISUALIZE" $COMMON
   done
 fi
 
@@ -121,3 +122,8 @@ if [[ $PROTOCOL == paper ]]; then   # each variant trained on the first target, 
 fi
 
 run_queued
+if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
+  drawn=""; [[ $VISUALIZE == 0 ]] || drawn="; overlays and ROC/PRO curves in visualization/<target>/"
+  echo "in-domain results (results.json, results.csv, scores.csv$drawn):"
+  for target in "${targets[@]}"; do echo "  $RESULTS/indomain/$target"; done
+fi

@@ -2,8 +2,9 @@
 
     python test_one_example.py --image_path scan.nii.gz --checkpoint_path checkpoint/brain/best.pth
 
-For each input it writes <name>.png (image | heatmap | overlay, score on it; heat on a fixed 0-1
-scale), <name>.npy (the map, float16, at the input's size; [S,H,W] for a volume) and one JSON line
+For each input it writes, in --save_path (default results/one_example), <name>.png (titled panels
+image | anomaly map | overlay, the score above, a colour bar of the fixed 0-1 heat scale),
+<name>.npy (the map, float16, at the input's size; [S,H,W] for a volume) and one JSON line
 in predictions.jsonl: path, score, decision, threshold (and per-slice scores for a volume, whose
 score is the maximum over slices, plus a montage of its most anomalous slices).
 The decision threshold is the checkpoint's (F1-max on its validation split); --threshold overrides.
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image_path", required=True, help="image, DICOM, NIfTI, or a folder of them")
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
-    parser.add_argument("--save_path", default="results/one_example")
+    parser.add_argument("--save_path", default="results/one_example",
+                        help="output folder; the run prints it at the end (default: %(default)s)")
     parser.add_argument("--threshold", type=unit_interval, help="decision threshold (default: the checkpoint's)")
     parser.add_argument("--dataset", default="brain", help="organ wording of the fixed prompt ensemble (the zero-training baseline, --variant mvfa)")
     parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records.append(record)
     if not records:
         raise InputError(f"{args.image_path}: no file could be read")
+    print(f"outputs written to {save_path} (per input: <name>.png overlay, <name>.npy map, map and mask files; "
+          f"{PREDICTIONS}: a line per input)", file=sys.stderr)
     return records
 
 

@@ -1,12 +1,34 @@
-"""Heatmap overlays, montages and ROC/PRO curve plots."""
+"""Heatmap overlays, montages and ROC/PRO curve figures, drawn with matplotlib.
+
+An overlay figure has titled panels image | anomaly map | overlay [| ground truth] and a colour
+bar labelled "anomaly score" over the heat scale [vmin, vmax] (0-1 for probabilities). The map is
+drawn with the perceptual colormap ``HEAT_CMAP``; the overlay blends that colour over the image
+with weight ``HEAT_ALPHA`` x the pixel's score on the scale, so a score at the bottom of the scale
+leaves the image as it is and one at the top shows the colormap's top colour at ``HEAT_ALPHA``:
+the anatomy stays readable wherever the model finds nothing.
+"""
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import cv2
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
+
+import metrics
+
+HEAT_CMAP = "inferno"  # perceptually uniform, lightness rising with the score, readable in grey print
+HEAT_ALPHA = 0.45  # the overlay's opacity of the heat at the top of the scale
+SCORE_LABEL = "anomaly score"
+PANEL_TITLES = ("image", "anomaly map", "overlay", "ground truth")
+MIN_PANEL, MAX_PANEL = 256, 1024  # longest side of a drawn panel, in pixels (titles need room; WebP stops at 16383)
+DPI = 100
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:
@@ -26,27 +48,65 @@ def fit_within(image: np.ndarray, longest: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Heat [H,W] -> RGB uint8 [H,W,3] with the jet colormap, scaled to [vmin, vmax]."""
-    scaled = np.clip((heat.astype(np.float32) - vmin) / max(vmax - vmin, 1e-8), 0, 1)
-    bgr = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def heat_colours(heat: np.ndarray, vmin: float, vmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """The heat [H,W] on the scale [vmin, vmax] (clipped to [0, 1], float32 [H,W]) and its
+    ``HEAT_CMAP`` colour (float RGB in [0, 1], [H,W,3])."""
+    scaled = Normalize(vmin, max(vmax, vmin + 1e-8), clip=True)(heat.astype(np.float32)).filled(0)
+    return scaled, matplotlib.colormaps[HEAT_CMAP](scaled)[..., :3]
+
+
+def blend(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """The overlay, uint8 RGB [H,W,3]: image [H,W,3] uint8 mixed with the heat's colour, weight
+    ``HEAT_ALPHA`` x the heat's place on [vmin, vmax] (none at vmin, ``HEAT_ALPHA`` at vmax)."""
+    scaled, colour = heat_colours(heat, vmin, vmax)
+    weight = HEAT_ALPHA * scaled[..., None]
+    return ((1 - weight) * image + weight * colour * 255).round().astype(np.uint8)
+
+
+def panel_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) in pixels a panel of an image of that size is drawn at: its own size, its
+    longest side brought into [MIN_PANEL, MAX_PANEL]."""
+    longest = max(height, width)
+    scale = min(max(longest, MIN_PANEL), MAX_PANEL) / longest
+    return max(round(height * scale), 1), max(round(width * scale), 1)
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float,
+                   mask: np.ndarray | None = None, title: str | None = None) -> Figure:
+    """Panels image | anomaly map | overlay [| ground truth] (``PANEL_TITLES``) of image uint8 RGB
+    [H,W,3], heat [H,W] and mask [H,W], with a colour bar over [vmin, vmax] labelled
+    ``SCORE_LABEL`` (the figure's last axes) and ``title`` above. Its size in pixels depends on the
+    image's size only, so panels of equally sized images stack (``montage``)."""
+    panels = 3 if mask is None else 4
+    height, width = panel_size(*image.shape[:2])
+    figure = Figure(figsize=((panels * (width + 12) + 110) / DPI, (max(height, 160) + 50 + 24 * bool(title)) / DPI),
+                    dpi=DPI, layout="constrained")
+    axes = figure.subplots(1, panels)
+    axes[0].imshow(image)
+    drawn = axes[1].imshow(heat, cmap=HEAT_CMAP, vmin=vmin, vmax=max(vmax, vmin + 1e-8))
+    axes[2].imshow(blend(image, heat, vmin, vmax))
+    if mask is not None:
+        axes[3].imshow(mask > 0, cmap="gray", vmin=0, vmax=1)
+    for axis, name in zip(axes, PANEL_TITLES):
+        axis.set_title(name, fontsize=10)
+        axis.set_axis_off()
+    figure.colorbar(drawn, ax=list(axes), label=SCORE_LABEL, fraction=0.05, pad=0.02)
+    if title:
+        figure.suptitle(title, fontsize=11)
+    return figure
+
+
+def rendered(figure: Figure) -> np.ndarray:
+    """The figure drawn, uint8 RGB [height, width, 3] (its size in inches x its dpi)."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def overlay_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float,
                   mask: np.ndarray | None = None, text: str | None = None) -> np.ndarray:
-    """image | heatmap | overlay [| mask] side by side, uint8 RGB [H, 3W or 4W, 3]; ``text`` drawn on top."""
-    heatmap = colorize(heat, vmin, vmax)
-    overlay = cv2.addWeighted(image, 0.55, heatmap, 0.45, 0)
-    panels = [image, heatmap, overlay]
-    if mask is not None:
-        panels.append(np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=2))
-    panel = np.concatenate(panels, axis=1)
-    if text:
-        scale = max(image.shape[0] / 400, 0.35)
-        cv2.putText(panel, text, (4, int(16 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (255, 255, 255), max(int(scale * 2), 1), cv2.LINE_AA)
-    return panel
+    """``overlay_figure`` drawn: uint8 RGB [h, w, 3], each panel at most MAX_PANEL pixels a side."""
+    return rendered(overlay_figure(image, heat, vmin, vmax, mask, text))
 
 
 def montage(panels: Sequence[np.ndarray], columns: int = 1) -> np.ndarray:
@@ -57,29 +117,37 @@ def montage(panels: Sequence[np.ndarray], columns: int = 1) -> np.ndarray:
     return np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
 
 
-def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 array as PNG."""
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    if not cv2.imwrite(os.fspath(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+def figure_bytes(figure: Figure, file_format: str = "png") -> bytes:
+    """The figure encoded as ``file_format`` (png, jpg, pdf, svg, ...: matplotlib's)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=file_format)
+    return buffer.getvalue()
 
 
-def save_curve(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str,
-               title: str, xlim: float = 1.0) -> None:
-    """A single curve plot as PNG (ROC or PRO)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(4, 4), dpi=100)
-    axis.plot(x, y)
-    axis.set_xlim(0, xlim)
-    axis.set_ylim(0, 1.01)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
+def curve_figure(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str, label: str,
+                 xlim: float = 1.0, chance: bool = False) -> Figure:
+    """One curve [K] with ``label`` in the legend; ``chance`` adds the diagonal of a random ranking."""
+    figure = Figure(figsize=(4, 4), dpi=DPI, layout="constrained")
+    axis = figure.subplots()
+    axis.plot(x, y, label=label)
+    if chance:
+        axis.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="chance")
+    axis.set(xlim=(0, xlim), ylim=(0, 1.01), xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.legend(loc="lower right")
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    return figure
+
+
+def roc_figure(labels: np.ndarray, scores: np.ndarray, title: str) -> Figure:
+    """Image ROC of scores [N] for labels [N] (both classes present), its AUROC in the legend."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return curve_figure(fpr, tpr, "false positive rate", "true positive rate", title,
+                        f"AUROC = {auc(fpr, tpr):.3f}", chance=True)
+
+
+def pro_figure(masks: np.ndarray, maps: np.ndarray, title: str, fpr_limit: float = 0.3) -> Figure:
+    """PRO against FPR up to ``fpr_limit`` of maps [N,H,W] for masks [N,H,W] (an anomalous region
+    present), the standard AUPRO (``metrics.aupro``) in the legend."""
+    fpr, pro = metrics.pro_curve(masks, maps)
+    return curve_figure(fpr, pro, "false positive rate", "per-region overlap", title,
+                        f"AUPRO (FPR ≤ {fpr_limit:g}) = {metrics.aupro(masks, maps, fpr_limit):.3f}", xlim=fpr_limit)

@@ -14,7 +14,6 @@ from the smallest to the largest value of all drawn maps; one colour bar shows i
 from __future__ import annotations
 
 import argparse
-import io
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from inference import predict
 from tables import distinct_names, variant_of
 from utils import (ArgumentParser, InputError, atomic_write_bytes, non_negative_int,
                    prepare_output_dir, resolve_device, run_cli, seed_value)
-from visualization import to_display
+from visualization import HEAT_CMAP, SCORE_LABEL, figure_bytes, to_display
 
 
 MAX_ROWS, MAX_MODELS = 40, 12  # images and checkpoints of one figure: 40 x 14 panels is about 2600 x 7500 px
@@ -122,7 +121,7 @@ def comparison_figure(images: list[np.ndarray], maps: np.ndarray, masks: list[np
     for row in range(n_rows):
         axes[row, 0].imshow(images[row])
         for model in range(n_models):
-            heat = axes[row, model + 1].imshow(maps[model, row], cmap="jet", vmin=vmin, vmax=vmax)
+            heat = axes[row, model + 1].imshow(maps[model, row], cmap=HEAT_CMAP, vmin=vmin, vmax=vmax)
         axes[row, -1].imshow(masks[row], cmap="gray", vmin=0, vmax=1)
         for column, axis in enumerate(axes[row]):
             axis.set_xticks([])
@@ -131,15 +130,8 @@ def comparison_figure(images: list[np.ndarray], maps: np.ndarray, masks: list[np
                 axis.set_title(titles[column], fontsize=9)
         if row_labels:
             axes[row, 0].set_ylabel(row_labels[row], fontsize=7)
-    figure.colorbar(heat, ax=axes, shrink=0.9, label="anomaly probability")
+    figure.colorbar(heat, ax=axes, shrink=0.9, label=SCORE_LABEL)
     return figure
-
-
-def figure_bytes(figure: Figure, file_format: str = "png") -> bytes:
-    """The figure encoded as ``file_format`` (png, jpg, pdf, svg, ...: matplotlib's)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=file_format)
-    return buffer.getvalue()
 
 
 def figure_format(save_path: Path) -> str:

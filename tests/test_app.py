@@ -12,6 +12,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import cv2
 import nibabel
 import numpy as np
 import pytest
@@ -35,6 +36,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def ground_truth(demo_root: str, name: str) -> str:
+    """"lesion" when the demo test image ``name`` has a lesion in its mask file, else "normal"."""
+    mask = Path(demo_root, "test", "Ungood", "anomaly_mask", name)
+    return "lesion" if mask.is_file() and cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE).any() else "normal"
+
+
+def test_demo_images_are_captioned_with_their_ground_truth(tmp_path):
+    """Normal and lesion images alternate, each captioned by what its mask file says."""
+    demo_root = build_demo(str(tmp_path / "demo"), n_train=1, n_valid=(1, 1), n_test=(3, 2), image_size=64)
+    choices = app.demo_images(demo_root)
+    assert len(choices) == 4  # pairs of one normal and one lesion image
+    for caption, path in choices:
+        assert caption == f"{ground_truth(demo_root, Path(path).name)}: {Path(path).name}" and os.path.isfile(path)
+    assert [caption.split(":")[0] for caption, _ in choices] == ["normal", "lesion", "normal", "lesion"]
+
+
 def test_a_bad_page_flag_is_one_line_error():
     with pytest.raises(InputError, match="argument --port: invalid int value: 'x'"):
         app.parse_args(["--port", "x"])
@@ -51,7 +68,21 @@ def test_no_checkpoint_page_says_how_to_get_one(tmp_path):
     assert scorer is None and "not found" in message and "bash train.sh indomain" in message
 
 
-def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog):
+def test_the_server_names_its_address_and_never_hints_at_a_share_link(tmp_path, capfd, caplog, monkeypatch):
+    """README: no share link. gradio's own "To create a public link, set share=True" is not printed;
+    the page's address is logged instead."""
+    import gradio
+
+    monkeypatch.setattr(gradio.Blocks, "block_thread", lambda self: self.close())  # serve, then stop at once
+    port = free_port()
+    caplog.set_level(logging.INFO, logger="medvmad.app")
+    app.main(["--port", str(port), "--checkpoint_path", str(tmp_path / "none.pth"), "--demo_path", str(tmp_path)])
+    printed = capfd.readouterr()
+    assert "public link" not in printed.out + printed.err and "share=True" not in printed.out + printed.err
+    assert any(f"serving on http://127.0.0.1:{port}/" in record.getMessage() for record in caplog.records)
+
+
+def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog, monkeypatch):
     from playwright.sync_api import expect, sync_playwright
 
     assert CHROMIUM and os.path.isfile(CHROMIUM), "no chromium: apt-get install -y chromium (.ci/run does)"
@@ -59,7 +90,7 @@ def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog):
     checkpoint = tmp_path / "tiny.pth"
     save_checkpoint(checkpoint, MedVMAD(tiny_config()), threshold=0.5, epoch=1)
     demo_root = build_demo(str(tmp_path / "demo"), n_train=1, n_valid=(1, 1), n_test=(2, 2), image_size=64)
-    demo_slice = app.demo_images(demo_root)[1]                       # an anomalous test image
+    demo_slice = app.demo_images(demo_root)[1][1]                    # an anomalous test image
     rng = np.random.default_rng(0)
     volume = tmp_path / "small.nii.gz"
     nibabel.save(nibabel.Nifti1Image(rng.uniform(0, 500, (40, 48, 5)).astype(np.float32), np.diag([1, 1, 2, 1.])),
@@ -74,6 +105,9 @@ def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog):
                                    "--demo_path", demo_root])
     scorer, message = app.load_scorer(scoring)
     assert message is None
+    scored = []
+    real_call = app.Scorer.__call__
+    monkeypatch.setattr(app.Scorer, "__call__", lambda self, path: scored.append(path) or real_call(self, path))
     page_app = app.build_app(scorer, app.demo_images(demo_root))
     port = free_port()
     page_app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -111,6 +145,25 @@ def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog):
             best = expected[volume]["most_anomalous_slice"]
             expect(page.locator("#slice input[type=number]")).to_have_value(str(best))
             page.screenshot(path=str(shots / "app_volume.png"), full_page=True)
+
+            page.goto(f"http://127.0.0.1:{port}/")                    # a demo image, listed with its truth
+            page.locator("#demo input").click()
+            options = page.get_by_role("option")
+            expect(options).to_have_count(4)
+            captions = [option.inner_text().strip() for option in options.all()]
+            assert captions == [f"{ground_truth(demo_root, name)}: {name}"
+                                for name in (caption.split(": ")[-1] for caption in captions)]
+            assert sorted(c.split(":")[0] for c in captions) == ["lesion", "lesion", "normal", "normal"]
+            scored.clear()
+            options.filter(has_text=Path(demo_slice).name).click()
+            box = page.locator("#score textarea, #score input").first
+            expect(box).not_to_have_value("", timeout=30_000)
+            assert float(box.input_value()) == pytest.approx(expected[demo_slice]["score"], abs=1e-6)
+            page.wait_for_timeout(2_000)                                 # a second scoring would have started
+            assert scored == [demo_slice]                                # scored once
+            page.locator("#overlay").hover()
+            expect(page.locator("#overlay button[aria-label='Download']")).to_have_count(1)
+            expect(page.locator("#overlay button[aria-label='Share']")).to_have_count(0)  # no share button
             browser.close()
     finally:
         page_app.close()

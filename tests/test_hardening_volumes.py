@@ -267,13 +267,13 @@ def test_max_voxels_caps_images_series_and_zips_too(tmp_path, capsys):
 
 def test_a_wide_image_is_drawn_within_webp_limits_and_its_folder_removed_once_sent(tmp_path, scorer):
     """6000 px wide: the overlay (3 panels) would be 18000 px, past WebP's 16383 limit, and fail in
-    gradio with a bare "Error". Drawn at most DISPLAY_SIDE a side, gradio's WebP encoding works."""
+    gradio with a bare "Error". Each panel drawn at most DISPLAY_SIDE a side, gradio's WebP encoding works."""
     rng = np.random.default_rng(0)
     cv2.imwrite(str(tmp_path / "wide.png"), rng.integers(0, 255, (64, 6000), dtype=np.uint8))
     run = page_run(scorer)(str(tmp_path / "wide.png"))
     status, score, decision, overlay, *_, downloads, view = next(run)
     assert status.value == "" and float(score) >= 0 and decision
-    assert overlay.shape == (11, 3 * app.DISPLAY_SIDE, 3)  # 64 x 6000 shrunk to 11 x 1024, three panels
+    assert 3 * app.DISPLAY_SIDE <= overlay.shape[1] <= 3 * app.DISPLAY_SIDE + 200  # three panels 1024 wide, a bar
     Image.fromarray(overlay).save(io.BytesIO(), "WEBP")  # what gradio does with it
     with pytest.raises(ValueError, match="WebP"):  # the full-size panel could not have been
         Image.fromarray(np.zeros((2, 18000, 3), np.uint8)).save(io.BytesIO(), "WEBP")
@@ -303,7 +303,8 @@ def test_a_slice_that_cannot_be_shown_is_a_message_in_the_page(tmp_path, scorer)
     run, show_slice = (next(f.fn for f in page.fns.values() if f.fn.__name__ == name) for name in ("run", "show_slice"))
     *_, view = list(run(str(tmp_path / "vol.nii.gz")))[0]
     status, overlay, _ = show_slice(view, 1)
-    assert status.value is None and overlay.shape == (16, 48, 3)
+    assert status.value is None
+    np.testing.assert_array_equal(overlay, app.slice_panel(view, scorer.threshold, 1))
     status, *_ = show_slice(view, 7)  # not a slice of this volume
     assert status.value.startswith("**Could not show slice 7.** 7 is not in list")
 
@@ -627,9 +628,13 @@ def test_the_page_draws_a_wide_upload_serves_its_files_after_the_folder_is_gone_
             expect(page.locator("#overlay img")).to_be_visible()
             links = page.locator("#downloads a[download]")
             expect(links).to_have_count(3)  # overlay, map, mask
-            overlay = next(link for link in links.all() if link.get_attribute("download") == "wide.png")
-            served = page.request.get(overlay.get_attribute("href"))
-            assert served.ok and cv2.imdecode(np.frombuffer(served.body(), np.uint8), 1).shape == (64, 18000, 3)
+            shapes = {}
+            for link in links.all():
+                served = page.request.get(link.get_attribute("href"))
+                assert served.ok
+                shapes[link.get_attribute("download")] = cv2.imdecode(np.frombuffer(served.body(), np.uint8), -1).shape
+            assert shapes["wide_map.png"] == shapes["wide_mask.png"] == (64, 6000)  # the map at the input's size
+            assert shapes["wide.png"][1] <= 3 * app.DISPLAY_SIDE + 200  # the overlay figure: panels at most 1024 px
             deadline = time.monotonic() + 10  # the folder goes when gradio resumes the run after sending
             while os.listdir(scorer.workspace.name) and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import matplotlib
 import nibabel
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import test_one_example
+import visualization
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from dataset import load_image, preprocess
@@ -80,8 +82,12 @@ def run(tmp_path: Path, image_path: Path, *extra: str) -> list[dict]:
                                   "--device", "cpu", *extra])
 
 
-def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
-    """Score and map equal the checkpointed model's on the image; overlay = image | jet(map) | blend."""
+def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint, monkeypatch):
+    """Score and map equal the checkpointed model's on the image; the overlay PNG is the figure of
+    image | map (fixed 0-1 scale) | blend, the score and decision above it."""
+    figures = []
+    real = visualization.overlay_figure
+    monkeypatch.setattr(visualization, "overlay_figure", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
     image_path = tmp_path / "scan.png"
     bgr = np.stack([brain_like(), brain_like(centre=(30, 25)), 255 - brain_like()], axis=2)  # channels differ
     cv2.imwrite(str(image_path), bgr)
@@ -93,14 +99,17 @@ def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint):
     heat = np.load(tmp_path / "out" / "scan.npy")
     assert heat.shape == (48, 40) and heat.dtype == np.float16
     np.testing.assert_allclose(heat, expected_heat, atol=2e-3)  # float16 storage
-    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))  # BGR as stored
-    assert overlay.shape == (48, 3 * 40, 3)
-    below_text = slice(16, None)  # the score text is drawn over the top rows
-    image_panel, heat_panel, blend = (overlay[below_text, i * 40:(i + 1) * 40].astype(int) for i in range(3))
-    np.testing.assert_array_equal(image_panel, bgr[below_text])
-    jet = cv2.applyColorMap(np.clip(expected_heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)  # fixed 0-1 scale
-    assert np.abs(heat_panel - jet[below_text]).max() <= 4
-    assert np.abs(blend - (0.55 * image_panel + 0.45 * heat_panel)).max() <= 2
+    [figure] = figures
+    image_panel, heat_panel, blend = (axis.images[0] for axis in figure.axes[:3])
+    np.testing.assert_array_equal(image_panel.get_array(), bgr[..., ::-1])  # shown as RGB
+    np.testing.assert_allclose(heat_panel.get_array(), expected_heat, atol=1e-5)
+    assert heat_panel.get_clim() == (0.0, 1.0)  # fixed 0-1 scale
+    colour = matplotlib.colormaps["inferno"](np.clip(expected_heat, 0, 1))[..., :3] * 255
+    weight = 0.45 * np.clip(expected_heat, 0, 1)[..., None]
+    assert np.abs(blend.get_array() - ((1 - weight) * bgr[..., ::-1] + weight * colour)).max() <= 1
+    assert figure.get_suptitle() == f"score {record['score']:.3f} {record['decision']}"
+    overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))
+    assert overlay.shape == visualization.rendered(figure).shape
     line = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
     assert line["path"] == str(image_path) and line["score"] == record["score"]
     [override] = run(tmp_path, image_path, "--checkpoint_path", checkpoint, "--threshold", "0.0")
@@ -174,7 +183,8 @@ def test_nifti_volume_slice_by_slice(tmp_path, checkpoint, strict_json_files):
     maps = np.load(tmp_path / "out" / "vol.npy")
     assert maps.shape == (4, 40, 48)  # [X,Y] stored -> [Y,X] displayed
     np.testing.assert_allclose(maps[2], reference_score(model, pngs / "3.png")[1], atol=2e-3)
-    assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * 40, 3 * 48, 3)
+    panel = visualization.overlay_panel(np.zeros((40, 48, 3), np.uint8), np.zeros((40, 48)), 0, 1, text="slice")
+    assert cv2.imread(str(tmp_path / "out" / "vol.png")).shape == (3 * panel.shape[0], panel.shape[1], 3)  # 3 slices
     assert strict_json_files(tmp_path / "out") == ["predictions.jsonl"]
 
 
