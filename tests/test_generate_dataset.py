@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dataset import organ_name, list_samples
+from medical_io import scale_intensity
 from generate_dataset import brats2021, common, demo, folder, liverct
 from tests.conftest import reference_scale
 from utils import InputError
@@ -111,7 +112,7 @@ def test_scale_intensity_hand_values():
     """Brain voxels 1..1000: percentiles 0.5 -> 5.995 and 99.5 -> 995.005 map to 0 and 255, rounded."""
     volume = np.zeros((12, 12, 12), np.float32)
     volume[1:11, 1:11, 1:11] = np.arange(1, 1001, dtype=np.float32).reshape(10, 10, 10)
-    scaled = common.scale_intensity(volume)
+    scaled = scale_intensity(volume)
     assert scaled.dtype == np.uint8 and (scaled[volume == 0] == 0).all()
     value = lambda v: int(scaled[volume == v][0])  # noqa: E731
     # (v - 5.995) / 989.01 * 255: 1 -> -1.3 (clipped), 6 -> 0.001, 100 -> 24.24, 700 -> 178.94,
@@ -119,7 +120,7 @@ def test_scale_intensity_hand_values():
     assert [value(v) for v in (1, 6, 100, 700, 994, 995, 1000)] == [0, 0, 24, 179, 255, 255, 255]
     assert value(500) == 127 and value(5) == 0
     with pytest.raises(InputError, match="no brain"):
-        common.scale_intensity(np.zeros((4, 4, 4), np.float32))
+        scale_intensity(np.zeros((4, 4, 4), np.float32))
 
 
 def test_split_counts():
