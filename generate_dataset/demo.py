@@ -21,7 +21,9 @@ Layout: BMAD, dataset root ``<save_path>/Brain`` (so ``dataset.organ_name`` give
     Brain/{valid,test}/Ungood/anomaly_mask/*.png     0/255
     Brain/demo.json                                  seed, counts, framing; marks a complete build
 
-File names: ``<sample index>_<slice>.png``. The same seed gives byte-identical PNGs on one
+File names: ``<case>_<slice>.png``, the case being the sample index (``007``); in valid/ and test/
+the second half of the normal samples are patients without lesions, cased ``n<index>`` (``n027``),
+so the patient-level figures have normal patients. The same seed gives byte-identical PNGs on one
 machine. It is a smoke-test set (one template brain for every "patient"), not a benchmark. Builds in
 a few seconds on a CPU; the folder appears only when complete.
 
@@ -159,6 +161,54 @@ def make_sample(images: np.ndarray, masks: np.ndarray, abnormal: bool,
     return np.rint(image * 255).astype(np.uint8), brain, delta, index
 
 
+def case_id(split: str, abnormal: bool, index: int, count: int) -> str:
+    """The case (patient) of sample ``index`` of ``count`` in a split/class: its index, and in valid/
+    and test/ ``n<index>`` for the second half of the normal samples (patients without lesions)."""
+    own = split != "train" and not abnormal and index >= count // 2
+    return f"{'n' if own else ''}{index:03d}"
+
+
+def volume_lesion(volume: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensity increase int16 [X,Y,Z] (> 0 exactly on the lesion) of one lesion about 10 mm across
+    in ``volume`` (1 mm voxels, brain mask ``brain``), drawn as ``draw_lesion`` draws the slices'
+    lesions: a warped ellipsoid deep in the brain with a bright core and a fainter halo, textured, in
+    the volume's units so that the demo's framing shows it at the slices' lesion contrast; all of it
+    on axial slices the framing keeps."""
+    reach = int(2 * LESION_RADIUS_MM)
+    kept = template_slices()[2]
+    centres = np.argwhere(distance_transform_edt(brain) >= 4 * LESION_RADIUS_MM)
+    centres = centres[(centres[:, 2] >= kept[0] + reach) & (centres[:, 2] <= kept[-1] - reach)]
+    centre = centres[rng.integers(len(centres))]
+    box = tuple(slice(c - reach, c + reach + 1) for c in centre)
+    offsets = np.mgrid[-reach:reach + 1, -reach:reach + 1, -reach:reach + 1].astype(np.float32)
+    radii = LESION_RADIUS_MM * rng.uniform(0.8, 1.2, size=3)
+    warp = gaussian_filter(rng.standard_normal(offsets.shape[1:]), sigma=LESION_RADIUS_MM / 3)
+    warp /= warp.std() + 1e-8
+    shape = np.sqrt(sum((offset / radius) ** 2 for offset, radius in zip(offsets, radii))) + 0.15 * warp
+    core, halo, core_share = 0.45, 0.16, 0.55  # grey levels over the brain's, as draw_lesion's middle values
+    grey = np.where(shape < core_share, core, halo * np.clip(1.4 - shape, 0.4, 1.0)) * np.clip(0.85 + 0.15 * warp,
+                                                                                              0.6, 1.15)
+    low, high = np.percentile(volume[brain], [0.5, 99.5])  # the framing's percentile rule: grey -> volume units
+    delta = np.zeros(volume.shape, np.int16)
+    delta[box] = np.where((shape < 1) & brain[box], np.rint(grey * (high - low) / WHITE_LEVEL), 0)
+    return delta
+
+
+def write_volumes(save_path: str, seed: int = 0) -> list[str]:
+    """Write the demo volumes to ``save_path/volumes`` (``VOLUME_NAMES``: the template, the template
+    with a lesion, the lesion mask 0/1, all on the template's 1 mm RAS grid); return their paths."""
+    volume, brain, affine = template_volume()
+    delta = volume_lesion(volume, brain, np.random.default_rng([seed, 3]))  # apart from the samples' streams
+    folder = os.path.join(save_path, VOLUMES)
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, name) for name in VOLUME_NAMES]
+    for path, data in zip(paths, (volume, volume + delta, (delta > 0).astype(np.uint8))):
+        write_volume(path, data, affine)
+    logger.info("demo volumes written to %s (a lesion on axial slices %d-%d)", folder,
+                *np.flatnonzero(delta.any(axis=(0, 1)))[[0, -1]])
+    return paths
+
+
 def _write_split(root: str, split: str, cls: str, count: int, seed: int,
                  images: np.ndarray, masks: np.ndarray, z_kept: np.ndarray) -> None:
     """Write ``count`` samples of one split/class; each sample has its own seeded generator."""
@@ -166,7 +216,7 @@ def _write_split(root: str, split: str, cls: str, count: int, seed: int,
     for i in range(count):
         rng = np.random.default_rng([seed, split_id, int(abnormal), i])
         image, _, delta, index = make_sample(images, masks, abnormal, rng)
-        name = f"{i:03d}_{z_kept[index]}.png"
+        name = f"{case_id(split, abnormal, i, count)}_{z_kept[index]}.png"
         write_sample(root, split, cls, name, image, delta > 0 if abnormal else None)
 
 
