@@ -29,7 +29,7 @@ a few seconds on a CPU; the folder appears only when complete.
 
 Demo volumes (``<save_path>/volumes``, written by this script and by ``ensure_demo``): the template
 volume the slices are framed from (``brain_normal.nii.gz``), the same with a 10 mm lesion drawn as
-the slices' lesions are (``brain_lesion.nii.gz``) and that lesion's mask (``brain_lesion_mask.nii.gz``),
+the slices' lesions are (``brain_lesion.nii.gz``) and that lesion's mask (``brain_lesion_seg.nii.gz``),
 to score with test_one_example.py.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ MIN_LESION_PIXELS = 12
 MARGIN = 0.06  # border around the brain, as a share of its extent
 WHITE_LEVEL = 0.65  # the grey level of the 99.5th percentile: headroom for lesions brighter than the brain
 VOLUMES = "volumes"
-VOLUME_NAMES = ("brain_normal.nii.gz", "brain_lesion.nii.gz", "brain_lesion_mask.nii.gz")
+VOLUME_NAMES = ("brain_normal.nii.gz", "brain_lesion.nii.gz", "brain_lesion_seg.nii.gz")
 LESION_RADIUS_MM = 5.0  # the demo volume's lesion: about 10 mm across
 logger = logging.getLogger("medvmad")
 

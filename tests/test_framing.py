@@ -246,7 +246,7 @@ def test_demo_volumes(demo_root):
 
     folder = demo_root / "volumes"
     normal, lesion, mask = (nibabel.load(str(folder / name)) for name in
-                            ("brain_normal.nii.gz", "brain_lesion.nii.gz", "brain_lesion_mask.nii.gz"))
+                            ("brain_normal.nii.gz", "brain_lesion.nii.gz", "brain_lesion_seg.nii.gz"))
     template = nibabel.as_closest_canonical(load_mni152_template(resolution=1))
     brain = nibabel.as_closest_canonical(load_mni152_brain_mask(resolution=1)).get_fdata() > 0
     for image in (normal, lesion, mask):
