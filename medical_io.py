@@ -131,7 +131,7 @@ class Framing:
             raise ValueError(f"unknown framing key(s) {unknown}")
         values = {**asdict(cls()), **values}
         axis, window, size = values["axis"], values["window"], values["size"]
-        if axis not in (0, 1, 2) or isinstance(axis, bool):
+        if type(axis) is not int or axis not in (0, 1, 2):
             raise ValueError(f"framing.axis {axis!r} is not 0, 1 or 2")
         if window is not None:
             if not isinstance(window, (list, tuple)) or len(window) != 2:
@@ -139,7 +139,7 @@ class Framing:
             window = tuple(_number(v, "window", -math.inf, math.inf) for v in window)
             if not all(map(math.isfinite, window)) or window[1] <= window[0]:
                 raise ValueError(f"framing.window {list(window)} is not two finite numbers, low < high")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_FRAMED_SIZE):
+        if size is not None and (type(size) is not int or not 1 <= size <= MAX_FRAMED_SIZE):
             raise ValueError(f"framing.size {size!r} is not a whole number in [1, {MAX_FRAMED_SIZE}]")
         white_level = _number(values["white_level"], "white_level", 0, 1)
         if white_level == 0:

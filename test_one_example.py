@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="intensity window for DICOM/NIfTI (HU for CT)")
     parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
     parser.add_argument("--axis", type=int, choices=(0, 1, 2),
-                        help="volume slicing axis (2: axial for RAS volumes; default: the checkpoint's framing, else 2)")
+                        help="volume slicing axis (2: axial in RAS; default: the checkpoint's framing's, else 2)")
     parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="volume slice range")
     parser.add_argument("--top_k", type=positive_int, default=8, help="slices in a volume's montage")
     parser.add_argument("--series_uid", help="the DICOM series to score when a folder holds several")
