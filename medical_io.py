@@ -164,9 +164,16 @@ class Framing:
         return f"{view} slices (axis {self.axis}), {scale}{kept}{crop}"
 
     def differences(self, other: Framing) -> list[str]:
-        """Each field that ``other`` sets otherwise, as ``name self -> other``."""
+        """Each field that ``other`` sets otherwise, as ``name self -> other`` ("window percentile ->
+        [-160, 240]", "size 240 -> whole")."""
+        def shown(key: str, value: Any) -> str:
+            if value is None:
+                return "percentile" if key == "window" else "whole"
+            return f"[{value[0]:g}, {value[1]:g}]" if key == "window" else f"{value:g}"
+
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{key} {mine[key]} -> {theirs[key]}" for key in mine if mine[key] != theirs[key]]
+        return [f"{key} {shown(key, mine[key])} -> {shown(key, theirs[key])}"
+                for key in mine if mine[key] != theirs[key]]
 
 
 @dataclass(frozen=True)

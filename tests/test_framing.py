@@ -220,7 +220,7 @@ def test_a_framing_other_than_the_trained_one_is_warned_of(tmp_path, caplog):
         write_series(tmp_path / "series", np.random.default_rng(2).integers(900, 1300, (4, 12, 10)))
         [record] = run(tmp_path, tmp_path / "series", framed, out="dicom")
         [line] = [r.getMessage() for r in caplog.records if "fram" in r.getMessage()]
-        assert "window None -> [-160.0, 240.0]" in line and record["warnings"] == [line]
+        assert "window percentile -> [-160, 240]" in line and record["warnings"] == [line]
     bad = tmp_path / "bad.pth"
     tiny_checkpoint(bad, {**framing, "size": -4})
     with pytest.raises(InputError, match=rf"--checkpoint_path {bad}: framing.size -4"):

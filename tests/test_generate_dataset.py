@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dataset import organ_name, list_samples
-from medical_io import scale_intensity
+from medical_io import recorded_framing, scale_intensity
 from generate_dataset import brats2021, common, demo, folder, liverct
 from tests.conftest import reference_scale
 from utils import InputError
@@ -72,6 +72,9 @@ def test_brats_conversion(tmp_path, brats_raw):
     assert sorted(sum(groups.values(), [])) == sorted(cases)  # every patient in exactly one split
     assert [len(g) for g in groups.values()] == [3, 1, 2]
     assert json.loads((out / "split.json").read_text())["train"] == groups["train"]
+    # the framing a volume is scored with: whole axial slices, the percentile rule to white
+    assert recorded_framing(str(out)).to_dict() == {"axis": 2, "window": None, "white_level": 1.0, "min_area": 0.0,
+                                                    "size": None, "margin": 0.06}
     assert not (out / "train" / "Ungood").exists()
     for split, case_ids in groups.items():
         for path in pngs(out / split, "*/img/*.png"):
@@ -238,6 +241,8 @@ def test_liver_conversion(tmp_path):
                 mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
                 np.testing.assert_array_equal(mask, ((seg == 2) * 255).astype(np.uint8).T[::-1, ::-1])
     assert organ_name(str(out)) == "liver" and list_samples(str(out), "test")
+    assert recorded_framing(str(out)).to_dict() == {"axis": 2, "window": [-200.0, 250.0], "white_level": 1.0,
+                                                    "min_area": 0.0, "size": None, "margin": 0.06}
 
 
 def test_liver_bad_input(tmp_path):
