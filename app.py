@@ -6,7 +6,7 @@ Upload a PNG/JPG, a DICOM file, a NIfTI/NRRD/MetaImage volume or a zipped DICOM 
 image of the demo set. The page shows the overlay, the score and the decision at the checkpoint's
 threshold; a volume also gets a slice slider, the per-slice score plot and its most anomalous
 slices. The map (PNG, or a volume on the input's grid) and the mask can be downloaded.
-Reading, scoring and the output files are test_one_example.py's own (``read_input``,
+Reading, scoring and the output files are test_one_example.py's own (``read_one``,
 ``score_slices``, ``report``), so the page shows the score the command line gives. Every
 test_one_example.py flag (--window, --axis, --threshold, --volume_format, --device ...) applies.
 Runs offline: no analytics, no share link, served on localhost only by default.
@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 import test_one_example  # noqa: E402
 from utils import ArgumentParser, InputError, one_line, positive_int, resolve_device, run_cli  # noqa: E402
 from visualization import fit_within, overlay_panel  # noqa: E402
-from volume_io import read_input  # noqa: E402
 
 DEFAULT_CHECKPOINT = "checkpoint/indomain/Brain/best.pth"
 DEFAULT_DEMO = "data/demo/Brain"
@@ -101,9 +100,7 @@ class Scorer:
 
     def __call__(self, path: str) -> dict:
         args = self.args
-        window = tuple(args.window) if args.window else test_one_example.WINDOW_PRESETS.get(args.window_preset)
-        scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None, args.series_uid,
-                          args.max_voxels, single_file=True)
+        scan = test_one_example.read_one(path, args, single_file=True)
         scores, maps = test_one_example.score_slices(self.model, scan.slices, self.device, args.precision,
                                                      args.batch_size, path)
         out = Path(tempfile.mkdtemp(dir=self.workspace.name))

@@ -17,6 +17,7 @@ import argparse
 import gzip
 import io
 import json
+import logging
 import os
 import sys
 import zlib
@@ -29,7 +30,7 @@ import torch
 from CLIP.MedVMAD import MedVMAD
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
-from medical_io import MAX_VOXELS, WINDOW_PRESETS, Scan
+from medical_io import MAX_VOXELS, WINDOW_PRESETS, Framing, Scan, index_ranges
 from utils import (STAGING, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, autocast,
                    commit_staged, discard_staged, finite_float, locked_folder, non_negative_int,
                    one_line, positive_int, prepare_output_dir, recover_staged, refuse_taken, resolve_device, run_cli,
@@ -38,6 +39,7 @@ from visualization import montage, overlay_panel
 from volume_io import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
 
 PREDICTIONS = "predictions.jsonl"
+logger = logging.getLogger("medvmad")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                         help="intensity window for DICOM/NIfTI (HU for CT)")
     parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
-    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="volume slicing axis (2: axial for RAS volumes)")
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2),
+                        help="volume slicing axis (2: axial in RAS; default: the checkpoint's framing's, else 2)")
     parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="volume slice range")
     parser.add_argument("--top_k", type=positive_int, default=8, help="slices in a volume's montage")
     parser.add_argument("--series_uid", help="the DICOM series to score when a folder holds several")
@@ -65,10 +68,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def volume_framing(args: argparse.Namespace, checkpoint: dict | None) -> tuple[Framing, Framing | None]:
+    """How volumes are framed: as the checkpoint's training slices were (whole slices and the
+    percentile rule when it records none), with --axis and --window where given; and the framing it
+    records (None when none). One warning line when the checkpoint records no framing or a flag
+    contradicts the one it records."""
+    stored = None if checkpoint is None else checkpoint.get("framing")
+    try:
+        trained = None if stored is None else Framing.from_dict(stored)
+    except ValueError as error:
+        raise InputError(f"--checkpoint_path {args.checkpoint_path}: {error}") from None
+    window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)
+    framing = (trained or Framing()).overridden(window, args.axis)
+    if checkpoint is not None and trained is None:
+        logger.warning(f"--checkpoint_path {args.checkpoint_path} records no framing of its training slices; "
+                       f"volumes are framed as {framing.describe()}")
+    elif trained is not None and framing != trained:
+        logger.warning(f"--checkpoint_path {args.checkpoint_path} was trained on {trained.describe()}; "
+                       f"volumes are framed otherwise, as the flags ask: {', '.join(trained.differences(framing))}")
+    return framing, trained
+
+
 def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, float, str]:
-    """The model, its decision threshold and where the threshold came from."""
+    """The model, its decision threshold and where the threshold came from; sets ``args.framing``,
+    the framing volumes are read with, and ``args.trained_framing``, the checkpoint's (``volume_framing``)."""
     model, checkpoint = build_model(args, device, organ=args.dataset)
     model.set_organ(args.dataset)  # the fixed prompt ensemble (baseline, mvfa) speaks of the scan's organ
+    args.framing, args.trained_framing = volume_framing(args, checkpoint)
     stored = None if checkpoint is None else checkpoint.get("threshold")
     if args.threshold is not None:
         return model.eval(), args.threshold, "--threshold"
@@ -78,6 +104,20 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, floa
                              f"in [0, 1]; give --threshold")
         return model.eval(), float(stored), "checkpoint"
     return model.eval(), 0.5, "default 0.5 (no calibrated threshold)"
+
+
+def read_one(path: str, args: argparse.Namespace, single_file: bool = False) -> Scan:
+    """Read one input as the flags and ``args.framing`` (set by ``build``) say. A volume whose own
+    display (a DICOM's window) frames it otherwise than the model was trained gets a warning line,
+    also kept in its record."""
+    scan = read_input(path, slice_range=tuple(args.slices) if args.slices else None, series_uid=args.series_uid,
+                      max_voxels=args.max_voxels, single_file=single_file, framing=args.framing)
+    if args.trained_framing is not None and scan.framing is not None and scan.framing != args.framing:
+        warning = (f"{path}: its own display frames it otherwise than the model was trained: "
+                   f"{', '.join(args.framing.differences(scan.framing))} (give --window to choose)")
+        logger.warning(warning)
+        scan.warnings.append(warning)
+    return scan
 
 
 @torch.inference_mode()
@@ -175,13 +215,14 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
     staging = staging_folder(save_path)
     try:
         to_uint8 = lambda image: (image * 255).round().astype(np.uint8)  # noqa: E731
+        shown = [scan.unframe(heat) for heat in maps]  # on the input's own slices
         array = io.BytesIO()
-        np.save(array, np.stack(maps).astype(np.float16) if scan.slice_indices else maps[0].astype(np.float16))
+        np.save(array, np.stack(shown).astype(np.float16) if scan.slice_indices else shown[0].astype(np.float16))
         atomic_write_bytes(staging / f"{stem}.npy", array.getvalue())
         record = {"path": scan.path, "score": float(scores.max()), "threshold": threshold, "threshold_from": source}
         record["decision"] = "anomalous" if record["score"] >= threshold else "normal"
         try:
-            written = write_maps(scan, maps, threshold, staging, stem, volume_format)
+            written = write_maps(scan, shown, threshold, staging, stem, volume_format)
         except (RuntimeError, OSError) as error:  # SimpleITK's writers raise RuntimeError
             raise InputError(f"cannot write the map of {scan.path} in {save_path} "
                              f"({one_line(str(error))[:200]})") from None
@@ -201,7 +242,9 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
             record.update(
                 slice_scores={str(index): float(score) for index, score in zip(scan.slice_indices, scores)},
                 most_anomalous_slice=int(scan.slice_indices[int(order[0])]),
-                slices_over_threshold=[int(i) for i, s in zip(scan.slice_indices, scores) if s >= threshold])
+                slices_over_threshold=[int(i) for i, s in zip(scan.slice_indices, scores) if s >= threshold],
+                slices_not_scored=index_ranges(sorted(set(range(scan.slice_count)) - set(scan.slice_indices))),
+                framing=scan.framing.to_dict())
     except Exception:  # nothing of this input is kept (a kill leaves it to recover_staged)
         discard_staged(save_path)
         raise
@@ -213,7 +256,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.window and args.window_preset:
         raise InputError("give --window or --window_preset, not both")
-    window = tuple(args.window) if args.window else WINDOW_PRESETS.get(args.window_preset)
     save_path = prepare_output_dir(args.save_path, files=(PREDICTIONS, ".lock"), folders=(STAGING,))
     if is_series_folder(args.image_path):  # a DICOM series: one volume
         paths, in_folder = [args.image_path], False
@@ -235,8 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model, threshold, source = build(args, device)
         for path, stem in zip(paths, stems):
             try:
-                scan = read_input(path, window, args.axis, tuple(args.slices) if args.slices else None,
-                                  args.series_uid, args.max_voxels)
+                scan = read_one(path, args)
             except InputError as error:
                 if not in_folder:
                     raise

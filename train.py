@@ -34,6 +34,7 @@ from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sh
 from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
+from medical_io import training_framing
 from metrics import image_metrics
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
                    autocast, locked_folder, non_negative_float, non_negative_int, positive_float,
@@ -521,6 +522,7 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
                          f"{where.world_size} processes")
     roots = args.train_data_path or [where.on_main(ensure_demo)]  # built once
     names = dataset_names(roots, args.dataset)
+    framing = training_framing(roots)  # how the converters framed the slices, for scoring volumes alike
     resume_from = where.on_main(resume_checkpoint, args, save_path, logger)
     seed_everything((args.seed + where.rank) % SEED_LIMIT)
 
@@ -562,7 +564,7 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
         score, values, threshold = selection
         score = -averages["loss"] if score is None else score
         extra = dict(epoch=epoch, threshold=threshold, selection_metrics=values, train_loss=averages,
-                     args=vars(args))
+                     args=vars(args), framing=None if framing is None else framing.to_dict())
         # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
         improved = bool(args.k_shot) or args.keep == "last" or score > best["score"]
         if improved:

@@ -8,10 +8,11 @@ apart by SeriesInstanceUID), and multi-frame DICOM files.
 Orientation: any volume is described by its voxel array in stored index order [i,j,k] and its RAS
 affine (nibabel's convention; SimpleITK's LPS geometry is converted with diag(-1,-1,1)). The array is
 turned to the closest RAS orientation with nibabel's own ``io_orientation``/``apply_orientation``
-(what ``nibabel.as_closest_canonical`` does), then sliced with ``generate_dataset.common.display``,
-so a NRRD or DICOM series of the same voxels gives the same slices as the NIfTI path. Writing goes the
-other way with the inverse orientation, and the written map has the input's size, spacing, origin and
-direction (NIfTI maps carry the input's affine exactly, a sheared one too).
+(what ``nibabel.as_closest_canonical`` does), then framed by ``medical_io.frame_volume`` (the rule the
+converters use), so a NRRD or DICOM series of the same voxels gives the same slices as the NIfTI path.
+Writing goes the other way: maps are un-framed onto the displayed slices, then put back with the
+inverse orientation, and the written map has the input's size, spacing, origin and direction (NIfTI
+maps carry the input's affine exactly, a sheared one too).
 
 Limits, all checked before any voxel is read: a NRRD/MetaImage header may name a data file only in
 its own folder (and none at all for the web page's single-file uploads), read from the header text
@@ -39,10 +40,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from generate_dataset.common import display
-from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, Scan, check_file, check_rescale,
-                        check_voxel_count, dicom_window, is_dicom, list_inputs as list_image_inputs, percentile_window,
-                        quiet_pydicom, read_scan, scale_to_unit, suffix_of)
+from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, Framing, Scan, check_file,
+                        check_rescale, check_voxel_count, dicom_window, frame_volume, is_dicom,
+                        list_inputs as list_image_inputs, percentile_window, quiet_pydicom, read_scan, scale_to_unit,
+                        suffix_of, uint8_to_rgb)
 from utils import InputError, atomic_write_bytes, atomic_write_image, one_line
 
 if TYPE_CHECKING:
@@ -122,21 +123,6 @@ def to_sitk(stored: np.ndarray, affine: np.ndarray):
 
 
 # ----------------------------------------------------------------------------- reading
-
-def canonical_slices(path: str, canonical: np.ndarray, window: tuple[float, float] | None, axis: int,
-                     slice_range: tuple[int, int] | None) -> tuple[list[np.ndarray], list[int]]:
-    """RGB [0,1] slices of a RAS volume along ``axis``, scaled and shown as the NIfTI path does."""
-    if not 0 <= axis < 3:
-        raise InputError(f"--axis {axis}: a 3-D volume has axes 0, 1, 2")
-    scaled = scale_to_unit(canonical.astype(np.float32), window, path)
-    count = scaled.shape[axis]
-    first, last = slice_range if slice_range else (0, count - 1)
-    if not 0 <= first <= last < count:
-        raise InputError(f"--slices {first} {last}: the volume has slices 0..{count - 1} along axis {axis}")
-    indices = list(range(first, last + 1))
-    slices = [np.repeat(display(np.take(scaled, index, axis=axis))[..., None], 3, axis=2) for index in indices]
-    return slices, indices
-
 
 def _check_voxels(path: str, voxels: np.ndarray) -> None:
     if voxels.size == 0:
@@ -531,25 +517,29 @@ def _read_sitk(path: str, series_uid: str | None, window: tuple[float, float] | 
     return image, warnings, shown
 
 
-def read_sitk_scan(path: str, window: tuple[float, float] | None = None, axis: int = 2,
+def read_sitk_scan(path: str, window: tuple[float, float] | None = None, axis: int | None = None,
                    slice_range: tuple[int, int] | None = None, series_uid: str | None = None,
-                   max_voxels: int = MAX_VOXELS, single_file: bool = False) -> Scan:
-    """Read a volume (or a 2-D image) with SimpleITK and slice it as the NIfTI path does."""
-    image, warnings, shown = _read_sitk(path, series_uid, window, max_voxels, single_file)
+                   max_voxels: int = MAX_VOXELS, single_file: bool = False, framing: Framing | None = None) -> Scan:
+    """Read a volume (or a 2-D image) with SimpleITK and frame it as the NIfTI path does (``framing``
+    with ``window`` and ``axis`` where given; a DICOM's own window when neither sets one)."""
+    framing = (framing or Framing()).overridden(window, axis)
+    image, warnings, shown = _read_sitk(path, series_uid, framing.window, max_voxels, single_file)
     sitk = _quiet_sitk()
     voxels = sitk.GetArrayFromImage(image).astype(np.float32)  # [k,j,i] (or [j,i] for 2-D)
     _check_voxels(path, voxels)
-    window = window or shown.window
+    framing = framing.overridden(shown.window)
     if image.GetDimension() == 2:  # a 2-D image: rows and columns as stored
-        scaled = scale_to_unit(voxels, window, path)
+        scaled = scale_to_unit(voxels, framing.window, path)
         return Scan(path, [np.repeat((1 - scaled if shown.inverted else scaled)[..., None], 3, axis=2)], None)
     stored, affine = voxels.transpose(2, 1, 0), sitk_affine(image)
-    slices, indices = canonical_slices(path, to_canonical(stored, affine), window, axis, slice_range)
+    canonical = to_canonical(stored, affine)
+    slices, indices, placement = frame_volume(canonical, framing, path, slice_range)
     if shown.inverted:  # MONOCHROME1: the lowest value is shown white
-        slices = [1 - s for s in slices]
+        slices = [255 - s for s in slices]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return VolumeScan(path, slices, indices, Geometry(stored.shape, affine, axis), warnings)
+    return VolumeScan(path, [uint8_to_rgb(s) for s in slices], indices, framing, placement,
+                      canonical.shape[framing.axis], Geometry(stored.shape, affine, framing.axis), warnings)
 
 
 # ----------------------------------------------------------------------------- zips
@@ -621,24 +611,29 @@ def _nifti_geometry(path: str, axis: int) -> Geometry:
     return Geometry(tuple(image.shape[:3]), np.asarray(image.affine, dtype=float), axis)
 
 
-def read_input(path: str, window: tuple[float, float] | None = None, axis: int = 2,
+def read_input(path: str, window: tuple[float, float] | None = None, axis: int | None = None,
                slice_range: tuple[int, int] | None = None, series_uid: str | None = None,
-               max_voxels: int = MAX_VOXELS, single_file: bool = False) -> Scan:
+               max_voxels: int = MAX_VOXELS, single_file: bool = False, framing: Framing | None = None) -> Scan:
     """Read any supported input: images, DICOM (single, multi-frame, series folder or zip), NIfTI,
-    NRRD, MetaImage. Volumes come back as a ``VolumeScan`` that knows its geometry.
+    NRRD, MetaImage. Volumes are framed by ``framing`` (default: whole slices, the percentile rule)
+    with ``window`` and ``axis`` where given, and come back as a ``VolumeScan`` that knows its
+    geometry.
 
     Limits: an input over ``max_voxels`` voxels is refused from its header, before its data are
     read (a zip: from its directory, before it is unpacked); a NRRD/MetaImage header may name a data
     file in its own folder only, and none at all with ``single_file`` (the web page's uploads)."""
+    framing = (framing or Framing()).overridden(window, axis)
     if os.path.isdir(path):
-        return read_sitk_scan(path, window, axis, slice_range, series_uid, max_voxels)
+        return read_sitk_scan(path, slice_range=slice_range, series_uid=series_uid, max_voxels=max_voxels,
+                              framing=framing)
     check_file(path)
     suffix = suffix_of(path)
     if suffix in ZIP_SUFFIXES:
         folder = tempfile.mkdtemp(prefix="medvmad_zip_")
         try:
-            scan = read_sitk_scan(_extract_zip(path, folder, ZIP_BYTES_PER_VOXEL * max_voxels), window, axis,
-                                  slice_range, series_uid, max_voxels)
+            scan = read_sitk_scan(_extract_zip(path, folder, ZIP_BYTES_PER_VOXEL * max_voxels),
+                                  slice_range=slice_range, series_uid=series_uid, max_voxels=max_voxels,
+                                  framing=framing)
         except InputError as error:  # name the zip, not the temporary folder it was unpacked into
             raise InputError(str(error).replace(folder, path)) from None
         finally:
@@ -648,13 +643,14 @@ def read_input(path: str, window: tuple[float, float] | None = None, axis: int =
         return scan
     if suffix in SITK_SUFFIXES or (suffix not in IMAGE_SUFFIXES + NIFTI_SUFFIXES and is_dicom(path)
                                    and is_multiframe_dicom(path)):
-        return read_sitk_scan(path, window, axis, slice_range, series_uid, max_voxels, single_file)
+        return read_sitk_scan(path, slice_range=slice_range, series_uid=series_uid, max_voxels=max_voxels,
+                              single_file=single_file, framing=framing)
     if suffix not in IMAGE_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES and not is_dicom(path):
         raise InputError(f"{path}: unknown file type '{suffix or 'no extension'}' (expected "
                          f"PNG/JPG/TIFF, DICOM, NIfTI, NRRD, MetaImage, or a zipped DICOM series)")
-    scan = read_scan(path, window, axis, slice_range, max_voxels)
+    scan = read_scan(path, slice_range=slice_range, max_voxels=max_voxels, framing=framing)
     if suffix in NIFTI_SUFFIXES and scan.slice_indices is not None:
-        return VolumeScan(scan.path, scan.slices, scan.slice_indices, _nifti_geometry(path, axis))
+        return VolumeScan(**vars(scan), geometry=_nifti_geometry(path, framing.axis))
     return scan
 
 
@@ -670,8 +666,8 @@ def list_inputs(folder: str) -> list[str]:
 # ----------------------------------------------------------------------------- writing
 
 def map_volume(scan: VolumeScan, maps: list[np.ndarray]) -> np.ndarray:
-    """The per-slice maps (each shown as its slice is) put back in the stored voxel grid [i,j,k];
-    slices that were not scored are 0."""
+    """The per-slice maps (each on its displayed slice's grid: ``Scan.unframe``) put back in the
+    stored voxel grid [i,j,k]; slices that were not scored are 0."""
     geometry = scan.geometry
     canonical = np.zeros(to_canonical(np.zeros(geometry.shape, np.uint8), geometry.affine).shape, np.float32)
     along = np.moveaxis(canonical, geometry.axis, 0)  # a view

@@ -15,7 +15,8 @@ Output (BMAD layout, read by ``dataset.list_samples``)::
 ``<case>`` is the case number (``00124``), ``<slice>`` the axial index in RAS order (``60``; the
 stored index for BraTS volumes, which are stored inferior to superior). Cases are split by
 patient with a seed, so no patient is in two splits. Intensities are scaled per volume: the
-0.5-99.5 percentiles of brain voxels (> 0) map to 0-255, background stays 0. A volume that is not
+0.5-99.5 percentiles of brain voxels (> 0) map to 0-255, background stays 0 (``medical_io``'s
+framing rule with whole slices; ``split.json`` records it as "framing"). A volume that is not
 3-D, or holds NaN or infinite voxels (whose slices would otherwise look empty and be dropped), stops
 the conversion with one line naming the file (and the slices).
 
@@ -32,12 +33,14 @@ from tqdm import tqdm
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import (check_empty_target, check_finite_volume, display, load_volume,  # noqa: E402
-                                     scale_intensity, split_cases, write_sample, write_split_info)
+from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,  # noqa: E402
+                                     write_sample, write_split_info)
 from dataset import SPLITS  # noqa: E402
+from medical_io import Framing, display, scale_intensity  # noqa: E402
 from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging  # noqa: E402
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
+FRAMING = Framing()  # whole axial slices, the percentile rule: what scale_intensity and display do here
 
 
 def find_nifti(folder: str, stem: str) -> str:
@@ -104,7 +107,7 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
                              display(lesion) if cls == "Ungood" else None)
                 counts[f"{split_name}/{cls}"] += 1
     info = dict(source="BraTS2021", modality=modality, slice_range=[first, last], seed=seed,
-                split=list(split), counts=counts, **groups)
+                split=list(split), counts=counts, framing=FRAMING.to_dict(), **groups)
     return write_split_info(save_path, info)
 
 

@@ -1,6 +1,6 @@
-"""Helpers the dataset converters share (and medical_io.py / volume_io.py, which read scans the way
-the converters write them): NIfTI reading in RAS, the displayed slice orientation, MRI intensity
-scaling, BMAD-layout writing and the seeded patient split."""
+"""Helpers the dataset converters share: NIfTI reading in RAS, BMAD-layout writing and the seeded
+patient split. How slices are shown and scaled (the framing rule) is the runtime readers' own
+(``medical_io``), so that scans are read the way the converters write them."""
 from __future__ import annotations
 
 import logging
@@ -52,11 +52,6 @@ def check_finite_volume(path: str, volume: np.ndarray, region: np.ndarray | None
         where = f" in {region_name}" if region_name else ""
         raise InputError(f"{path}: {int(bad.sum())} NaN or infinite voxel(s){where} in axial slice(s) {shown}; "
                          f"fix or mask them first")
-
-
-def display(slice_2d: np.ndarray) -> np.ndarray:
-    """RAS axial slice [X,Y] -> image [rows,cols]: anterior up, patient's right on the left."""
-    return np.ascontiguousarray(slice_2d.T[::-1, ::-1])
 
 
 def write_png(path: str, image: np.ndarray) -> None:
@@ -114,13 +109,3 @@ def split_cases(cases: list[str], split: tuple[float, ...], seed: int) -> list[l
         groups.append(sorted(shuffled[start:start + count]))
         start += count
     return groups
-
-
-def scale_intensity(volume: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """MRI volume -> uint8: brain voxels (> 0) percentiles [low, high] -> [0, 255]; background 0."""
-    brain = volume > 0
-    if not brain.any():
-        raise InputError("volume holds no brain voxels (all <= 0)")
-    low, high = np.percentile(volume[brain], [low_pct, high_pct])
-    scaled = np.clip((volume - low) / max(high - low, 1e-6), 0, 1) * 255
-    return np.where(brain, np.rint(scaled), 0).astype(np.uint8)

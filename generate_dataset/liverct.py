@@ -9,7 +9,8 @@ Inputs:
 
 Every slice is HU-windowed to ``hu_window`` (default [-200, 250]) and scaled to 0-255, and
 everything outside the liver (BTCV label 6, LiTS label >= 1) is zeroed. Volumes are turned to RAS;
-slices are shown anterior up, patient's right on the left, at their native size. A NaN or infinite
+slices are shown anterior up, patient's right on the left, at their native size (``split.json``
+records this framing, less the liver zeroing, for scoring single scans). A NaN or infinite
 HU inside the liver (it would be written black, a lesion-like hole) stops the conversion with one
 line naming the file and the slices; outside the liver it is zeroed with the rest.
 
@@ -36,8 +37,9 @@ from tqdm import tqdm
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import (check_empty_target, check_finite_volume, display, load_volume,  # noqa: E402
-                                     split_cases, write_sample, write_split_info)
+from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,  # noqa: E402
+                                     write_sample, write_split_info)
+from medical_io import Framing, display, window_to_uint8  # noqa: E402
 from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,  # noqa: E402
                    setup_logging, unit_interval)
 
@@ -47,8 +49,9 @@ logger = logging.getLogger("medvmad")
 
 
 def window_hu(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """HU values -> uint8: [low, high] mapped linearly to [0, 255], clipped outside."""
-    return np.rint((np.clip(hu.astype(np.float32), low, high) - low) / (high - low) * 255).astype(np.uint8)
+    """HU values -> uint8: [low, high] mapped linearly to [0, 255], clipped outside (the framing
+    rule's window, ``medical_io.window_to_uint8``)."""
+    return window_to_uint8(hu, low, high)
 
 
 def _numbered(folder: str, pattern: str, recursive: bool) -> dict[str, str]:
@@ -139,8 +142,11 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
                              display(tumour) if cls == "Ungood" else None)
                 counts[f"{split_name}/{cls}"] += 1
 
+    # The framing a single scan can follow: whole axial slices in the HU window (zeroing all but the
+    # liver needs its label, which a scan to score does not have).
     info = dict(source="BTCV+LiTS", hu_window=[low, high], seed=seed, valid_fraction=valid_fraction,
-                counts=counts, train=sorted(btcv), valid=valid_ids, test=test_ids)
+                counts=counts, framing=Framing(window=(low, high)).to_dict(), train=sorted(btcv), valid=valid_ids,
+                test=test_ids)
     return write_split_info(save_path, info)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dataset import organ_name, list_samples
+from medical_io import recorded_framing, scale_intensity
 from generate_dataset import brats2021, common, demo, folder, liverct
 from tests.conftest import reference_scale
 from utils import InputError
@@ -71,6 +72,9 @@ def test_brats_conversion(tmp_path, brats_raw):
     assert sorted(sum(groups.values(), [])) == sorted(cases)  # every patient in exactly one split
     assert [len(g) for g in groups.values()] == [3, 1, 2]
     assert json.loads((out / "split.json").read_text())["train"] == groups["train"]
+    # the framing a volume is scored with: whole axial slices, the percentile rule to white
+    assert recorded_framing(str(out)).to_dict() == {"axis": 2, "window": None, "white_level": 1.0, "min_area": 0.0,
+                                                    "size": None, "margin": 0.06}
     assert not (out / "train" / "Ungood").exists()
     for split, case_ids in groups.items():
         for path in pngs(out / split, "*/img/*.png"):
@@ -111,7 +115,7 @@ def test_scale_intensity_hand_values():
     """Brain voxels 1..1000: percentiles 0.5 -> 5.995 and 99.5 -> 995.005 map to 0 and 255, rounded."""
     volume = np.zeros((12, 12, 12), np.float32)
     volume[1:11, 1:11, 1:11] = np.arange(1, 1001, dtype=np.float32).reshape(10, 10, 10)
-    scaled = common.scale_intensity(volume)
+    scaled = scale_intensity(volume)
     assert scaled.dtype == np.uint8 and (scaled[volume == 0] == 0).all()
     value = lambda v: int(scaled[volume == v][0])  # noqa: E731
     # (v - 5.995) / 989.01 * 255: 1 -> -1.3 (clipped), 6 -> 0.001, 100 -> 24.24, 700 -> 178.94,
@@ -119,7 +123,7 @@ def test_scale_intensity_hand_values():
     assert [value(v) for v in (1, 6, 100, 700, 994, 995, 1000)] == [0, 0, 24, 179, 255, 255, 255]
     assert value(500) == 127 and value(5) == 0
     with pytest.raises(InputError, match="no brain"):
-        common.scale_intensity(np.zeros((4, 4, 4), np.float32))
+        scale_intensity(np.zeros((4, 4, 4), np.float32))
 
 
 def test_split_counts():
@@ -237,6 +241,8 @@ def test_liver_conversion(tmp_path):
                 mask = read(out / split / "Ungood" / "anomaly_mask" / path.name)
                 np.testing.assert_array_equal(mask, ((seg == 2) * 255).astype(np.uint8).T[::-1, ::-1])
     assert organ_name(str(out)) == "liver" and list_samples(str(out), "test")
+    assert recorded_framing(str(out)).to_dict() == {"axis": 2, "window": [-200.0, 250.0], "white_level": 1.0,
+                                                    "min_area": 0.0, "size": None, "margin": 0.06}
 
 
 def test_liver_bad_input(tmp_path):

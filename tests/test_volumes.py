@@ -82,9 +82,14 @@ def series_affine() -> np.ndarray:
                      [0, 0, 0, 1]])
 
 
+def grey(values) -> np.ndarray:
+    """[0,1] values as the 8-bit grey levels a framed volume slice holds (rounded, / 255)."""
+    return np.rint(np.asarray(values, dtype=np.float64) * 255) / 255
+
+
 def frames_window(frames: np.ndarray) -> np.ndarray:
-    """The series' own window (centre 40, width 400) on HU, as [0,1]."""
-    return np.clip((frames.astype(np.float64) - 1024 + 160) / 400, 0, 1)
+    """The series' own window (centre 40, width 400) on HU, as 8-bit grey levels in [0,1]."""
+    return grey(np.clip((frames.astype(np.float64) - 1024 + 160) / 400, 0, 1))
 
 
 def random_volume(shape=(5, 6, 7), seed=0) -> np.ndarray:
@@ -146,7 +151,7 @@ def test_monochrome1_series_is_shown_inverted_as_dicom_asks(tmp_path):
         np.testing.assert_allclose(scan.slices[k][..., 0], 1 - frames_window(frames[k]), atol=1e-6)
     own = read_sitk_scan(str(tmp_path / "series"), window=(-100, 100))
     for k in (0, 1, 3, 4):
-        np.testing.assert_allclose(own.slices[k][..., 0], 1 - np.clip((frames[k] - 1024.0 + 100) / 200, 0, 1),
+        np.testing.assert_allclose(own.slices[k][..., 0], 1 - grey(np.clip((frames[k] - 1024.0 + 100) / 200, 0, 1)),
                                    atol=1e-6)
 
 
@@ -187,7 +192,7 @@ def test_multiframe_dicom_is_a_volume(tmp_path, photometric):
     scan = read_input(str(tmp_path / "mf.dcm"), window=(0, 4000))
     assert scan.slice_indices == [0, 1, 2, 3]
     for k, frame in enumerate(frames):
-        shown = frame / 4000
+        shown = grey(frame / 4000)
         np.testing.assert_allclose(scan.slices[k][..., 0], 1 - shown if photometric == "MONOCHROME1" else shown,
                                    atol=1e-6)
 
