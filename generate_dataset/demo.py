@@ -64,6 +64,7 @@ MIN_LESION_PIXELS = 12
 MARGIN = 0.06  # border around the brain, as a share of its extent
 WHITE_LEVEL = 0.65  # the grey level of the 99.5th percentile: headroom for lesions brighter than the brain
 VOLUMES = "volumes"
+BUILD = 2  # demo.json's "build": raise it when the images change, so an older build is rebuilt, not reused
 VOLUME_NAMES = ("brain_normal.nii.gz", "brain_lesion.nii.gz", "brain_lesion_seg.nii.gz")
 LESION_RADIUS_MM = 5.0  # the demo volume's lesion: about 10 mm across
 logger = logging.getLogger("medvmad")
@@ -243,7 +244,7 @@ def build_demo(save_path: str, seed: int = 0, n_train: int = 40, n_valid: tuple[
             split, cls = key.split("/")
             _write_split(building, split, cls, count, seed, images, masks, z_kept)
         atomic_write_json(os.path.join(building, "demo.json"),
-                          dict(source="MNI152 T1 template (nilearn) + synthetic lesions", seed=seed,
+                          dict(source="MNI152 T1 template (nilearn) + synthetic lesions", build=BUILD, seed=seed,
                                view=view, image_size=image_size, counts=counts,
                                framing=demo_framing(image_size, view).to_dict()))
         if _is_complete(root):
@@ -268,8 +269,14 @@ def ensure_demo(save_path: str = DEFAULT_PATH, view: str = "axial") -> str:
         write_volumes(save_path)
     if _is_complete(root):
         with open(os.path.join(root, "demo.json"), encoding="utf-8") as handle:
-            logger.info("using demo set %s (seed %s)", root, json.load(handle)["seed"])
-        return root
+            record = json.load(handle)
+        if record.get("build") == BUILD:
+            logger.info("using demo set %s (seed %s)", root, record["seed"])
+            return root
+        logger.info("the demo set at %s is an older build (%s, now %d): rebuilding it", root, record.get("build", 1), BUILD)
+        counts = record["counts"]
+        return build_demo(save_path, record["seed"], counts["train/good"], (counts["valid/good"], counts["valid/Ungood"]),
+                          (counts["test/good"], counts["test/Ungood"]), record.get("image_size", 240), view)
     logger.info("no data path given: building the synthetic demo set at %s", root)
     return build_demo(save_path, view=view)
 

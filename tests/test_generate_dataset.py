@@ -313,6 +313,12 @@ def test_demo_deterministic_and_readable(tmp_path):
     assert demo.ensure_demo(str(tmp_path / "a")) == root
     assert os.path.getmtime(os.path.join(root, "demo.json")) == stamp
     assert not [p for p in os.listdir(tmp_path / "a") if p.startswith(".")]  # no leftover temp folder
+    # an older build (other images) is rebuilt with its own seed and counts, not reused
+    record = json.loads(Path(root, "demo.json").read_text())
+    Path(root, "demo.json").write_text(json.dumps({**record, "build": 1}))
+    Path(root, "train", "good", "img", "stale.png").write_bytes(b"old")
+    assert demo.ensure_demo(str(tmp_path / "a")) == root
+    assert files(root) == first and json.loads(Path(root, "demo.json").read_text())["build"] == record["build"]
 
 
 def test_demo_masks_are_exactly_the_lesions(tmp_path):
