@@ -4,7 +4,8 @@
 
 Without --train_data_path the demo set is built (once) and used. Training images come from
 --train_split of each root (default valid: BMAD's labelled split); model selection and the
-decision threshold use --valid_data_path, or a stratified held-out part of the training images.
+decision threshold (by --operating_point) and the calibration of scores into probabilities use
+--valid_data_path, or a stratified held-out part of the training images (calibration.py).
 The target's test split is never read. Each epoch writes epoch_<n>.pth; best.pth is the kept one.
 
     torchrun --nproc_per_node 4 train.py ...      (DDP: --batch_size is the global batch)
@@ -23,8 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
+import evaluation
 from CLIP.MedVMAD import IMAGE_SCORES, PARTS, VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
+from calibration import Calibration, describe_fit, operating_point, operating_point_flag
 from cli import (MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, apply_recipe,
                  backbone_config, load_recipes)
 from curves import CSV_NAME, PNG_NAME, draw, epoch_row, log_epoch, read_rows, tensorboard_writer, write_rows
@@ -35,7 +38,6 @@ from generate_dataset.demo import ensure_demo
 from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from medical_io import training_framing
-from metrics import image_metrics
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
                    autocast, locked_folder, non_negative_float, non_negative_int, positive_float,
                    positive_int, prepare_output_dir, run_cli, seed_everything, setup_logging, unit_interval, versions)
@@ -55,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="share of training images held out for selection when no --valid_data_path")
     data.add_argument("--skip_bad", action="store_true",
                       help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
+    data.add_argument("--operating_point", type=operating_point_flag, default="f1",
+                      help="how the stored decision threshold is chosen on the selection images: f1 (F1-max, "
+                           "default), youden, sensitivity=X or specificity=X (e.g. sensitivity=0.95)")
     add_fewshot_args(data)
     model = parser.add_argument_group("model")
     add_model_args(model, checkpoint=False)
@@ -125,14 +130,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Flags a resumed run must share with the run it continues (the model config is compared too).
 RESUME_KEYS = ("train_data_path", "dataset", "train_split", "valid_data_path", "valid_split", "holdout_fraction",
                "k_shot", "fewshot_seed", "support_file", "batch_size", "learning_rate", "adam_betas", "keep",
-               "focal_weight", "dice_weight", "normal_dice_weight", "image_weight", "seed", "precision", "skip_bad")
+               "focal_weight", "dice_weight", "normal_dice_weight", "image_weight", "seed", "precision", "skip_bad",
+               "operating_point")
 
 
 def stored_run_args(stored: dict) -> dict:
     """A checkpoint's saved arguments as today's: runs from before recipes used Adam betas (0.5,
-    0.999), kept the best epoch and added the normal channel's dice (at --dice_weight) for
-    anomalyclip alone; sequences compare as tuples."""
-    legacy = {"adam_betas": (0.5, 0.999), "keep": "best",
+    0.999), kept the best epoch, added the normal channel's dice (at --dice_weight) for
+    anomalyclip alone and chose the F1-max threshold; sequences compare as tuples."""
+    legacy = {"adam_betas": (0.5, 0.999), "keep": "best", "operating_point": "f1",
               "normal_dice_weight": stored.get("dice_weight") if stored.get("variant") == "anomalyclip" else 0.0}
     values = {**legacy, **stored}
     return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
@@ -459,14 +465,15 @@ def train_epoch(model: MedVMAD | DistributedDataParallel, train_set: torch.utils
 
 def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: torch.device,
                        args: argparse.Namespace, epoch: int, last_good: Path | None, logger,
-                       where: Distributed = SINGLE) -> tuple[float | None, dict[str, float], float] | None:
-    """Selection score (None when no source has both classes), per-source metrics, and the decision
-    threshold: F1-max over the selection images of every source (0.5 when undefined).
+                       where: Distributed = SINGLE) -> tuple[float | None, dict[str, float], Calibration] | None:
+    """Selection score (None when no source has both classes), per-source metrics, and the
+    calibration fitted on the selection images of every source together (their scores kept, to
+    choose the decision threshold by --operating_point; patients are told apart by source).
 
     Each process scores its share of the batches (``sharded_loader``); process 0 gathers every
     image once, in order, and alone computes the figures (None on the other processes).
     """
-    per_source, labels, scores = {}, [], []
+    per_source, labels, scores, patients = {}, [], [], []
     for name, loader in loaders.items():
         predictions = predict(model, loader, device, args.precision, desc=f"selection {name}", where=where)
         if predictions is None:  # not process 0
@@ -478,11 +485,12 @@ def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: t
             logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
         labels.append(predictions.labels)
         scores.append(predictions.scores)
+        patients += [f"{name}/{evaluation.patient_of(path)}" for path in predictions.paths]
     if not where.is_main:
         return None
     score, values = selection_summary(per_source)
-    threshold = image_metrics(np.concatenate(labels), np.concatenate(scores))["image_f1_threshold"]
-    return score, values, 0.5 if math.isnan(threshold) else float(threshold)
+    images = "support images" if args.k_shot else "validation images"
+    return score, values, Calibration.fitted(np.concatenate(scores), np.concatenate(labels), patients, images)
 
 
 def save_epoch(epoch_path: Path, model: MedVMAD, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -561,10 +569,14 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
         last_good = save_path / f"epoch_{epoch}.pth"
         if not where.is_main:
             continue
-        score, values, threshold = selection
+        score, values, calibration = selection
         score = -averages["loss"] if score is None else score
-        extra = dict(epoch=epoch, threshold=threshold, selection_metrics=values, train_loss=averages,
-                     args=vars(args), framing=None if framing is None else framing.to_dict())
+        point = operating_point(args.operating_point)
+        threshold = calibration.threshold(point)
+        threshold = 0.5 if threshold is None else threshold  # selection images of one class
+        extra = dict(epoch=epoch, threshold=threshold, operating_point=args.operating_point,
+                     calibration=calibration.to_dict(), selection_metrics=values, train_loss=averages, args=vars(args),
+                     framing=None if framing is None else framing.to_dict())
         # Few-shot has no labelled target data besides the support set it trains on: keep the last epoch.
         improved = bool(args.k_shot) or args.keep == "last" or score > best["score"]
         if improved:
@@ -577,6 +589,9 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
                     + " | selection " + " ".join(f"{k} {values[k]:.4f}" for k in sorted(values)
                                                  if k.endswith(SELECTION_KEYS))
                     + (" | kept as best.pth" if improved else ""))
+        if improved:
+            logger.info(f"epoch {epoch}: threshold {threshold:.6g} at {point.describe(calibration.images)}; "
+                        f"calibration {describe_fit(calibration.image, calibration.images)}")
     if where.is_main:
         logger.info(f"best epoch {best['epoch']} (selection score {best['score']:.4f}) -> {save_path / 'best.pth'}")
     return {"best": best, "save_path": str(save_path)}

@@ -524,7 +524,8 @@ class MedVMAD(nn.Module):
         """Build the few-shot bank from normal support images [K,3,H,W] in [0,1] (augmentations included).
 
         groups [K]: the original support image of each row, so that statistics are computed leaving
-        each support image out together with its augmentations.
+        each support image out together with its augmentations; the first row of each group is the
+        original (``augment_support``'s order), whose left-out scores the bank keeps (``left_out``).
         """
         self.memory_bank = None
         self.eval()
@@ -548,4 +549,6 @@ class MedVMAD(nn.Module):
         bank_scores = bank_maps.flatten(1).max(dim=1).values
         bank.statistics.copy_(torch.stack([torch.stack([values.mean(), values.std()]) for values in
                                            (text_maps, bank_maps, text_scores, bank_scores)]))
+        first = torch.stack([torch.nonzero(groups == group)[0, 0] for group in torch.unique(groups)])
+        bank.left_out = torch.stack([text_scores[first], bank_scores[first]], dim=1).double()
         self.memory_bank = bank.to(images.device)

@@ -30,6 +30,8 @@ class MemoryBank(nn.Module):
         self.num_layers = len(features)
         # (mean, std) of: text pixel map, bank pixel map, text image score, bank image score.
         self.register_buffer("statistics", torch.tensor([[0.0, 1.0]] * 4))
+        # (text image score, bank image score) [S,2] of each support image scored against the bank without it
+        self.register_buffer("left_out", torch.zeros(0, 2, dtype=torch.float64))
 
     def layer(self, index: int) -> torch.Tensor:
         return getattr(self, f"bank_{index}")
@@ -61,9 +63,19 @@ class MemoryBank(nn.Module):
     def combine(self, text_map: torch.Tensor, bank_map: torch.Tensor, text_score: torch.Tensor,
                 weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Combined map [B,H,W] and image score [B], both z values in float64 (module docstring)."""
-        (mt, st), (mb, sb), (ms, ss), (mbs, sbs) = self.statistics.tolist()
-        text_map, bank_map, text_score = text_map.double(), bank_map.double(), text_score.double()
-        bank_score = bank_map.flatten(1).max(dim=1).values
+        (mt, st), (mb, sb), _, _ = self.statistics.tolist()
+        text_map, bank_map = text_map.double(), bank_map.double()
         pixel = (1 - weight) * (text_map - mt) / (st + EPS) + weight * (bank_map - mb) / (sb + EPS)
-        image = (1 - weight) * (text_score - ms) / (ss + EPS) + weight * (bank_score - mbs) / (sbs + EPS)
-        return pixel, image
+        return pixel, self.image_score(text_score, bank_map.flatten(1).max(dim=1).values, weight)
+
+    def image_score(self, text_score: torch.Tensor, bank_score: torch.Tensor, weight: float) -> torch.Tensor:
+        """Combined image score [B] (z, float64) of text image scores and bank map maxima [B]."""
+        _, _, (ms, ss), (mbs, sbs) = self.statistics.tolist()
+        return ((1 - weight) * (text_score.double() - ms) / (ss + EPS)
+                + weight * (bank_score.double() - mbs) / (sbs + EPS))
+
+    def left_out_scores(self, weight: float) -> torch.Tensor:
+        """Combined image score [S] of each support image (its first row: the original) scored
+        against the bank without it and its augmented copies: how a normal image the bank has
+        not seen scores, for calibrating on the support set."""
+        return self.image_score(self.left_out[:, 0], self.left_out[:, 1], weight)

@@ -159,6 +159,30 @@ def test_statistics_come_from_a_naive_leave_one_image_out_loop(unsmoothed_model)
     np.testing.assert_allclose(model.memory_bank.statistics.numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_left_out_support_scores_come_from_a_naive_leave_one_image_out_loop(unsmoothed_model):
+    """What the support set is calibrated on: each original support image's combined image score,
+    from its text score and the maximum of its map against the other images' patches (not its own
+    copy's), combined by the documented rule with the bank's statistics."""
+    model = unsmoothed_model
+    originals = support_images(3)
+    noise = torch.randn(3, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(9))
+    images = torch.cat([originals, originals + 0.05 * noise])  # an "augmented" copy of each, after them
+    groups = torch.tensor([0, 1, 2, 0, 1, 2])
+    model.eval()
+    with torch.no_grad():
+        plain = model(images)
+    model.build_memory_bank(images, groups, batch_size=4)
+    _, _, (ms, ss), (mbs, sbs) = model.memory_bank.statistics.tolist()
+    expected = []
+    for i in range(3):
+        others = groups != groups[i]
+        banks = [f[others].reshape(-1, f.shape[-1]) for f in plain.patch_features]
+        distances = brute_force_distances(banks, torch.zeros(len(banks[0])), [f[i:i + 1] for f in plain.patch_features])
+        bank_score = float(upsampled_mean(distances).max())
+        expected.append(0.7 * (float(plain.image_score[i]) - ms) / ss + 0.3 * (bank_score - mbs) / sbs)
+    np.testing.assert_allclose(model.memory_bank.left_out_scores(0.3).numpy(), expected, rtol=1e-4)
+
+
 def test_forward_with_a_bank_combines_brute_force_distances_by_the_documented_rule(unsmoothed_model):
     """Test map = (1-w) z_text + w z_bank, bank map from brute-force distances to all support patches."""
     model = unsmoothed_model
