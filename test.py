@@ -4,7 +4,10 @@
 
 Without --data_path the demo set is built (once) and used. Without --checkpoint_path the
 zero-training baseline is evaluated: fixed prompt ensemble on CLIP's projected patch tokens.
-Writes results.json, results.csv, scores.csv (and overlays/curves with --visualize) to --save_path.
+Scores become probabilities and decisions as calibration.py fits them on images never tested on:
+the checkpoint's validation images, the support set (few-shot), or the valid split (baseline).
+Writes results.json, results.csv, results_calibration.csv, scores.csv, reliability_<dataset>.png
+(and overlays/curves with --visualize) to --save_path.
 
     torchrun --nproc_per_node 4 test.py ...      (sharded: the same results, written by process 0)
 """
@@ -22,14 +25,17 @@ import numpy as np
 import evaluation
 import metrics
 from CLIP.MedVMAD import MedVMAD
+from calibration import (Calibration, Decision, assess, checkpoint_decision, operating_point, operating_point_flag,
+                         reliability_figure)
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
 from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
                      support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
-from inference import MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict
+from inference import (MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict,
+                       support_predictions)
 from maps_io import save_maps
-from tables import PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
+from tables import CALIBRATION_COLUMNS, PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
                    seed_everything, seed_value, setup_logging, strict_json, unique_stems, unit_interval, versions,
@@ -37,7 +43,8 @@ from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, ato
 from visualization import figure_bytes, overlay_panel, pro_figure, roc_figure, to_display
 
 # Written together, manifest last (utils.write_result_files); checked free before the run.
-RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv", "scores.csv", MANIFEST)
+RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv",
+                "results_calibration.csv", "scores.csv", MANIFEST)
 MAPS_TEMP = ".maps-"  # prefix of the folders maps are streamed to (maps_dir_for)
 MAX_BOOTSTRAP = 100_000  # resamples: a 95% interval is stable from a few thousand; more only costs time
 
@@ -86,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  help=f"95%% intervals from N resamples of patients (case ids of <case>_<slice> "
                                       f"names, else images), at most {MAX_BOOTSTRAP}; 0 = off")
     evaluation_args.add_argument("--bootstrap_seed", type=seed_value, default=0)
+    evaluation_args.add_argument("--operating_point", type=operating_point_flag,
+                                 help="the rule that picks the decision threshold on the images calibrated on (the "
+                                      "checkpoint's validation images, the support set, the baseline's valid split): "
+                                      "f1, youden, sensitivity=X or specificity=X (default: the checkpoint's, else f1)")
     fewshot = parser.add_argument_group("few-shot (memory bank of normal support patches)")
     add_fewshot_args(fewshot)
     fewshot.add_argument("--fewshot_weight", type=unit_interval,
@@ -94,16 +105,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name: str, save_path: Path,
-                      device, logger, where: Distributed = SINGLE) -> str:
+                      device, logger, where: Distributed = SINGLE) -> tuple[str, list[Sample]]:
     """Build the few-shot bank from the normal support images (x11 augmented), on every process;
-    process 0 writes the support file. Returns where the support set came from."""
+    process 0 writes the support file. Returns where the support set came from, and the set."""
     support, source = resolve_support(root, args.k_shot, args.fewshot_seed, args.support_file, args.checkpoint_path)
     written = save_path / support_file_name(args.k_shot, args.fewshot_seed, name)
     if where.is_main:
         save_support(str(written), support, root)
     count, copies = memory_bank_from_support(model, support, args.fewshot_seed, device, args.batch_size)
     logger.info(f"{name}: memory bank from {count} normal support images x{copies} ({source}; written to {written})")
-    return source
+    return source, support
+
+
+def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: str, support: list[Sample],
+                    device, logger, where: Distributed = SINGLE) -> Decision | None:
+    """The calibration and operating point of a run without stored ones, fitted on ``name``'s
+    images it never tests: few-shot on its support set (normal images scored against the bank
+    without them), the baseline on the valid split (uncalibrated, with a warning, when there is
+    none or it is the evaluated split). Every process scores its share; None on the others."""
+    point = operating_point(args.operating_point or "f1")
+    if args.k_shot:
+        images, scored = "support images", support_predictions(model, support, device, args.batch_size,
+                                                                args.precision, where)
+    else:
+        images, samples = "valid split images", []
+        if args.split == "valid":
+            logger.warning(f"{name}: uncalibrated: --split valid is the split the baseline is calibrated on")
+        else:
+            try:
+                samples = list_samples(root, "valid")
+            except InputError as error:
+                logger.warning(f"{name}: uncalibrated: no valid split to calibrate on ({error})")
+        if not samples:
+            return Decision(None, None, "no operating point") if where.is_main else None
+        loader = sharded_loader(MedicalDataset(samples, model.config.backbone.image_size, skip_bad=args.skip_bad),
+                                args.batch_size, args.num_workers, where)
+        predictions = predict(model, loader, device, args.precision, keep_maps=False, desc=f"{name} valid",
+                              where=where)
+        scored = None if predictions is None else (predictions.scores, predictions.labels, predictions.paths)
+    if scored is None:
+        return None
+    scores, labels, paths = scored
+    decision = Decision.chosen(Calibration.fitted(scores, labels, [evaluation.patient_of(p) for p in paths], images),
+                               point)
+    logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point}")
+    return decision
 
 
 def ram_budget_gb(args: argparse.Namespace) -> float:
@@ -127,14 +173,18 @@ def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name:
 
 
 def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions: Predictions,
-                     want_pixel: bool, want_image: bool, logger) -> tuple[dict, dict | None, dict]:
+                     want_pixel: bool, want_image: bool, decision: Decision | None,
+                     logger) -> tuple[dict, dict | None, dict, dict | None]:
     """Metrics of one dataset (with intervals under --bootstrap), its patient-level figures
-    (None without case ids) and its per-class metrics ({} unless meta.json has several classes)."""
+    (None without case ids), its per-class metrics ({} unless meta.json has several classes) and
+    what its ``decision`` gives: Brier, ECE and the four rates at the operating point among the
+    metrics (image and patient level), and their description with the reliability bins (None
+    without image metrics). Ranking metrics are always those of the scores."""
     values = evaluation.quietly(compute_metrics, predictions, want_pixel, want_image, args.aupro)
     evaluation.note_undefined(logger, name, {name: (values, predictions.labels)})
     groups, patients = evaluation.groups_of(predictions.paths)
+    counts = evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed) if args.bootstrap else None
     if args.bootstrap:
-        counts = evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed)
         replicates = {}
         if want_image:
             replicates.update(evaluation.image_replicates(predictions.labels, predictions.scores, groups, counts))
@@ -144,19 +194,29 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
             if args.aupro == "legacy":  # intervals are of the standard AUPRO only
                 del replicates["pixel_aupro"]
         values.update({f"{key}_ci": evaluation.interval(samples) for key, samples in replicates.items()})
-    patient_values = None
+    patient_values, own = None, np.arange(len(patients))
+    labels, scores = evaluation.patient_level(predictions.labels, predictions.scores, groups, len(patients))
     if want_image and len(patients) < len(predictions.paths):
-        labels, scores = evaluation.patient_level(predictions.labels, predictions.scores, groups, len(patients))
         patient_values = {f"patient_{key[6:]}": value
                           for key, value in evaluation.quietly(metrics.image_metrics, labels, scores).items()}
         evaluation.note_undefined(logger, f"{name} patient level", {name: (patient_values, labels)}, "patient")
         patient_values.update(n_patients=len(patients), n_abnormal=int(labels.sum()))
         if args.bootstrap:
-            own = np.arange(len(patients))
-            replicates = evaluation.image_replicates(
-                labels, scores, own, evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed))
+            replicates = evaluation.image_replicates(labels, scores, own, counts)
             patient_values.update({f"patient_{key[6:]}_ci": evaluation.interval(samples)
                                    for key, samples in replicates.items()})
+    described = None
+    if want_image and decision is not None:
+        figures, bins = assess(predictions.labels, predictions.scores, decision.image, decision.threshold, groups,
+                               counts)
+        values.update(figures)
+        described = {"operating_point": decision.operating_point, "threshold": decision.threshold,
+                     "calibration": decision.calibration(), "fit": decision.image, "reliability": bins}
+        if patient_values is not None:  # a patient: its slices' maximum score, calibrated on patients
+            figures, bins = assess(labels, scores, decision.patient, decision.patient_threshold, own, counts)
+            patient_values.update({f"patient_{key}": value for key, value in figures.items()})
+            described["patients"] = {"threshold": decision.patient_threshold, "calibration": decision.calibration(
+                patient=True), "fit": decision.patient, "reliability": bins}
     classes = evaluation.meta_classes(root, args.split)
     per_class, labelled = {}, {}
     names = [classes.get(path) for path in predictions.paths]
@@ -173,11 +233,12 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
         evaluation.note_undefined(logger, f"{name} per class", labelled)
         logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
                                                         ["class"] + [title for _, title in TABLE_COLUMNS]))
-    return values, patient_values, per_class
+    return values, patient_values, per_class, described
 
 
 VISUAL_KINDS = ((0, "normal"), (1, "abnormal"))
 CURVE_FILES = ("roc_image.png", "pro_pixel.png")
+RELIABILITY = "reliability_{}.png"  # per dataset, in --save_path
 
 
 def drawn_overlays(samples: list[Sample], count: int) -> list[tuple[int, str]]:
@@ -215,7 +276,7 @@ def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[st
     memory, and maps to put on disk (--save_maps, or streamed) that do not fit on it."""
     disk_kept, disk_streamed = 0, 0
     for name, samples in listed.items():
-        files, folders = [], []
+        files, folders = [RELIABILITY.format(name)], []
         if args.k_shot:
             files.append(support_file_name(args.k_shot, args.fewshot_seed, name))
         if args.save_maps:
@@ -277,6 +338,9 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
     listed = {name: list_samples(root, args.split) for root, name in zip(roots, names)}  # logs the counts per class
 
     model, checkpoint = build_model(args, device)
+    # a checkpoint's stored calibration and operating point (few-shot scores are z: fitted per dataset instead)
+    stored = None if checkpoint is None or args.k_shot else checkpoint_decision(checkpoint, args.checkpoint_path,
+                                                                                args.operating_point)
     if args.fewshot_weight is not None:
         model.config.fewshot_weight = args.fewshot_weight
     image_size = model.config.backbone.image_size
@@ -296,8 +360,12 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         dataset = MedicalDataset(listed[name], image_size, skip_bad=args.skip_bad)
         loader = sharded_loader(dataset, args.batch_size, args.num_workers, where)
         model.set_organ(organ_name(name))
+        support = []
         if args.k_shot:
-            run.support_sources[name] = build_memory_bank(args, model, root, name, save_path, device, logger, where)
+            run.support_sources[name], support = build_memory_bank(args, model, root, name, save_path, device,
+                                                                   logger, where)
+        decision = stored or (fitted_decision(args, model, root, name, support, device, logger, where)
+                              if want_image else None)
         maps_dir = (maps_dir_for(args, len(dataset), image_size, name, save_path, logger)
                     if keep_maps and where.is_main else None)
         try:
@@ -305,12 +373,19 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                                   map_dtype=args.map_dtype, maps_dir=maps_dir, where=where)
             if predictions is None:  # not process 0: its share is scored and sent
                 continue
-            values, patient_values, per_class = evaluate_dataset(args, name, root, predictions, want_pixel,
-                                                                 want_image, logger)
+            values, patient_values, per_class, described = evaluate_dataset(args, name, root, predictions, want_pixel,
+                                                                            want_image, decision, logger)
             if want_pixel and not predictions.has_masks:
                 logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
-            run.add(name, predictions, values, patient_values, per_class)
+            run.add(name, predictions, values, patient_values, per_class, described)
             run.write(save_path, logger)  # what is done is kept before the optional extras
+            panels = [(f"{name} {level}: Brier {figures[prefix + 'brier']:.3f}, ECE {figures[prefix + 'ece']:.3f}",
+                       level, part["reliability"]) for level, part, figures, prefix in
+                      (("images", described or {}, values, ""),
+                       ("patients", (described or {}).get("patients") or {}, patient_values, "patient_"))
+                      if part.get("reliability")]
+            if panels:
+                atomic_write_bytes(save_path / RELIABILITY.format(name), reliability_figure(panels))
             if args.visualize > 0:
                 write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
                 logger.info(f"{name}: overlays and ROC/PRO curves written to {save_path / 'visualization' / name}")
@@ -332,18 +407,21 @@ class RunResults:
         self.args, self.checkpoint, self.started, self.n_datasets = args, checkpoint, started, n_datasets
         self.results: dict[str, dict] = {}
         self.patient_results: dict[str, dict] = {}
+        self.calibration: dict[str, dict] = {}  # per dataset: operating point, calibration, reliability bins
         self.support_sources: dict[str, str] = {}
         self.score_rows = [["dataset", "path", "label", "score"]]
         self.summary: dict = {}
 
     def add(self, name: str, predictions: Predictions, values: dict, patient_values: dict | None,
-            per_class: dict) -> None:
+            per_class: dict, described: dict | None = None) -> None:
         values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
         if per_class:
             values["classes"] = per_class
         self.results[name] = values
         if patient_values is not None:
             self.patient_results[name] = patient_values
+        if described is not None:
+            self.calibration[name] = described
         self.score_rows += [[name, path, int(label), f"{score:.6f}"]
                             for path, label, score in zip(predictions.paths, predictions.labels, predictions.scores)]
 
@@ -368,6 +446,23 @@ class RunResults:
                 logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
                             f"{patient_table}")
             files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))
+        if self.calibration:
+            calibrated = {}
+            for name, described in self.calibration.items():
+                calibrated[name] = results[name]
+                if name in patient_results:
+                    calibrated[f"{name} patients"] = {key[8:]: value for key, value in patient_results[name].items()
+                                                        if key.startswith("patient_")}
+            files["results_calibration.csv"] = csv_text(csv_rows(calibrated, CALIBRATION_COLUMNS, mean_row=False))
+            if complete:
+                notes = "\n".join(f"{name}: probabilities {d['calibration']}; decisions at {d['operating_point']}, "
+                                  f"score >= {d['threshold']:.6g}" if d["threshold"] is not None else
+                                  f"{name}: probabilities {d['calibration']}; no operating point"
+                                  for name, d in self.calibration.items())
+                logger.info("\ncalibration and decisions (patients: their slices' maximum score, calibrated and "
+                            "thresholded on patients)\n" + pipe_table(
+                                format_table(calibrated, CALIBRATION_COLUMNS, mean_row=False),
+                                ["dataset"] + [title for _, title in CALIBRATION_COLUMNS]) + f"\n{notes}")
         per_class = {f"{name}/{class_name}": class_values for name, values in results.items()
                      for class_name, class_values in values.get("classes", {}).items()}
         if per_class:
@@ -383,6 +478,7 @@ class RunResults:
             "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
                           "interval": "95% percentile"} if args.bootstrap else None,
             "support_files": self.support_sources,
+            "calibration": self.calibration,
             # few-shot scores and maps are the memory bank's z values (CLIP/memory_bank.py), on another
             # scale than the checkpoint's threshold, which was chosen on probabilities without a bank
             "score_scale": "z" if args.k_shot else "probability",

@@ -1,0 +1,191 @@
+"""Calibration and operating points end to end: train.py fits and stores them on its validation
+images, test.py reports Brier, ECE and the four rates on the test split from them (or fits them on
+the support set / valid split), never on the test split, with the ranking metrics untouched."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+import calibration
+import train
+from tests.test_calibration import slow_ece, sklearn_calibrated, slow_rates
+from tests.test_pipeline import SIZE, TINY, run_train, spy_predict, test_script
+from dataset import load_image, preprocess
+from generate_dataset.demo import build_demo
+from utils import InputError
+
+EVAL = ["--num_workers", "0", "--device", "cpu", "--batch_size", "4"]
+BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), *EVAL]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    return build_demo(str(tmp_path_factory.mktemp("data")), n_train=4, n_valid=(10, 10), n_test=(6, 6),
+                      image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def poisoned(demo, tmp_path_factory) -> str:
+    """The demo set with its test labels swapped (good <-> Ungood): what a fit on the test split would see."""
+    copy = tmp_path_factory.mktemp("poisoned") / "Brain"
+    shutil.copytree(demo, copy)
+    test = copy / "test"
+    (test / "good").rename(test / "was_good")
+    (test / "Ungood").rename(test / "good")
+    shutil.rmtree(test / "good" / "anomaly_mask")
+    (test / "was_good").rename(test / "Ungood")
+    return str(copy)
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory) -> tuple[Path, list]:
+    """A checkpoint kept at --operating_point sensitivity=0.9, and the selection predictions it saw."""
+    run = tmp_path_factory.mktemp("run")
+    monkeypatch = pytest.MonkeyPatch()
+    selection = spy_predict(monkeypatch, train)
+    try:
+        run_train(run, demo, "--epoch", "1", "--operating_point", "sensitivity=0.9")
+    finally:
+        monkeypatch.undo()
+    return run / "best.pth", selection
+
+
+def scores_csv(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows = list(csv.DictReader((folder / "scores.csv").open()))
+    return np.array([int(r["label"]) for r in rows]), np.array([float(r["score"]) for r in rows])
+
+
+def test_train_stores_a_calibration_and_threshold_fitted_on_its_validation_images(trained):
+    path, selection = trained
+    stored = torch.load(path, weights_only=True)
+    [predictions] = selection  # one epoch, one selection pass: the held-out valid images
+    assert all("/valid/" in p for p in predictions.paths)
+    entry = stored["calibration"]
+    np.testing.assert_array_equal(entry["scores"], predictions.scores)
+    np.testing.assert_array_equal(entry["labels"], predictions.labels)
+    assert entry["image"]["method"] == "platt" and entry["images"] == "validation images"
+    np.testing.assert_allclose(calibration.probabilities(entry["image"], predictions.scores),
+                               sklearn_calibrated(predictions.scores, predictions.labels, "sigmoid", predictions.scores),
+                               atol=1e-6)
+    assert stored["operating_point"] == "sensitivity=0.9"
+    labels, scores, threshold = predictions.labels, predictions.scores, stored["threshold"]
+    assert slow_rates(labels, scores, threshold)[0] >= 0.9  # reached on the validation images
+    assert all(slow_rates(labels, scores, t)[0] < 0.9 for t in scores[scores > threshold])
+
+
+def test_test_reports_brier_ece_and_rates_of_the_stored_calibration_with_intervals(trained, demo, tmp_path):
+    path, _ = trained
+    stored = torch.load(path, weights_only=True)
+    out = tmp_path / "res"
+    summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(path), "--save_path", str(out),
+                                "--bootstrap", "20", *EVAL])
+    brain, described = summary["datasets"]["Brain"], summary["calibration"]["Brain"]
+    labels, scores = scores_csv(out)
+    fit = stored["calibration"]["image"]
+    probability = expit(fit["slope"] * scores + fit["intercept"])  # Platt's sigmoid, by hand
+    assert brain["brier"] == pytest.approx(brier_score_loss(labels, probability), abs=1e-6)
+    assert brain["ece"] == pytest.approx(slow_ece(labels, probability), abs=1e-6)
+    sensitivity, specificity = slow_rates(labels, scores, stored["threshold"])
+    assert (brain["sensitivity"], brain["specificity"]) == pytest.approx((sensitivity, specificity))
+    called = scores >= stored["threshold"]
+    if called.any():
+        assert brain["ppv"] == pytest.approx(labels[called].mean())
+    for key in ("brier", "ece", "sensitivity", "specificity", "ppv", "npv"):
+        assert len(brain[f"{key}_ci"]) == 2
+    assert described["threshold"] == stored["threshold"]
+    assert described["operating_point"] == "sensitivity 0.9 on validation images"
+    assert described["calibration"].startswith("platt, fitted on 4 validation images")
+    assert sum(described["reliability"]["count"]) == 12
+    assert (out / "reliability_Brain.png").stat().st_size > 5000
+    table = list(csv.reader((out / "results_calibration.csv").open()))
+    assert table[0][:4] == ["dataset", "Brier", "Brier low", "Brier high"] and table[1][0] == "Brain"
+    assert table[1][1] == f"{100 * brain['brier']:.1f}"
+    assert json.loads((out / "results.json").read_text())["calibration"]["Brain"]["fit"] == fit
+
+
+def test_another_operating_point_is_chosen_on_the_stored_validation_scores(trained, demo, tmp_path):
+    path, _ = trained
+    entry = torch.load(path, weights_only=True)["calibration"]
+    summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(path), "--save_path", str(tmp_path),
+                                "--operating_point", "specificity=0.5", "--metrics", "image-level", *EVAL])
+    labels, scores = np.array(entry["labels"]), np.array(entry["scores"])
+    lowest = min(t for t in scores if slow_rates(labels, scores, t)[1] >= 0.5)
+    assert summary["calibration"]["Brain"]["threshold"] == lowest
+
+
+def test_ranking_metrics_are_those_of_the_scores_whatever_the_calibration(trained, demo, tmp_path):
+    """A stored isotonic step that ties most images, and no calibration at all (a checkpoint from
+    before): AUROC, AP and the pixel metrics stay those of the scores; the old one says uncalibrated."""
+    path, _ = trained
+    stored = torch.load(path, weights_only=True)
+    calibrated = test_script.main(["--data_path", demo, "--checkpoint_path", str(path), "--save_path",
+                                   str(tmp_path / "calibrated"), *EVAL])["datasets"]["Brain"]
+    labels, scores = scores_csv(tmp_path / "calibrated")
+    middle = float(np.median(scores))
+    step = {"method": "isotonic", "x": [middle, middle + 1e-9], "y": [0.2, 0.8], "n_images": 4, "n_abnormal": 2}
+    assert roc_auc_score(labels, calibration.probabilities(step, scores)) != roc_auc_score(labels, scores)
+    torch.save({**stored, "calibration": {**stored["calibration"], "image": step}}, tmp_path / "step.pth")
+    old = {key: value for key, value in stored.items() if key not in ("calibration", "operating_point")}
+    torch.save(old, tmp_path / "old.pth")
+    for name in ("step", "old"):
+        summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(tmp_path / f"{name}.pth"),
+                                    "--save_path", str(tmp_path / name), *EVAL])
+        values = summary["datasets"]["Brain"]
+        assert values["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert values["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro"):
+            assert values[key] == calibrated[key], key
+    assert summary["calibration"]["Brain"]["calibration"] == "uncalibrated" and "brier" not in values
+    assert values["sensitivity"] == calibrated["sensitivity"]  # at the threshold it stores
+    with pytest.raises(InputError, match="old.pth was saved before calibration was stored"):
+        test_script.main(["--data_path", demo, "--checkpoint_path", str(tmp_path / "old.pth"),
+                          "--save_path", str(tmp_path / "x"), "--operating_point", "youden", *EVAL])
+
+
+def test_the_baseline_is_calibrated_on_the_valid_split_never_on_the_test_split(demo, poisoned, tmp_path):
+    summaries = [test_script.main(["--data_path", root, "--save_path", str(tmp_path / name), "--metrics",
+                                   "image-level", *BASELINE])
+                 for name, root in (("clean", demo), ("poisoned", poisoned))]
+    clean, dirty = (summary["calibration"]["Brain"] for summary in summaries)
+    assert clean["calibration"] == "platt, fitted on 20 valid split images (10 abnormal)"
+    assert clean["fit"] == dirty["fit"] and clean["threshold"] == dirty["threshold"]
+    assert summaries[0]["datasets"]["Brain"]["brier"] != summaries[1]["datasets"]["Brain"]["brier"]
+    on_valid = test_script.main(["--data_path", demo, "--save_path", str(tmp_path / "valid"), "--split", "valid",
+                                 "--metrics", "image-level", *BASELINE])
+    assert on_valid["calibration"]["Brain"]["calibration"] == "uncalibrated"  # never the evaluated split
+    assert "brier" not in on_valid["datasets"]["Brain"] and "sensitivity" not in on_valid["datasets"]["Brain"]
+
+
+def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, poisoned, tmp_path, monkeypatch):
+    """The normal support images scored against the bank without them, the abnormal ones as test images."""
+    run = tmp_path / "fewshot"
+    train.main(["--train_data_path", demo, "--save_path", str(run), "--epoch", "1", "--k_shot", "2", *TINY])
+    seen = []
+    real = test_script.support_predictions
+    monkeypatch.setattr(test_script, "support_predictions", lambda model, support, *rest, **named: (
+        seen.append((model, support)) or real(model, support, *rest, **named)))
+    described = []
+    for name, root in (("clean", demo), ("poisoned", poisoned)):
+        summary = test_script.main(["--data_path", root, "--checkpoint_path", str(run / "best.pth"), "--k_shot",
+                                    "2", "--save_path", str(tmp_path / name), "--metrics", "image-level", *EVAL])
+        described.append(summary["calibration"]["Brain"])
+    assert described[0]["calibration"] == "platt, fitted on 4 support images (2 abnormal)"
+    assert described[0]["operating_point"] == "F1-max on support images"
+    assert described[0]["fit"] == described[1]["fit"] and described[0]["threshold"] == described[1]["threshold"]
+    model, support = seen[-1]
+    normal = model.memory_bank.left_out_scores(model.config.fewshot_weight).numpy()
+    with torch.no_grad():
+        abnormal = model(torch.stack([preprocess(load_image(s.image_path), SIZE) for s in support
+                                      if s.label == 1])).image_score.double().numpy()
+    scores = np.r_[normal, abnormal]
+    labels = np.r_[np.zeros(len(normal), int), np.ones(len(abnormal), int)]
+    np.testing.assert_allclose(calibration.probabilities(described[1]["fit"], scores),
+                               sklearn_calibrated(scores, labels, "sigmoid", scores), atol=1e-6)
