@@ -189,3 +189,48 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(abnormal), int)]
     np.testing.assert_allclose(calibration.probabilities(described[1]["fit"], scores),
                                sklearn_calibrated(scores, labels, "sigmoid", scores), atol=1e-6)
+
+
+def by_patient(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Patient labels (any image abnormal) and scores (the highest), a loop over the names."""
+    patients = sorted(set(names))
+    return (np.array([max(l for l, n in zip(labels, names) if n == p) for p in patients]),
+            np.array([max(s for s, n in zip(scores, names) if n == p) for p in patients]))
+
+
+def youden_by_hand(labels: np.ndarray, scores: np.ndarray) -> float:
+    candidates = np.unique(scores)[::-1]
+    return candidates[int(np.argmax([sum(slow_rates(labels, scores, t)) - 1 for t in candidates]))]
+
+
+def test_patients_are_read_by_their_highest_score_with_their_own_calibration_and_threshold(trained, demo, tmp_path):
+    """A stored calibration of 20 validation patients (3 images each) at Youden's J: the patient rows
+    are the test patients' highest scores, mapped and thresholded as fitted on those patients."""
+    path, _ = trained
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    scores = np.r_[rng.uniform(0.40, 0.48, 30), rng.uniform(0.44, 0.52, 30)]
+    # patients v0-v4: three normal images; v5-v19: one normal and two abnormal
+    names = [f"v{p}" for p in np.r_[np.repeat(np.arange(5), 3), np.arange(5, 20), np.repeat(np.arange(5, 20), 2)]]
+    entry = calibration.Calibration.fitted(scores, labels, names, "validation images").to_dict()
+    stored = torch.load(path, weights_only=True)
+    torch.save({**stored, "calibration": entry, "operating_point": "youden"}, tmp_path / "c.pth")
+    out = tmp_path / "res"
+    summary = test_script.main(["--data_path", demo, "--checkpoint_path", str(tmp_path / "c.pth"), "--save_path",
+                                str(out), "--metrics", "image-level", *EVAL])
+    valid_labels, valid_scores = by_patient(labels, scores, names)
+    described = summary["calibration"]["Brain"]
+    assert described["patients"]["threshold"] == youden_by_hand(valid_labels, valid_scores)
+    assert described["threshold"] == youden_by_hand(labels, scores)
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    test_labels, test_scores = by_patient([int(r["label"]) for r in rows], [float(r["score"]) for r in rows],
+                                          [Path(r["path"]).stem.split("_")[0] for r in rows])
+    patient = summary["patients"]["Brain"]
+    assert patient["patient_sensitivity"] == pytest.approx(
+        slow_rates(test_labels, test_scores, described["patients"]["threshold"])[0])
+    # scikit-learn's solver stops about 1e-8 short of the optimum, which a slope of 80 moves by 1e-6 here
+    probability = sklearn_calibrated(valid_scores, valid_labels, "sigmoid", test_scores)
+    assert patient["patient_brier"] == pytest.approx(brier_score_loss(test_labels, probability, labels=[0, 1]), abs=1e-5)
+    assert patient["patient_ece"] == pytest.approx(slow_ece(test_labels, probability), abs=1e-5)
+    assert described["patients"]["calibration"] == "platt, fitted on 20 validation patients " \
+                                                   f"({int(valid_labels.sum())} abnormal)"
