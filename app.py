@@ -3,8 +3,8 @@
     python app.py --checkpoint_path checkpoint/indomain/Brain/best.pth      # http://127.0.0.1:7860
 
 Upload a PNG/JPG, a DICOM file, a NIfTI/NRRD/MetaImage volume or a zipped DICOM series, or pick an
-image of the demo set. The page shows the overlay, the score and the decision at the checkpoint's
-threshold; a volume also gets a slice slider, the per-slice score plot and its most anomalous
+image of the demo set. The page shows the overlay, the score, its calibrated probability (or
+"uncalibrated") and the decision at the checkpoint's operating point; a volume also gets a slice slider, the per-slice score plot and its most anomalous
 slices. The map (PNG, or a volume on the input's grid) and the mask can be downloaded.
 Reading, scoring and the output files are test_one_example.py's own (``read_one``,
 ``score_slices``, ``report``), so the page shows the score the command line gives. Every
@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import test_one_example  # noqa: E402
+from calibration import Decision  # noqa: E402
 from utils import ArgumentParser, InputError, one_line, positive_int, resolve_device, run_cli  # noqa: E402
 from visualization import fit_within, overlay_panel  # noqa: E402
 
@@ -94,8 +95,9 @@ class Scorer:
     ``--max_voxels``; each one's output files go to a folder of their own under ``workspace``
     (removed with the app), which ``release`` removes once the page has been sent the result."""
 
-    def __init__(self, model, threshold: float, source: str, args: argparse.Namespace, device):
-        self.model, self.threshold, self.source, self.args, self.device = model, threshold, source, args, device
+    def __init__(self, model, decision: Decision, source: str, args: argparse.Namespace, device):
+        self.model, self.decision, self.source, self.args, self.device = model, decision, source, args, device
+        self.threshold = decision.threshold  # of an image, a volume's slices
         self.workspace = tempfile.TemporaryDirectory(prefix="medvmad_app_")
 
     def __call__(self, path: str) -> dict:
@@ -105,7 +107,7 @@ class Scorer:
                                                      args.batch_size, path)
         out = Path(tempfile.mkdtemp(dir=self.workspace.name))
         try:
-            record = test_one_example.report(scan, scores, maps, self.threshold, self.source, out, args.top_k,
+            record = test_one_example.report(scan, scores, maps, self.decision, self.source, out, args.top_k,
                                              args.volume_format)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
@@ -157,6 +159,8 @@ def build_app(scorer: Scorer | None, demo: list[tuple[str, str]] = (), message: 
                                   elem_id="demo", interactive=bool(demo))
         with gr.Row():
             score = gr.Textbox(label="score", interactive=False, elem_id="score")
+            probability = gr.Textbox(label="calibrated probability of abnormal", interactive=False,
+                                     elem_id="probability")
             decision = gr.Textbox(label="decision", interactive=False, elem_id="decision")
         overlay = gr.Image(label="overlay", type="numpy", interactive=False, elem_id="overlay", height=400,
                            buttons=NO_SHARE)
@@ -171,7 +175,7 @@ def build_app(scorer: Scorer | None, demo: list[tuple[str, str]] = (), message: 
         def run(path: str | None) -> Iterator[tuple]:
             """The page's outputs for one upload; its output folder is removed once gradio has sent
             them (and copied the files into its own cache), when the generator resumes or is closed."""
-            empty = ("", "", None, gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
+            empty = ("", "", "", None, gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
                      None, None)
             if not path:
                 yield (gr.Markdown(),) + empty
@@ -197,16 +201,20 @@ def build_app(scorer: Scorer | None, demo: list[tuple[str, str]] = (), message: 
                 scorer.release(record)
 
         def page_outputs(record: dict) -> tuple:
-            view, threshold = record["view"], record["threshold"]
+            view, threshold = record["view"], record.get("slice_threshold", record["threshold"])
             note = " ".join(f"Warning: {w.replace(os.path.dirname(record['path']) + os.sep, '')}"
                             for w in record.get("warnings", []))
-            verdict = f"{record['decision']} (threshold {threshold:.3f}, {record['threshold_from']})"
+            verdict = (f"{record['decision']} at {record['operating_point']} (score >= {record['threshold']:.3f}, "
+                       f"{record['threshold_from']})")
+            shown = ("uncalibrated" if record["probability"] is None else
+                     f"{record['probability']:.3f} ({record['calibration']})")
             if view["indices"] is None:
-                return (gr.Markdown(note), f"{record['score']:.6f}", verdict, slice_panel(view, threshold, None),
+                return (gr.Markdown(note), f"{record['score']:.6f}", shown, verdict, slice_panel(view, threshold, None),
                         gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
                         record["downloads"], view)
             best = record["most_anomalous_slice"]
-            return (gr.Markdown(note), f"{record['score']:.6f}", verdict + f", most anomalous slice {best}",
+            return (gr.Markdown(note), f"{record['score']:.6f}", shown + " for the volume",
+                    verdict + f", most anomalous slice {best}",
                     slice_panel(view, threshold, best),
                     gr.Slider(minimum=view["indices"][0], maximum=view["indices"][-1], value=best, step=1,
                               visible=True),
@@ -224,7 +232,7 @@ def build_app(scorer: Scorer | None, demo: list[tuple[str, str]] = (), message: 
                 logger.warning("could not show slice %s: %s", index, one_line(str(error)))
                 return gr.Markdown(f"**Could not show slice {index}.** {one_line(str(error))}"), gr.Image(), gr.Plot()
 
-        outputs = [status, score, decision, overlay, slider, plot, montage, files, state]
+        outputs = [status, score, probability, decision, overlay, slider, plot, montage, files, state]
         upload.upload(run, inputs=upload, outputs=outputs)
         chooser.select(run, inputs=chooser, outputs=outputs)  # once per pick (.input fires twice in gradio 6)
         slider.release(show_slice, inputs=[state, slider], outputs=[status, overlay, plot])

@@ -65,10 +65,14 @@ class OperatingPoint:
     def __str__(self) -> str:
         return self.rule if self.target is None else f"{self.rule}={self.target:g}"
 
+    @property
+    def name(self) -> str:
+        """'sensitivity 0.95', 'F1-max', "Youden's J"."""
+        return {"f1": "F1-max", "youden": "Youden's J"}.get(self.rule) or f"{self.rule} {self.target:g}"
+
     def describe(self, images: str = "validation") -> str:
         """'sensitivity 0.95 on validation', 'F1-max on validation', "Youden's J on validation"."""
-        name = {"f1": "F1-max", "youden": "Youden's J"}.get(self.rule) or f"{self.rule} {self.target:g}"
-        return f"{name} on {images}"
+        return f"{self.name} on {images}"
 
 
 F1_MAX = OperatingPoint("f1")
@@ -254,22 +258,34 @@ class Decision:
     at an operating point, for an image and for a patient (a volume) by its maximum slice score."""
     threshold: float | None          # an image is called abnormal when its score >= threshold
     patient_threshold: float | None  # a patient when its maximum score >= this
-    operating_point: str             # in words: "sensitivity 0.95 on validation images"
+    rule: str                        # "sensitivity 0.95", "F1-max"; or how a threshold was given: "--threshold 0.3"
     image: dict | None = None        # ``fit``: image score -> P(abnormal)
     patient: dict | None = None      # ``fit``: a patient's maximum score -> P(abnormal)
-    images: str = "validation images"  # what the fits and thresholds were chosen on
+    images: str = "validation images"  # what the fits and the rule's thresholds come from
+    chosen: bool = True              # the thresholds were chosen by ``rule`` (not given, not a default)
+    patients_chosen: bool = False    # the patient threshold was chosen on patients (else the images')
 
     @classmethod
-    def chosen(cls, calibration: Calibration | None, point: OperatingPoint, stored: float | None = None) -> Decision:
+    def chosen_by(cls, calibration: Calibration | None, point: OperatingPoint, stored: float | None = None
+                  ) -> Decision:
         """What ``point`` picks on ``calibration``'s images (a threshold None when they hold one
         class; the patients' the images' when the patients do); without them (a checkpoint from
         before calibration was stored) uncalibrated, at the ``stored`` threshold for images and
         patients alike (a patient is abnormal when a slice is)."""
         if calibration is None:
-            return cls(stored, stored, point.describe("validation images"))
+            return cls(stored, stored, point.name)
         threshold, patient_threshold = calibration.threshold(point), calibration.threshold(point, patients=True)
-        return cls(threshold, threshold if patient_threshold is None else patient_threshold,
-                   point.describe(calibration.images), calibration.image, calibration.patient, calibration.images)
+        return cls(threshold, threshold if patient_threshold is None else patient_threshold, point.name,
+                   calibration.image, calibration.patient, calibration.images, True, patient_threshold is not None)
+
+    def operating_point(self, patient: bool = False) -> str:
+        """In words: 'sensitivity 0.95 on validation images' (a patient's: '... on validation
+        patients', or the images' applied to its highest slice); a given threshold: its rule."""
+        if not self.chosen:
+            return self.rule
+        if patient and self.patients_chosen:
+            return f"{self.rule} on {self.images.replace('images', 'patients')}"
+        return f"{self.rule} on {self.images}" + (", applied to the highest slice" if patient else "")
 
     def probability(self, score: float, patient: bool = False) -> float | None:
         """P(abnormal) of an image score (of a patient's maximum score); None when uncalibrated."""
@@ -296,13 +312,13 @@ def checkpoint_decision(payload: dict, path: str, asked: str | None) -> Decision
         if asked is not None and operating_point(asked) != F1_MAX:
             raise InputError(f"{where} was saved before calibration was stored: it knows only its F1-max "
                              f"threshold, not --operating_point {asked}; train it again, or give --threshold")
-        return Decision.chosen(None, F1_MAX, stored)
+        return Decision.chosen_by(None, F1_MAX, stored)
     calibration = Calibration.from_dict(payload["calibration"], where)
     try:
         point = operating_point(asked or str(payload.get("operating_point")))
     except argparse.ArgumentTypeError as error:
         raise InputError(f"{where}: its operating point: {error}") from None
-    return Decision.chosen(calibration, point)
+    return Decision.chosen_by(calibration, point)
 
 
 # ----------------------------------------------------------------------------- how good it is

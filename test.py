@@ -137,7 +137,7 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
             except InputError as error:
                 logger.warning(f"{name}: uncalibrated: no valid split to calibrate on ({error})")
         if not samples:
-            return Decision(None, None, "no operating point") if where.is_main else None
+            return Decision(None, None, "no operating point", chosen=False) if where.is_main else None
         loader = sharded_loader(MedicalDataset(samples, model.config.backbone.image_size, skip_bad=args.skip_bad),
                                 args.batch_size, args.num_workers, where)
         predictions = predict(model, loader, device, args.precision, keep_maps=False, desc=f"{name} valid",
@@ -146,9 +146,9 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
     if scored is None:
         return None
     scores, labels, paths = scored
-    decision = Decision.chosen(Calibration.fitted(scores, labels, [evaluation.patient_of(p) for p in paths], images),
+    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [evaluation.patient_of(p) for p in paths], images),
                                point)
-    logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point}")
+    logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point()}")
     return decision
 
 
@@ -210,13 +210,15 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
         figures, bins = assess(predictions.labels, predictions.scores, decision.image, decision.threshold, groups,
                                counts)
         values.update(figures)
-        described = {"operating_point": decision.operating_point, "threshold": decision.threshold,
+        described = {"operating_point": decision.operating_point(), "threshold": decision.threshold,
                      "calibration": decision.calibration(), "fit": decision.image, "reliability": bins}
         if patient_values is not None:  # a patient: its slices' maximum score, calibrated on patients
             figures, bins = assess(labels, scores, decision.patient, decision.patient_threshold, own, counts)
             patient_values.update({f"patient_{key}": value for key, value in figures.items()})
-            described["patients"] = {"threshold": decision.patient_threshold, "calibration": decision.calibration(
-                patient=True), "fit": decision.patient, "reliability": bins}
+            described["patients"] = {"operating_point": decision.operating_point(patient=True),
+                                     "threshold": decision.patient_threshold,
+                                     "calibration": decision.calibration(patient=True), "fit": decision.patient,
+                                     "reliability": bins}
     classes = evaluation.meta_classes(root, args.split)
     per_class, labelled = {}, {}
     names = [classes.get(path) for path in predictions.paths]

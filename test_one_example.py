@@ -5,15 +5,18 @@
 For each input it writes, in --save_path (default results/one_example), <name>.png (titled panels
 image | anomaly map | overlay, the score above, a colour bar of the fixed 0-1 heat scale),
 <name>.npy (the map, float16, at the input's size; [S,H,W] for a volume) and one JSON line
-in predictions.jsonl: path, score, decision, threshold (and per-slice scores for a volume, whose
-score is the maximum over slices, plus a montage of its most anomalous slices).
-The decision threshold is the checkpoint's (F1-max on its validation split); --threshold overrides.
+in predictions.jsonl: path, score, its calibrated probability, decision, threshold and operating
+point (and per-slice scores for a volume, whose score is the maximum over slices, plus a montage
+of its most anomalous slices). Probability and threshold are the checkpoint's (calibration.py:
+fitted and chosen on its validation images, at --operating_point; a volume is a patient, with
+the patients' calibration and threshold); --threshold overrides the thresholds.
 An input's files and its line are written as one unit: a line names only files written whole, and
 no file is left without its line, even after a full disk or a kill.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import io
 import json
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from CLIP.MedVMAD import MedVMAD
+from calibration import Decision, checkpoint_decision, operating_point_flag
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
 from medical_io import MAX_VOXELS, WINDOW_PRESETS, Framing, Scan, index_ranges
@@ -49,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save_path", default="results/one_example",
                         help="output folder; the run prints it at the end (default: %(default)s)")
     parser.add_argument("--threshold", type=unit_interval, help="decision threshold (default: the checkpoint's)")
+    parser.add_argument("--operating_point", type=operating_point_flag,
+                        help="the rule that picks the threshold on the checkpoint's validation images: f1, youden, "
+                             "sensitivity=X or specificity=X (default: the checkpoint's own)")
     parser.add_argument("--dataset", default="brain", help="organ wording of the fixed prompt ensemble (the zero-training baseline, --variant mvfa)")
     parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                         help="intensity window for DICOM/NIfTI (HU for CT)")
@@ -89,21 +96,27 @@ def volume_framing(args: argparse.Namespace, checkpoint: dict | None) -> tuple[F
     return framing, trained
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, float, str]:
-    """The model, its decision threshold and where the threshold came from; sets ``args.framing``,
-    the framing volumes are read with, and ``args.trained_framing``, the checkpoint's (``volume_framing``)."""
+def build(args: argparse.Namespace, device: torch.device) -> tuple[MedVMAD, Decision, str]:
+    """The model, how its scores are read (calibrated probabilities and thresholds at
+    --operating_point: ``calibration.checkpoint_decision``) and where the thresholds came from;
+    sets ``args.framing``, the framing volumes are read with, and ``args.trained_framing``, the
+    checkpoint's (``volume_framing``)."""
+    if args.operating_point and not args.checkpoint_path:
+        raise InputError("--operating_point picks a threshold on a checkpoint's validation images: give "
+                         "--checkpoint_path (the zero-training baseline has none; give --threshold)")
     model, checkpoint = build_model(args, device, organ=args.dataset)
     model.set_organ(args.dataset)  # the fixed prompt ensemble (baseline, mvfa) speaks of the scan's organ
     args.framing, args.trained_framing = volume_framing(args, checkpoint)
-    stored = None if checkpoint is None else checkpoint.get("threshold")
+    decision = (Decision(None, None, "no operating point", chosen=False) if checkpoint is None
+                else checkpoint_decision(checkpoint, args.checkpoint_path, args.operating_point))
     if args.threshold is not None:
-        return model.eval(), args.threshold, "--threshold"
-    if stored is not None:
-        if not isinstance(stored, (int, float)) or not 0 <= stored <= 1:  # NaN fails too
-            raise InputError(f"--checkpoint_path {args.checkpoint_path}: its threshold {stored!r} is not a number "
-                             f"in [0, 1]; give --threshold")
-        return model.eval(), float(stored), "checkpoint"
-    return model.eval(), 0.5, "default 0.5 (no calibrated threshold)"
+        return model.eval(), dataclasses.replace(decision, threshold=args.threshold, patient_threshold=args.threshold,
+                                                 rule=f"--threshold {args.threshold:g}", chosen=False), "--threshold"
+    if decision.threshold is not None:
+        return model.eval(), decision, "checkpoint"
+    default = dataclasses.replace(decision, threshold=0.5, patient_threshold=0.5, rule="default 0.5",
+                                  chosen=False)
+    return model.eval(), default, "default 0.5 (no calibrated threshold)"
 
 
 def read_one(path: str, args: argparse.Namespace, single_file: bool = False) -> Scan:
@@ -206,11 +219,13 @@ def check_written(path: Path, shown_as: Path) -> None:
     sync_file(path)
 
 
-def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: float, source: str,
+def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], decision: Decision, source: str,
            save_path: Path, top_k: int, volume_format: str = "nifti", stem: str | None = None) -> dict:
     """Write the overlay/montage PNG, the map (.npy) and the map and mask files of one input, and
     its JSON record in ``save_path``/predictions.jsonl, as one unit (``utils.commit_staged``, under
-    the folder's lock); return the record. ``stem`` names the files (default: the input's)."""
+    the folder's lock); return the record. ``stem`` names the files (default: the input's).
+    A 2-D input is an image; a volume a patient, read by its maximum slice score with the
+    ``decision``'s patient calibration and threshold (its slices at the image threshold)."""
     stem = stem or output_stem(scan.path)
     staging = staging_folder(save_path)
     try:
@@ -219,8 +234,16 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
         array = io.BytesIO()
         np.save(array, np.stack(shown).astype(np.float16) if scan.slice_indices else shown[0].astype(np.float16))
         atomic_write_bytes(staging / f"{stem}.npy", array.getvalue())
-        record = {"path": scan.path, "score": float(scores.max()), "threshold": threshold, "threshold_from": source}
-        record["decision"] = "anomalous" if record["score"] >= threshold else "normal"
+        volume = scan.slice_indices is not None
+        threshold = decision.threshold
+        record = {"path": scan.path, "score": float(scores.max()),
+                  "threshold": decision.patient_threshold if volume else threshold, "threshold_from": source}
+        record["decision"] = "anomalous" if record["score"] >= record["threshold"] else "normal"
+        record.update(probability=decision.probability(record["score"], patient=volume),
+                      calibration=decision.calibration(patient=volume),
+                      operating_point=decision.operating_point(patient=volume))
+        stated = "uncalibrated" if record["probability"] is None else f"p {record['probability']:.2f}"
+        caption = f"score {record['score']:.3f} {stated} {record['decision']}"
         try:
             written = write_maps(scan, shown, threshold, staging, stem, volume_format)
         except (RuntimeError, OSError) as error:  # SimpleITK's writers raise RuntimeError
@@ -233,13 +256,14 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], threshold: fl
                       warnings=getattr(scan, "warnings", []))
         if scan.slice_indices is None:
             atomic_write_image(staging / f"{stem}.png", overlay_panel(
-                to_uint8(scan.slices[0]), maps[0], 0.0, 1.0, text=f"score {scores[0]:.3f} {record['decision']}"))
+                to_uint8(scan.slices[0]), maps[0], 0.0, 1.0, text=caption))
         else:
             order = np.argsort(-scores, kind="stable")[:top_k]
             panels = [overlay_panel(to_uint8(scan.slices[i]), maps[i], 0.0, 1.0,
                                     text=f"slice {scan.slice_indices[i]} score {scores[i]:.3f}") for i in order]
             atomic_write_image(staging / f"{stem}.png", montage(panels, columns=1))
             record.update(
+                slice_threshold=threshold,
                 slice_scores={str(index): float(score) for index, score in zip(scan.slice_indices, scores)},
                 most_anomalous_slice=int(scan.slice_indices[int(order[0])]),
                 slices_over_threshold=[int(i) for i, s in zip(scan.slice_indices, scores) if s >= threshold],
@@ -274,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stems = output_stems(paths, save_path)
         refuse_taken(save_path, [name for stem in stems for name in output_names(stem, args.volume_format)])
         device = resolve_device(args.device)
-        model, threshold, source = build(args, device)
+        model, decision, source = build(args, device)
         for path, stem in zip(paths, stems):
             try:
                 scan = read_one(path, args)
@@ -284,8 +308,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"skipped: {one_line(str(error))}", file=sys.stderr)
                 continue
             scores, maps = score_slices(model, scan.slices, device, args.precision, args.batch_size, path)
-            record = report(scan, scores, maps, threshold, source, save_path, args.top_k, args.volume_format, stem)
-            print(json.dumps({k: record[k] for k in ("path", "score", "decision")}))
+            record = report(scan, scores, maps, decision, source, save_path, args.top_k, args.volume_format, stem)
+            print(json.dumps({k: record[k] for k in ("path", "score", "probability", "decision", "operating_point")}))
             records.append(record)
     if not records:
         raise InputError(f"{args.image_path}: no file could be read")

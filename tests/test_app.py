@@ -1,8 +1,8 @@
 """app.py in a real browser: headless Chromium (the Debian package) driven by Playwright.
 
 The page is served on a free localhost port; the test uploads a demo slice, a corrupt file and a
-small NIfTI volume, reads the score from the page and checks it against test_one_example.py's own
-score for the same file. Not skipped when the browser is missing: .ci/run installs it.
+small NIfTI volume, reads the score, calibrated probability and decision from the page and checks
+them against test_one_example.py's own for the same file. Not skipped when the browser is missing: .ci/run installs it.
 """
 from __future__ import annotations
 
@@ -16,14 +16,11 @@ import cv2
 import nibabel
 import numpy as np
 import pytest
-import torch
 
 import app
 import test_one_example
-from CLIP.MedVMAD import MedVMAD
-from CLIP.checkpoint import save_checkpoint
 from generate_dataset.demo import build_demo
-from tests.conftest import tiny_config
+from tests.test_calibration_pipeline import save_calibrated
 from utils import InputError
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")
@@ -86,9 +83,8 @@ def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog, monkeypatch
     from playwright.sync_api import expect, sync_playwright
 
     assert CHROMIUM and os.path.isfile(CHROMIUM), "no chromium: apt-get install -y chromium (.ci/run does)"
-    torch.manual_seed(0)
     checkpoint = tmp_path / "tiny.pth"
-    save_checkpoint(checkpoint, MedVMAD(tiny_config()), threshold=0.5, epoch=1)
+    save_calibrated(checkpoint)
     demo_root = build_demo(str(tmp_path / "demo"), n_train=1, n_valid=(1, 1), n_test=(2, 2), image_size=64)
     demo_slice = app.demo_images(demo_root)[1][1]                    # an anomalous test image
     rng = np.random.default_rng(0)
@@ -131,7 +127,10 @@ def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog, monkeypatch
             score = upload(demo_slice)
             assert float(score) == pytest.approx(expected[demo_slice]["score"], abs=1e-6)
             decision = page.locator("#decision textarea, #decision input").first.input_value()
-            assert decision.startswith(expected[demo_slice]["decision"])
+            assert decision.startswith(f"{expected[demo_slice]['decision']} at F1-max on validation images")
+            probability = page.locator("#probability textarea, #probability input").first.input_value()
+            assert probability == f"{expected[demo_slice]['probability']:.3f} (platt, fitted on 60 validation " \
+                                  "images (30 abnormal))"
             page.screenshot(path=str(shots / "app_slice.png"), full_page=True)
 
             page.goto(f"http://127.0.0.1:{port}/")
@@ -142,6 +141,11 @@ def test_scores_in_the_page_equal_test_one_example(tmp_path, caplog, monkeypatch
             score = upload(volume)                                     # the server kept running
             assert float(score) == pytest.approx(expected[volume]["score"], abs=1e-6)
             expect(page.locator("#slice")).to_be_visible()
+            decision = page.locator("#decision textarea, #decision input").first.input_value()
+            assert decision.startswith(f"{expected[volume]['decision']} at F1-max on validation patients")
+            probability = page.locator("#probability textarea, #probability input").first.input_value()
+            assert probability.startswith(f"{expected[volume]['probability']:.3f} (platt, fitted on 20 validation "
+                                          "patients")
             best = expected[volume]["most_anomalous_slice"]
             expect(page.locator("#slice input[type=number]")).to_have_value(str(best))
             page.screenshot(path=str(shots / "app_volume.png"), full_page=True)

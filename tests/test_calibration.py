@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV, calibration_curve
 from sklearn.frozen import FrozenEstimator
@@ -239,6 +238,7 @@ def test_a_checkpoint_from_before_calibration_is_uncalibrated_at_its_f1_threshol
     decision = calibration.checkpoint_decision({"threshold": 0.55}, "old.pth", None)
     assert (decision.threshold, decision.patient_threshold, decision.image) == (0.55, 0.55, None)
     assert decision.calibration() == "uncalibrated" and decision.probability(0.9) is None
+    assert decision.operating_point(patient=True) == "F1-max on validation images, applied to the highest slice"
     with pytest.raises(InputError, match="old.pth was saved before calibration was stored: .*sensitivity=0.9"):
         calibration.checkpoint_decision({"threshold": 0.55}, "old.pth", "sensitivity=0.9")
 
@@ -248,7 +248,7 @@ def test_a_decision_reads_images_and_patients_each_with_its_own_map_and_threshol
     names = [f"case{p}" for p in np.random.default_rng(10).permutation(np.repeat(np.arange(30), 3))]
     fitted = calibration.Calibration.fitted(scores, labels, names, "validation images")
     point = calibration.operating_point("sensitivity=0.8")
-    decision = calibration.Decision.chosen(fitted, point)
+    decision = calibration.Decision.chosen_by(fitted, point)
     patient_labels, patient_scores = fitted.patient_level()
     assert decision.threshold == calibration.choose_threshold(labels, scores, point)
     assert decision.patient_threshold == calibration.choose_threshold(patient_labels, patient_scores, point)
@@ -257,5 +257,6 @@ def test_a_decision_reads_images_and_patients_each_with_its_own_map_and_threshol
                                                                                 np.array([0.4]))[0]), abs=1e-6)
     assert decision.probability(0.4, patient=True) == pytest.approx(float(sklearn_calibrated(
         patient_scores, patient_labels, "sigmoid", np.array([0.4]))[0]), abs=1e-6)
-    assert decision.operating_point == "sensitivity 0.8 on validation images"
+    assert decision.operating_point() == "sensitivity 0.8 on validation images"
+    assert decision.operating_point(patient=True) == "sensitivity 0.8 on validation patients"
     assert decision.calibration(patient=True).startswith("platt, fitted on 30 validation patients")

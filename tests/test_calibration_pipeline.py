@@ -1,6 +1,7 @@
 """Calibration and operating points end to end: train.py fits and stores them on its validation
 images, test.py reports Brier, ECE and the four rates on the test split from them (or fits them on
-the support set / valid split), never on the test split, with the ranking metrics untouched."""
+the support set / valid split), never on the test split, with the ranking metrics untouched;
+test_one_example.py gives each scan its probability and the operating point of its decision."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
+import nibabel
 import numpy as np
 import pytest
 import torch
@@ -15,11 +18,15 @@ from scipy.special import expit
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 import calibration
+import test_one_example
 import train
-from tests.test_calibration import slow_ece, sklearn_calibrated, slow_rates
-from tests.test_pipeline import SIZE, TINY, run_train, spy_predict, test_script
+from CLIP.MedVMAD import MedVMAD
+from CLIP.checkpoint import save_checkpoint
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
+from tests.conftest import tiny_config
+from tests.test_calibration import sklearn_calibrated, slow_ece, slow_rates
+from tests.test_pipeline import SIZE, TINY, f1_max_threshold, run_train, spy_predict, test_script
 from utils import InputError
 
 EVAL = ["--num_workers", "0", "--device", "cpu", "--batch_size", "4"]
@@ -234,3 +241,82 @@ def test_patients_are_read_by_their_highest_score_with_their_own_calibration_and
     assert patient["patient_ece"] == pytest.approx(slow_ece(test_labels, probability), abs=1e-5)
     assert described["patients"]["calibration"] == "platt, fitted on 20 validation patients " \
                                                    f"({int(valid_labels.sum())} abnormal)"
+
+
+# ----------------------------------------------------------------------------- single scans
+
+def save_calibrated(path: Path) -> dict:
+    """A tiny checkpoint (seed 0) with a calibration entry as train.py stores one: 60 validation
+    images of 20 patients (5 normal), at F1-max. Returns the entry."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    scores = np.r_[rng.uniform(0.40, 0.48, 30), rng.uniform(0.44, 0.52, 30)]
+    names = [f"v{p}" for p in np.r_[np.repeat(np.arange(5), 3), np.arange(5, 20), np.repeat(np.arange(5, 20), 2)]]
+    fitted = calibration.Calibration.fitted(scores, labels, names, "validation images")
+    torch.manual_seed(0)
+    save_checkpoint(path, MedVMAD(tiny_config()), epoch=1, threshold=fitted.threshold(calibration.F1_MAX),
+                    operating_point="f1", calibration=fitted.to_dict())
+    return fitted.to_dict()
+
+
+def one_example(tmp_path: Path, image: Path, *extra: str) -> dict:
+    [record] = test_one_example.main(["--image_path", str(image), "--save_path", str(tmp_path / "out"), "--device",
+                                      "cpu", *extra])
+    return record
+
+
+def test_a_scan_gets_its_calibrated_probability_and_the_operating_point_it_was_decided_at(tmp_path, capsys):
+    entry = save_calibrated(tmp_path / "c.pth")
+    image = tmp_path / "scan.png"
+    cv2.imwrite(str(image), np.random.default_rng(2).integers(0, 255, (48, 40), dtype=np.uint8))
+    record = one_example(tmp_path, image, "--checkpoint_path", str(tmp_path / "c.pth"))
+    image_fit = entry["image"]
+    assert record["probability"] == pytest.approx(expit(image_fit["slope"] * record["score"] + image_fit["intercept"]))
+    labels, scores = np.array(entry["labels"]), np.array(entry["scores"])
+    assert record["threshold"] == f1_max_threshold(labels, scores) and record["threshold_from"] == "checkpoint"
+    assert record["decision"] == ("anomalous" if record["score"] >= record["threshold"] else "normal")
+    assert record["operating_point"] == "F1-max on validation images"
+    assert record["calibration"] == "platt, fitted on 60 validation images (30 abnormal)"
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["probability"] == record["probability"] and printed["operating_point"] == record["operating_point"]
+    picked = one_example(tmp_path, image, "--checkpoint_path", str(tmp_path / "c.pth"), "--operating_point",
+                         "sensitivity=0.9")
+    assert picked["threshold"] == max(t for t in scores if slow_rates(labels, scores, t)[0] >= 0.9)
+    assert picked["operating_point"] == "sensitivity 0.9 on validation images"
+    given = one_example(tmp_path, image, "--checkpoint_path", str(tmp_path / "c.pth"), "--threshold", "0.3")
+    assert given["operating_point"] == "--threshold 0.3" and given["probability"] == record["probability"]
+
+
+def test_a_volume_is_a_patient_read_by_its_highest_slice(tmp_path):
+    entry = save_calibrated(tmp_path / "c.pth")
+    volume = tmp_path / "small.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(3).uniform(0, 500, (40, 48, 5)).astype(np.float32),
+                                     np.diag([1, 1, 2, 1.])), str(volume))
+    record = one_example(tmp_path, volume, "--checkpoint_path", str(tmp_path / "c.pth"))
+    patient_fit = entry["patient"]
+    assert record["score"] == max(record["slice_scores"].values())
+    assert record["probability"] == pytest.approx(expit(patient_fit["slope"] * record["score"]
+                                                        + patient_fit["intercept"]))
+    labels, scores = by_patient(np.array(entry["labels"]), np.array(entry["scores"]),
+                                [f"p{p}" for p in entry["patients"]])
+    assert record["threshold"] == f1_max_threshold(labels, scores) != record["slice_threshold"]
+    assert record["slice_threshold"] == f1_max_threshold(np.array(entry["labels"]), np.array(entry["scores"]))
+    assert record["slices_over_threshold"] == [int(k) for k, v in record["slice_scores"].items()
+                                               if v >= record["slice_threshold"]]
+    assert record["calibration"] == "platt, fitted on 20 validation patients (15 abnormal)"
+    assert record["operating_point"] == "F1-max on validation patients"
+
+
+def test_a_checkpoint_from_before_calibration_says_uncalibrated(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "old.pth", MedVMAD(tiny_config()), epoch=1, threshold=0.55)
+    image = tmp_path / "scan.png"
+    cv2.imwrite(str(image), np.full((32, 32), 90, np.uint8))
+    record = one_example(tmp_path, image, "--checkpoint_path", str(tmp_path / "old.pth"))
+    assert record["probability"] is None and record["calibration"] == "uncalibrated"
+    assert record["threshold"] == 0.55 and record["operating_point"] == "F1-max on validation images"
+    assert '"probability": null' in (tmp_path / "out" / "predictions.jsonl").read_text()
+    with pytest.raises(InputError, match="old.pth was saved before calibration was stored: it knows only its F1-max"):
+        one_example(tmp_path, image, "--checkpoint_path", str(tmp_path / "old.pth"), "--operating_point", "youden")
+    with pytest.raises(InputError, match="--operating_point picks a threshold on a checkpoint's validation images"):
+        one_example(tmp_path, image, "--model_name", "tiny", "--pretrained", "none", "--operating_point", "youden")

@@ -452,8 +452,9 @@ def test_a_short_volume_map_is_never_recorded(tmp_path, monkeypatch, volume):
 # ----------------------------------------------------------------------------- 4, 9. test.py: finished work is kept
 
 def test_a_full_disk_while_drawing_keeps_the_finished_results(tmp_path, data, monkeypatch, capsys):
-    """The first overlay meets a full disk: the results written before it are whole (manifest
-    checked), no overlay is half-written, and the line names the folder."""
+    """The first figure (the reliability diagram, before the overlays) meets a full disk: the
+    results written before it are whole (manifest checked), no figure is half-written, and the
+    line names the folder."""
     out = tmp_path / "out"
     (out / ".maps-Brain-killed").mkdir(parents=True)  # maps a killed run streamed to disk
     (out / ".maps-Brain-killed" / "maps.npy").write_bytes(b"\x93NUMPY half")
@@ -466,11 +467,12 @@ def test_a_full_disk_while_drawing_keeps_the_finished_results(tmp_path, data, mo
     monkeypatch.setattr(utils, "atomic_write", write)
     line = one_line_error(capsys, lambda: test_script.main(["--data_path", data, "--save_path", str(out),
                                                              "--visualize", "1", *EVAL]))
-    assert line.startswith("error: no space left to write ") and f"in {out}/visualization/Brain/" in line
-    assert sorted(read_manifest(out)) == sorted(["results.csv", "results_patient.csv", "scores.csv", "results.json"])
+    assert line.startswith(f"error: no space left to write reliability_Brain.png in {out} ")
+    assert sorted(read_manifest(out)) == sorted(["results.csv", "results_patient.csv", "results_calibration.csv",
+                                                 "scores.csv", "results.json"])
     summary = json.loads((out / "results.json").read_text())
     assert summary["complete"] and summary["datasets"]["Brain"]["n_images"] == 4
-    assert not list((out / "visualization").rglob("*.png")) and temp_files(out) == []
+    assert not list(out.rglob("*.png")) and temp_files(out) == []
     assert not (out / ".maps-Brain-killed").exists()
 
 
@@ -706,7 +708,8 @@ def test_training_output_names_taken_are_refused_before_the_work(tmp_path, data,
     ("test_log.txt", "dir", []), (".lock", "dir", []), ("maps", "file", ["--save_maps"]),
     ("visualization", "file", ["--visualize", "1"]), ("maps/Brain.npy", "dir", ["--save_maps"]),
     ("maps/Brain.json", "dir", ["--save_maps"]), ("visualization/Brain/roc_image.png", "dir", ["--visualize", "1"]),
-    ("visualization/Brain", "file", ["--visualize", "1"]),
+    ("visualization/Brain", "file", ["--visualize", "1"]), ("reliability_Brain.png", "dir", []),
+    ("results_calibration.csv", "dir", []),
 ])
 def test_evaluation_output_names_taken_are_refused_before_the_work(tmp_path, data, monkeypatch, name, kind, extra):
     out = tmp_path / "out"
