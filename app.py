@@ -4,8 +4,9 @@
 
 Upload a PNG/JPG, a DICOM file, a NIfTI/NRRD/MetaImage volume or a zipped DICOM series, or pick an
 image of the demo set. The page shows the overlay, the score, its calibrated probability (or
-"uncalibrated") and the decision at the checkpoint's operating point; a volume also gets a slice slider, the per-slice score plot and its most anomalous
-slices. The map (PNG, or a volume on the input's grid) and the mask can be downloaded.
+"uncalibrated") and the decision at the checkpoint's operating point; a volume also gets a slice
+slider, the per-slice score plot and its most anomalous slices. The map (PNG, or a volume on the
+input's grid) and the mask can be downloaded.
 Reading, scoring and the output files are test_one_example.py's own (``read_one``,
 ``score_slices``, ``report``), so the page shows the score the command line gives. Every
 test_one_example.py flag (--window, --axis, --threshold, --volume_format, --device ...) applies.
@@ -209,7 +210,8 @@ def build_app(scorer: Scorer | None, demo: list[tuple[str, str]] = (), message: 
             shown = ("uncalibrated" if record["probability"] is None else
                      f"{record['probability']:.3f} ({record['calibration']})")
             if view["indices"] is None:
-                return (gr.Markdown(note), f"{record['score']:.6f}", shown, verdict, slice_panel(view, threshold, None),
+                return (gr.Markdown(note), f"{record['score']:.6f}", shown, verdict,
+                        slice_panel(view, threshold, None),
                         gr.Slider(visible=False), gr.Plot(visible=False), gr.Image(visible=False),
                         record["downloads"], view)
             best = record["most_anomalous_slice"]

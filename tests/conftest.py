@@ -1,11 +1,12 @@
 """Shared fixtures: the tiny offline model everything tests with."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -27,18 +28,28 @@ def tiny_config(**overrides) -> MedVMADConfig:
     return MedVMADConfig(**values)
 
 
-@pytest.fixture(autouse=True)
-def medvmad_logger_restored():
-    """Scripts run by a test set up the "medvmad" logger (own handlers, no propagation); restore
-    it afterwards so that later tests capture its records (caplog) whatever the test order."""
+@contextlib.contextmanager
+def medvmad_logger_kept() -> Iterator[None]:
+    """Scripts set up the "medvmad" logger (own handlers, no propagation); put it back as it was
+    afterwards, so that later tests capture its records (caplog) whatever the test order."""
     logger = logging.getLogger("medvmad")
     state = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    for handler in logger.handlers:
-        if handler not in state[0]:
-            handler.close()
-    logger.handlers[:], logger.propagate = state[0], state[1]
-    logger.setLevel(state[2])
+    try:
+        yield
+    finally:
+        for handler in logger.handlers:
+            if handler not in state[0]:
+                handler.close()
+        logger.handlers[:], logger.propagate = state[0], state[1]
+        logger.setLevel(state[2])
+
+
+@pytest.fixture(autouse=True)
+def medvmad_logger_restored():
+    """Each test's scripts leave the "medvmad" logger as they found it (``medvmad_logger_kept``);
+    a module-scoped fixture that runs a script uses ``medvmad_logger_kept`` itself."""
+    with medvmad_logger_kept():
+        yield
 
 
 @pytest.fixture

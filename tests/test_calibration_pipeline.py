@@ -24,7 +24,7 @@ from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
-from tests.conftest import tiny_config
+from tests.conftest import medvmad_logger_kept, tiny_config
 from tests.test_calibration import sklearn_calibrated, slow_ece, slow_rates
 from tests.test_pipeline import SIZE, TINY, f1_max_threshold, run_train, spy_predict, test_script
 from utils import InputError
@@ -59,7 +59,8 @@ def trained(demo, tmp_path_factory) -> tuple[Path, list]:
     monkeypatch = pytest.MonkeyPatch()
     selection = spy_predict(monkeypatch, train)
     try:
-        run_train(run, demo, "--epoch", "1", "--operating_point", "sensitivity=0.9")
+        with medvmad_logger_kept():
+            run_train(run, demo, "--epoch", "1", "--operating_point", "sensitivity=0.9")
     finally:
         monkeypatch.undo()
     return run / "best.pth", selection
@@ -79,9 +80,8 @@ def test_train_stores_a_calibration_and_threshold_fitted_on_its_validation_image
     np.testing.assert_array_equal(entry["scores"], predictions.scores)
     np.testing.assert_array_equal(entry["labels"], predictions.labels)
     assert entry["image"]["method"] == "platt" and entry["images"] == "validation images"
-    np.testing.assert_allclose(calibration.probabilities(entry["image"], predictions.scores),
-                               sklearn_calibrated(predictions.scores, predictions.labels, "sigmoid", predictions.scores),
-                               atol=1e-6)
+    expected = sklearn_calibrated(predictions.scores, predictions.labels, "sigmoid", predictions.scores)
+    np.testing.assert_allclose(calibration.probabilities(entry["image"], predictions.scores), expected, atol=1e-6)
     assert stored["operating_point"] == "sensitivity=0.9"
     labels, scores, threshold = predictions.labels, predictions.scores, stored["threshold"]
     assert slow_rates(labels, scores, threshold)[0] >= 0.9  # reached on the validation images
@@ -237,7 +237,8 @@ def test_patients_are_read_by_their_highest_score_with_their_own_calibration_and
         slow_rates(test_labels, test_scores, described["patients"]["threshold"])[0])
     # scikit-learn's solver stops about 1e-8 short of the optimum, which a slope of 80 moves by 1e-6 here
     probability = sklearn_calibrated(valid_scores, valid_labels, "sigmoid", test_scores)
-    assert patient["patient_brier"] == pytest.approx(brier_score_loss(test_labels, probability, labels=[0, 1]), abs=1e-5)
+    brier = brier_score_loss(test_labels, probability, labels=[0, 1])
+    assert patient["patient_brier"] == pytest.approx(brier, abs=1e-5)
     assert patient["patient_ece"] == pytest.approx(slow_ece(test_labels, probability), abs=1e-5)
     assert described["patients"]["calibration"] == "platt, fitted on 20 validation patients " \
                                                    f"({int(valid_labels.sum())} abnormal)"
