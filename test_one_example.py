@@ -242,8 +242,8 @@ def report(scan: Scan, scores: np.ndarray, maps: list[np.ndarray], decision: Dec
         record.update(probability=decision.probability(record["score"], patient=volume),
                       calibration=decision.calibration(patient=volume),
                       operating_point=decision.operating_point(patient=volume))
-        stated = "uncalibrated" if record["probability"] is None else f"p {record['probability']:.2f}"
-        caption = f"score {record['score']:.3f} {stated} {record['decision']}"
+        stated = "uncalibrated" if record["probability"] is None else f"probability {record['probability']:.2f}"
+        caption = f"score {record['score']:.3f} ({stated}) {record['decision']}"
         try:
             written = write_maps(scan, shown, threshold, staging, stem, volume_format)
         except (RuntimeError, OSError) as error:  # SimpleITK's writers raise RuntimeError

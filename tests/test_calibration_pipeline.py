@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 import calibration
 import test_one_example
 import train
+import visualization
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from dataset import load_image, preprocess
@@ -266,7 +267,11 @@ def one_example(tmp_path: Path, image: Path, *extra: str) -> dict:
     return record
 
 
-def test_a_scan_gets_its_calibrated_probability_and_the_operating_point_it_was_decided_at(tmp_path, capsys):
+def test_a_scan_gets_its_calibrated_probability_and_the_operating_point_it_was_decided_at(tmp_path, capsys,
+                                                                                          monkeypatch):
+    figures = []
+    real = visualization.overlay_figure
+    monkeypatch.setattr(visualization, "overlay_figure", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
     entry = save_calibrated(tmp_path / "c.pth")
     image = tmp_path / "scan.png"
     cv2.imwrite(str(image), np.random.default_rng(2).integers(0, 255, (48, 40), dtype=np.uint8))
@@ -278,6 +283,8 @@ def test_a_scan_gets_its_calibrated_probability_and_the_operating_point_it_was_d
     assert record["decision"] == ("anomalous" if record["score"] >= record["threshold"] else "normal")
     assert record["operating_point"] == "F1-max on validation images"
     assert record["calibration"] == "platt, fitted on 60 validation images (30 abnormal)"
+    assert figures[0].get_suptitle() == (f"score {record['score']:.3f} (probability {record['probability']:.2f}) "
+                                         f"{record['decision']}")
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["probability"] == record["probability"] and printed["operating_point"] == record["operating_point"]
     picked = one_example(tmp_path, image, "--checkpoint_path", str(tmp_path / "c.pth"), "--operating_point",

@@ -84,7 +84,8 @@ def run(tmp_path: Path, image_path: Path, *extra: str) -> list[dict]:
 
 def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint, monkeypatch):
     """Score and map equal the checkpointed model's on the image; the overlay PNG is the figure of
-    image | map (fixed 0-1 scale) | blend, the score and decision above it."""
+    image | map (fixed 0-1 scale) | blend, the score, its probability (a checkpoint without
+    calibration: uncalibrated) and decision above it."""
     figures = []
     real = visualization.overlay_figure
     monkeypatch.setattr(visualization, "overlay_figure", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
@@ -107,7 +108,7 @@ def test_png_outputs_overlay_map_and_json(tmp_path, checkpoint, monkeypatch):
     colour = matplotlib.colormaps["inferno"](np.clip(expected_heat, 0, 1))[..., :3] * 255
     weight = 0.45 * np.clip(expected_heat, 0, 1)[..., None]
     assert np.abs(blend.get_array() - ((1 - weight) * bgr[..., ::-1] + weight * colour)).max() <= 1
-    assert figure.get_suptitle() == f"score {record['score']:.3f} {record['decision']}"
+    assert figure.get_suptitle() == f"score {record['score']:.3f} (uncalibrated) {record['decision']}"
     overlay = cv2.imread(str(tmp_path / "out" / "scan.png"))
     assert overlay.shape == visualization.rendered(figure).shape
     line = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
