@@ -180,7 +180,7 @@ def test_no_byte_of_a_server_file_reaches_the_page(tmp_path, secret, scorer, nam
     header = HEADERS[name](tmp_path / name, str(secret))
     outputs = list(page_run(scorer)(str(header)))
     assert len(outputs) == 1
-    status, score, _, overlay, *_, downloads, view = outputs[0]
+    status, score, _, _, overlay, *_, downloads, view = outputs[0]
     assert "Could not score this file." in status.value and "detached header" in status.value
     assert str(tmp_path) not in status.value  # the server's folders are not shown either
     assert (score, overlay, downloads, view) == ("", None, None, None)
@@ -271,8 +271,8 @@ def test_a_wide_image_is_drawn_within_webp_limits_and_its_folder_removed_once_se
     rng = np.random.default_rng(0)
     cv2.imwrite(str(tmp_path / "wide.png"), rng.integers(0, 255, (64, 6000), dtype=np.uint8))
     run = page_run(scorer)(str(tmp_path / "wide.png"))
-    status, score, decision, overlay, *_, downloads, view = next(run)
-    assert status.value == "" and float(score) >= 0 and decision
+    status, score, probability, decision, overlay, *_, downloads, view = next(run)
+    assert status.value == "" and float(score) >= 0 and decision and probability == "uncalibrated"
     assert 3 * app.DISPLAY_SIDE <= overlay.shape[1] <= 3 * app.DISPLAY_SIDE + 200  # three panels 1024 wide, a bar
     Image.fromarray(overlay).save(io.BytesIO(), "WEBP")  # what gradio does with it
     with pytest.raises(ValueError, match="WebP"):  # the full-size panel could not have been
