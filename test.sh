@@ -124,6 +124,6 @@ fi
 run_queued
 if [[ $PROTOCOL == indomain || $PROTOCOL == all ]]; then
   drawn=""; [[ $VISUALIZE == 0 ]] || drawn="; overlays and ROC/PRO curves in visualization/<target>/"
-  echo "in-domain results (results.json, results.csv, scores.csv$drawn):"
+  echo "in-domain results (results.json, results.csv, results_calibration.csv, reliability_<target>.png, scores.csv$drawn):"
   for target in "${targets[@]}"; do echo "  $RESULTS/indomain/$target"; done
 fi
