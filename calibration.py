@@ -34,11 +34,11 @@ support set for few-shot.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
@@ -50,7 +50,6 @@ from utils import InputError
 
 ISOTONIC_MIN_IMAGES = 1000
 ECE_BINS = 10
-RATES = ("sensitivity", "specificity", "ppv", "npv")
 UNCALIBRATED = "uncalibrated"
 # A rate reached up to float rounding counts as reached (19/20 against a target of 0.95).
 TOLERANCE = 1e-12
@@ -366,7 +365,8 @@ def _per_group(groups: np.ndarray, cells: np.ndarray, n_groups: int, n_cells: in
 
 def assess(labels: np.ndarray, scores: np.ndarray, fitted: dict | None, threshold: float | None,
            groups: np.ndarray | None = None, counts: np.ndarray | None = None) -> tuple[dict, dict | None]:
-    """Figures of labels, scores [N]: the four ``RATES`` of the decisions score >= ``threshold``,
+    """Figures of labels, scores [N]: sensitivity, specificity, PPV and NPV of the decisions
+    score >= ``threshold``,
     and the Brier score and ECE of the probabilities of ``fitted``, each with its 95% interval
     ``<key>_ci`` when ``groups`` [N] (patient of each image) and ``counts`` [R, G] (bootstrap
     draws of each patient) are given; and the reliability bins (None without a fit). A part whose
@@ -396,17 +396,12 @@ def assess(labels: np.ndarray, scores: np.ndarray, fitted: dict | None, threshol
     return values, bins
 
 
-def reliability_figure(panels: list[tuple[str, str, dict]]) -> bytes:
-    """A reliability diagram per (title, what is counted, ``reliability`` bins) side by side, as
-    PNG bytes: on top the mean predicted probability against the observed frequency of abnormal
-    per bin (the diagonal is perfect calibration), below the count per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 5.6), dpi=100, squeeze=False,
-                                gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+def reliability_figure(panels: list[tuple[str, str, dict]]) -> Figure:
+    """A reliability diagram per (title, what is counted, ``reliability`` bins) side by side: on
+    top the mean predicted probability against the observed frequency of abnormal per bin (the
+    diagonal is perfect calibration), below the count per bin."""
+    figure = Figure(figsize=(4.2 * len(panels), 5.6), dpi=100, layout="constrained")
+    axes = figure.subplots(2, len(panels), squeeze=False, sharex="col", gridspec_kw={"height_ratios": [3, 1]})
     for (title, unit, bins), top, bottom in zip(panels, axes[0], axes[1]):
         edges = np.asarray(bins["edges"])
         shown = [i for i, count in enumerate(bins["count"]) if count]
@@ -420,9 +415,5 @@ def reliability_figure(panels: list[tuple[str, str, dict]]) -> bytes:
         for i in shown:
             bottom.annotate(str(bins["count"][i]), ((edges[i] + edges[i + 1]) / 2, bins["count"][i]),
                             ha="center", va="bottom", fontsize=7)
-        bottom.set(xlabel="predicted probability (bin)", ylabel=unit)
-    figure.tight_layout()
-    drawn = io.BytesIO()
-    figure.savefig(drawn, format="png")
-    plt.close(figure)
-    return drawn.getvalue()
+        bottom.set(xlabel="predicted probability (bin)", ylabel=unit, ylim=(0, 1.25 * max(bins["count"]) + 0.5))
+    return figure

@@ -387,7 +387,7 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                        ("patients", (described or {}).get("patients") or {}, patient_values, "patient_"))
                       if part.get("reliability")]
             if panels:
-                atomic_write_bytes(save_path / RELIABILITY.format(name), reliability_figure(panels))
+                atomic_write_bytes(save_path / RELIABILITY.format(name), figure_bytes(reliability_figure(panels)))
             if args.visualize > 0:
                 write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
                 logger.info(f"{name}: overlays and ROC/PRO curves written to {save_path / 'visualization' / name}")

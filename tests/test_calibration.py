@@ -260,3 +260,17 @@ def test_a_decision_reads_images_and_patients_each_with_its_own_map_and_threshol
     assert decision.operating_point() == "sensitivity 0.8 on validation images"
     assert decision.operating_point(patient=True) == "sensitivity 0.8 on validation patients"
     assert decision.calibration(patient=True).startswith("platt, fitted on 30 validation patients")
+
+
+def test_the_reliability_diagram_draws_each_bin_against_its_observed_frequency_with_its_count():
+    probability = np.random.default_rng(11).uniform(0, 1, 80)
+    labels = (np.random.default_rng(12).uniform(0, 1, 80) < probability ** 2).astype(int)
+    figure = calibration.reliability_figure([("Brain images", "images", calibration.reliability(labels, probability))])
+    top, bottom = figure.axes
+    observed, predicted = calibration_curve(labels, probability, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(top.lines[1].get_xydata(), np.c_[predicted, observed])  # x: predicted, y: observed
+    np.testing.assert_array_equal(top.lines[0].get_xydata(), [[0, 0], [1, 1]])  # the diagonal
+    counts = np.bincount(np.clip(np.ceil(probability * 10) - 1, 0, 9).astype(int), minlength=10)
+    assert [patch.get_height() for patch in bottom.patches] == counts.tolist()
+    assert [patch.get_x() for patch in bottom.patches] == pytest.approx(np.arange(10) / 10)
+    assert top.get_title() == "Brain images" and bottom.get_ylabel() == "images"
