@@ -110,7 +110,9 @@ def test_test_reports_brier_ece_and_rates_of_the_stored_calibration_with_interva
         assert len(brain[f"{key}_ci"]) == 2
     assert described["threshold"] == stored["threshold"]
     assert described["operating_point"] == "sensitivity 0.9 on validation images"
-    assert described["calibration"].startswith("platt, fitted on 4 validation images")
+    labels_valid = stored["calibration"]["labels"]
+    assert described["calibration"] == (f"platt, fitted on {len(labels_valid)} validation images "
+                                        f"({sum(labels_valid)} abnormal)")
     assert sum(described["reliability"]["count"]) == 12
     assert (out / "reliability_Brain.png").stat().st_size > 5000
     table = list(csv.reader((out / "results_calibration.csv").open()))
@@ -176,10 +178,13 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
     """The normal support images scored against the bank without them, the abnormal ones as test images."""
     run = tmp_path / "fewshot"
     train.main(["--train_data_path", demo, "--save_path", str(run), "--epoch", "1", "--k_shot", "2", *TINY])
-    seen = []
+    seen, fitted_on = [], []
     real = test_script.support_predictions
     monkeypatch.setattr(test_script, "support_predictions", lambda model, support, *rest, **named: (
         seen.append((model, support)) or real(model, support, *rest, **named)))
+    real_fit = calibration.Calibration.fitted
+    monkeypatch.setattr(test_script.Calibration, "fitted", lambda scores, labels, *rest: (
+        fitted_on.append((np.array(scores), np.array(labels))) or real_fit(scores, labels, *rest)))
     described = []
     for name, root in (("clean", demo), ("poisoned", poisoned)):
         summary = test_script.main(["--data_path", root, "--checkpoint_path", str(run / "best.pth"), "--k_shot",
@@ -195,8 +200,9 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
                                       if s.label == 1])).image_score.double().numpy()
     scores = np.r_[normal, abnormal]
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(abnormal), int)]
-    np.testing.assert_allclose(calibration.probabilities(described[1]["fit"], scores),
-                               sklearn_calibrated(scores, labels, "sigmoid", scores), atol=1e-6)
+    np.testing.assert_allclose(fitted_on[-1][0], scores, rtol=1e-6)  # what the support set was calibrated on
+    np.testing.assert_array_equal(fitted_on[-1][1], labels)
+    assert described[1]["threshold"] == pytest.approx(f1_max_threshold(labels, scores), rel=1e-6)
 
 
 def by_patient(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
