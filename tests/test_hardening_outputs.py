@@ -477,14 +477,15 @@ def test_a_full_disk_while_drawing_keeps_the_finished_results(tmp_path, data, mo
 
 
 def test_a_bootstrap_that_does_not_fit_is_refused_before_any_image_is_scored(tmp_path, data, monkeypatch):
-    """One free page of memory: 1000 resamples of the demo's 2 patients (000_*, 001_*) need 32 kB."""
+    """One free page of memory: 1000 resamples of the small demo's 3 patients (000_*, 001_*, and n001_* with
+    normal slices only) need 48 kB."""
     assert {name.split("_")[0] for kind in ("good", "Ungood") for name in os.listdir(Path(data) / "test" / kind / "img")
-            } == {"000", "001"}
+            } == {"000", "001", "n001"}
     real_sysconf = os.sysconf
-    fit = real_sysconf("SC_PAGE_SIZE") // 2 // (2 * 16)
+    fit = real_sysconf("SC_PAGE_SIZE") // 2 // (3 * 16)
     monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
     monkeypatch.setattr(test_script, "predict", lambda *args, **kwargs: pytest.fail("scored before the check"))
-    with pytest.raises(InputError, match=rf"--bootstrap 1000: 2 patients of Brain need 0.0 GiB .* use at most {fit} "):
+    with pytest.raises(InputError, match=rf"--bootstrap 1000: 3 patients of Brain need 0.0 GiB .* use at most {fit} "):
         test_script.main(["--data_path", data, "--save_path", str(tmp_path / "out"), "--bootstrap", "1000",
                           "--max_ram_maps_gb", "1", *EVAL])
     assert not (tmp_path / "out" / "results.json").exists()
