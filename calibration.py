@@ -304,8 +304,10 @@ def checkpoint_decision(payload: dict, path: str, asked: str | None) -> Decision
     another point. Damaged entries are an ``InputError`` naming the checkpoint."""
     where = f"--checkpoint_path {path}"
     stored = payload.get("threshold")
+    # in [0, 1]; with a calibration also just above the top score (a point that calls nothing abnormal)
+    highest = np.nextafter(1.0, 2.0) if "calibration" in payload else 1.0
     if stored is not None and (isinstance(stored, bool) or not isinstance(stored, (int, float))
-                               or not 0 <= stored <= 1):  # NaN fails too
+                               or not 0 <= stored <= highest):  # NaN fails too
         raise InputError(f"{where}: its threshold {stored!r} is not a number in [0, 1]; give --threshold")
     if "calibration" not in payload:
         if asked is not None and operating_point(asked) != F1_MAX:

@@ -101,11 +101,15 @@ class Framing:
        (brighter voxels keep their contrast up to white);
     2. the volume, turned to RAS, is sliced along ``axis`` (2 axial, 1 coronal, 0 sagittal), each
        slice shown as ``display`` shows it;
-    3. kept: the slices whose foreground (pixels > 0) covers at least ``min_area`` of the largest
-       one's (0: every slice);
+    3. kept: the slices in ``slice_range`` (first, last along ``axis``, both included; None: all),
+       without those holding no foreground (pixels > 0) when ``skip_empty``, and whose foreground
+       covers at least ``min_area`` of the largest one's (0: every slice);
     4. ``size`` None: the whole slices as they are; else each kept slice is cropped to the
        foreground box of all kept slices, padded evenly to a square of side int(longer side x
        (1 + 2 ``margin``)) and resized to ``size`` x ``size`` (area interpolation).
+
+    ``masked`` names a region the converter kept alone with the help of a label (``"liver"``: every
+    voxel outside the liver zeroed), which a scan scored without its label cannot repeat.
     """
     axis: int = 2
     window: tuple[float, float] | None = None
@@ -113,11 +117,15 @@ class Framing:
     min_area: float = 0.0
     size: int | None = None
     margin: float = 0.06
+    slice_range: tuple[int, int] | None = None
+    skip_empty: bool = False
+    masked: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the window as a list)."""
         values = asdict(self)
         values["window"] = None if self.window is None else [float(v) for v in self.window]
+        values["slice_range"] = None if self.slice_range is None else [int(v) for v in self.slice_range]
         return values
 
     @classmethod
@@ -144,8 +152,18 @@ class Framing:
         white_level = _number(values["white_level"], "white_level", 0, 1)
         if white_level == 0:
             raise ValueError("framing.white_level 0 would show every voxel black")
+        slice_range, skip_empty, masked = values["slice_range"], values["skip_empty"], values["masked"]
+        if slice_range is not None:
+            if (not isinstance(slice_range, (list, tuple)) or len(slice_range) != 2
+                    or any(type(v) is not int for v in slice_range) or not 0 <= slice_range[0] <= slice_range[1]):
+                raise ValueError(f"framing.slice_range {slice_range!r} is not [first, last], 0 <= first <= last")
+            slice_range = tuple(slice_range)
+        if type(skip_empty) is not bool:
+            raise ValueError(f"framing.skip_empty {skip_empty!r} is not true or false")
+        if masked is not None and (not isinstance(masked, str) or not 0 < len(masked) <= 64):
+            raise ValueError(f"framing.masked {masked!r} is not a region's name")
         return cls(axis, window, white_level, _number(values["min_area"], "min_area", 0, 1), size,
-                   _number(values["margin"], "margin", 0, 1))
+                   _number(values["margin"], "margin", 0, 1), slice_range, skip_empty, masked)
 
     def overridden(self, window: tuple[float, float] | None = None, axis: int | None = None) -> Framing:
         """This framing with a flag's window or axis, where given."""
@@ -158,18 +176,24 @@ class Framing:
         grey = "" if self.white_level == 1 else f" at grey {self.white_level:g}"
         scale = (f"the window [{self.window[0]:g}, {self.window[1]:g}]{grey}" if self.window is not None
                  else f"the percentile rule{grey}")
-        kept = f", slices with >= {self.min_area:.0%} of the largest foreground" if self.min_area else ", every slice"
+        kept = (f", slices {self.slice_range[0]}-{self.slice_range[1]}" if self.slice_range else "") + \
+            (" with some foreground" if self.skip_empty else "") + \
+            (f", slices with >= {self.min_area:.0%} of the largest foreground" if self.min_area else "")
+        kept = kept or ", every slice"
         crop = (f", cropped to the foreground (+{self.margin:.0%}) and resized to {self.size} px" if self.size
                 else ", whole slices")
-        return f"{view} slices (axis {self.axis}), {scale}{kept}{crop}"
+        alone = f", only the {self.masked} (zeroed around it with its label)" if self.masked else ""
+        return f"{view} slices (axis {self.axis}), {scale}{kept}{crop}{alone}"
 
     def differences(self, other: Framing) -> list[str]:
         """Each field that ``other`` sets otherwise, as ``name self -> other`` ("window percentile ->
         [-160, 240]", "size 240 -> whole")."""
         def shown(key: str, value: Any) -> str:
             if value is None:
-                return "percentile" if key == "window" else "whole"
-            return f"[{value[0]:g}, {value[1]:g}]" if key == "window" else f"{value:g}"
+                return {"window": "percentile", "size": "whole", "slice_range": "all", "masked": "none"}.get(key, "none")
+            if isinstance(value, (list, tuple)):
+                return f"[{value[0]:g}, {value[1]:g}]"
+            return str(value).lower() if isinstance(value, (bool, str)) else f"{value:g}"
 
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{key} {shown(key, mine[key])} -> {shown(key, theirs[key])}"
@@ -244,12 +268,18 @@ def frame_volume(canonical: np.ndarray, framing: Framing, path: str,
     if not 0 <= first <= last < count:
         raise InputError(f"--slices {first} {last}: the volume has slices 0..{count - 1} along axis {framing.axis}")
     kept = np.arange(count)
+    if framing.slice_range is not None:
+        kept = kept[(kept >= framing.slice_range[0]) & (kept <= framing.slice_range[1])]
+        if not len(kept):
+            raise InputError(f"{path}: the framing keeps slices {framing.slice_range[0]}-{framing.slice_range[1]} "
+                             f"but the volume has slices 0..{count - 1} along axis {framing.axis}")
     placement = None
-    if framing.min_area or framing.size is not None:
+    if framing.min_area or framing.skip_empty or framing.size is not None:
         area = np.count_nonzero(along, axis=(0, 1))
-        if not area.any():
+        if not area[kept].any():
             raise InputError(f"{path}: every voxel is at the bottom of its intensity scale; nothing to frame")
-        kept = np.flatnonzero(area >= framing.min_area * area.max())
+        kept = kept[area[kept] > 0] if framing.skip_empty else kept
+        kept = kept[area[kept] >= framing.min_area * area.max()]
     if framing.size is not None:
         footprint = display(along[:, :, kept].any(axis=2))
         rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
@@ -287,6 +317,26 @@ def recorded_framing(root: str) -> Framing | None:
             except ValueError as error:
                 raise InputError(f"{path}: {error}") from None
     return None
+
+
+def framing_mismatch(stored: dict | None, root: str) -> str | None:
+    """A phrase when the slices of ``root`` are framed otherwise than a checkpoint's training slices
+    (its stored framing record, None for a checkpoint from before framings were stored), else None:
+    a cross-view test says so, and so does an old checkpoint tested on a rebuilt demo set."""
+    recorded = recorded_framing(root)
+    if recorded is None:
+        return None
+    if stored is None:
+        return (f"{root} holds {recorded.describe()}; the checkpoint records no framing of its training slices "
+                f"(trained before framings were stored, perhaps on an older demo build)")
+    try:
+        trained = Framing.from_dict(stored)
+    except ValueError as error:
+        return f"the checkpoint's framing record is unreadable ({error})"
+    if trained == recorded:
+        return None
+    return (f"{root} holds slices framed otherwise than the checkpoint's training slices: "
+            f"{', '.join(trained.differences(recorded))}")
 
 
 def training_framing(roots: list[str]) -> Framing | None:

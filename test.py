@@ -35,6 +35,7 @@ from generate_dataset.demo import ensure_demo
 from inference import (MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict,
                        support_predictions)
 from maps_io import save_maps
+from medical_io import framing_mismatch
 from tables import CALIBRATION_COLUMNS, PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
@@ -124,6 +125,10 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
     without them), the baseline on the valid split (uncalibrated, with a warning, when there is
     none or it is the evaluated split). Every process scores its share; None on the others."""
     point = operating_point(args.operating_point or "f1")
+    if args.k_shot and args.split == "valid":
+        logger.warning(f"{name}: uncalibrated: --split valid holds the support images the few-shot run is "
+                       f"calibrated on")
+        return Decision(None, None, "no operating point", chosen=False) if where.is_main else None
     if args.k_shot:
         images, scored = "support images", support_predictions(model, support, device, args.batch_size,
                                                                 args.precision, where)
@@ -362,6 +367,9 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         dataset = MedicalDataset(listed[name], image_size, skip_bad=args.skip_bad)
         loader = sharded_loader(dataset, args.batch_size, args.num_workers, where)
         model.set_organ(organ_name(name))
+        mismatch = None if checkpoint is None else framing_mismatch(checkpoint.get("framing"), root)
+        if mismatch:
+            logger.warning(f"{name}: {mismatch}")
         support = []
         if args.k_shot:
             run.support_sources[name], support = build_memory_bank(args, model, root, name, save_path, device,

@@ -93,6 +93,9 @@ def volume_framing(args: argparse.Namespace, checkpoint: dict | None) -> tuple[F
     elif trained is not None and framing != trained:
         logger.warning(f"--checkpoint_path {args.checkpoint_path} was trained on {trained.describe()}; "
                        f"volumes are framed otherwise, as the flags ask: {', '.join(trained.differences(framing))}")
+    if trained is not None and trained.masked:
+        logger.warning(f"--checkpoint_path {args.checkpoint_path} was trained on slices of the {trained.masked} "
+                       f"alone (its converter zeroed the rest with the label); a scan is scored whole, unlike them")
     return framing, trained
 
 

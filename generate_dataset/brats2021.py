@@ -36,11 +36,10 @@ if not __package__:  # run as a script: make the repository root importable
 from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,  # noqa: E402
                                      write_sample, write_split_info)
 from dataset import SPLITS  # noqa: E402
-from medical_io import Framing, display, scale_intensity  # noqa: E402
+from medical_io import Framing, display, frame_volume  # noqa: E402
 from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging  # noqa: E402
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
-FRAMING = Framing()  # whole axial slices, the percentile rule: what scale_intensity and display do here
 
 
 def find_nifti(folder: str, stem: str) -> str:
@@ -80,6 +79,9 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
     first, last = slice_range
     if first > last or first < 0:
         raise InputError(f"bad slice range {slice_range}")
+    # Whole axial slices of the range that hold some brain, the percentile rule: test_one_example frames
+    # a BraTS volume by this record as these slices were written.
+    framing = Framing(slice_range=(first, last), skip_empty=True)
     check_empty_target(save_path)  # before any work
     cases = find_cases(raw_path, modality)
     groups = dict(zip(SPLITS, split_cases(list(cases), split, seed)))
@@ -91,23 +93,17 @@ def convert(raw_path: str, save_path: str, modality: str = "flair",
             if volume.shape != seg.shape:
                 raise InputError(f"{image_path} is {volume.shape} but {seg_path} is {seg.shape}")
             check_finite_volume(image_path, volume)
-            try:
-                scaled = scale_intensity(volume)
-            except InputError as error:
-                raise InputError(f"{image_path}: {error}") from error
-            for z in range(first, min(last, volume.shape[2] - 1) + 1):
-                if not scaled[:, :, z].any():
-                    continue  # no brain in this slice
+            slices, indices, _ = frame_volume(volume, framing, image_path)
+            for image, z in zip(slices, indices):
                 lesion = seg[:, :, z] > 0
                 cls = "Ungood" if lesion.any() else "good"
                 if split_name == "train" and cls == "Ungood":
                     continue  # BMAD trains on normal slices only
                 name = f"{case}_{z}.png"
-                write_sample(save_path, split_name, cls, name, display(scaled[:, :, z]),
-                             display(lesion) if cls == "Ungood" else None)
+                write_sample(save_path, split_name, cls, name, image, display(lesion) if cls == "Ungood" else None)
                 counts[f"{split_name}/{cls}"] += 1
     info = dict(source="BraTS2021", modality=modality, slice_range=[first, last], seed=seed,
-                split=list(split), counts=counts, framing=FRAMING.to_dict(), **groups)
+                split=list(split), counts=counts, framing=framing.to_dict(), **groups)
     return write_split_info(save_path, info)
 
 

@@ -142,10 +142,10 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
                              display(tumour) if cls == "Ungood" else None)
                 counts[f"{split_name}/{cls}"] += 1
 
-    # The framing a single scan can follow: whole axial slices in the HU window (zeroing all but the
-    # liver needs its label, which a scan to score does not have).
+    # The framing a single scan can follow: whole axial slices in the HU window; zeroing all but the
+    # liver needs its label, which a scan to score does not have: recorded as masked, scoring warns.
     info = dict(source="BTCV+LiTS", hu_window=[low, high], seed=seed, valid_fraction=valid_fraction,
-                counts=counts, framing=Framing(window=(low, high)).to_dict(), train=sorted(btcv), valid=valid_ids,
+                counts=counts, framing=Framing(window=(low, high), masked="liver").to_dict(), train=sorted(btcv), valid=valid_ids,
                 test=test_ids)
     return write_split_info(save_path, info)
 

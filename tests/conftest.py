@@ -46,9 +46,13 @@ def medvmad_logger_kept() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def medvmad_logger_restored():
-    """Each test's scripts leave the "medvmad" logger as they found it (``medvmad_logger_kept``);
-    a module-scoped fixture that runs a script uses ``medvmad_logger_kept`` itself."""
+    """Each test starts with the "medvmad" logger as a fresh process has it (no handlers, records
+    propagated to caplog), whatever a module-scoped fixture's script left, and its scripts leave it
+    as they found it (``medvmad_logger_kept``)."""
     with medvmad_logger_kept():
+        logger = logging.getLogger("medvmad")
+        logger.handlers[:], logger.propagate = [], True
+        logger.setLevel(logging.NOTSET)
         yield
 
 

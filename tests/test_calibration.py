@@ -243,6 +243,19 @@ def test_a_checkpoint_from_before_calibration_is_uncalibrated_at_its_f1_threshol
         calibration.checkpoint_decision({"threshold": 0.55}, "old.pth", "sensitivity=0.9")
 
 
+def test_a_checkpoint_whose_point_calls_nothing_abnormal_loads_with_its_threshold_above_one():
+    """specificity=1 with a normal image at score 1.0: train.py stores the next float above 1, which the
+    checkpoint's own decision reads back (and calls every image normal)."""
+    scores, labels = np.array([0.2, 1.0, 0.5, 0.4]), np.array([1, 0, 1, 0])
+    fitted = calibration.Calibration.fitted(scores, labels, ["a_1", "b_1", "c_1", "d_1"], "validation images")
+    payload = {"calibration": fitted.to_dict(), "operating_point": "specificity=1",
+               "threshold": float(np.nextafter(1.0, 2.0))}
+    decision = calibration.checkpoint_decision(payload, "x.pth", None)
+    assert decision.threshold == payload["threshold"] and not (scores >= decision.threshold).any()
+    with pytest.raises(InputError, match="its threshold 1.5 is not a number in"):
+        calibration.checkpoint_decision({**payload, "threshold": 1.5}, "x.pth", None)
+
+
 def test_a_decision_reads_images_and_patients_each_with_its_own_map_and_threshold():
     scores, labels = two_classes(45, 45, seed=9)
     names = [f"case{p}" for p in np.random.default_rng(10).permutation(np.repeat(np.arange(30), 3))]

@@ -203,6 +203,10 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
     np.testing.assert_allclose(fitted_on[-1][0], scores, rtol=1e-6)  # what the support set was calibrated on
     np.testing.assert_array_equal(fitted_on[-1][1], labels)
     assert described[1]["threshold"] == pytest.approx(f1_max_threshold(labels, scores), rel=1e-6)
+    on_valid = test_script.main(["--data_path", demo, "--checkpoint_path", str(run / "best.pth"), "--k_shot", "2",
+                                 "--split", "valid", "--save_path", str(tmp_path / "valid"), "--metrics",
+                                 "image-level", *EVAL])
+    assert on_valid["calibration"]["Brain"]["calibration"] == "uncalibrated"  # its support images are tested there
 
 
 def by_patient(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:

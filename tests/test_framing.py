@@ -28,7 +28,8 @@ from tests.conftest import tiny_config
 from tests.test_volumes import write_series
 from utils import InputError
 
-DEMO_FRAMING = {"axis": 2, "window": None, "white_level": 0.65, "min_area": 0.75, "size": 240, "margin": 0.06}
+DEMO_FRAMING = {"axis": 2, "window": None, "white_level": 0.65, "min_area": 0.75, "size": 240, "margin": 0.06,
+                "slice_range": None, "skip_empty": False, "masked": None}
 
 
 def tiny_checkpoint(path: Path, framing: dict | None) -> str:
@@ -124,10 +125,14 @@ def test_unframe_places_each_pixel_back_by_hand():
 
 def test_framing_records_are_checked():
     """A stored framing is read back as written; a bad value is refused naming its key."""
-    framing = Framing(axis=1, window=(-200.0, 250.0), white_level=0.8, min_area=0.5, size=128, margin=0.1)
+    framing = Framing(axis=1, window=(-200.0, 250.0), white_level=0.8, min_area=0.5, size=128, margin=0.1,
+                      slice_range=(60, 99), skip_empty=True, masked="liver")
     assert Framing.from_dict(json.loads(json.dumps(framing.to_dict()))) == framing
+    assert Framing.from_dict({"axis": 2}) == Framing()  # a record from before slice_range/skip_empty/masked
     for bad, key in (({"axis": 3}, "axis"), ({"window": [5, 5]}, "window"), ({"size": "240"}, "size"),
-                     ({"white_level": 0}, "white_level"), ({"min_area": 1.5}, "min_area"), ({"crop": 1}, "crop")):
+                     ({"white_level": 0}, "white_level"), ({"min_area": 1.5}, "min_area"), ({"crop": 1}, "crop"),
+                     ({"slice_range": [9, 3]}, "slice_range"), ({"slice_range": [1.5, 3]}, "slice_range"),
+                     ({"skip_empty": 1}, "skip_empty"), ({"masked": 7}, "masked")):
         with pytest.raises(ValueError, match=key):
             Framing.from_dict(bad)
 
@@ -221,6 +226,11 @@ def test_a_framing_other_than_the_trained_one_is_warned_of(tmp_path, caplog):
         [record] = run(tmp_path, tmp_path / "series", framed, out="dicom")
         [line] = [r.getMessage() for r in caplog.records if "fram" in r.getMessage()]
         assert "window percentile -> [-160, 240]" in line and record["warnings"] == [line]
+        caplog.clear()
+        liver = tiny_checkpoint(tmp_path / "liver.pth", {**framing, "masked": "liver"})
+        run(tmp_path, tmp_path / "v.nii.gz", liver, out="liver")
+        [line] = [r.getMessage() for r in caplog.records if "alone" in r.getMessage()]
+        assert "slices of the liver alone" in line and "\n" not in line
     bad = tmp_path / "bad.pth"
     tiny_checkpoint(bad, {**framing, "size": -4})
     with pytest.raises(InputError, match=rf"--checkpoint_path {bad}: framing.size -4"):
@@ -306,3 +316,28 @@ def test_training_framing_of_several_roots(tmp_path, caplog):
     (tmp_path / "a" / "demo.json").write_text(json.dumps({"framing": {**DEMO_FRAMING, "margin": "x"}}))
     with pytest.raises(InputError, match="demo.json: framing.margin"):
         training_framing(roots[:2])
+
+
+def test_test_py_says_when_the_data_is_framed_otherwise_than_the_training_slices(tmp_path):
+    """A checkpoint tested on slices framed otherwise than its training slices (another view, a rebuilt
+    demo set, a checkpoint from before framings were stored) gets one warning line naming the
+    difference (in test_log.txt); none when the records agree, and none for data that records no framing."""
+    import test as test_script
+
+    root = demo.build_demo(str(tmp_path / "demo"), seed=0, n_train=2, n_valid=(1, 2), n_test=(2, 2), image_size=64)
+    recorded = json.loads((Path(root) / "demo.json").read_text())["framing"]
+
+    def framing_lines(name: str, checkpoint: str) -> list[str]:
+        test_script.main(["--data_path", root, "--checkpoint_path", checkpoint, "--save_path", str(tmp_path / name),
+                          "--metrics", "image-level", "--device", "cpu", "--num_workers", "0"])
+        return [line for line in (tmp_path / name / "test_log.txt").read_text().splitlines() if "fram" in line]
+
+    assert framing_lines("same", tiny_checkpoint(tmp_path / "same.pth", recorded)) == []
+    brighter = tiny_checkpoint(tmp_path / "brighter.pth", {**recorded, "white_level": 1.0})
+    [line] = framing_lines("brighter", brighter)
+    assert "Brain: " in line and line.endswith("framed otherwise than the checkpoint's training slices: "
+                                               "white_level 1 -> 0.65")
+    [line] = framing_lines("old", tiny_checkpoint(tmp_path / "old.pth", None))
+    assert "the checkpoint records no framing of its training slices" in line
+    (Path(root) / "demo.json").unlink()  # data that records no framing (BMAD's own PNGs): nothing to compare
+    assert framing_lines("unrecorded", brighter) == []

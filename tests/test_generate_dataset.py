@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dataset import organ_name, list_samples
-from medical_io import recorded_framing, scale_intensity
+from medical_io import read_scan, recorded_framing, scale_intensity
 from generate_dataset import brats2021, common, demo, folder, liverct
 from tests.conftest import reference_scale
 from utils import InputError
@@ -72,9 +72,10 @@ def test_brats_conversion(tmp_path, brats_raw):
     assert sorted(sum(groups.values(), [])) == sorted(cases)  # every patient in exactly one split
     assert [len(g) for g in groups.values()] == [3, 1, 2]
     assert json.loads((out / "split.json").read_text())["train"] == groups["train"]
-    # the framing a volume is scored with: whole axial slices, the percentile rule to white
+    # the framing a volume is scored with: whole axial slices of the range that hold brain, the percentile rule
     assert recorded_framing(str(out)).to_dict() == {"axis": 2, "window": None, "white_level": 1.0, "min_area": 0.0,
-                                                    "size": None, "margin": 0.06}
+                                                    "size": None, "margin": 0.06, "slice_range": [3, 9],
+                                                    "skip_empty": True, "masked": None}
     assert not (out / "train" / "Ungood").exists()
     for split, case_ids in groups.items():
         for path in pngs(out / split, "*/img/*.png"):
@@ -242,7 +243,28 @@ def test_liver_conversion(tmp_path):
                 np.testing.assert_array_equal(mask, ((seg == 2) * 255).astype(np.uint8).T[::-1, ::-1])
     assert organ_name(str(out)) == "liver" and list_samples(str(out), "test")
     assert recorded_framing(str(out)).to_dict() == {"axis": 2, "window": [-200.0, 250.0], "white_level": 1.0,
-                                                    "min_area": 0.0, "size": None, "margin": 0.06}
+                                                    "min_area": 0.0, "size": None, "margin": 0.06,
+                                                    "slice_range": None, "skip_empty": False, "masked": "liver"}
+
+
+def test_a_brats_volume_read_by_its_recorded_framing_gives_the_converters_slices(tmp_path, brats_raw):
+    """read_scan with the split.json framing keeps exactly the slices the converter wrote (the range, no
+    empty slice) and gives each one's PNG pixel for pixel."""
+    raw, cases = brats_raw
+    for case, (volume, _) in cases.items():  # slices 2 and 9 hold no brain
+        volume[:, :, [2, 9]] = 0
+        save_nifti(raw / f"BraTS2021_{case}" / f"BraTS2021_{case}_flair.nii.gz", volume)
+    out = tmp_path / "Brain"
+    info = brats2021.convert(str(raw), str(out), slice_range=(1, 10), seed=1, split=(3, 1, 2))
+    framing = recorded_framing(str(out))
+    for case in info["valid"] + info["test"]:  # both classes written there
+        written = {int(path.stem.split("_")[1]): read(path) for path in pngs(out, f"*/*/img/{case}_*.png")}
+        expected = [1, 3, 4, 5, 6, 7, 8, 10]
+        assert sorted(written) == expected
+        scan = read_scan(str(raw / f"BraTS2021_{case}" / f"BraTS2021_{case}_flair.nii.gz"), framing=framing)
+        assert scan.slice_indices == expected
+        for z, image in zip(scan.slice_indices, scan.slices):
+            np.testing.assert_array_equal(np.rint(image[..., 0] * 255).astype(np.uint8), written[z])
 
 
 def test_liver_bad_input(tmp_path):

@@ -119,7 +119,8 @@ def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_j
     best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
     assert best["config"]["backbone"]["model_name"] == "tiny" and "optimizer" not in best
     assert best["framing"] == {"axis": 2, "window": None, "white_level": 0.65, "min_area": 0.75, "size": SIZE,
-                               "margin": 0.06}  # the demo's, from its demo.json: volumes are framed alike
+                               "margin": 0.06, "slice_range": None, "skip_empty": False,
+                               "masked": None}  # the demo's, from its demo.json: volumes are framed alike
     assert len(selection) == 2  # one selection pass per epoch, on held-out valid images only
     assert all("/valid/" in path for path in selection[0].paths)
     means = [np.mean([roc_auc_score(p.labels, p.scores),
