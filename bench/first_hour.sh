@@ -16,7 +16,7 @@ for step in "${STEPS[@]}"; do
   case $step in quickstart|paper_small|suite|paper) ;;
     *) echo "error: unknown step '$step': choose quickstart, paper_small, suite or paper" >&2; exit 2 ;; esac
 done
-WORK=${WORK:-$(mktemp -d /tmp/medvmad_first_hour.XXXXXX)}
+WORK=${WORK:-$(mktemp -d /tmp/medvmad_first_hour.XXXXXX)}; mkdir -p "$WORK"
 [[ -n ${KEEP:-} ]] || trap 'rm -rf "$WORK"' EXIT
 MACHINE="$(nproc)-core CPU machine ($(date +%Y-%m-%d))"
 export DATA_ROOT=$WORK/no-bmad DEMO_ROOT=$WORK/demo   # the demo set, built by the first step that needs it
