@@ -151,13 +151,13 @@ def test_reuse_needs_a_finished_run_and_compares_resolved_paths(indomain, tmp_pa
 
 
 def test_first_hour_measures_the_commands_the_readme_times():
-    """bench/first_hour.sh times what the README says it timed, and every MEASURE marker names one of its steps."""
+    """bench/first_hour.sh times what the README says it timed, and the README's times are measured
+    (no MEASURE marker left) and say how to measure them again."""
     readme, bench = (ROOT / "README.md").read_text(), (ROOT / "bench" / "first_hour.sh").read_text()
     for command in ("bash train.sh indomain && bash test.sh indomain",
                     "EPOCH=2 IMAGE_SIZE=224 bash train.sh paper && BOOTSTRAP=100 bash test.sh paper",
                     "bash train.sh paper && bash test.sh paper", "python -m pytest -q"):
         assert command in readme and f'{command}"' in bench, command
-    steps = re.findall(r"<!-- MEASURE: [^>]*`bash bench/first_hour.sh (\w+)`", readme)
-    assert set(steps) == {"quickstart", "suite", "paper", "paper_small"}
+    assert "MEASURE" not in readme and "`bash bench/first_hour.sh`" in readme
     done = subprocess.run(["bash", str(ROOT / "bench" / "first_hour.sh"), "frobnicate"], capture_output=True, text=True)
     assert done.returncode == 2 and "unknown step 'frobnicate'" in done.stderr
