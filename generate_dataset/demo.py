@@ -273,9 +273,11 @@ def ensure_demo(save_path: str = DEFAULT_PATH, view: str = "axial") -> str:
         if record.get("build") == BUILD:
             logger.info("using demo set %s (seed %s)", root, record["seed"])
             return root
-        logger.info("the demo set at %s is an older build (%s, now %d): rebuilding it", root, record.get("build", 1), BUILD)
+        logger.info("the demo set at %s is an older build (%s, now %d): rebuilding it", root,
+                    record.get("build", 1), BUILD)
         counts = record["counts"]
-        return build_demo(save_path, record["seed"], counts["train/good"], (counts["valid/good"], counts["valid/Ungood"]),
+        return build_demo(save_path, record["seed"], counts["train/good"],
+                          (counts["valid/good"], counts["valid/Ungood"]),
                           (counts["test/good"], counts["test/Ungood"]), record.get("image_size", 240), view)
     logger.info("no data path given: building the synthetic demo set at %s", root)
     return build_demo(save_path, view=view)

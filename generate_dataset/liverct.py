@@ -145,8 +145,8 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
     # The framing a single scan can follow: whole axial slices in the HU window; zeroing all but the
     # liver needs its label, which a scan to score does not have: recorded as masked, scoring warns.
     info = dict(source="BTCV+LiTS", hu_window=[low, high], seed=seed, valid_fraction=valid_fraction,
-                counts=counts, framing=Framing(window=(low, high), masked="liver").to_dict(), train=sorted(btcv), valid=valid_ids,
-                test=test_ids)
+                counts=counts, framing=Framing(window=(low, high), masked="liver").to_dict(), train=sorted(btcv),
+                valid=valid_ids, test=test_ids)
     return write_split_info(save_path, info)
 
 
