@@ -1,6 +1,6 @@
 """A small synthetic brain-MRI anomaly set, built offline, for smoke tests and first runs.
 
-    python generate_dataset/demo.py --save_path data/demo --seed 0    # -> data/demo/Brain, data/demo/volumes
+    python -m generate_dataset.demo --save_path data/demo --seed 0    # -> data/demo/Brain, data/demo/volumes
 
 What it is: slices of the MNI152 T1 template that ships with nilearn (1 mm, brain-masked like the
 skull-stripped BraTS scans), framed by the demo's framing rule (``medical_io.Framing``, recorded in
@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -49,13 +48,11 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-if not __package__:  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import write_sample  # noqa: E402
-from medical_io import Framing, display, frame_volume  # noqa: E402
-from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,  # noqa: E402
+from generate_dataset.common import write_sample
+from medical_io import Framing, display, frame_volume
+from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,
                    prepare_output_dir, run_cli, setup_logging)
-from volume_io import write_volume  # noqa: E402
+from volume_io import write_volume
 
 VIEWS = {"axial": ("Brain", 2), "coronal": ("BrainCoronal", 1)}  # view -> (folder, RAS axis)
 DEFAULT_PATH = str(Path(__file__).resolve().parents[1] / "data" / "demo")
