@@ -717,7 +717,3 @@ def write_maps(scan: Scan, maps: list[np.ndarray], threshold: float, save_path: 
     write_volume(paths["map_volume"], stored, scan.geometry.affine)
     write_volume(paths["mask_volume"], (stored >= threshold).astype(np.uint8), scan.geometry.affine)
     return paths
-
-
-__all__ = ["Geometry", "VolumeScan", "read_input", "list_inputs", "write_maps", "map_volume",
-           "is_series_folder", "SITK_SUFFIXES"]
