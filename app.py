@@ -60,7 +60,8 @@ DEMO_CLASSES = (("good", "normal"), ("Ungood", "lesion"))  # test/<folder>/img a
 def demo_images(root: str, count: int = 12) -> list[tuple[str, str]]:
     """Up to ``count`` test images of the demo set, normal and anomalous alternating, as
     (caption with the ground truth, path): ("lesion: 000_112.png", ".../test/Ungood/img/000_112.png")."""
-    classes = [[(f"{truth}: {path.name}", str(path)) for path in sorted(Path(root, "test", folder, "img").glob("*.png"))]
+    classes = [[(f"{truth}: {path.name}", str(path))
+                for path in sorted(Path(root, "test", folder, "img").glob("*.png"))]
                for folder, truth in DEMO_CLASSES]
     return [choice for pair in zip(*classes) for choice in pair][:count]
 

@@ -174,7 +174,8 @@ class GlobalBatchSampler(DistributedSampler):
         self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))  # this process's share
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)
         return iter(order[self.rank:self.total_size:self.num_replicas].tolist())
 
 

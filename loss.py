@@ -67,7 +67,8 @@ def medvmad_loss(output: MedVMADOutput, masks: torch.Tensor, labels: torch.Tenso
     masks [B,H,W] in {0,1}; labels [B]; has_mask [B] bool: images whose mask is known (normal
     images and abnormal ones with a mask, of sources that have masks). The image term is each image's
     BCE summed over its image-level terms (one per detection layer, as the seed's and MVFA's code
-    sum them; ``image_terms_mean``: their mean), summed over images and divided by ``images``. The pixel terms are summed over tapped layers, on the upsampled per-layer logits:
+    sum them; ``image_terms_mean``: their mean), summed over images and divided by ``images``.
+    The pixel terms are summed over tapped layers, on the upsampled per-layer logits:
     each image's focal and dice, summed over the images with known masks and divided by
     ``masked_images``. Both divisors default to this batch's own counts (means). Under DDP they are
     the global batch's counts over the number of processes, so that the mean of the processes'

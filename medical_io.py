@@ -190,7 +190,8 @@ class Framing:
         [-160, 240]", "size 240 -> whole")."""
         def shown(key: str, value: Any) -> str:
             if value is None:
-                return {"window": "percentile", "size": "whole", "slice_range": "all", "masked": "none"}.get(key, "none")
+                defaults = {"window": "percentile", "size": "whole", "slice_range": "all", "masked": "none"}
+                return defaults.get(key, "none")
             if isinstance(value, (list, tuple)):
                 return f"[{value[0]:g}, {value[1]:g}]"
             return str(value).lower() if isinstance(value, (bool, str)) else f"{value:g}"

@@ -338,8 +338,9 @@ def _sorted_histogram(labels: np.ndarray, scores: np.ndarray, regions: bool,
     def count(block: slice) -> None:
         if not hasattr(per_thread, "buffer"):  # one buffer a thread, reused block after block
             per_thread.buffer = np.empty(buffer_size, dtype=packing.dtype or query.dtype)
-        smallest.append(_rank_block(labels, scores, parts[block], negatives[block], markers,
-                                    packing, per_thread.buffer, below, lock))
+        # markers and below are deleted after every count has run (ruff sees only the del)
+        smallest.append(_rank_block(labels, scores, parts[block], negatives[block], markers,  # noqa: F821
+                                    packing, per_thread.buffer, below, lock))  # noqa: F821
 
     with ThreadPoolExecutor(WORKERS) as pool:  # the positives' counts while the blocks sort
         positives = pool.submit(_sorted_positives, pos_keys, pos_sizes)

@@ -174,7 +174,8 @@ class LearnablePrompts(nn.Module):
             raise ValueError(f"--depth {depth} exceeds the text tower's {backbone.text_layers} layers")
         own_slots = wording == "medical"
         if not own_slots and depth > 1 and t_n_ctx > n_ctx:
-            raise ValueError(f"--t_n_ctx {t_n_ctx}: the deep tokens overwrite context positions, at most --n_ctx {n_ctx}")
+            raise ValueError(f"--t_n_ctx {t_n_ctx}: the deep tokens overwrite context positions, "
+                             f"at most --n_ctx {n_ctx}")
         width = backbone.text_width
         device = backbone.device
         states = learnable_states(name, wording)

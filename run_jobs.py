@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(commands)} job(s) on GPU(s) {', '.join(gpus)}; logs in {args.log_dir}", flush=True)
     jobs = run_jobs(commands, gpus, Path(args.log_dir))
     failed = [job for job in jobs if job.status != 0]
-    print(tabulate([[job.number, job.gpu, f"{job.seconds / 60:.1f}", "ok" if job.status == 0 else f"FAILED ({job.status})",
-                     job.log] for job in jobs], headers=["job", "GPU", "min", "status", "log"], tablefmt="github"))
+    print(tabulate([[job.number, job.gpu, f"{job.seconds / 60:.1f}",
+                     "ok" if job.status == 0 else f"FAILED ({job.status})", job.log] for job in jobs],
+                   headers=["job", "GPU", "min", "status", "log"], tablefmt="github"))
     for job in failed:
         print(f"failed: job {job.number} (exit {job.status}), see {job.log}: {job.command}", flush=True)
     return 1 if failed else 0

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save_path:
         atomic_write_text(Path(args.save_path) / "summary.csv", csv_text([headers] + rows))
         atomic_write_json(Path(args.save_path) / "summary.json", [
-            {"dataset": name, "k_shot": k, **{key: {"mean": v[0], "std": v[1], "runs": v[2]} for key, v in values.items()}}
+            {"dataset": name, "k_shot": k,
+             **{key: {"mean": v[0], "std": v[1], "runs": v[2]} for key, v in values.items()}}
             for (name, k), values in summary.items()])
     return summary
 

@@ -61,12 +61,14 @@ def bootstrap_count(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", nargs="+", help="dataset roots (BMAD layout or meta.json); default: the demo set")
+    parser.add_argument("--data_path", nargs="+",
+                        help="dataset roots (BMAD layout or meta.json); default: the demo set")
     parser.add_argument("--dataset", nargs="+", help="a name per root for the table rows (default: folder names); "
                         "the organ in it (brain, liver, ...) picks the baseline's prompt wording")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--skip_bad", action="store_true",
-                        help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
+                        help="skip unreadable images and image/mask size mismatches (listed in the log) "
+                        "instead of stopping")
     parser.add_argument("--checkpoint_path", help="trained MedVMAD checkpoint; omit for the zero-training baseline")
     parser.add_argument("--save_path", default="results/test", help="folder for results files")
     parser.add_argument("--metrics", default="image-pixel-level",

@@ -56,13 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--operating_point", type=operating_point_flag,
                         help="the rule that picks the threshold on the checkpoint's validation images: f1, youden, "
                              "sensitivity=X or specificity=X (default: the checkpoint's own)")
-    parser.add_argument("--dataset", default="brain", help="organ wording of the fixed prompt ensemble (the zero-training baseline, --variant mvfa)")
+    parser.add_argument("--dataset", default="brain",
+                        help="organ wording of the fixed prompt ensemble (the zero-training baseline, --variant mvfa)")
     parser.add_argument("--window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                         help="intensity window for DICOM/NIfTI (HU for CT)")
     parser.add_argument("--window_preset", choices=sorted(WINDOW_PRESETS), help="a named window")
     parser.add_argument("--axis", type=int, choices=(0, 1, 2),
                         help="volume slicing axis (2: axial in RAS; default: the checkpoint's framing's, else 2)")
-    parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"), help="volume slice range")
+    parser.add_argument("--slices", type=non_negative_int, nargs=2, metavar=("FIRST", "LAST"),
+                        help="volume slice range")
     parser.add_argument("--top_k", type=positive_int, default=8, help="slices in a volume's montage")
     parser.add_argument("--series_uid", help="the DICOM series to score when a folder holds several")
     parser.add_argument("--max_voxels", type=positive_int, default=MAX_VOXELS,

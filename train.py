@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--holdout_fraction", type=unit_interval, default=0.2,
                       help="share of training images held out for selection when no --valid_data_path")
     data.add_argument("--skip_bad", action="store_true",
-                      help="skip unreadable images and image/mask size mismatches (listed in the log) instead of stopping")
+                      help="skip unreadable images and image/mask size mismatches (listed in the log) "
+                      "instead of stopping")
     data.add_argument("--operating_point", type=operating_point_flag, default="f1",
                       help="how the stored decision threshold is chosen on the selection images: f1 (F1-max, "
                            "default), youden, sensitivity=X or specificity=X (e.g. sensitivity=0.95)")
@@ -225,9 +226,10 @@ def read_resume_state(path: Path, config: MedVMADConfig, args: argparse.Namespac
     current = {key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()}
     changed = [key for key in RESUME_KEYS if stored.get(key) != current.get(key)]
     if changed:
+        shown = lambda key: (" ".join(map(str, stored[key])) if isinstance(stored.get(key), tuple)  # noqa: E731
+                             else stored.get(key))
         raise InputError(f"--resume {path}: the run was started with other "
-                         + ", ".join(f"--{key} {' '.join(map(str, stored[key])) if isinstance(stored.get(key), tuple) else stored.get(key)}"
-                                     for key in changed))
+                         + ", ".join(f"--{key} {shown(key)}" for key in changed))
     return state
 
 

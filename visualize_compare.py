@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.names and len(args.names) != len(args.checkpoint_path):
         parser.error(f"--names gives {len(args.names)} names for {len(args.checkpoint_path)} --checkpoint_path files")
     if len(args.checkpoint_path) > MAX_MODELS:
-        parser.error(f"--checkpoint_path: at most {MAX_MODELS} checkpoints in one figure, got {len(args.checkpoint_path)}")
+        parser.error(f"--checkpoint_path: at most {MAX_MODELS} checkpoints in one figure, "
+                     f"got {len(args.checkpoint_path)}")
     rows = len(args.image_paths) if args.image_paths else args.n_abnormal + args.n_normal
     if rows > MAX_ROWS:
         parser.error(f"{'--image_paths' if args.image_paths else '--n_abnormal + --n_normal'}: at most {MAX_ROWS} "

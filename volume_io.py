@@ -194,7 +194,8 @@ def header_data_files(path: str) -> list[str]:
     for number, (key, value) in enumerate(fields):
         if key == "elementdatafile":  # the header's last field
             return _named_files(value, lines[number + 1:], "LOCAL")
-    raise InputError(f"no ElementDataFile field in {'its header' if whole else f'the first {MAX_HEADER_BYTES:,} bytes'}")
+    where = "its header" if whole else f"the first {MAX_HEADER_BYTES:,} bytes"
+    raise InputError(f"no ElementDataFile field in {where}")
 
 
 def check_data_files(path: str, single_file: bool) -> None:
@@ -381,7 +382,8 @@ def series_grid(path: str, files: list[str], positions: np.ndarray) -> SeriesGri
     """Put a sorted series' slice positions on one uniform grid: each slice numbered from its
     neighbour by the smallest step (one place, or several across a gap; never by its distance from
     the first, which drifts over many rounded positions), the grid's step fitted to all positions
-    (least squares, so positions rounded in the files still fit), and numbered again by that step. Refused, naming the folder: two files at one position (not one volume), positions off any
+    (least squares, so positions rounded in the files still fit), and numbered again by that step.
+    Refused, naming the folder: two files at one position (not one volume), positions off any
     uniform grid (read as one, the map would carry a wrong spacing), and gaps that would invent more
     blank slices than the series holds (a slice 100 m away would make 100,000 of them)."""
     steps = np.abs(np.diff(positions))
@@ -715,7 +717,3 @@ def write_maps(scan: Scan, maps: list[np.ndarray], threshold: float, save_path: 
     write_volume(paths["map_volume"], stored, scan.geometry.affine)
     write_volume(paths["mask_volume"], (stored >= threshold).astype(np.uint8), scan.geometry.affine)
     return paths
-
-
-__all__ = ["Geometry", "VolumeScan", "read_input", "list_inputs", "write_maps", "map_volume",
-           "is_series_folder", "SITK_SUFFIXES"]

@@ -86,8 +86,8 @@ class MedVMADConfig:
     wording: str | None = None               # prompt_ensemble's LEARNABLE/ENSEMBLE_WORDINGS; None: the variant's
     image_score: str | None = None           # IMAGE_SCORES; None: the variant's
     logit_scale: float | str | None = None   # cosine multiplier: "learned" (CLIP's own), a number; None: the variant's
-    seed_code: bool = False                  # the seed code's rules: logit scale 1, its wording (and, in train.py, loss)
-    dpam_from: int | None = None             # anomalyclip: first layer (1-based) of DPAM's v-v stream; None: the variant's
+    seed_code: bool = False                  # the seed code's rules: logit scale 1, its wording (train.py: loss)
+    dpam_from: int | None = None             # anomalyclip: first layer (1-based) of DPAM's v-v stream; None: variant's
     alpha: float = 0.1                       # stream = (1-2a) x + a seg + a det
     n_ctx: int = 12
     depth: int = 9
@@ -228,7 +228,8 @@ def resolve_config(config: MedVMADConfig, backbone: Backbone) -> MedVMADConfig:
         raise ValueError("--image_score global (AnomalyCLIP's un-normalised class token) needs an open_clip "
                          "CLIP ViT image tower")
     context = backbone.context_length
-    too_long = [f"--{name} {getattr(config, name)}" for name in ("n_ctx", "t_n_ctx") if getattr(config, name) >= context]
+    too_long = [f"--{name} {getattr(config, name)}" for name in ("n_ctx", "t_n_ctx")
+                if getattr(config, name) >= context]
     if config.learnable_prompts and too_long:
         raise ValueError(f"{', '.join(too_long)}: the prompts must fit the text context of {context} tokens")
     num_layers = backbone.num_layers

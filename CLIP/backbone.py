@@ -311,8 +311,8 @@ def _create_clip(config: BackboneConfig, offline: str | None = None) -> tuple[nn
                          f"Hugging Face towers keep their own activations)")
     if asked is None and quick_gelu and reason is None:
         reason = "the model config sets it"
-    logger.info(f"QuickGELU {'on' if quick_gelu else 'off'} "
-                f"({reason if asked is not None else '--quick_gelu auto: ' + (reason or 'no sign of QuickGELU weights')})")
+    why = reason if asked is not None else "--quick_gelu auto: " + (reason or "no sign of QuickGELU weights")
+    logger.info(f"QuickGELU {'on' if quick_gelu else 'off'} ({why})")
     return model, quick_gelu
 
 
@@ -512,7 +512,8 @@ class Backbone(nn.Module, metaclass=abc.ABCMeta):
     # ---- passes ----
     @abc.abstractmethod
     def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
-                     vv_from: int | None = None, global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     vv_from: int | None = None,
+                     global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the image tower block by block.
 
         images [B,3,H,W] (normalised); taps: 1-based layers. ``after_layer(layer, x)`` is called

@@ -100,7 +100,8 @@ class OpenCLIPBackbone(Backbone):
 
     # ---- image side ----
     def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
-                     vv_from: int | None = None, global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     vv_from: int | None = None,
+                     global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         if vv_from is not None and after_layer is not None:
             raise ValueError("the v-v attention path takes no layer hook")
         visual = self.clip.visual

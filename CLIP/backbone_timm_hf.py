@@ -85,7 +85,8 @@ class TimmHFBackbone(Backbone):
 
     # ---- image side ----
     def encode_image(self, images: torch.Tensor, taps: Sequence[int], after_layer: LayerHook | None = None,
-                     vv_from: int | None = None, global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     vv_from: int | None = None,
+                     global_norm: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         if vv_from is not None or not global_norm:
             raise ValueError("the v-v attention path (DPAM) and the un-normalised global embedding (AnomalyCLIP) "
                              "are implemented for open_clip CLIP image towers only")

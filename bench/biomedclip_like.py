@@ -5,21 +5,19 @@ Same layout as ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
 MLP projection), with a WordPiece vocabulary made of the prompt wording. Sizes are BiomedCLIP's by
 default (ViT-B/16, 12-layer 768-wide BERT, 512-d joint space); the tests build a tiny one.
 
-    python bench/biomedclip_like.py /tmp/biomedclip-like
-    python bench/train_step.py --model_name local-dir:/tmp/biomedclip-like --image_size 224
+    python -m bench.biomedclip_like /tmp/biomedclip-like
+    python -m bench.train_step --model_name local-dir:/tmp/biomedclip-like --image_size 224
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prompt_ensemble import ORGANS, TEMPLATES  # noqa: E402
+from prompt_ensemble import ORGANS, TEMPLATES
 
 
 def build(folder: Path, vision: str = "vit_base_patch16_224", text_width: int = 768, text_layers: int = 12,

@@ -6,13 +6,12 @@ suite (metrics.pixel_metrics) on the memory maps. Prints the maps' size, the pea
 memory (RssAnon, sampled every 20 ms: what the evaluation itself holds; file pages of the
 memory maps are cache the kernel can drop) and the peak total RSS (getrusage).
 
-    python bench/eval_memory.py [--n_images 3715] [--size 336] [--folder /tmp]
+    python -m bench.eval_memory [--n_images 3715] [--size 336] [--folder /tmp]
 """
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import threading
 import time
@@ -20,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import metrics  # noqa: E402
-from metrics_speed import make_data  # noqa: E402
+import metrics
+from bench.metrics_speed import make_data
 
 
 def rss_anon_mib() -> float:

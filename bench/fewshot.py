@@ -1,6 +1,6 @@
 """Few-shot memory bank on the demo set with the tiny model: zero-shot vs bank only vs combined.
 
-    python bench/fewshot.py [--epoch 8 --seed 1]
+    python -m bench.fewshot [--epoch 8 --seed 1]
 
 The zero-shot model is trained on the *other* demo domain (coronal slices, BrainCoronal) and tested
 on the axial Brain test split; the bank is then built from k normal support images of Brain's valid
@@ -11,20 +11,18 @@ Last line: ``combined_pixel_auroc_k8 X``.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import metrics  # noqa: E402
-import train  # noqa: E402
-from CLIP.checkpoint import load_model  # noqa: E402
-from dataset import MedicalDataset, list_samples, sample_support  # noqa: E402
-from generate_dataset.demo import ensure_demo  # noqa: E402
-from inference import memory_bank_from_support, predict  # noqa: E402
+import metrics
+import train
+from CLIP.checkpoint import load_model
+from dataset import MedicalDataset, list_samples, sample_support
+from generate_dataset.demo import ensure_demo
+from inference import memory_bank_from_support, predict
 
 IMAGE_SIZE = 224
 

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 step() {
   echo "## $*"
-  timeout "$STEP_TIMEOUT" python bench/train_step.py --model_name ViT-L-14-336 --batch_size 8 --device cuda "$@" \
+  timeout "$STEP_TIMEOUT" python -m bench.train_step --model_name ViT-L-14-336 --batch_size 8 --device cuda "$@" \
     || echo "step failed or timed out (exit $?): $*"
   echo
 }

@@ -1,6 +1,6 @@
 """Do the prompts, adapters and losses learn, without pretrained weights? (demo set, tiny model, CPU)
 
-    python bench/learnability.py [--epoch 15 --image_size 224] [any further train.py flags, e.g. --wording medical]
+    python -m bench.learnability [--epoch 15 --image_size 224] [any further train.py flags, e.g. --wording medical]
 
 Trains the tiny random-weight backbone on the demo set's valid split (train.py, selection on a
 held-out part), then scores the test split with the FINAL weights (``--evaluate best``: best.pth,
@@ -13,7 +13,6 @@ raw image intensity as the anomaly map. Last line: ``pixel_auroc_after X brain_p
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import metrics  # noqa: E402
-import train  # noqa: E402
-from CLIP.checkpoint import load_model  # noqa: E402
-from CLIP.MedVMAD import MedVMAD  # noqa: E402
-from dataset import MedicalDataset, list_samples  # noqa: E402
-from generate_dataset.demo import ensure_demo  # noqa: E402
-from inference import Predictions, predict  # noqa: E402
+import metrics
+import train
+from CLIP.checkpoint import load_model
+from CLIP.MedVMAD import MedVMAD
+from dataset import MedicalDataset, list_samples
+from generate_dataset.demo import ensure_demo
+from inference import Predictions, predict
 
 
 def pixel_aurocs(predictions: Predictions, brain: np.ndarray) -> tuple[float, float]:

@@ -8,21 +8,18 @@ the other. Then it times scikit-learn's roc_auc_score alone on the float32 pixel
 AUROC against it, and ends with the line ``speedup X`` (float32 suite vs roc_auc_score).
 Targets: speedup >= 30, |ours - sklearn| <= 1e-6, peak extra memory < 1x the maps.
 
-    python bench/metrics_speed.py [--n_images 3715] [--seed 0]
+    python -m bench.metrics_speed [--n_images 3715] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import metrics  # noqa: E402
+import metrics
 
 SIZE = 240
 

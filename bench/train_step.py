@@ -1,7 +1,7 @@
 """Time of a MedVMAD training step and of its eval forward, each relative to the bare backbone forward
 on the same batch.
 
-    python bench/train_step.py [--model_name ViT-B-16 --pretrained none --image_size 240 --batch_size 8 --device cpu]
+    python -m bench.train_step [--model_name ViT-B-16 --pretrained none --image_size 240 --batch_size 8 --device cpu]
 
 All three are measured in the same run (median of repeats, interleaved so that drift hits them
 alike); random weights by default, any backbone through --model_name/--pretrained/--image_size.
@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig  # noqa: E402
-from CLIP.backbone import BackboneConfig  # noqa: E402
-from loss import LossWeights, medvmad_loss  # noqa: E402
-from utils import autocast  # noqa: E402
+from CLIP.MedVMAD import MedVMAD, MedVMADConfig
+from CLIP.backbone import BackboneConfig
+from loss import LossWeights, medvmad_loss
+from utils import autocast
 
 
 def main() -> None:

@@ -20,24 +20,20 @@ framing rule with whole slices; ``split.json`` records it as "framing"). A volum
 3-D, or holds NaN or infinite voxels (whose slices would otherwise look empty and be dropped), stops
 the conversion with one line naming the file (and the slices).
 
-Usage: ``python generate_dataset/brats2021.py --raw_path BraTS2021 --save_path data/Brain``
+Usage: ``python -m generate_dataset.brats2021 --raw_path BraTS2021 --save_path data/Brain``
 """
 from __future__ import annotations
 
 import os
 import re
-import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
-if not __package__:  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,  # noqa: E402
+from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,
                                      write_sample, write_split_info)
-from dataset import SPLITS  # noqa: E402
-from medical_io import Framing, display, frame_volume  # noqa: E402
-from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging  # noqa: E402
+from dataset import SPLITS
+from medical_io import Framing, display, frame_volume
+from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 

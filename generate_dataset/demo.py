@@ -1,6 +1,6 @@
 """A small synthetic brain-MRI anomaly set, built offline, for smoke tests and first runs.
 
-    python generate_dataset/demo.py --save_path data/demo --seed 0    # -> data/demo/Brain, data/demo/volumes
+    python -m generate_dataset.demo --save_path data/demo --seed 0    # -> data/demo/Brain, data/demo/volumes
 
 What it is: slices of the MNI152 T1 template that ships with nilearn (1 mm, brain-masked like the
 skull-stripped BraTS scans), framed by the demo's framing rule (``medical_io.Framing``, recorded in
@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -49,13 +48,11 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-if not __package__:  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import write_sample  # noqa: E402
-from medical_io import Framing, display, frame_volume  # noqa: E402
-from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,  # noqa: E402
+from generate_dataset.common import write_sample
+from medical_io import Framing, display, frame_volume
+from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,
                    prepare_output_dir, run_cli, setup_logging)
-from volume_io import write_volume  # noqa: E402
+from volume_io import write_volume
 
 VIEWS = {"axial": ("Brain", 2), "coronal": ("BrainCoronal", 1)}  # view -> (folder, RAS axis)
 DEFAULT_PATH = str(Path(__file__).resolve().parents[1] / "data" / "demo")
@@ -273,9 +270,11 @@ def ensure_demo(save_path: str = DEFAULT_PATH, view: str = "axial") -> str:
         if record.get("build") == BUILD:
             logger.info("using demo set %s (seed %s)", root, record["seed"])
             return root
-        logger.info("the demo set at %s is an older build (%s, now %d): rebuilding it", root, record.get("build", 1), BUILD)
+        logger.info("the demo set at %s is an older build (%s, now %d): rebuilding it", root,
+                    record.get("build", 1), BUILD)
         counts = record["counts"]
-        return build_demo(save_path, record["seed"], counts["train/good"], (counts["valid/good"], counts["valid/Ungood"]),
+        return build_demo(save_path, record["seed"], counts["train/good"],
+                          (counts["valid/good"], counts["valid/Ungood"]),
                           (counts["test/good"], counts["test/Ungood"]), record.get("image_size", 240), view)
     logger.info("no data path given: building the synthetic demo set at %s", root)
     return build_demo(save_path, view=view)

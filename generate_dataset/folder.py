@@ -1,6 +1,6 @@
 """Index your own folders of normal and abnormal images as a meta.json that ``dataset.py`` reads.
 
-    python generate_dataset/folder.py --normal my/normal --abnormal my/abnormal \
+    python -m generate_dataset.folder --normal my/normal --abnormal my/abnormal \
         --masks my/masks --save_path data/MyBrain/meta.json --split test
 
 - Images are the image files directly inside each folder (png, jpg, jpeg, tif, tiff, bmp).
@@ -17,13 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-if not __package__:  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset import SPLITS, Sample, organ_name, describe, list_images, pair_masks  # noqa: E402
-from utils import ArgumentParser, InputError, atomic_write_json, prepare_output_dir, run_cli, setup_logging  # noqa: E402
+from dataset import SPLITS, Sample, organ_name, describe, list_images, pair_masks
+from utils import ArgumentParser, InputError, atomic_write_json, prepare_output_dir, run_cli, setup_logging
 
 logger = logging.getLogger("medvmad")
 

@@ -22,25 +22,22 @@ Output::
     save_path/{valid,test}/Ungood/anomaly_mask/<lits number>_<slice>.png   label 2, saved 0/255
     save_path/split.json                                          volumes per split, counts, settings
 
-Usage: ``python generate_dataset/liverct.py --btcv_path BTCV --lits_path LiTS --save_path data/Liver``
+Usage: ``python -m generate_dataset.liverct --btcv_path BTCV --lits_path LiTS --save_path data/Liver``
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-if not __package__:  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,  # noqa: E402
+from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,
                                      write_sample, write_split_info)
-from medical_io import Framing, display, window_to_uint8  # noqa: E402
-from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,  # noqa: E402
+from medical_io import Framing, display, window_to_uint8
+from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,
                    setup_logging, unit_interval)
 
 BTCV_LIVER = 6
@@ -145,8 +142,8 @@ def convert(btcv_path: str, lits_path: str, save_path: str,
     # The framing a single scan can follow: whole axial slices in the HU window; zeroing all but the
     # liver needs its label, which a scan to score does not have: recorded as masked, scoring warns.
     info = dict(source="BTCV+LiTS", hu_window=[low, high], seed=seed, valid_fraction=valid_fraction,
-                counts=counts, framing=Framing(window=(low, high), masked="liver").to_dict(), train=sorted(btcv), valid=valid_ids,
-                test=test_ids)
+                counts=counts, framing=Framing(window=(low, high), masked="liver").to_dict(), train=sorted(btcv),
+                valid=valid_ids, test=test_ids)
     return write_split_info(save_path, info)
 
 

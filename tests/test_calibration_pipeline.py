@@ -212,7 +212,7 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
 def by_patient(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Patient labels (any image abnormal) and scores (the highest), a loop over the names."""
     patients = sorted(set(names))
-    return (np.array([max(l for l, n in zip(labels, names) if n == p) for p in patients]),
+    return (np.array([max(y for y, n in zip(labels, names) if n == p) for p in patients]),
             np.array([max(s for s, n in zip(scores, names) if n == p) for p in patients]))
 
 

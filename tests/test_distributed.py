@@ -140,7 +140,8 @@ def test_sharded_test_writes_what_one_process_writes(runs, data, tmp_path):
     written = json.loads((tmp_path / "two" / "results.json").read_text())
     assert "pixel_auroc" in written["datasets"]["Brain"] and "pixel_auroc" not in written["datasets"]["Unmasked"]
     assert written["datasets"] == single["datasets"]
-    assert sorted(p.name for p in (tmp_path / "two").rglob("*")) == sorted(p.name for p in (tmp_path / "one").rglob("*"))
+    names = lambda folder: sorted(p.name for p in (tmp_path / folder).rglob("*"))  # noqa: E731
+    assert names("two") == names("one")
     assert written["patients"] == single["patients"]
     assert (tmp_path / "two" / "scores.csv").read_text() == (tmp_path / "one" / "scores.csv").read_text()
     one, two = load_maps(tmp_path / "one" / "maps", "Brain"), load_maps(tmp_path / "two" / "maps", "Brain")

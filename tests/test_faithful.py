@@ -227,7 +227,8 @@ def test_default_normalisation_for_files_and_old_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "new.pth", MedVMAD(tiny_config(backbone=BackboneConfig(name, "none", TINY_SIZE))))
     stored = torch.load(tmp_path / "new.pth", weights_only=True)
     assert tuple(stored["config"]["backbone"]["image_mean"]) == (0.5,) * 3
-    assert load_model(tmp_path / "new.pth", torch.device("cpu"), model_name=name)[0].config.backbone.image_std == (0.5,) * 3
+    loaded, *_ = load_model(tmp_path / "new.pth", torch.device("cpu"), model_name=name)
+    assert loaded.config.backbone.image_std == (0.5,) * 3
     # a checkpoint written before image_mean/std were stored was trained with OpenAI's constants,
     # even on a model whose own config now says 0.5
     for key in ("image_mean", "image_std"):

@@ -158,9 +158,9 @@ def test_brats_bad_input(tmp_path, brats_raw):
 
 def test_brats_cli_reports_one_line(tmp_path):
     """The converter's command line exits 2 with one line naming the missing folder."""
-    result = subprocess.run([sys.executable, str(REPO / "generate_dataset" / "brats2021.py"),
+    result = subprocess.run([sys.executable, "-m", "generate_dataset.brats2021",
                              "--raw_path", str(tmp_path / "missing"), "--save_path", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr
 

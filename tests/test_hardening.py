@@ -53,8 +53,8 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(script: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True,
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -402,7 +402,7 @@ def test_result_names_taken_by_folders_are_refused_before_the_work(tmp_path):
 
 def test_run_cli_reports_an_output_path_error_on_one_line(tmp_path):
     (tmp_path / "blocker").write_text("a file")
-    done = run_script("generate_dataset/demo.py", "--save_path", str(tmp_path / "blocker" / "demo"))
+    done = run_script("-m", "generate_dataset.demo", "--save_path", str(tmp_path / "blocker" / "demo"))
     assert_one_line_error(done, "lies under")
     assert done.stderr.strip().count("\n") == 0
 

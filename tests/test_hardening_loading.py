@@ -242,7 +242,8 @@ def test_archive_whose_setstate_writes_a_file_never_runs(tmp_path, craft, names,
     assert set(read_torchscript_state_dict(str(archive))) == names and not marker.exists()
     with pytest.raises(InputError, match=rf"^--pretrained {archive}{refusal}"):
         build_backbone(BackboneConfig("tiny", str(archive), TINY_SIZE))
-    with pytest.raises(InputError, match=rf"^--model_name local-dir:{tmp_path / 'folder'} \(weights file .*\){refusal}"):
+    with pytest.raises(InputError,
+                       match=rf"^--model_name local-dir:{tmp_path / 'folder'} \(weights file .*\){refusal}"):
         build_backbone(BackboneConfig(local_dir(tmp_path / "folder", archive), "none", TINY_SIZE))
     assert not marker.exists()
 
@@ -331,7 +332,8 @@ def scan(tmp_path: Path) -> Path:
 def test_a_checkpoint_never_loads_the_weights_file_it_names(tmp_path):
     archive, marker = writes_on_load(tmp_path)
     checkpoint = checkpoint_naming(tmp_path / "clean_looking.pth", str(archive))
-    refusal = rf"^--checkpoint_path {checkpoint}: its backbone weights are the file {archive}, .*pass --pretrained {archive}$"
+    refusal = (rf"^--checkpoint_path {checkpoint}: its backbone weights are the file {archive}, "
+               rf".*pass --pretrained {archive}$")
     with pytest.raises(InputError, match=refusal):
         load_model(checkpoint, torch.device("cpu"))
     with pytest.raises(InputError, match=refusal):  # through cli.build_model, as test.py and app.py go
@@ -414,7 +416,8 @@ def test_resume_never_loads_a_weights_file_its_checkpoint_names(tmp_path):
     state = torch.load(tmp_path / "run" / "epoch_1.pth", weights_only=True)
     state["config"]["backbone"]["pretrained"] = str(archive)
     torch.save(state, tmp_path / "run" / "epoch_1.pth")
-    with pytest.raises(InputError, match=rf"config differs from this run's in backbone.pretrained \({archive} vs none\)"):
+    with pytest.raises(InputError,
+                       match=rf"config differs from this run's in backbone.pretrained \({archive} vs none\)"):
         train.main([*run, "--epoch", "2", "--resume"])
     assert not marker.exists()
 
@@ -454,7 +457,8 @@ def backbone_set(**values):
     (lambda c: c.update(logit_scale=1e308), r"config.logit_scale 1e\+308: null, 'learned' or a number in \(0, 1000\]"),
     (lambda c: c.update(organ="x" * 10000), r"config.organ 'xxx.*: an organ name of at most 64 characters"),
     (lambda c: c.update(fewshot_weight=10 ** 400), r"config.fewshot_weight 1000"),
-    (lambda c: c.update(features_list=[1.5, 2, 3, 4]), r"config.features_list \[1.5, 2, 3, 4\]: null or a list of integer"),
+    (lambda c: c.update(features_list=[1.5, 2, 3, 4]),
+     r"config.features_list \[1.5, 2, 3, 4\]: null or a list of integer"),
     (lambda c: c.update(features_list="1234"), r"config.features_list '1234'"),
     (lambda c: c.update(variant=["medvmad"]), r"config.variant \['medvmad'\]: one of"),
     (lambda c: c.update(logit_scale="big"), r"config.logit_scale 'big'"),
@@ -482,7 +486,8 @@ def test_a_local_dir_config_that_asks_for_terabytes_is_refused(tmp_path):
     config = json.loads((ROOT / "CLIP" / "model_configs" / "tiny.json").read_text())
     config["vision_cfg"]["width"] = 10 ** 7
     name = local_dir(tmp_path / "wide", model_cfg=config)
-    with pytest.raises(InputError, match=rf"^--image_size {TINY_SIZE}: {name} at image size {TINY_SIZE} needs at least"):
+    with pytest.raises(InputError,
+                       match=rf"^--image_size {TINY_SIZE}: {name} at image size {TINY_SIZE} needs at least"):
         build_backbone(BackboneConfig(name, "none", TINY_SIZE))
     path = tampered(tmp_path / "wide.pth", backbone_set(model_name=name))
     with pytest.raises(InputError, match=rf"^--checkpoint_path {path}: bad model config: config.backbone.image_size"):

@@ -177,7 +177,8 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 outcome = {{}}
 writes = {{"epoch_1.pth": lambda p: utils.atomic_torch_save({{"w": torch.randn(20000)}}, p),
-          "overlay.png": lambda p: utils.atomic_write_image(p, np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)),
+          "overlay.png": lambda p: utils.atomic_write_image(
+              p, np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)),
           "results.json": lambda p: utils.atomic_write_text(p, "x" * 10000)}}
 for name, write in writes.items():
     try:
@@ -334,7 +335,7 @@ def test_resume_passes_over_a_half_written_checkpoint(tmp_path, data, reference_
     assert "passed over" in (run / "train_log.txt").read_text()
 
 
-# ----------------------------------------------------------------------------- 4, 7. test_one_example stopped at any write
+# ------------------------------------------------------------------------ 4, 7. test_one_example stopped at any write
 
 @pytest.fixture
 def volume(tmp_path) -> Path:
@@ -626,7 +627,8 @@ def nested_too_deep(root: Path) -> str:
     (good_and_Good, r"test holds both Good/ and good/: folder names are matched case-insensitively"),
     (linked_twice_bmad, r"link.png and .*a.png are the same file"),
     (linked_twice_meta, r"test/brain\[1\] lists .*link.png again \(first at test/brain\[0\]\)"),
-    (normal_with_a_lesion, r"test/brain\[0\] is labelled normal \(anomaly 0\), but its mask .*lesion.png marks a lesion"),
+    (normal_with_a_lesion,
+     r"test/brain\[0\] is labelled normal \(anomaly 0\), but its mask .*lesion.png marks a lesion"),
     (nested_too_deep, "nested too deeply"),
 ])
 def test_data_that_contradicts_itself_is_refused_naming_the_files(tmp_path, build, fragment):
@@ -688,11 +690,12 @@ def test_compare_refuses_an_image_given_twice(tmp_path):
         visualize_compare.find_samples(samples, [str(image), str(tmp_path / "link.png")], "the split")
 
 
-# ----------------------------------------------------------------------------- 8. output names, environment, results files
+# ------------------------------------------------------------------------ 8. output names, environment, results files
 
 @pytest.mark.parametrize("name, kind, extra", [
     ("train_log.txt", "dir", []), ("curves.png", "dir", []), ("metrics.csv", "dir", []), (".lock", "dir", []),
-    ("args.json", "dir", ["--overwrite"]), ("best.pth", "dir", ["--overwrite"]), ("epoch_1.pth", "dir", ["--overwrite"]),
+    ("args.json", "dir", ["--overwrite"]), ("best.pth", "dir", ["--overwrite"]),
+    ("epoch_1.pth", "dir", ["--overwrite"]),
     ("tensorboard", "file", ["--tensorboard"]),
 ])
 def test_training_output_names_taken_are_refused_before_the_work(tmp_path, data, name, kind, extra):
@@ -717,7 +720,8 @@ def test_evaluation_output_names_taken_are_refused_before_the_work(tmp_path, dat
     (out / name).parent.mkdir(parents=True, exist_ok=True)
     (out / name).mkdir() if kind == "dir" else (out / name).write_text("x")
     monkeypatch.setattr(test_script, "predict", lambda *args, **kwargs: pytest.fail("scored before the check"))
-    with pytest.raises(InputError, match=f"--save_path {out}: {name} is taken by a {'folder' if kind == 'dir' else 'file'}"):
+    taker = "folder" if kind == "dir" else "file"
+    with pytest.raises(InputError, match=f"--save_path {out}: {name} is taken by a {taker}"):
         test_script.main(["--data_path", data, "--save_path", str(out), *EVAL, *extra])
 
 
@@ -734,7 +738,8 @@ def test_log_dir_under_a_file_is_refused_before_any_job(tmp_path):
     (tmp_path / "blocker").write_text("a file")
     (tmp_path / "jobs.txt").write_text(f"touch {tmp_path / 'ran'}\n")
     with pytest.raises(InputError, match=r"--log_dir \(LOG_DIR\) .*blocker/logs lies under .*blocker, which is a file"):
-        run_jobs.main(["--gpus", "0", "--jobs", str(tmp_path / "jobs.txt"), "--log_dir", str(tmp_path / "blocker" / "logs")])
+        run_jobs.main(["--gpus", "0", "--jobs", str(tmp_path / "jobs.txt"),
+                       "--log_dir", str(tmp_path / "blocker" / "logs")])
     assert not (tmp_path / "ran").exists()
 
 
@@ -818,7 +823,8 @@ def test_paper_tables_are_strict_json():
     text = tables.paper_table({"a": {"pixel_auroc": float("inf"), "image_auroc": float("nan"),
                                      "image_ap": 0.5, "image_ap_ci": [float("-inf"), 0.6]}})["json"]
     rows = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))["rows"]
-    assert rows == [{"variant": "a", "pixel_auroc": None, "image_auroc": None, "image_ap": 0.5, "image_ap_ci": [None, 0.6]}]
+    assert rows == [{"variant": "a", "pixel_auroc": None, "image_auroc": None, "image_ap": 0.5,
+                     "image_ap_ci": [None, 0.6]}]
 
 
 def scores_csv(names: list[str], root: str = "/data/Brain") -> str:
@@ -852,7 +858,8 @@ def test_summary_output_problems_are_refused_before_reading(tmp_path, monkeypatc
     if blocker == "read-only":
         save_path.mkdir()
         real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == save_path else real_access(path, mode))
+        monkeypatch.setattr(os, "access",
+                            lambda path, mode: False if Path(path) == save_path else real_access(path, mode))
         fragment = f"--save_path {save_path}: the folder is not writable"
     elif blocker == "under a file":
         (tmp_path / "blocker").write_text("a file")

@@ -149,7 +149,8 @@ def test_weights_file_round_trip_through_pretrained_path(tmp_path, suffix):
     state = {k: v.contiguous() for k, v in source.clip.state_dict().items()}
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
     loaded = build_backbone(BackboneConfig("tiny", str(path), TINY_SIZE))
-    assert not torch.equal(loaded.clip.visual.proj, build_backbone(BackboneConfig("tiny", "none", TINY_SIZE)).clip.visual.proj)
+    fresh = build_backbone(BackboneConfig("tiny", "none", TINY_SIZE))
+    assert not torch.equal(loaded.clip.visual.proj, fresh.clip.visual.proj)
     images = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():
         assert torch.equal(source.encode_image(images, [2])[0], loaded.encode_image(images, [2])[0])
@@ -278,10 +279,10 @@ def test_loss_equals_hand_computation_at_moderate_gaps():
     parts = medvmad_loss(output, torch.tensor(masks), torch.tensor(labels), torch.tensor(has_mask),
                          LossWeights(2.0, 3.0, 0.5))
     p, y = 1 / (1 + np.exp(-gaps[has_mask])), masks[has_mask]
-    focal = sum(np.mean(-y * (1 - p[:, l]) ** 2 * np.log(p[:, l]) - (1 - y) * p[:, l] ** 2 * np.log(1 - p[:, l]))
-                for l in range(2))
-    dice = sum(np.mean([1 - (2 * (p[i, l] * y[i]).sum() + 1) / (p[i, l].sum() + y[i].sum() + 1)
-                        for i in range(len(y))]) for l in range(2))
+    focal = sum(np.mean(-y * (1 - p[:, k]) ** 2 * np.log(p[:, k]) - (1 - y) * p[:, k] ** 2 * np.log(1 - p[:, k]))
+                for k in range(2))
+    dice = sum(np.mean([1 - (2 * (p[i, k] * y[i]).sum() + 1) / (p[i, k].sum() + y[i].sum() + 1)
+                        for i in range(len(y))]) for k in range(2))
     q = 1 / (1 + np.exp(-(image_logits[..., 1] - image_logits[..., 0])))
     bce = np.mean(np.sum(-(labels[:, None] * np.log(q) + (1 - labels[:, None]) * np.log(1 - q)), axis=1))
     assert float(parts["focal"]) == pytest.approx(focal, rel=1e-5)

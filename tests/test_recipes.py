@@ -218,10 +218,10 @@ def test_medvmad_image_score_and_loss_are_the_seeds_per_layer_mean_patch_probabi
     t = masks.numpy()[:, None]
     dice = lambda q, g: np.mean([1 - (2 * (q[i] * g[i]).sum() + 1) / (q[i].sum() + g[i].sum() + 1)  # noqa: E731
                                  for i in range(2)])
-    both = sum(dice(p[:, l], t[:, 0]) + dice(1 - p[:, l], 1 - t[:, 0]) for l in range(4))
+    both = sum(dice(p[:, k], t[:, 0]) + dice(1 - p[:, k], 1 - t[:, 0]) for k in range(4))
     assert float(parts["dice"]) == pytest.approx(both, rel=1e-4)
-    focal = sum(np.mean(-t[:, 0] * (1 - p[:, l]) ** 2 * np.log(p[:, l]) - (1 - t[:, 0]) * p[:, l] ** 2
-                        * np.log(1 - p[:, l])) for l in range(4))
+    focal = sum(np.mean(-t[:, 0] * (1 - p[:, k]) ** 2 * np.log(p[:, k]) - (1 - t[:, 0]) * p[:, k] ** 2
+                        * np.log(1 - p[:, k])) for k in range(4))
     assert float(parts["focal"]) == pytest.approx(focal, rel=1e-4)
 
 
@@ -329,8 +329,8 @@ def test_training_on_a_maskless_source_has_no_pixel_truth(tmp_path):
         args = train.parse_args(["--train_data_path", str(root), "--image_size", "32", "--holdout_fraction", "0.25",
                                  "--save_path", str(tmp_path / "run"), *extra])
         dataset, _ = train.training_data(args, [str(root)], ["Chest"], logger)
-        has_mask = [bool(train.batch_tensors(next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset)))))[3][i])
-                    for i in range(len(dataset))]
+        batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
+        has_mask = [bool(train.batch_tensors(batch)[3][i]) for i in range(len(dataset))]
         assert len(has_mask) > 0 and not any(has_mask), extra
 
 
@@ -374,7 +374,8 @@ def test_confident_scores_do_not_tie_by_saturation(variant):
     cos_normal = np.full(3, 0.1)
     assert float(torch.sigmoid(torch.tensor(17.0))) == 1.0
     global_embedding = features_with_cosines(cos_normal, cos_normal + gaps)
-    patches = [features_with_cosines(np.repeat(cos_normal[:, None], 16, 1), np.repeat((cos_normal + gaps)[:, None], 16, 1))
+    patches = [features_with_cosines(np.repeat(cos_normal[:, None], 16, 1),
+                                     np.repeat((cos_normal + gaps)[:, None], 16, 1))
                for _ in range(4)]
     with torch.no_grad():
         output = model._score(global_embedding, patches, patches if variant == "medvmad" else [], text_axes(),

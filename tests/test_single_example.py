@@ -218,7 +218,8 @@ def test_raw_volume_slice_scores_as_its_converted_png(tmp_path, checkpoint):
             nibabel.save(nibabel.Nifti1Image(flair, np.eye(4)), str(case / f"BraTS2021_00007_{other}.nii.gz"))
         nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), str(case / f"BraTS2021_00007_{name}.nii.gz"))
     convert(str(tmp_path / "raw"), str(tmp_path / "bmad"), slice_range=(3, 3), split=(0, 0, 1))
-    [png] = run(tmp_path, tmp_path / "bmad" / "test" / "Ungood" / "img" / "00007_3.png", "--checkpoint_path", checkpoint)
+    [png] = run(tmp_path, tmp_path / "bmad" / "test" / "Ungood" / "img" / "00007_3.png",
+                "--checkpoint_path", checkpoint)
     [volume] = run(tmp_path, case / "BraTS2021_00007_flair.nii.gz", "--checkpoint_path", checkpoint,
                    "--slices", "3", "3")
     assert volume["slice_scores"]["3"] == pytest.approx(png["score"], abs=1e-6)

@@ -42,7 +42,8 @@ def test_paper_table_keeps_row_order_and_the_report_column_order():
     lines = texts["md"].splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == [
         "variant", "pixel AUROC", "pixel AUPRO", "image AUROC", "image AP"]
-    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["mvfa", "97.2 [96.8\u201397.5]", "60.0", "75.0", "50.0"]
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["mvfa", "97.2 [96.8\u201397.5]", "60.0", "75.0",
+                                                                   "50.0"]
     assert [c.strip() for c in lines[3].strip("|").split("|")] == ["medvmad", "99.0", "-", "90.0", "80.0"]
     assert len(lines) == 4  # no mean row
     table = list(csv.reader(io.StringIO(texts["csv"])))

@@ -111,7 +111,8 @@ def test_bad_input_is_one_line_naming_the_path(tmp_path, runs):
     root, checkpoints = runs
     base = ["--save_path", str(tmp_path / "f.png")]
     with pytest.raises(InputError, match=f"--checkpoint_path {tmp_path / 'no.pth'}: no such file"):
-        visualize_compare.main(["--checkpoint_path", checkpoints[0], str(tmp_path / "no.pth"), "--data_path", root, *base])
+        visualize_compare.main(["--checkpoint_path", checkpoints[0], str(tmp_path / "no.pth"),
+                                "--data_path", root, *base])
     with pytest.raises(InputError, match=f"data path {tmp_path / 'nodata'} does not exist"):
         visualize_compare.main(["--checkpoint_path", checkpoints[0], "--data_path", str(tmp_path / "nodata"), *base])
     train_image = list_samples(root, "train")[0].image_path

@@ -327,7 +327,8 @@ def write_nrrd(path: Path, voxels: np.ndarray, vector: bool = False) -> None:
     ("nan.mha", lambda p: write_nrrd(p, np.where(np.eye(4, dtype=bool)[None], np.nan, 1).astype(np.float32)),
      "4 of 16 voxels are NaN or infinite"),
     ("rgb.nrrd", lambda p: write_nrrd(p, np.ones((2, 3, 4, 3), np.uint8), vector=True), "scalar volumes only"),
-    ("broken.nrrd", lambda p: p.write_bytes(b"NRRD0004\ntype: float\ngarbage"), "names no data file and no blank line ends it"),
+    ("broken.nrrd", lambda p: p.write_bytes(b"NRRD0004\ntype: float\ngarbage"),
+     "names no data file and no blank line ends it"),
     ("notes.docx", lambda p: p.write_bytes(b"PK\x03\x04 not a scan"), "unknown file type '.docx'"),
     ("bad.zip", lambda p: p.write_bytes(b"not a zip"), "unreadable zip"),
 ])
