@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from CLIP.backbone import Backbone, BackboneConfig, build_backbone, default_features_list
+from CLIP.backbone import Backbone, BackboneConfig, default_features_list
+from CLIP.factory import build_backbone
 from CLIP.memory_bank import MemoryBank
 from prompt_ensemble import ENSEMBLE_WORDINGS, LEARNABLE_WORDINGS, LearnablePrompts, ensemble_text_features
 from utils import MAX_SIGMA
