@@ -382,6 +382,19 @@ class MedVMAD(nn.Module):
         self._text_cache = None
         return self
 
+    # ---- switches ----
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the frozen backbone's blocks in the backward pass instead of keeping their
+        activations (memory for compute; the loss and gradients are unchanged)."""
+        self.backbone.grad_checkpointing = enabled
+
+    def set_fewshot_weight(self, weight: float) -> None:
+        """Weight of the memory-bank map in the combined map and image score (``ValueError`` outside [0, 1])."""
+        valid, rule = CONFIG_RULES["fewshot_weight"]
+        if not valid(weight):
+            raise ValueError(f"fewshot_weight {weight!r}: {rule}")
+        self.config.fewshot_weight = weight
+
     # ---- text ----
     def text_features(self) -> torch.Tensor:
         """[2,E] normal/abnormal text features; cached unless prompts are being trained."""

@@ -464,6 +464,25 @@ def test_duplicate_features_list_is_refused():
         MedVMAD(tiny_config(features_list=[2, 2]))
 
 
+def test_set_grad_checkpointing_switches_recomputation_in_the_backbone_blocks():
+    """On: the last image block runs again in the backward pass; off again: once, as by default."""
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config())
+    images, masks = torch.rand(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.8).float()
+    block = model.backbone.clip.visual.transformer.resblocks[-1]
+    calls = []
+    block.register_forward_pre_hook(lambda *_: calls.append(1))
+    runs = []
+    for enabled in (None, True, False):
+        if enabled is not None:
+            model.set_grad_checkpointing(enabled)
+        calls.clear()
+        medvmad_loss(model(images), masks, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool),
+                     LossWeights())["loss"].backward()
+        runs.append((model.backbone.grad_checkpointing, len(calls)))
+    assert runs == [(False, 1), (True, 2), (False, 1)]
+
+
 @pytest.mark.parametrize("name", ["tiny", "biomedclip"])
 def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients(name, request):
     """Same loss and gradients; the last image block (behind a tapped adapter, so gradients flow
