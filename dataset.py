@@ -67,7 +67,7 @@ from PIL import Image, UnidentifiedImageError
 
 from utils import InputError, atomic_write_text, one_line, safe_name
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_FOLDERS = ("anomaly_mask", "label")
 SPLITS = ("train", "valid", "test")
 MAX_ANGLE = 15.0  # degrees of the small random rotation in augmentations
@@ -99,7 +99,7 @@ class Sample:
 def list_images(folder: str) -> list[str]:
     """Sorted paths of the image files directly inside ``folder`` (hidden files skipped)."""
     names = sorted(name for name in os.listdir(folder)
-                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+                   if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES))
     return [os.path.join(folder, name) for name in names]
 
 
@@ -232,7 +232,7 @@ def _list_meta(meta_path: str, split: str) -> list[Sample]:
     return samples
 
 
-def _meta_path(root: str) -> str | None:
+def find_meta_index(root: str) -> str | None:
     """The meta.json index that describes ``root``, if any."""
     if root.lower().endswith(".json"):
         return root
@@ -246,7 +246,7 @@ def list_samples(root: str, split: str) -> list[Sample]:
         raise InputError(f"split must be one of {SPLITS}, not {split!r}")
     if not os.path.exists(root):
         raise InputError(f"data path {root} does not exist")
-    meta = _meta_path(root)
+    meta = find_meta_index(root)
     samples = _list_meta(meta, split) if meta else _list_bmad(root, split)
     logger.info(describe(samples, f"{table_name(root)}/{split}"))
     return samples
@@ -493,9 +493,9 @@ class MedicalDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- hold-out and few-shot
 
-def _patient(sample: Sample) -> str:
-    """Patient id from BMAD's ``<patient>_<slice>.png`` naming; the whole stem otherwise."""
-    stem = Path(sample.image_path).stem
+def patient_of(path: str) -> str:
+    """Patient id of an image path from BMAD's ``<patient>_<slice>.png`` naming; the whole stem otherwise."""
+    stem = Path(path).stem
     match = re.fullmatch(r"(.+)_\d+", stem)
     return match.group(1) if match else stem
 
@@ -512,7 +512,7 @@ def split_holdout(samples: list[Sample], fraction: float,
         raise InputError(f"hold-out fraction must be in [0, 1), got {fraction}")
     groups: dict[str, list[Sample]] = {}
     for sample in samples:
-        groups.setdefault(_patient(sample), []).append(sample)
+        groups.setdefault(patient_of(sample.image_path), []).append(sample)
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     target = {label: fraction * sum(s.label == label for s in samples) for label in (0, 1)}
@@ -524,8 +524,8 @@ def split_holdout(samples: list[Sample], fraction: float,
             held_patients.add(patient)
             for sample in groups[patient]:
                 held[sample.label] += 1
-    kept = [s for s in samples if _patient(s) not in held_patients]
-    held_out = [s for s in samples if _patient(s) in held_patients]
+    kept = [s for s in samples if patient_of(s.image_path) not in held_patients]
+    held_out = [s for s in samples if patient_of(s.image_path) in held_patients]
     if not kept:
         raise InputError(f"holding out {fraction} of {len(groups)} patient(s) leaves nothing to train on")
     return kept, held_out

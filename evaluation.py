@@ -1,7 +1,7 @@
 """Figures beyond one number per metric: bootstrap intervals over patients, patient-level
 detection, and per-class metrics of meta.json datasets.
 
-Patients are the case ids of BMAD slice names (``<case>_<slice>.png``, dataset._patient); an
+Patients are the case ids of BMAD slice names (``<case>_<slice>.png``, dataset.patient_of); an
 image whose name carries no slice number is its own patient.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 import metrics
-from dataset import Sample, _meta_path, _patient
+from dataset import find_meta_index, patient_of
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max")
@@ -27,11 +27,6 @@ HISTOGRAM_CELLS = 1 << 22
 MAX_BINS = 1 << 12
 REPLICATES_AT_ONCE = 64
 T = TypeVar("T")
-
-
-def patient_of(path: str) -> str:
-    """Case id of an image path (``<case>_<slice>`` naming), the stem otherwise."""
-    return _patient(Sample(path, None, 0))
 
 
 def groups_of(paths: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -144,7 +139,7 @@ def _curve_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray | None =
             zero = np.zeros((len(neg), 1))
             fpr = np.hstack([zero, fp / n_neg])
             pro = np.hstack([zero, np.cumsum(region, axis=1) / n_regions[:, None]])
-            area = metrics._clipped_area(fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:], fpr_limit)
+            area = metrics.clipped_area(fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:], fpr_limit)
             out["aupro"] = np.where(n_regions > 0, np.clip(np.sum(area, axis=1) / fpr_limit, 0.0, 1.0), np.nan)
     return {key: np.where(valid, value, np.nan) for key, value in out.items()}
 
@@ -193,7 +188,7 @@ def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
         neg[local] += total - lesion
         pos[local] += lesion
         for image in np.flatnonzero(flat_mask.any(axis=1)):
-            sizes, count = metrics._region_sizes(mask[image:image + 1])
+            sizes, count = metrics.region_sizes(mask[image:image + 1])
             region[local[group[image]]] += np.bincount(raw[image][flat_mask[image]],
                                                        weights=1.0 / sizes, minlength=size)
             n_regions[local[group[image]]] += count
@@ -229,7 +224,7 @@ def patient_level(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
 def meta_classes(root: str, split: str) -> dict[str, str]:
     """Class name of each image path of ``split`` in the meta.json index of ``root`` ({} when
     the dataset has no meta.json)."""
-    meta_path = _meta_path(root)
+    meta_path = find_meta_index(root)
     if meta_path is None:
         return {}
     with open(meta_path, encoding="utf-8") as handle:

@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 import cv2
 import numpy as np
 
-from dataset import load_image
+from dataset import IMAGE_SUFFIXES, load_image
 from utils import InputError, one_line
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_VOXELS = 2**28  # 512 x 512 x 1024, 1 GiB as float32: the most voxels (pixels) one input may hold

@@ -137,7 +137,7 @@ def _read(labels: np.ndarray, scores: np.ndarray, part: slice, regions: bool) ->
     if not finite:
         raise ValueError("scores contain NaN or inf")
     mask = _as_bool(np.asarray(labels[part]))
-    sizes, count = _region_sizes(mask) if regions else (None, 0)
+    sizes, count = region_sizes(mask) if regions else (None, 0)
     return _Chunk(mask, chunk, sizes, count, float(low), float(high))
 
 
@@ -147,7 +147,7 @@ def _chunks(labels: np.ndarray, scores: np.ndarray, regions: bool) -> Iterator[_
         yield _read(labels, scores, part, regions)
 
 
-def _region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
+def region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Size of the 8-connected region of each positive pixel of masks [N,H,W] (bool), in the C
     order of masks[masks], and the number of regions; each image labelled in its lesion box."""
     rows, cols = masks.any(axis=2), masks.any(axis=1)
@@ -434,8 +434,8 @@ def _f1_max(h: _Histogram, what: str) -> tuple[float, float]:
     return best, float(h.values[at])
 
 
-def _clipped_area(x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray,
-                  x_max: float) -> np.ndarray:
+def clipped_area(x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray,
+                 x_max: float) -> np.ndarray:
     """Trapezoid areas [..., K] of the segments (x0, y0)-(x1, y1) [..., K] (x0 <= x1) left of
     x_max, a segment crossing x_max interpolated linearly there; sum them for the area."""
     end = np.minimum(x1, x_max)
@@ -464,7 +464,7 @@ def _aupro(h: _Histogram, fpr_limit: float) -> float:
             break
         x = np.concatenate([[fp], np.cumsum(h.neg[block]) + fp]) / n_neg
         y = np.concatenate([[region], np.cumsum(h.region[block]) + region]) / h.n_regions
-        area += float(np.sum(_clipped_area(x[:-1], x[1:], y[:-1], y[1:], fpr_limit)))
+        area += float(np.sum(clipped_area(x[:-1], x[1:], y[:-1], y[1:], fpr_limit)))
     return float(np.clip(area / fpr_limit, 0.0, 1.0))
 
 

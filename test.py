@@ -351,7 +351,7 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
     stored = None if checkpoint is None or args.k_shot else checkpoint_decision(checkpoint, args.checkpoint_path,
                                                                                 args.operating_point)
     if args.fewshot_weight is not None:
-        model.config.fewshot_weight = args.fewshot_weight
+        model.set_fewshot_weight(args.fewshot_weight)
     image_size = model.config.backbone.image_size
     logger.info(f"model {model.config.backbone.model_name} ({model.config.backbone.pretrained}) "
                 f"image_size {image_size} layers {model.features_list} "

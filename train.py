@@ -542,7 +542,7 @@ def train(args: argparse.Namespace, removed: list[Path], device: torch.device, w
     organs = {organ_name(name) for name in names}
     config = model_config(args, organs.pop() if len(organs) == 1 else "organ")
     model, optimizer, scaler = build_model_and_optimizer(config, args, device, logger)
-    model.backbone.grad_checkpointing = args.grad_checkpointing
+    model.set_grad_checkpointing(args.grad_checkpointing)
     start_epoch, best = 1, {"score": -math.inf, "epoch": None}
     if resume_from is not None:
         start_epoch, best = restore_run(resume_from, args, model, optimizer, scaler, where, logger)

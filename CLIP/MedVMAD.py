@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from CLIP.backbone import Backbone, BackboneConfig, build_backbone, default_features_list
+from CLIP.backbone import Backbone, BackboneConfig, default_features_list
+from CLIP.factory import build_backbone
 from CLIP.memory_bank import MemoryBank
 from prompt_ensemble import ENSEMBLE_WORDINGS, LEARNABLE_WORDINGS, LearnablePrompts, ensemble_text_features
 from utils import MAX_SIGMA
@@ -381,6 +382,19 @@ class MedVMAD(nn.Module):
         super().train(mode)
         self._text_cache = None
         return self
+
+    # ---- switches ----
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the frozen backbone's blocks in the backward pass instead of keeping their
+        activations (memory for compute; the loss and gradients are unchanged)."""
+        self.backbone.grad_checkpointing = enabled
+
+    def set_fewshot_weight(self, weight: float) -> None:
+        """Weight of the memory-bank map in the combined map and image score (``ValueError`` outside [0, 1])."""
+        valid, rule = CONFIG_RULES["fewshot_weight"]
+        if not valid(weight):
+            raise ValueError(f"fewshot_weight {weight!r}: {rule}")
+        self.config.fewshot_weight = weight
 
     # ---- text ----
     def text_features(self) -> torch.Tensor:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig, check_config, upgrade_config
-from CLIP.backbone import BackboneConfig, check_memory, reads_weights_file
+from CLIP.backbone import BackboneConfig
+from CLIP.factory import check_memory, reads_weights_file
 from utils import InputError, atomic_torch_save, versions
 
 FORMAT = "medvmad-checkpoint-1"

@@ -14,10 +14,11 @@ import torch
 import test_one_example
 import train
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import BackboneConfig, build_backbone
+from CLIP.backbone import BackboneConfig
 from CLIP.backbone_clip import OpenCLIPBackbone
 from CLIP.backbone_timm_hf import TimmHFBackbone
 from CLIP.checkpoint import load_model, save_checkpoint
+from CLIP.factory import build_backbone
 from conftest import TINY_SIZE
 from generate_dataset.demo import build_demo
 from test_pipeline import test_script

@@ -21,8 +21,9 @@ import test_one_example
 import train
 import visualization
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig
-from CLIP.backbone import OPENAI_MEAN, OPENAI_STD, BackboneConfig, build_backbone, quick_gelu_rule
+from CLIP.backbone import OPENAI_MEAN, OPENAI_STD, BackboneConfig
 from CLIP.checkpoint import load_model, save_checkpoint
+from CLIP.factory import build_backbone, quick_gelu_rule
 from cli import build_model
 from dataset import MedicalDataset, Sample, list_samples, split_holdout
 from generate_dataset.demo import build_demo

@@ -207,6 +207,29 @@ def test_forward_with_a_bank_combines_brute_force_distances_by_the_documented_ru
     np.testing.assert_allclose(out.text_map.numpy(), plain.text_map.numpy(), atol=1e-6)
 
 
+def test_set_fewshot_weight_mixes_the_text_and_bank_terms_by_hand(unsmoothed_model):
+    """At weight w the combined map and score are (1-w) times those at 0 plus w times those at 1;
+    a weight outside [0, 1] is refused and leaves the model's weight as it was."""
+    model = unsmoothed_model
+    model.eval()
+    model.build_memory_bank(support_images(3), torch.arange(3))
+    queries = torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(4))
+    outputs = {}
+    for weight in (0.0, 1.0, 0.3):
+        model.set_fewshot_weight(weight)
+        with torch.no_grad():
+            outputs[weight] = model(queries)
+    text, bank, mixed = outputs[0.0], outputs[1.0], outputs[0.3]
+    assert model.config.fewshot_weight == 0.3
+    assert not torch.allclose(text.anomaly_map, bank.anomaly_map)
+    torch.testing.assert_close(mixed.anomaly_map, 0.7 * text.anomaly_map + 0.3 * bank.anomaly_map)
+    torch.testing.assert_close(mixed.image_score, 0.7 * text.image_score + 0.3 * bank.image_score)
+    for bad in (-0.1, 1.5, math.nan, True, "0.5"):
+        with pytest.raises(ValueError, match="fewshot_weight"):
+            model.set_fewshot_weight(bad)
+    assert model.config.fewshot_weight == 0.3
+
+
 def test_combined_scores_ignore_other_test_images(tiny_model):
     """A test image's map and score do not depend on which other test images share its batch."""
     tiny_model.build_memory_bank(support_images(), torch.tensor([0, 0, 1, 1]))

@@ -26,8 +26,9 @@ import torch
 import test_one_example
 import train
 from CLIP.MedVMAD import MedVMAD
-from CLIP.backbone import BackboneConfig, build_backbone, reads_weights_file
+from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model, save_checkpoint
+from CLIP.factory import build_backbone, reads_weights_file
 from CLIP.torchscript_weights import ArchiveError, read_torchscript_state_dict
 from generate_dataset.demo import build_demo
 from tests.conftest import TINY_SIZE, tiny_config

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from scipy import ndimage
 
 from CLIP.MedVMAD import MedVMAD, MedVMADConfig, MedVMADOutput, gaussian_blur
-from CLIP.backbone import BackboneConfig, build_backbone, default_features_list
+from CLIP.backbone import BackboneConfig, default_features_list
+from CLIP.factory import build_backbone
 from loss import LossWeights, dice_loss, focal_loss, medvmad_loss
 from tests.conftest import TINY_SIZE, tiny_config
 from utils import InputError
@@ -462,6 +463,25 @@ def test_quick_gelu_is_resolved_into_the_config():
 def test_duplicate_features_list_is_refused():
     with pytest.raises(ValueError, match="repeat"):
         MedVMAD(tiny_config(features_list=[2, 2]))
+
+
+def test_set_grad_checkpointing_switches_recomputation_in_the_backbone_blocks():
+    """On: the last image block runs again in the backward pass; off again: once, as by default."""
+    torch.manual_seed(0)
+    model = MedVMAD(tiny_config())
+    images, masks = torch.rand(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.8).float()
+    block = model.backbone.clip.visual.transformer.resblocks[-1]
+    calls = []
+    block.register_forward_pre_hook(lambda *_: calls.append(1))
+    runs = []
+    for enabled in (None, True, False):
+        if enabled is not None:
+            model.set_grad_checkpointing(enabled)
+        calls.clear()
+        medvmad_loss(model(images), masks, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool),
+                     LossWeights())["loss"].backward()
+        runs.append((model.backbone.grad_checkpointing, len(calls)))
+    assert runs == [(False, 1), (True, 2), (False, 1)]
 
 
 @pytest.mark.parametrize("name", ["tiny", "biomedclip"])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from CLIP.backbone import MODEL_CONFIG_DIR, HUB_TIMEOUT, BackboneConfig, build_backbone
+from CLIP.backbone import BackboneConfig
+from CLIP.factory import MODEL_CONFIG_DIR, HUB_TIMEOUT, build_backbone
 from utils import InputError
 
 ENDPOINT = huggingface_hub.constants.ENDPOINT
