@@ -53,7 +53,7 @@ def main() -> None:
     for k in (2, 8):
         memory_bank_from_support(model, sample_support(valid, k, args.seed), args.seed, device)
         for label, weight in (("memory bank only", 1.0), ("combined (weight 0.5)", 0.5)):
-            model.config.fewshot_weight = weight
+            model.set_fewshot_weight(weight)
             rows.append((label, str(k), *aurocs(f"k={k} w={weight}")))
         model.memory_bank = None
     print(f"{'':38s} {'k':>3s} {'pixel AUROC':>11s} {'image AUROC':>11s}")
