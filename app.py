@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import test_one_example  # noqa: E402
-from calibration import Decision  # noqa: E402
+from evaluation.calibration import Decision  # noqa: E402
 from utils import ArgumentParser, InputError, one_line, positive_int, resolve_device, run_cli  # noqa: E402
 from visualization import fit_within, overlay_panel  # noqa: E402
 

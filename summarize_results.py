@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from dataset import table_name
-from tables import (PAPER_COLUMNS, TABLE_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table, pipe_table,
-                    variant_of)
+from evaluation.tables import (PAPER_COLUMNS, TABLE_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table,
+                               pipe_table, variant_of)
 from utils import (ArgumentParser, InputError, atomic_write_json, atomic_write_text, prepare_output_dir, read_manifest,
                    run_cli, safe_name, undefined_as_nan)
 

@@ -4,7 +4,7 @@
 
 Without --data_path the demo set is built (once) and used. Without --checkpoint_path the
 zero-training baseline is evaluated: fixed prompt ensemble on CLIP's projected patch tokens.
-Scores become probabilities and decisions as calibration.py fits them on images never tested on:
+Scores become probabilities and decisions as evaluation/calibration.py fits them on images never tested on:
 the checkpoint's validation images, the support set (few-shot), or the valid split (baseline).
 Writes results.json, results.csv, results_calibration.csv, scores.csv, reliability_<dataset>.png
 (and overlays/curves with --visualize) to --save_path.
@@ -22,21 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-import evaluation
-import metrics
 from CLIP.MedVMAD import MedVMAD
-from calibration import (Calibration, Decision, assess, checkpoint_decision, operating_point, operating_point_flag,
-                         reliability_figure)
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
 from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
                      support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
+from evaluation import bootstrap, metrics
+from evaluation.calibration import (Calibration, Decision, assess, checkpoint_decision, operating_point,
+                                    operating_point_flag, reliability_figure)
+from evaluation.maps_io import save_maps
+from evaluation.predict import (MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support,
+                                predict, support_predictions)
+from evaluation.tables import (CALIBRATION_COLUMNS, PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table,
+                               pipe_table)
 from generate_dataset.demo import ensure_demo
-from inference import (MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support, predict,
-                       support_predictions)
-from maps_io import save_maps
 from medical_io import framing_mismatch
-from tables import CALIBRATION_COLUMNS, PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table, pipe_table
 from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
                    seed_everything, seed_value, setup_logging, strict_json, unique_stems, unit_interval, versions,
@@ -153,7 +153,7 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
     if scored is None:
         return None
     scores, labels, paths = scored
-    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [evaluation.patient_of(p) for p in paths], images),
+    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [bootstrap.patient_of(p) for p in paths], images),
                                point)
     logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point()}")
     return decision
@@ -187,30 +187,30 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
     what its ``decision`` gives: Brier, ECE and the four rates at the operating point among the
     metrics (image and patient level), and their description with the reliability bins (None
     without image metrics). Ranking metrics are always those of the scores."""
-    values = evaluation.quietly(compute_metrics, predictions, want_pixel, want_image, args.aupro)
-    evaluation.note_undefined(logger, name, {name: (values, predictions.labels)})
-    groups, patients = evaluation.groups_of(predictions.paths)
-    counts = evaluation.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed) if args.bootstrap else None
+    values = bootstrap.quietly(compute_metrics, predictions, want_pixel, want_image, args.aupro)
+    bootstrap.note_undefined(logger, name, {name: (values, predictions.labels)})
+    groups, patients = bootstrap.groups_of(predictions.paths)
+    counts = bootstrap.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed) if args.bootstrap else None
     if args.bootstrap:
         replicates = {}
         if want_image:
-            replicates.update(evaluation.image_replicates(predictions.labels, predictions.scores, groups, counts))
+            replicates.update(bootstrap.image_replicates(predictions.labels, predictions.scores, groups, counts))
         if "pixel_auroc" in values:
-            histograms = evaluation.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
-            replicates.update(evaluation.pixel_replicates(histograms, counts))
+            histograms = bootstrap.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
+            replicates.update(bootstrap.pixel_replicates(histograms, counts))
             if args.aupro == "legacy":  # intervals are of the standard AUPRO only
                 del replicates["pixel_aupro"]
-        values.update({f"{key}_ci": evaluation.interval(samples) for key, samples in replicates.items()})
+        values.update({f"{key}_ci": bootstrap.interval(samples) for key, samples in replicates.items()})
     patient_values, own = None, np.arange(len(patients))
-    labels, scores = evaluation.patient_level(predictions.labels, predictions.scores, groups, len(patients))
+    labels, scores = bootstrap.patient_level(predictions.labels, predictions.scores, groups, len(patients))
     if want_image and len(patients) < len(predictions.paths):
         patient_values = {f"patient_{key[6:]}": value
-                          for key, value in evaluation.quietly(metrics.image_metrics, labels, scores).items()}
-        evaluation.note_undefined(logger, f"{name} patient level", {name: (patient_values, labels)}, "patient")
+                          for key, value in bootstrap.quietly(metrics.image_metrics, labels, scores).items()}
+        bootstrap.note_undefined(logger, f"{name} patient level", {name: (patient_values, labels)}, "patient")
         patient_values.update(n_patients=len(patients), n_abnormal=int(labels.sum()))
         if args.bootstrap:
-            replicates = evaluation.image_replicates(labels, scores, own, counts)
-            patient_values.update({f"patient_{key[6:]}_ci": evaluation.interval(samples)
+            replicates = bootstrap.image_replicates(labels, scores, own, counts)
+            patient_values.update({f"patient_{key[6:]}_ci": bootstrap.interval(samples)
                                    for key, samples in replicates.items()})
     described = None
     if want_image and decision is not None:
@@ -226,7 +226,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                      "threshold": decision.patient_threshold,
                                      "calibration": decision.calibration(patient=True), "fit": decision.patient,
                                      "reliability": bins}
-    classes = evaluation.meta_classes(root, args.split)
+    classes = bootstrap.meta_classes(root, args.split)
     per_class, labelled = {}, {}
     names = [classes.get(path) for path in predictions.paths]
     if len(set(names) - {None}) > 1:
@@ -237,9 +237,9 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                  None if predictions.maps is None else predictions.maps[chosen],
                                  None if predictions.masks is None else predictions.masks[chosen],
                                  predictions.has_masks)
-            per_class[class_name] = evaluation.quietly(compute_metrics, subset, want_pixel, want_image, args.aupro)
+            per_class[class_name] = bootstrap.quietly(compute_metrics, subset, want_pixel, want_image, args.aupro)
             labelled[class_name] = (per_class[class_name], subset.labels)
-        evaluation.note_undefined(logger, f"{name} per class", labelled)
+        bootstrap.note_undefined(logger, f"{name} per class", labelled)
         logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
                                                         ["class"] + [title for _, title in TABLE_COLUMNS]))
     return values, patient_values, per_class, described
@@ -298,7 +298,7 @@ def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[st
             files += [f"visualization/{name}/{file_name}" for _, file_name in drawn_overlays(samples, args.visualize)]
         refuse_taken(save_path, files, folders)
         if args.bootstrap:
-            n_patients = len(evaluation.groups_of([sample.image_path for sample in samples])[1])
+            n_patients = len(bootstrap.groups_of([sample.image_path for sample in samples])[1])
             need = args.bootstrap * n_patients * 16  # the draws and counts of every resample, int64
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             if need > available / 2:

@@ -7,7 +7,7 @@ image | anomaly map | overlay, the score above, a colour bar of the fixed 0-1 he
 <name>.npy (the map, float16, at the input's size; [S,H,W] for a volume) and one JSON line
 in predictions.jsonl: path, score, its calibrated probability, decision, threshold and operating
 point (and per-slice scores for a volume, whose score is the maximum over slices, plus a montage
-of its most anomalous slices). Probability and threshold are the checkpoint's (calibration.py:
+of its most anomalous slices). Probability and threshold are the checkpoint's (evaluation/calibration.py:
 fitted and chosen on its validation images, at --operating_point; a volume is a patient, with
 the patients' calibration and threshold); --threshold overrides the thresholds.
 An input's files and its line are written as one unit: a line names only files written whole, and
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from CLIP.MedVMAD import MedVMAD
-from calibration import Decision, checkpoint_decision, operating_point_flag
+from evaluation.calibration import Decision, checkpoint_decision, operating_point_flag
 from cli import add_model_args, add_runtime_args, build_model
 from dataset import preprocess
 from medical_io import MAX_VOXELS, WINDOW_PRESETS, Framing, Scan, index_ranges

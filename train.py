@@ -5,7 +5,7 @@
 Without --train_data_path the demo set is built (once) and used. Training images come from
 --train_split of each root (default valid: BMAD's labelled split); model selection and the
 decision threshold (by --operating_point) and the calibration of scores into probabilities use
---valid_data_path, or a stratified held-out part of the training images (calibration.py).
+--valid_data_path, or a stratified held-out part of the training images (evaluation/calibration.py).
 The target's test split is never read. Each epoch writes epoch_<n>.pth; best.pth is the kept one.
 
     torchrun --nproc_per_node 4 train.py ...      (DDP: --batch_size is the global batch)
@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
-import evaluation
+from evaluation import bootstrap
 from CLIP.MedVMAD import IMAGE_SCORES, PARTS, VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
-from calibration import Calibration, describe_fit, operating_point, operating_point_flag
+from evaluation.calibration import Calibration, describe_fit, operating_point, operating_point_flag
 from cli import (MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, apply_recipe,
                  backbone_config, load_recipes)
 from curves import CSV_NAME, PNG_NAME, draw, epoch_row, log_epoch, read_rows, tensorboard_writer, write_rows
@@ -35,7 +35,7 @@ from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dat
                      list_samples, organ_name, resolve_support, save_support, split_holdout, support_file_name)
 from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
-from inference import SELECTION_KEYS, compute_metrics, predict, selection_summary
+from evaluation.predict import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from medical_io import training_framing
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
@@ -487,7 +487,7 @@ def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: t
             logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
         labels.append(predictions.labels)
         scores.append(predictions.scores)
-        patients += [f"{name}/{evaluation.patient_of(path)}" for path in predictions.paths]
+        patients += [f"{name}/{bootstrap.patient_of(path)}" for path in predictions.paths]
     if not where.is_main:
         return None
     score, values = selection_summary(per_source)

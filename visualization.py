@@ -21,7 +21,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
-import metrics
+from evaluation import metrics
 
 HEAT_CMAP = "inferno"  # perceptually uniform, lightness rising with the score, readable in grey print
 HEAT_ALPHA = 0.45  # the overlay's opacity of the heat at the top of the scale

@@ -1,7 +1,7 @@
 """Peak memory of evaluating maps streamed to disk (test.py above --max_ram_maps_gb).
 
 Writes N maps of SIZE x SIZE (float32, blob lesions as in metrics_speed.py) and their masks to
-memory-mapped .npy files, as inference.predict does with maps_dir, then runs the whole pixel
+memory-mapped .npy files, as evaluation.predict.predict does with maps_dir, then runs the whole pixel
 suite (metrics.pixel_metrics) on the memory maps. Prints the maps' size, the peak anonymous
 memory (RssAnon, sampled every 20 ms: what the evaluation itself holds; file pages of the
 memory maps are cache the kernel can drop) and the peak total RSS (getrusage).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-import metrics
+from evaluation import metrics
 from bench.metrics_speed import make_data
 
 

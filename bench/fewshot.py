@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-import metrics
+from evaluation import metrics
 import train
 from CLIP.checkpoint import load_model
 from dataset import MedicalDataset, list_samples, sample_support
 from generate_dataset.demo import ensure_demo
-from inference import memory_bank_from_support, predict
+from evaluation.predict import memory_bank_from_support, predict
 
 IMAGE_SIZE = 224
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import metrics
+from evaluation import metrics
 import train
 from CLIP.checkpoint import load_model
 from CLIP.MedVMAD import MedVMAD
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import ensure_demo
-from inference import Predictions, predict
+from evaluation.predict import Predictions, predict
 
 
 def pixel_aurocs(predictions: Predictions, brain: np.ndarray) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import tracemalloc
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-import metrics
+from evaluation import metrics
 
 SIZE = 240
 

@@ -1,4 +1,4 @@
-"""calibration.py against scikit-learn's own calibration, hand-computed figures and slow loops."""
+"""evaluation/calibration.py against scikit-learn's own calibration, hand-computed figures and slow loops."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,8 @@ from sklearn.calibration import CalibratedClassifierCV, calibration_curve
 from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import brier_score_loss, confusion_matrix, f1_score
 
-import calibration
-import evaluation
+from evaluation import calibration
+from evaluation import bootstrap
 import train
 from utils import InputError
 
@@ -190,7 +190,7 @@ def test_figures_at_the_operating_point_and_their_patient_intervals_equal_a_slow
     scores, labels = two_classes(36, 24, seed=6)
     groups = np.arange(60) // 3  # 20 patients of 3 images
     fitted = calibration.fit(scores[::2], labels[::2])
-    counts = evaluation.resample_counts(20, 200, seed=0)
+    counts = bootstrap.resample_counts(20, 200, seed=0)
     threshold = np.sort(scores)[33]  # an image at the threshold is called abnormal
     values, bins = calibration.assess(labels, scores, fitted, threshold, groups, counts)
     probability = calibration.probabilities(fitted, scores)
@@ -211,7 +211,7 @@ def test_figures_at_the_operating_point_and_their_patient_intervals_equal_a_slow
         slow["brier"].append(brier_score_loss(y, p, labels=[0, 1]))
         slow["ece"].append(slow_ece(y, p))
     for key, samples in slow.items():
-        np.testing.assert_allclose(values[f"{key}_ci"], evaluation.interval(np.array(samples)), atol=1e-12)
+        np.testing.assert_allclose(values[f"{key}_ci"], bootstrap.interval(np.array(samples)), atol=1e-12)
 
 
 def test_without_a_fit_or_a_threshold_nothing_is_made_up():

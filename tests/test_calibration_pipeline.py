@@ -17,7 +17,7 @@ import torch
 from scipy.special import expit
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-import calibration
+from evaluation import calibration
 import test_one_example
 import train
 import visualization

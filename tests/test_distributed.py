@@ -22,7 +22,7 @@ import train
 from CLIP.checkpoint import load_model
 from distributed import SINGLE, Distributed, GlobalBatchSampler, ShardedBatches, launched_world
 from generate_dataset.demo import build_demo
-from maps_io import load_maps
+from evaluation.maps_io import load_maps
 from utils import InputError
 
 REPO = Path(__file__).resolve().parent.parent

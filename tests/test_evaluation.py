@@ -1,4 +1,4 @@
-"""Tests of evaluation.py: bootstrap replicates against a naive resample-and-score loop,
+"""Tests of evaluation/bootstrap.py: bootstrap replicates against a naive resample-and-score loop,
 patient grouping and patient-level scores, meta.json classes."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import evaluation
+from evaluation import bootstrap
 from test_metrics import brute_force_f1, reference_aupro
 
 
@@ -31,18 +31,18 @@ def small_case(seed: int = 0):
 
 
 def test_groups_follow_case_ids():
-    groups, names = evaluation.groups_of(["/a/BraTS2021_00012_70.png", "/a/BraTS2021_00012_71.png",
+    groups, names = bootstrap.groups_of(["/a/BraTS2021_00012_70.png", "/a/BraTS2021_00012_71.png",
                                           "/b/volume-3_5.png", "/b/plain.png"])
     assert names == ["BraTS2021_00012", "volume-3", "plain"]
     assert groups.tolist() == [0, 0, 1, 2]
 
 
 def test_resample_counts_draw_every_patient_count_with_replacement():
-    counts = evaluation.resample_counts(5, 200, seed=3)
+    counts = bootstrap.resample_counts(5, 200, seed=3)
     assert counts.shape == (200, 5) and (counts.sum(axis=1) == 5).all()
     assert (counts == 0).any() and (counts > 1).any()  # with replacement
-    assert np.array_equal(counts, evaluation.resample_counts(5, 200, seed=3))
-    assert not np.array_equal(counts, evaluation.resample_counts(5, 200, seed=4))
+    assert np.array_equal(counts, bootstrap.resample_counts(5, 200, seed=3))
+    assert not np.array_equal(counts, bootstrap.resample_counts(5, 200, seed=4))
     # Each patient is drawn about once per replicate on average.
     assert counts.mean(axis=0) == pytest.approx(np.ones(5), abs=0.2)
 
@@ -58,10 +58,10 @@ def naive_resample(counts_row: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 def test_bootstrap_replicates_match_a_naive_loop():
     paths, labels, scores, masks, maps = small_case()
-    groups, names = evaluation.groups_of(paths)
-    counts = evaluation.resample_counts(len(names), 40, seed=111)
-    images = evaluation.image_replicates(labels, scores, groups, counts)
-    pixels = evaluation.pixel_replicates(evaluation.group_histograms(masks, maps, groups, len(names)),
+    groups, names = bootstrap.groups_of(paths)
+    counts = bootstrap.resample_counts(len(names), 40, seed=111)
+    images = bootstrap.image_replicates(labels, scores, groups, counts)
+    pixels = bootstrap.pixel_replicates(bootstrap.group_histograms(masks, maps, groups, len(names)),
                                          counts)
     checked = 0
     for replicate, row in enumerate(counts):
@@ -88,17 +88,17 @@ def test_bootstrap_replicates_match_a_naive_loop():
 
 def test_interval_is_the_central_95_percent_and_skips_nan():
     values = np.concatenate([np.arange(1, 201) / 200, [np.nan] * 5])
-    low, high = evaluation.interval(values)
+    low, high = bootstrap.interval(values)
     assert low == pytest.approx(np.percentile(np.arange(1, 201) / 200, 2.5))
     assert high == pytest.approx(np.percentile(np.arange(1, 201) / 200, 97.5))
-    assert all(math.isnan(v) for v in evaluation.interval(np.full(3, np.nan)))
+    assert all(math.isnan(v) for v in bootstrap.interval(np.full(3, np.nan)))
 
 
 def test_patient_level_takes_any_label_and_max_score():
     labels = np.array([0, 1, 0, 0, 0])
     scores = np.array([0.9, 0.2, 0.1, 0.3, 0.4])
     groups = np.array([0, 0, 1, 2, 2])
-    patient_labels, patient_scores = evaluation.patient_level(labels, scores, groups, 3)
+    patient_labels, patient_scores = bootstrap.patient_level(labels, scores, groups, 3)
     assert patient_labels.tolist() == [1, 0, 0]
     assert patient_scores.tolist() == [0.9, 0.1, 0.4]
 
@@ -107,17 +107,17 @@ def test_meta_classes_map_paths_to_their_class(tmp_path):
     meta = {"test": {"brain": [{"img_path": "b/1.png", "anomaly": 0}],
                      "liver": [{"img_path": "l/2.png", "anomaly": 1}]}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    assert evaluation.meta_classes(str(tmp_path), "test") == {
+    assert bootstrap.meta_classes(str(tmp_path), "test") == {
         str(tmp_path / "b/1.png"): "brain", str(tmp_path / "l/2.png"): "liver"}
-    assert evaluation.meta_classes(str(tmp_path / "nothing"), "test") == {}
+    assert bootstrap.meta_classes(str(tmp_path / "nothing"), "test") == {}
 
 
 def test_image_replicates_without_histograms_agree(monkeypatch):
     paths, labels, scores, _, _ = small_case(1)
-    groups, names = evaluation.groups_of(paths)
-    counts = evaluation.resample_counts(len(names), 30, seed=5)
-    by_histogram = evaluation.image_replicates(labels, scores, groups, counts)
-    monkeypatch.setattr(evaluation, "HISTOGRAM_CELLS", 1)  # too many cells: resample and score each
-    by_loop = evaluation.image_replicates(labels, scores, groups, counts)
+    groups, names = bootstrap.groups_of(paths)
+    counts = bootstrap.resample_counts(len(names), 30, seed=5)
+    by_histogram = bootstrap.image_replicates(labels, scores, groups, counts)
+    monkeypatch.setattr(bootstrap, "HISTOGRAM_CELLS", 1)  # too many cells: resample and score each
+    by_loop = bootstrap.image_replicates(labels, scores, groups, counts)
     for key, values in by_histogram.items():
         np.testing.assert_allclose(values, by_loop[key], atol=1e-12)

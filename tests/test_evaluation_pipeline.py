@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import metrics
-from maps_io import load_maps
+from evaluation import metrics
+from evaluation.maps_io import load_maps
 from utils import InputError
 from test_pipeline import SIZE, test_script
 from generate_dataset.demo import build_demo

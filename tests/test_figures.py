@@ -18,7 +18,7 @@ import test_one_example
 import visualization
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
-from inference import Predictions
+from evaluation.predict import Predictions
 from tests.test_metrics import blob_data, reference_aupro
 from tests.test_pipeline import test_script
 

@@ -22,16 +22,16 @@ import torch
 import curves
 import dataset
 import distributed
-import maps_io
+from evaluation import maps_io
 import run_jobs
 import summarize_results
-import tables
+from evaluation import tables
 import test_one_example
 import train
 import utils
 import visualize_compare
 from generate_dataset.demo import build_demo
-from inference import Predictions
+from evaluation.predict import Predictions
 from medical_io import read_scan
 from tests.conftest import TINY_SIZE
 from tests.test_pipeline import test_script
@@ -874,7 +874,7 @@ def test_streamed_maps_reserve_their_disk_before_scoring(tmp_path, monkeypatch):
     """Maps streamed to memory-mapped files take their blocks up front: a disk too small ends with
     one line naming the folder, not with a bus error when a page is first written."""
     from CLIP.MedVMAD import MedVMADOutput
-    from inference import predict
+    from evaluation.predict import predict
 
     class Maps(torch.nn.Module):
         def forward(self, images: torch.Tensor) -> MedVMADOutput:

@@ -1,4 +1,4 @@
-"""Tests of metrics.py: hand-computed cases, a slow exact AUPRO reference, sklearn agreement."""
+"""Tests of evaluation/metrics.py: hand-computed cases, a slow exact AUPRO reference, sklearn agreement."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import metrics
+from evaluation import metrics
 
 
 def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("CLIP", "generate_dataset", "bench")  # folders of library and script modules (tests apart)
+PACKAGES = ("CLIP", "evaluation", "generate_dataset", "bench")  # folders of library and script modules (tests apart)
 
 
 def project_modules() -> dict[str, Path]:

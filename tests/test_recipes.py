@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
+from evaluation import metrics
 import train
 from CLIP.MedVMAD import MedVMAD, upgrade_config
 from conftest import TINY_SIZE, tiny_config
@@ -390,7 +390,7 @@ def test_scores_and_maps_are_stored_in_float64_and_stay_apart():
     """Through predict and the metrics: two images (and two pixels) whose probabilities differ below
     float32's resolution at 1 keep their order, so AUROC is 1, not 0.5 for a tie."""
     from CLIP.MedVMAD import MedVMADOutput
-    from inference import predict
+    from evaluation.predict import predict
 
     class Scores(torch.nn.Module):  # a "model" whose scores and maps differ within 1e-9 of 1
         def forward(self, images: torch.Tensor) -> MedVMADOutput:

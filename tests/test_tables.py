@@ -1,4 +1,4 @@
-"""tables.py: cells x100 with one decimal, '-' when absent, intervals, the mean row and CSV columns."""
+"""evaluation/tables.py: cells x100 with one decimal, '-' when absent, intervals, the mean row and CSV columns."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tables import PATIENT_COLUMNS, cell, csv_rows, csv_text, format_table, mean_std_cell, pipe_table
+from evaluation.tables import PATIENT_COLUMNS, cell, csv_rows, csv_text, format_table, mean_std_cell, pipe_table
 
 
 def test_cells_and_the_mean_row_skip_what_is_absent():
@@ -33,7 +33,7 @@ def test_paper_table_keeps_row_order_and_the_report_column_order():
     the interval as '97.2 [96.8–97.5]'; CSV with low/high columns; JSON with the measured values."""
     import json
 
-    from tables import paper_table
+    from evaluation.tables import paper_table
 
     rows = {"mvfa": {"image_auroc": 0.75, "image_ap": 0.5, "pixel_auroc": 0.972, "pixel_auroc_ci": [0.968, 0.975],
                      "pixel_aupro": 0.6, "pixel_f1_max": 0.3},
@@ -57,7 +57,7 @@ def test_paper_table_keeps_row_order_and_the_report_column_order():
 
 
 def test_variant_names_default_and_are_made_distinct():
-    from tables import distinct_names, variant_of
+    from evaluation.tables import distinct_names, variant_of
 
     assert variant_of({"sigma": 4}) == "medvmad" and variant_of({"variant": "mvfa"}) == "mvfa"
     assert distinct_names(["mvfa", "medvmad", "medvmad"], ["a", "b", "c"]) == ["mvfa", "medvmad (b)", "medvmad (c)"]

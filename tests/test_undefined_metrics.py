@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import evaluation
+from evaluation import bootstrap
 import summarize_results
 from generate_dataset.demo import build_demo
 from test_pipeline import test_script
@@ -132,8 +132,8 @@ def test_the_note_names_each_row_and_why(caplog):
             "mixed": ({"image_auroc": 0.5, "image_auroc_ci": [nan, nan]}, np.array([0, 1]))}
     logger = logging.getLogger("notes")
     caplog.set_level(logging.INFO, "notes")
-    evaluation.note_undefined(logger, "Brain per class", rows)
-    evaluation.note_undefined(logger, "Brain", {"Brain": rows["mixed"]})  # all defined
+    bootstrap.note_undefined(logger, "Brain per class", rows)
+    bootstrap.note_undefined(logger, "Brain", {"Brain": rows["mixed"]})  # all defined
     assert [record.getMessage() for record in caplog.records] == [
         "note: Brain per class: good: image_auroc undefined (all 3 images are normal); pixel_auroc, pixel_aupro "
         "undefined (none of the 3 images has a lesion); tumour: image_auroc, image_ap undefined (all 2 images are "

@@ -16,10 +16,10 @@ support set for few-shot.
   intercept). A Platt fit that would decrease (the images rank the wrong way) is the constant
   base rate instead. Ranking metrics are computed on the scores and never change.
 - **Operating point**: the decision threshold (abnormal when score >= threshold), chosen on the
-  same images by a rule: ``f1`` (F1-max, metrics.py), ``sensitivity=X`` (the highest threshold
+  same images by a rule: ``f1`` (F1-max, evaluation/metrics.py), ``sensitivity=X`` (the highest threshold
   whose sensitivity reaches X), ``specificity=X`` (the lowest whose specificity reaches X) or
   ``youden`` (the largest sensitivity + specificity - 1; the highest threshold among ties).
-- **Patients**: a patient's score is the maximum of its slices' scores (evaluation.patient_level)
+- **Patients**: a patient's score is the maximum of its slices' scores (bootstrap.patient_level)
   and its probability that score mapped by a second calibration fitted on the same images'
   patients (a maximum of slice probabilities would grow with the number of slices); its
   decision is at a threshold chosen on those patients by the same rule.
@@ -28,7 +28,7 @@ support set for few-shot.
   as scikit-learn's ``calibration_curve`` bins them): the sum over bins of (images in the bin /
   images) x |mean probability - observed frequency of abnormal|; a reliability diagram draws the
   bins with their counts. Sensitivity, specificity, PPV and NPV of the decisions at the operating
-  point. Their bootstrap intervals resample patients (evaluation.resample_counts) exactly: every
+  point. Their bootstrap intervals resample patients (bootstrap.resample_counts) exactly: every
   figure is a ratio of per-patient sums.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_curve
 
-import evaluation
-import metrics
+from evaluation import bootstrap
+from evaluation import metrics
 from utils import InputError
 
 ISOTONIC_MIN_IMAGES = 1000
@@ -216,12 +216,12 @@ class Calibration:
         """Fit both maps on scores, labels [N] whose images belong to ``patient_names`` [N]."""
         scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(np.int64)
         patients = np.unique(np.asarray(patient_names), return_inverse=True)[1].reshape(-1)
-        patient_labels, patient_scores = evaluation.patient_level(labels, scores, patients, int(patients.max()) + 1)
+        patient_labels, patient_scores = bootstrap.patient_level(labels, scores, patients, int(patients.max()) + 1)
         return cls(scores, labels, patients, images, fit(scores, labels), fit(patient_scores, patient_labels))
 
     def patient_level(self) -> tuple[np.ndarray, np.ndarray]:
         """Patient labels and scores [G] (abnormal if any image is; the maximum score)."""
-        return evaluation.patient_level(self.labels, self.scores, self.patients, int(self.patients.max()) + 1)
+        return bootstrap.patient_level(self.labels, self.scores, self.patients, int(self.patients.max()) + 1)
 
     def threshold(self, point: OperatingPoint, patients: bool = False) -> float | None:
         """The image (or, with ``patients``, patient) threshold ``point`` picks on these images."""
@@ -394,7 +394,7 @@ def assess(labels: np.ndarray, scores: np.ndarray, fitted: dict | None, threshol
             squared = weights @ _per_group(groups, one_cell, n_groups, 1, (probability - labels) ** 2)[:, 0]
             gaps = weights @ _per_group(groups, bin_of(probability), n_groups, ECE_BINS, probability - labels)
             replicates.update(brier=squared / images, ece=np.abs(gaps).sum(axis=1) / images)
-    values.update({f"{key}_ci": evaluation.interval(samples) for key, samples in replicates.items()})
+    values.update({f"{key}_ci": bootstrap.interval(samples) for key, samples in replicates.items()})
     return values, bins
 
 

@@ -8,9 +8,9 @@ One dataset ``NAME`` of a run is three files in ``<save_path>/maps/``:
     NAME.json        {"paths": [N], "labels": [N], "scores": [N], "has_masks": bool}, row order
                      of the arrays; written last
 
-Reading back (memory-mapped: a set larger than RAM is read chunk by chunk by metrics.py)::
+Reading back (memory-mapped: a set larger than RAM is read chunk by chunk by evaluation/metrics.py)::
 
-    from maps_io import load_maps
+    from evaluation.maps_io import load_maps
     saved = load_maps("results/test/maps", "Brain")
     metrics.pixel_metrics(saved.masks, saved.maps)
 
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import Predictions
+from evaluation.predict import Predictions
 from utils import InputError, atomic_write, atomic_write_json, write_error
 
 
 def save_maps(folder: str | os.PathLike, name: str, predictions: Predictions) -> None:
     """Write the maps, masks, paths, labels and scores of ``predictions`` as ``folder``/NAME.*.
-    Maps streamed to a .npy memory map (inference.predict with maps_dir) are moved, not copied."""
+    Maps streamed to a .npy memory map (evaluation.predict.predict with maps_dir) are moved, not copied."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for array, target in ((predictions.maps, folder / f"{name}.npy"),

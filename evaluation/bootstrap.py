@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-import metrics
+from evaluation import metrics
 from dataset import find_meta_index, patient_of
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
@@ -54,7 +54,7 @@ def interval(values: np.ndarray) -> list[float]:
 
 
 def quietly(function: Callable[..., T], *args) -> T:
-    """``function(*args)`` without metrics.py's warnings of undefined (single-class) metrics, which
+    """``function(*args)`` without evaluation/metrics.py's warnings of undefined (single-class) metrics, which
     stay nan: replicates are many, and test.py notes a table's undefined metrics once
     (``note_undefined``)."""
     with warnings.catch_warnings():
@@ -125,7 +125,7 @@ def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
 def _curve_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray | None = None,
                    n_regions: np.ndarray | None = None, fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
     """AUROC, AP, F1-max (and with ``region`` AUPRO) [R] of histograms neg, pos [R, B] (bins in
-    descending order of score), as metrics.py defines them; nan for single-class rows."""
+    descending order of score), as evaluation/metrics.py defines them; nan for single-class rows."""
     tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
     n_pos, n_neg = tp[:, -1:], fp[:, -1:]
     valid = ((n_pos > 0) & (n_neg > 0))[:, 0]

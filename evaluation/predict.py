@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import metrics
+from evaluation import metrics
 from CLIP.MedVMAD import MedVMAD
 from dataset import MedicalDataset, Sample, augment_support
 from distributed import SINGLE, Distributed, sharded_loader

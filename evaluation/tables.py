@@ -15,7 +15,7 @@ from utils import strict_json
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
                  ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
 PATIENT_COLUMNS = [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
-# Calibrated probabilities (calibration.py) and the decisions at the operating point; a row per
+# Calibrated probabilities (evaluation/calibration.py) and the decisions at the operating point; a row per
 # dataset and one per dataset's patients.
 CALIBRATION_COLUMNS = [("brier", "Brier"), ("ece", "ECE"), ("sensitivity", "sensitivity"),
                        ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV")]

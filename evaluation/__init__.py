@@ -1,0 +1,12 @@
+"""Everything from predictions to tables.
+
+- ``metrics``: image- and pixel-level metrics (AUROC, AP, AUPRO, F1-max), chunked over large sets;
+- ``predict``: prediction over a dataset (``Predictions``, ``predict``, map storage), ``compute_metrics``,
+  selection scoring and the few-shot memory bank;
+- ``bootstrap``: bootstrap intervals over patients, patient-level figures, per-class metrics;
+- ``calibration``: probabilities, operating points, Brier/ECE, reliability diagrams;
+- ``maps_io``: saved test maps (``test.py --save_maps``);
+- ``tables``: result tables (pipe tables, CSV, the paper's table).
+
+Import the module you need: ``from evaluation import metrics``.
+"""
