@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from dataset import table_name
-from evaluation.tables import (PAPER_COLUMNS, TABLE_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table,
-                               pipe_table, variant_of)
+from evaluation.tables import (PAPER_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table, pipe_table,
+                               table_columns, variant_of)
 from utils import (ArgumentParser, InputError, atomic_write_json, atomic_write_text, prepare_output_dir, read_manifest,
                    run_cli, safe_name, undefined_as_nan)
 
-METRICS = {key for key, _ in TABLE_COLUMNS + PAPER_COLUMNS}
 
 
 def _number(value: object) -> bool:
@@ -50,7 +49,7 @@ def check_result(result: object, path: str) -> dict:
     for name, values in datasets.items():
         if not isinstance(values, dict):
             raise InputError(f"{path}: datasets.{name} is a {type(values).__name__}, not an object of metrics")
-        for key in METRICS:
+        for key in {key for key, _ in table_columns() + PAPER_COLUMNS}:
             value = values.get(key)
             if value is not None and not (_number(value) and (math.isnan(value) or 0 <= value <= 1)):
                 raise InputError(f"{path}: datasets.{name}.{key} is {value!r}, not a number in [0, 1]")
@@ -103,13 +102,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(results: list[dict]) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
     """{(dataset, k_shot): {metric: (mean, std, runs)}} over the given results.json contents."""
+    columns = table_columns()
     groups: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for result in results:
         k_shot = int((result.get("args") or {}).get("k_shot") or 0)
         for name, values in result["datasets"].items():
-            for key, _ in TABLE_COLUMNS:
+            for key, _ in columns:
                 groups[(name, k_shot)][key].append(values.get(key, math.nan))
-    return {group: {key: (*mean_std(values[key]), len(values[key])) for key, _ in TABLE_COLUMNS}
+    return {group: {key: (*mean_std(values[key]), len(values[key])) for key, _ in columns}
             for group, values in sorted(groups.items())}
 
 
@@ -198,9 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     for scored in groups.values():
         refuse_mixed_data(scored)
     summary = summarize(loaded)
-    headers = ["dataset", "k", "runs"] + [title for _, title in TABLE_COLUMNS]
+    columns = table_columns()
+    headers = ["dataset", "k", "runs"] + [title for _, title in columns]
     rows = [[name, k or "zero-shot", next(iter(values.values()))[2]]
-            + [mean_std_cell(*values[key][:2]) for key, _ in TABLE_COLUMNS] for (name, k), values in summary.items()]
+            + [mean_std_cell(*values[key][:2]) for key, _ in columns] for (name, k), values in summary.items()]
     print(pipe_table(rows, headers))
     if args.save_path:
         atomic_write_text(Path(args.save_path) / "summary.csv", csv_text([headers] + rows))

@@ -33,8 +33,8 @@ from evaluation.calibration import (Calibration, Decision, assess, checkpoint_de
 from evaluation.maps_io import save_maps
 from evaluation.predict import (MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support,
                                 predict, support_predictions)
-from evaluation.tables import (CALIBRATION_COLUMNS, PATIENT_COLUMNS, TABLE_COLUMNS, csv_rows, csv_text, format_table,
-                               pipe_table)
+from evaluation.tables import (CALIBRATION_COLUMNS, csv_rows, csv_text, format_table, patient_columns, pipe_table,
+                               table_columns)
 from generate_dataset.demo import ensure_demo
 from medical_io import framing_mismatch
 from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
@@ -195,7 +195,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
         replicates = {}
         if want_image:
             replicates.update(bootstrap.image_replicates(predictions.labels, predictions.scores, groups, counts))
-        if "pixel_auroc" in values:
+        if want_pixel and predictions.has_masks and predictions.maps is not None:  # as compute_metrics
             histograms = bootstrap.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
             replicates.update(bootstrap.pixel_replicates(histograms, counts))
             if args.aupro == "legacy":  # intervals are of the standard AUPRO only
@@ -241,7 +241,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
             labelled[class_name] = (per_class[class_name], subset.labels)
         bootstrap.note_undefined(logger, f"{name} per class", labelled)
         logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
-                                                        ["class"] + [title for _, title in TABLE_COLUMNS]))
+                                                        ["class"] + [title for _, title in table_columns()]))
     return values, patient_values, per_class, described
 
 
@@ -441,7 +441,7 @@ class RunResults:
         """Write the results files of the datasets so far as one unit (``write_result_files``)."""
         args, results, patient_results = self.args, self.results, self.patient_results
         complete = len(results) == self.n_datasets
-        headers = ["dataset"] + [title for _, title in TABLE_COLUMNS]
+        headers = ["dataset"] + [title for _, title in table_columns()]
         rows = format_table(results)
         aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
         interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
@@ -452,12 +452,12 @@ class RunResults:
         if patient_results:
             shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
                      for name, v in patient_results.items()}
-            patient_table = pipe_table(format_table(shown, PATIENT_COLUMNS)[:-1],
-                                       ["dataset"] + [title for _, title in PATIENT_COLUMNS])
+            patient_table = pipe_table(format_table(shown, patient_columns())[:-1],
+                                       ["dataset"] + [title for _, title in patient_columns()])
             if complete:
                 logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
                             f"{patient_table}")
-            files["results_patient.csv"] = csv_text(csv_rows(patient_results, PATIENT_COLUMNS))
+            files["results_patient.csv"] = csv_text(csv_rows(patient_results, patient_columns()))
         if self.calibration:
             calibrated = {}
             for name, described in self.calibration.items():

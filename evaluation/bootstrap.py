@@ -19,14 +19,18 @@ import numpy as np
 from evaluation import metrics
 from dataset import find_meta_index, patient_of
 
-IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
-PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max")
 # Pixel intervals use per-patient histograms over shared score bins: at most this many cells
 # (patients x bins) per histogram, and at most MAX_BINS bins (quantiles of the scores).
 HISTOGRAM_CELLS = 1 << 22
 MAX_BINS = 1 << 12
 REPLICATES_AT_ONCE = 64
 T = TypeVar("T")
+
+
+def interval_metrics(needs_masks: bool) -> dict[str, str]:
+    """Name -> bootstrap curve key of the declared image (pixel with ``needs_masks``) metrics that
+    have intervals (evaluation.metrics.METRICS, ``curve``)."""
+    return {metric.name: metric.curve for metric in metrics.declared(needs_masks) if metric.curve}
 
 
 def groups_of(paths: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -99,25 +103,26 @@ def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
     """Image AUROC/AP/F1-max [R] of each replicate: labels, scores [N], groups [N] (patient of
     each image), counts [R, G] (draws of each patient); exact. Per-patient histograms over the
     distinct scores when they fit in HISTOGRAM_CELLS, else each replicate resampled and scored."""
+    declared = interval_metrics(needs_masks=False)
     values, inverse = np.unique(scores, return_inverse=True)
     n_groups = counts.shape[1]
     if n_groups * len(values) <= HISTOGRAM_CELLS:
         cell = groups * len(values) + inverse.reshape(-1)
         neg, pos = (np.bincount(cell[labels == label], minlength=n_groups * len(values))
                     .reshape(n_groups, -1)[:, ::-1].astype(np.float64) for label in (0, 1))
-        results = {key: [] for key in IMAGE_METRICS}
+        results = {key: [] for key in declared}
         for start in range(0, len(counts), REPLICATES_AT_ONCE):
             weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
             curves = _curve_metrics(weights @ neg, weights @ pos)
-            for key in IMAGE_METRICS:
-                results[key].append(curves[key.replace("image_", "")])
+            for key, curve in declared.items():
+                results[key].append(curves[curve])
         return {key: np.concatenate(parts) for key, parts in results.items()}
     order = np.argsort(groups, kind="stable")
-    results = {key: np.empty(len(counts)) for key in IMAGE_METRICS}
+    results = {key: np.empty(len(counts)) for key in declared}
     for replicate, drawn in enumerate(counts):
         chosen = np.repeat(order, drawn[groups[order]])
         scored = quietly(metrics.image_metrics, labels[chosen], scores[chosen])
-        for key in IMAGE_METRICS:
+        for key in declared:
             results[key][replicate] = scored[key]
     return results
 
@@ -200,13 +205,14 @@ def pixel_replicates(histograms: GroupHistograms, counts: np.ndarray,
                      fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
     """Pixel AUROC/AP/AUPRO/F1-max [R] of each replicate, counts [R, G]: each replicate's
     histogram is the count-weighted sum of the patients' histograms (no re-sort)."""
-    results = {key: [] for key in PIXEL_METRICS}
+    declared = interval_metrics(needs_masks=True)
+    results = {key: [] for key in declared}
     for start in range(0, len(counts), REPLICATES_AT_ONCE):
         weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
         curves = _curve_metrics(weights @ histograms.neg, weights @ histograms.pos,
                                 weights @ histograms.region, weights @ histograms.n_regions, fpr_limit)
-        for key in PIXEL_METRICS:
-            results[key].append(curves[key.replace("pixel_", "")])
+        for key, curve in declared.items():
+            results[key].append(curves[curve])
     return {key: np.concatenate(parts) for key, parts in results.items()}
 
 

@@ -21,6 +21,11 @@ below the maps' size (chunks of CHUNK_PIXELS; the blocks in flight hold at most 
 of the maps' bytes), and maps may be np.memmap arrays. Single-class input gives nan with an
 UndefinedMetricWarning (a RuntimeWarning); NaN or inf scores, and labels and scores of different
 shapes, raise ValueError.
+
+Every metric of results files and tables is declared once, in ``METRICS`` (``Metric``: name,
+function, whether it needs masks, its table title, its bootstrap curve): ``image_metrics``,
+``pixel_metrics``, ``evaluation.predict.compute_metrics``, the bootstrap intervals, the results
+tables and test.py read that declaration. Add a metric with ``declare(Metric(...))``.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -540,18 +546,78 @@ def aupro_legacy(masks: np.ndarray, maps: np.ndarray, num_thresholds: int = 200,
 
 
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float]:
-    """AUROC, AP, AUPRO and F1-max (with threshold) of maps [N,H,W] for masks [N,H,W] (bool),
-    from one pass over the pixels."""
+    """The declared pixel metrics (AUROC, AP, AUPRO and F1-max with its threshold, and any other
+    metric declared with ``needs_masks``) of maps [N,H,W] for masks [N,H,W] (bool); the built-in
+    ones from one pass over the pixels."""
     h = _histogram(masks, maps, regions=True)
     f1, threshold = _f1_max(h, "pixel F1-max")
-    return {"pixel_auroc": _auroc(h, "pixel AUROC"), "pixel_ap": _ap(h, "pixel AP"),
-            "pixel_aupro": _aupro(h, fpr_limit), "pixel_f1_max": f1,
-            "pixel_f1_threshold": threshold}
+    return _with_declared({"pixel_auroc": _auroc(h, "pixel AUROC"), "pixel_ap": _ap(h, "pixel AP"),
+                           "pixel_aupro": _aupro(h, fpr_limit), "pixel_f1_max": f1,
+                           "pixel_f1_threshold": threshold}, masks, maps, needs_masks=True)
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """AUROC, AP and F1-max (with threshold) of scores [N] for labels [N] (bool or 0/1)."""
+    """The declared image metrics (AUROC, AP and F1-max with its threshold, and any other metric
+    declared without ``needs_masks``) of scores [N] for labels [N] (bool or 0/1); the built-in ones
+    from one pass."""
     h = _histogram(labels, scores, regions=False)
     f1, threshold = _f1_max(h, "image F1-max")
-    return {"image_auroc": _auroc(h, "image AUROC"), "image_ap": _ap(h, "image AP"),
-            "image_f1_max": f1, "image_f1_threshold": threshold}
+    return _with_declared({"image_auroc": _auroc(h, "image AUROC"), "image_ap": _ap(h, "image AP"),
+                           "image_f1_max": f1, "image_f1_threshold": threshold}, labels, scores, needs_masks=False)
+
+
+def f1_max_value(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The best F1 of ``f1_max`` without its threshold."""
+    return f1_max(labels, scores)[0]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric, declared once for everything downstream (results.json, results.csv, tables,
+    bootstrap intervals).
+
+    name: its key in results (``image_...`` or ``pixel_...``); function: (labels [N], scores [N])
+    -> float, or (masks [N,H,W], maps [N,H,W]) -> float with ``needs_masks``; title: its column in
+    the results tables and results.csv (None: results.json only); curve:
+    its key among the bootstrap's histogram curve metrics ("auroc", "ap", "aupro", "f1_max"), None
+    when it has no interval under --bootstrap."""
+    name: str
+    function: Callable[[np.ndarray, np.ndarray], float]
+    needs_masks: bool
+    title: str | None = None
+    curve: str | None = None
+
+
+METRICS: dict[str, Metric] = {}  # name -> Metric, in the order of the tables' columns
+
+
+def declare(metric: Metric) -> Metric:
+    """Add (or replace) ``metric`` in METRICS."""
+    METRICS[metric.name] = metric
+    return metric
+
+
+def declared(needs_masks: bool | None = None) -> list[Metric]:
+    """The declared metrics, image ones (``needs_masks=False``), pixel ones (True) or all (None)."""
+    return [metric for metric in METRICS.values() if needs_masks is None or metric.needs_masks == needs_masks]
+
+
+def _with_declared(built_in: dict[str, float], labels: np.ndarray, scores: np.ndarray,
+                   needs_masks: bool) -> dict[str, float]:
+    """``built_in`` (one pass's figures) with the declared metrics it lacks, computed by their own
+    functions; built-in figures no longer declared are left out (thresholds are kept)."""
+    out = {key: value for key, value in built_in.items() if key in METRICS or key.endswith("_threshold")}
+    for metric in declared(needs_masks):
+        if metric.name not in out:
+            out[metric.name] = float(metric.function(labels, scores))
+    return out
+
+
+for _metric in (Metric("image_auroc", image_auroc, False, "image AUROC", "auroc"),
+                Metric("image_ap", image_ap, False, "image AP", "ap"),
+                Metric("image_f1_max", f1_max_value, False, None, "f1_max"),
+                Metric("pixel_auroc", pixel_auroc, True, "pixel AUROC", "auroc"),
+                Metric("pixel_ap", pixel_ap, True, None, "ap"),
+                Metric("pixel_aupro", aupro, True, "pixel AUPRO", "aupro"),
+                Metric("pixel_f1_max", f1_max_value, True, None, "f1_max")):
+    declare(_metric)

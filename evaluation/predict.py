@@ -129,7 +129,8 @@ def maps_bytes(n_images: int, image_size: int, map_dtype: str = "float64") -> in
 
 def compute_metrics(predictions: Predictions, pixel: bool = True, image: bool = True,
                     aupro_variant: str = "standard") -> dict[str, float]:
-    """Image AUROC/AP/F1-max and, where masks exist, pixel AUROC/AP/AUPRO/F1-max; values in [0,1]."""
+    """The declared metrics (evaluation.metrics.METRICS): image ones and, where masks exist, pixel
+    ones (built in: image AUROC/AP/F1-max, pixel AUROC/AP/AUPRO/F1-max, values in [0,1])."""
     results: dict[str, float] = {}
     if image:
         results.update(metrics.image_metrics(predictions.labels, predictions.scores))

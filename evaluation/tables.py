@@ -10,11 +10,22 @@ import math
 import numpy as np
 from tabulate import tabulate
 
+from evaluation import metrics
 from utils import strict_json
 
-TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
-                 ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
-PATIENT_COLUMNS = [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
+
+def table_columns() -> list[tuple[str, str]]:
+    """(key, title) of the results tables' metric columns: the declared metrics with a title
+    (evaluation.metrics.METRICS), in their order."""
+    return [(metric.name, metric.title) for metric in metrics.declared() if metric.title]
+
+
+def patient_columns() -> list[tuple[str, str]]:
+    """(key, title) of the patient-level table: the image columns, ``patient_...``."""
+    return [(f"patient_{metric.name[6:]}", f"patient {metric.title[6:]}")
+            for metric in metrics.declared(needs_masks=False) if metric.title]
+
+
 # Calibrated probabilities (evaluation/calibration.py) and the decisions at the operating point; a row per
 # dataset and one per dataset's patients.
 CALIBRATION_COLUMNS = [("brier", "Brier"), ("ece", "ECE"), ("sensitivity", "sensitivity"),
@@ -53,10 +64,11 @@ def mean_std_cell(mean: float, std: float) -> str:
 
 
 def format_table(results: dict[str, dict[str, float]],
-                 columns: list[tuple[str, str]] = TABLE_COLUMNS, mean_row: bool = True) -> list[list[str]]:
+                 columns: list[tuple[str, str]] | None = None, mean_row: bool = True) -> list[list[str]]:
     """Rows per dataset plus a mean row (unless ``mean_row`` is False), metric values x100 with one
     decimal ('-' when absent), with the 95% interval as 'value [low-high]' when the results carry
-    ``<metric>_ci``."""
+    ``<metric>_ci``. ``columns``: ``table_columns()`` unless given."""
+    columns = table_columns() if columns is None else columns
     rows = [[name] + [cell(values, key) for key, _ in columns] for name, values in results.items()]
     if not mean_row:
         return rows
@@ -68,10 +80,12 @@ def format_table(results: dict[str, dict[str, float]],
     return rows + [["mean"] + [cell(means, key) for key, _ in columns]]
 
 
-def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] = TABLE_COLUMNS,
+def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]] | None = None,
              first: str = "dataset", mean_row: bool = True) -> list[list[str]]:
     """The table as CSV rows (x100, one decimal, '-' when absent, a mean row unless ``mean_row`` is
-    False); with bootstrap intervals, each metric is followed by its ``low`` and ``high`` columns."""
+    False); with bootstrap intervals, each metric is followed by its ``low`` and ``high`` columns.
+    ``columns``: ``table_columns()`` unless given."""
+    columns = table_columns() if columns is None else columns
     with_ci = any(f"{key}_ci" in values for values in results.values() for key, _ in columns)
     plain = {name: {key: v for key, v in values.items() if not key.endswith("_ci")}
              for name, values in results.items()}

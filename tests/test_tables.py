@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evaluation.tables import PATIENT_COLUMNS, cell, csv_rows, csv_text, format_table, mean_std_cell, pipe_table
+from evaluation.tables import cell, csv_rows, csv_text, format_table, mean_std_cell, patient_columns, pipe_table
 
 
 def test_cells_and_the_mean_row_skip_what_is_absent():
@@ -20,7 +20,7 @@ def test_cells_and_the_mean_row_skip_what_is_absent():
 
 def test_csv_rows_give_each_interval_its_own_columns():
     results = {"a": {"patient_auroc": 0.6, "patient_auroc_ci": (0.5, 0.7), "patient_ap": 0.4}}
-    rows = csv_rows(results, PATIENT_COLUMNS)
+    rows = csv_rows(results, patient_columns())
     assert rows[0] == ["dataset", "patient AUROC", "patient AUROC low", "patient AUROC high",
                        "patient AP", "patient AP low", "patient AP high"]
     assert rows[1] == ["a", "60.0", "50.0", "70.0", "40.0", "-", "-"]
