@@ -7,7 +7,8 @@ zero-training baseline is evaluated: fixed prompt ensemble on CLIP's projected p
 Scores become probabilities and decisions as evaluation/calibration.py fits them on images never tested on:
 the checkpoint's validation images, the support set (few-shot), or the valid split (baseline).
 Writes results.json, results.csv, results_calibration.csv, scores.csv, reliability_<dataset>.png
-(and overlays/curves with --visualize) to --save_path.
+(and overlays/curves with --visualize) to --save_path; the figures and results files are
+evaluation/results.py's.
 
     torchrun --nproc_per_node 4 test.py ...      (sharded: the same results, written by process 0)
 """
@@ -27,25 +28,20 @@ from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, a
 from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
                      support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
-from evaluation import bootstrap, metrics
-from evaluation.calibration import (Calibration, Decision, assess, checkpoint_decision, operating_point,
+from evaluation import bootstrap
+from evaluation.calibration import (Calibration, Decision, checkpoint_decision, operating_point,
                                     operating_point_flag, reliability_figure)
 from evaluation.maps_io import save_maps
-from evaluation.predict import (MAP_DTYPES, Predictions, compute_metrics, maps_bytes, memory_bank_from_support,
-                                predict, support_predictions)
-from evaluation.tables import (CALIBRATION_COLUMNS, csv_rows, csv_text, format_table, patient_columns, pipe_table,
-                               table_columns)
+from evaluation.predict import (MAP_DTYPES, Predictions, maps_bytes, memory_bank_from_support, predict,
+                                support_predictions)
+from evaluation.results import RESULT_FILES, RunResults, evaluate_dataset
 from generate_dataset.demo import ensure_demo
 from medical_io import framing_mismatch
-from utils import (MANIFEST, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
+from utils import (ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
-                   seed_everything, seed_value, setup_logging, strict_json, unique_stems, unit_interval, versions,
-                   write_result_files)
+                   seed_everything, seed_value, setup_logging, unique_stems, unit_interval)
 from visualization import figure_bytes, overlay_panel, pro_figure, roc_figure, to_display
 
-# Written together, manifest last (utils.write_result_files); checked free before the run.
-RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_per_class.csv",
-                "results_calibration.csv", "scores.csv", MANIFEST)
 MAPS_TEMP = ".maps-"  # prefix of the folders maps are streamed to (maps_dir_for)
 MAX_BOOTSTRAP = 100_000  # resamples: a 95% interval is stable from a few thousand; more only costs time
 
@@ -91,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "memory-mapped files in --save_path (default: half the available memory)")
     evaluation_args.add_argument("--save_maps", action="store_true",
                                  help="write the maps, masks, paths, labels and scores to SAVE_PATH/maps/ "
-                                      "(read back with maps_io.load_maps)")
+                                      "(read back with evaluation.maps_io.load_maps)")
     evaluation_args.add_argument("--bootstrap", type=bootstrap_count, default=0, metavar="N",
                                  help=f"95%% intervals from N resamples of patients (case ids of <case>_<slice> "
                                       f"names, else images), at most {MAX_BOOTSTRAP}; 0 = off")
@@ -177,72 +173,6 @@ def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name:
                 f"memory-mapped files in {save_path}")
     save_path.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=save_path, prefix=f"{MAPS_TEMP}{name}-"))
-
-
-def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions: Predictions,
-                     want_pixel: bool, want_image: bool, decision: Decision | None,
-                     logger) -> tuple[dict, dict | None, dict, dict | None]:
-    """Metrics of one dataset (with intervals under --bootstrap), its patient-level figures
-    (None without case ids), its per-class metrics ({} unless meta.json has several classes) and
-    what its ``decision`` gives: Brier, ECE and the four rates at the operating point among the
-    metrics (image and patient level), and their description with the reliability bins (None
-    without image metrics). Ranking metrics are always those of the scores."""
-    values = bootstrap.quietly(compute_metrics, predictions, want_pixel, want_image, args.aupro)
-    bootstrap.note_undefined(logger, name, {name: (values, predictions.labels)})
-    groups, patients = bootstrap.groups_of(predictions.paths)
-    counts = bootstrap.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed) if args.bootstrap else None
-    if args.bootstrap:
-        replicates = {}
-        if want_image:
-            replicates.update(bootstrap.image_replicates(predictions.labels, predictions.scores, groups, counts))
-        if want_pixel and predictions.has_masks and predictions.maps is not None:  # as compute_metrics
-            histograms = bootstrap.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
-            replicates.update(bootstrap.pixel_replicates(histograms, counts))
-            if args.aupro == "legacy":  # intervals are of the standard AUPRO only
-                del replicates["pixel_aupro"]
-        values.update({f"{key}_ci": bootstrap.interval(samples) for key, samples in replicates.items()})
-    patient_values, own = None, np.arange(len(patients))
-    labels, scores = bootstrap.patient_level(predictions.labels, predictions.scores, groups, len(patients))
-    if want_image and len(patients) < len(predictions.paths):
-        patient_values = {f"patient_{key[6:]}": value
-                          for key, value in bootstrap.quietly(metrics.image_metrics, labels, scores).items()}
-        bootstrap.note_undefined(logger, f"{name} patient level", {name: (patient_values, labels)}, "patient")
-        patient_values.update(n_patients=len(patients), n_abnormal=int(labels.sum()))
-        if args.bootstrap:
-            replicates = bootstrap.image_replicates(labels, scores, own, counts)
-            patient_values.update({f"patient_{key[6:]}_ci": bootstrap.interval(samples)
-                                   for key, samples in replicates.items()})
-    described = None
-    if want_image and decision is not None:
-        figures, bins = assess(predictions.labels, predictions.scores, decision.image, decision.threshold, groups,
-                               counts)
-        values.update(figures)
-        described = {"operating_point": decision.operating_point(), "threshold": decision.threshold,
-                     "calibration": decision.calibration(), "fit": decision.image, "reliability": bins}
-        if patient_values is not None:  # a patient: its slices' maximum score, calibrated on patients
-            figures, bins = assess(labels, scores, decision.patient, decision.patient_threshold, own, counts)
-            patient_values.update({f"patient_{key}": value for key, value in figures.items()})
-            described["patients"] = {"operating_point": decision.operating_point(patient=True),
-                                     "threshold": decision.patient_threshold,
-                                     "calibration": decision.calibration(patient=True), "fit": decision.patient,
-                                     "reliability": bins}
-    classes = bootstrap.meta_classes(root, args.split)
-    per_class, labelled = {}, {}
-    names = [classes.get(path) for path in predictions.paths]
-    if len(set(names) - {None}) > 1:
-        for class_name in sorted(set(names) - {None}):
-            chosen = np.flatnonzero([n == class_name for n in names])
-            subset = Predictions([predictions.paths[i] for i in chosen], predictions.labels[chosen],
-                                 predictions.scores[chosen],
-                                 None if predictions.maps is None else predictions.maps[chosen],
-                                 None if predictions.masks is None else predictions.masks[chosen],
-                                 predictions.has_masks)
-            per_class[class_name] = bootstrap.quietly(compute_metrics, subset, want_pixel, want_image, args.aupro)
-            labelled[class_name] = (per_class[class_name], subset.labels)
-        bootstrap.note_undefined(logger, f"{name} per class", labelled)
-        logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
-                                                        ["class"] + [title for _, title in table_columns()]))
-    return values, patient_values, per_class, described
 
 
 VISUAL_KINDS = ((0, "normal"), (1, "abnormal"))
@@ -403,107 +333,13 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                 logger.info(f"{name}: overlays and ROC/PRO curves written to {save_path / 'visualization' / name}")
             if args.save_maps:
                 save_maps(save_path / "maps", name, predictions)
-                logger.info(f"{name}: maps written to {save_path / 'maps'} (maps_io.load_maps)")
+                logger.info(f"{name}: maps written to {save_path / 'maps'} (evaluation.maps_io.load_maps)")
         finally:
             if maps_dir is not None:
                 shutil.rmtree(maps_dir, ignore_errors=True)
     if not where.is_main:
         return {}
     return run.summary
-
-
-class RunResults:
-    """The figures of the datasets evaluated so far and the results files they make."""
-
-    def __init__(self, args: argparse.Namespace, checkpoint: dict | None, started: float, n_datasets: int) -> None:
-        self.args, self.checkpoint, self.started, self.n_datasets = args, checkpoint, started, n_datasets
-        self.results: dict[str, dict] = {}
-        self.patient_results: dict[str, dict] = {}
-        self.calibration: dict[str, dict] = {}  # per dataset: operating point, calibration, reliability bins
-        self.support_sources: dict[str, str] = {}
-        self.score_rows = [["dataset", "path", "label", "score"]]
-        self.summary: dict = {}
-
-    def add(self, name: str, predictions: Predictions, values: dict, patient_values: dict | None,
-            per_class: dict, described: dict | None = None) -> None:
-        values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
-        if per_class:
-            values["classes"] = per_class
-        self.results[name] = values
-        if patient_values is not None:
-            self.patient_results[name] = patient_values
-        if described is not None:
-            self.calibration[name] = described
-        self.score_rows += [[name, path, int(label), f"{score:.6f}"]
-                            for path, label, score in zip(predictions.paths, predictions.labels, predictions.scores)]
-
-    def write(self, save_path: Path, logger) -> None:
-        """Write the results files of the datasets so far as one unit (``write_result_files``)."""
-        args, results, patient_results = self.args, self.results, self.patient_results
-        complete = len(results) == self.n_datasets
-        headers = ["dataset"] + [title for _, title in table_columns()]
-        rows = format_table(results)
-        aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
-        interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
-                         if args.bootstrap else "")
-        if complete:
-            logger.info(f"\n{pipe_table(rows, headers)}\n({aupro_note}; values x100{interval_note})")
-        files = {"results.csv": csv_text(csv_rows(results))}
-        if patient_results:
-            shown = {f"{name} ({v['n_patients']} patients, {v['n_abnormal']} abnormal)": v
-                     for name, v in patient_results.items()}
-            patient_table = pipe_table(format_table(shown, patient_columns())[:-1],
-                                       ["dataset"] + [title for _, title in patient_columns()])
-            if complete:
-                logger.info(f"\npatient level (a patient is abnormal if any slice is; score: max over its slices)\n"
-                            f"{patient_table}")
-            files["results_patient.csv"] = csv_text(csv_rows(patient_results, patient_columns()))
-        if self.calibration:
-            calibrated = {}
-            for name, described in self.calibration.items():
-                calibrated[name] = results[name]
-                if name in patient_results:
-                    calibrated[f"{name} patients"] = {key[8:]: value for key, value in patient_results[name].items()
-                                                        if key.startswith("patient_")}
-            files["results_calibration.csv"] = csv_text(csv_rows(calibrated, CALIBRATION_COLUMNS, mean_row=False))
-            if complete:
-                notes = "\n".join(f"{name}: probabilities {d['calibration']}; decisions at {d['operating_point']}, "
-                                  f"score >= {d['threshold']:.6g}" if d["threshold"] is not None else
-                                  f"{name}: probabilities {d['calibration']}; no operating point"
-                                  for name, d in self.calibration.items())
-                logger.info("\ncalibration and decisions (patients: their slices' maximum score, calibrated and "
-                            "thresholded on patients)\n" + pipe_table(
-                                format_table(calibrated, CALIBRATION_COLUMNS, mean_row=False),
-                                ["dataset"] + [title for _, title in CALIBRATION_COLUMNS]) + f"\n{notes}")
-        per_class = {f"{name}/{class_name}": class_values for name, values in results.items()
-                     for class_name, class_values in values.get("classes", {}).items()}
-        if per_class:
-            files["results_per_class.csv"] = csv_text(csv_rows(per_class, first="dataset/class"))
-        files["scores.csv"] = csv_text(self.score_rows)
-        checkpoint = self.checkpoint
-        self.summary = {
-            "datasets": results,
-            "patients": patient_results,
-            "complete": complete,  # false: a failure stopped the run before its last dataset
-            "aupro": args.aupro,
-            "map_dtype": args.map_dtype,
-            "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
-                          "interval": "95% percentile"} if args.bootstrap else None,
-            "support_files": self.support_sources,
-            "calibration": self.calibration,
-            # few-shot scores and maps are the memory bank's z values (CLIP/memory_bank.py), on another
-            # scale than the checkpoint's threshold, which was chosen on probabilities without a bank
-            "score_scale": "z" if args.k_shot else "probability",
-            "args": vars(args),
-            "checkpoint": None if checkpoint is None else {
-                "path": os.path.abspath(args.checkpoint_path), "epoch": checkpoint.get("epoch"),
-                "config": checkpoint["config"], "threshold": None if args.k_shot else checkpoint.get("threshold")},
-            "versions": versions(),
-            "seconds": round(time.time() - self.started, 2),
-        }
-        files["results.json"] = strict_json(self.summary) + "\n"  # undefined metrics as null
-        write_result_files(save_path, files, stale=RESULT_FILES)  # all or nothing: a killed run leaves no manifest
-        logger.info(f"results {'' if complete else 'so far '}written to {save_path} ({', '.join(files)}, {MANIFEST})")
 
 
 if __name__ == "__main__":

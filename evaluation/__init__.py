@@ -6,7 +6,8 @@
 - ``bootstrap``: bootstrap intervals over patients, patient-level figures, per-class metrics;
 - ``calibration``: probabilities, operating points, Brier/ECE, reliability diagrams;
 - ``maps_io``: saved test maps (``test.py --save_maps``);
-- ``tables``: result tables (pipe tables, CSV, the paper's table).
+- ``tables``: result tables (pipe tables, CSV, the paper's table);
+- ``results``: test.py's figures per dataset and its results files (results.json, results.csv, ...).
 
 Import the module you need: ``from evaluation import metrics``.
 """
