@@ -1,47 +1,20 @@
 """Shared fixtures: the tiny offline model everything tests with."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from CLIP.MedVMAD import MedVMAD, MedVMADConfig  # noqa: E402
-from CLIP.backbone import BackboneConfig  # noqa: E402
-
-TINY_SIZE = 64  # 4x4 patches of 16 px: fast, and large enough to hold a lesion
-
-
-def tiny_config(**overrides) -> MedVMADConfig:
-    """A MedVMAD config on the random-weight ``tiny`` open_clip model."""
-    values = dict(backbone=BackboneConfig("tiny", "none", TINY_SIZE), depth=2, n_ctx=4, t_n_ctx=2)
-    values.update(overrides)
-    return MedVMADConfig(**values)
-
-
-@contextlib.contextmanager
-def medvmad_logger_kept() -> Iterator[None]:
-    """Scripts set up the "medvmad" logger (own handlers, no propagation); put it back as it was
-    afterwards, so that later tests capture its records (caplog) whatever the test order."""
-    logger = logging.getLogger("medvmad")
-    state = (list(logger.handlers), logger.propagate, logger.level)
-    try:
-        yield
-    finally:
-        for handler in logger.handlers:
-            if handler not in state[0]:
-                handler.close()
-        logger.handlers[:], logger.propagate = state[0], state[1]
-        logger.setLevel(state[2])
+from CLIP.MedVMAD import MedVMAD  # noqa: E402
+from tests.helpers import medvmad_logger_kept, tiny_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -60,14 +33,6 @@ def medvmad_logger_restored():
 def tiny_model() -> MedVMAD:
     torch.manual_seed(0)
     return MedVMAD(tiny_config())
-
-
-def reference_scale(volume: np.ndarray) -> np.ndarray:
-    """The documented BraTS/NIfTI rule written out: 0.5/99.5 percentiles of the voxels > 0 -> 0/255,
-    clipped and rounded, background 0 (an independent reference for ``medical_io.scale_intensity``)."""
-    low, high = np.percentile(volume[volume > 0], [0.5, 99.5])
-    scaled = np.round(np.clip((volume.astype(np.float64) - low) / (high - low), 0, 1) * 255)
-    return np.where(volume > 0, scaled, 0).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

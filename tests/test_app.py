@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import socket
 from pathlib import Path
 
 import cv2
@@ -20,17 +18,10 @@ import pytest
 import app
 import test_one_example
 from generate_dataset.demo import build_demo
-from tests.test_calibration_pipeline import save_calibrated
+from tests.helpers import CHROMIUM, free_port, save_calibrated
 from utils import InputError
 
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")
 SCREENSHOTS = os.environ.get("MEDVMAD_SCREENSHOTS")  # keep the screenshots here when set
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ground_truth(demo_root: str, name: str) -> str:

@@ -19,10 +19,8 @@ from CLIP.backbone_clip import OpenCLIPBackbone
 from CLIP.backbone_timm_hf import TimmHFBackbone
 from CLIP.checkpoint import load_model, save_checkpoint
 from CLIP.factory import build_backbone
-from conftest import TINY_SIZE
+from tests.helpers import TINY_SIZE, reference_score, test_script
 from generate_dataset.demo import build_demo
-from test_pipeline import test_script
-from test_single_example import reference_score
 from utils import InputError
 
 SIZE = 64

@@ -4,38 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV, calibration_curve
-from sklearn.frozen import FrozenEstimator
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, confusion_matrix, f1_score
 
 from evaluation import calibration
 from evaluation import bootstrap
 import train
 from utils import InputError
-
-
-class ScoreAsDecision(ClassifierMixin, BaseEstimator):
-    """A fitted 'classifier' whose decision function is the score itself (column 0), for
-    scikit-learn's CalibratedClassifierCV to calibrate."""
-
-    def fit(self, scores, labels):
-        self.classes_ = np.array([0, 1])
-        return self
-
-    def decision_function(self, scores):
-        return np.asarray(scores)[:, 0]
-
-    def predict(self, scores):
-        return (self.decision_function(scores) > 0).astype(int)
-
-
-def sklearn_calibrated(scores: np.ndarray, labels: np.ndarray, method: str, queries: np.ndarray) -> np.ndarray:
-    """P(abnormal) of ``queries`` under scikit-learn's calibration fitted on scores, labels."""
-    frozen = FrozenEstimator(ScoreAsDecision().fit(scores[:, None], labels))
-    # the frozen model's cross-validated scores are its scores: the folds (2, for k = 2) do not matter
-    fitted = CalibratedClassifierCV(frozen, method=method, cv=2).fit(scores[:, None], labels)
-    return fitted.predict_proba(queries[:, None])[:, 1]
+from tests.helpers import sklearn_calibrated, slow_ece, slow_rates
 
 
 def two_classes(n_normal: int, n_abnormal: int, seed: int, gap: float = 1.0, scale: float = 1.0):
@@ -107,10 +83,6 @@ def test_a_damaged_stored_calibration_is_one_line_naming_the_checkpoint(broken, 
 
 # ----------------------------------------------------------------------------- operating points
 
-def slow_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
-    called = scores >= threshold
-    return called[labels == 1].mean(), (~called[labels == 0]).mean()
-
 
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 1.0])
 def test_a_sensitivity_target_is_reached_on_validation_at_the_highest_threshold(target):
@@ -177,13 +149,6 @@ def test_ece_by_hand_and_bins_as_scikit_learns_calibration_curve():
     np.testing.assert_allclose([bins["observed"][i] for i in kept], observed)
     np.testing.assert_allclose([bins["mean_probability"][i] for i in kept], predicted)
     assert bins["observed"][2] is None
-
-
-def slow_ece(labels: np.ndarray, probability: np.ndarray) -> float:
-    """ECE, bin by bin: bin b holds the probabilities in ((b-1)/10, b/10] (0 in the first)."""
-    bins = np.clip(np.ceil(probability * 10) - 1, 0, 9)
-    return sum(np.mean(bins == b) * abs(probability[bins == b].mean() - labels[bins == b].mean())
-               for b in range(10) if np.any(bins == b))
 
 
 def test_figures_at_the_operating_point_and_their_patient_intervals_equal_a_slow_resampling_loop():

@@ -25,9 +25,8 @@ from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
-from tests.conftest import medvmad_logger_kept, tiny_config
-from tests.test_calibration import sklearn_calibrated, slow_ece, slow_rates
-from tests.test_pipeline import SIZE, TINY, f1_max_threshold, run_train, spy_predict, test_script
+from tests.helpers import (SIZE, TINY, f1_max_threshold, medvmad_logger_kept, run_train, save_calibrated,
+                           sklearn_calibrated, slow_ece, slow_rates, spy_predict, test_script, tiny_config)
 from utils import InputError
 
 EVAL = ["--num_workers", "0", "--device", "cpu", "--batch_size", "4"]
@@ -256,19 +255,6 @@ def test_patients_are_read_by_their_highest_score_with_their_own_calibration_and
 
 
 # ----------------------------------------------------------------------------- single scans
-
-def save_calibrated(path: Path) -> dict:
-    """A tiny checkpoint (seed 0) with a calibration entry as train.py stores one: 60 validation
-    images of 20 patients (5 normal), at F1-max. Returns the entry."""
-    rng = np.random.default_rng(1)
-    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
-    scores = np.r_[rng.uniform(0.40, 0.48, 30), rng.uniform(0.44, 0.52, 30)]
-    names = [f"v{p}" for p in np.r_[np.repeat(np.arange(5), 3), np.arange(5, 20), np.repeat(np.arange(5, 20), 2)]]
-    fitted = calibration.Calibration.fitted(scores, labels, names, "validation images")
-    torch.manual_seed(0)
-    save_checkpoint(path, MedVMAD(tiny_config()), epoch=1, threshold=fitted.threshold(calibration.F1_MAX),
-                    operating_point="f1", calibration=fitted.to_dict())
-    return fitted.to_dict()
 
 
 def one_example(tmp_path: Path, image: Path, *extra: str) -> dict:

@@ -13,8 +13,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import save_checkpoint
 from cli import backbone_config, build_model
-from tests.conftest import TINY_SIZE, tiny_config
-from tests.test_pipeline import test_script
+from tests.helpers import TINY_SIZE, test_script, tiny_config
 from utils import InputError
 
 MODEL_FLAGS = ("model_name", "pretrained", "image_size", "sigma")

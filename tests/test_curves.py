@@ -12,7 +12,7 @@ import torch
 import curves
 import train
 from generate_dataset.demo import build_demo
-from tests.test_pipeline import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from evaluation import bootstrap
-from test_metrics import brute_force_f1, reference_aupro
+from tests.helpers import brute_force_f1, reference_aupro
 
 
 def small_case(seed: int = 0):

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from evaluation import metrics
 from evaluation.maps_io import load_maps
 from utils import InputError
-from test_pipeline import SIZE, test_script
+from tests.helpers import SIZE, test_script
 from generate_dataset.demo import build_demo
 
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--batch_size", "4",

@@ -28,7 +28,7 @@ from cli import build_model
 from dataset import MedicalDataset, Sample, list_samples, split_holdout
 from generate_dataset.demo import build_demo
 from evaluation.predict import predict, selection_summary
-from tests.conftest import TINY_SIZE, tiny_config
+from tests.helpers import TINY_SIZE, tiny_config
 from utils import InputError
 from visualization import to_display
 
@@ -241,7 +241,7 @@ def test_default_normalisation_for_files_and_old_checkpoints(tmp_path):
 
 def test_normalisation_flags_reach_the_model_in_every_script(tmp_path):
     """--image_mean/--image_std through test.py, test_one_example.py and a checkpoint's load."""
-    from tests.test_pipeline import test_script
+    from tests.helpers import test_script
 
     flags = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu",
              "--image_mean", "0.1", "0.2", "0.3", "--image_std", "0.4", "0.5", "0.6"]

@@ -14,7 +14,7 @@ from CLIP.MedVMAD import MedVMAD
 from CLIP.memory_bank import MemoryBank
 from dataset import MedicalDataset, Sample
 from evaluation.predict import memory_bank_from_support
-from tests.conftest import TINY_SIZE, tiny_config
+from tests.helpers import TINY_SIZE, tiny_config
 
 
 def support_images(count: int = 4) -> torch.Tensor:

@@ -19,8 +19,7 @@ import visualization
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
 from evaluation.predict import Predictions
-from tests.test_metrics import blob_data, reference_aupro
-from tests.test_pipeline import test_script
+from tests.helpers import blob_data, reference_aupro, test_script
 
 REPO = Path(__file__).resolve().parent.parent
 INFERNO = matplotlib.colormaps["inferno"]  # the colormap the README names, at the alpha it states

@@ -24,8 +24,7 @@ from CLIP.checkpoint import save_checkpoint
 from evaluation.bootstrap import patient_of
 from generate_dataset import demo
 from medical_io import Framing, Placement, frame_volume, recorded_framing, training_framing
-from tests.conftest import tiny_config
-from tests.test_volumes import write_series
+from tests.helpers import tiny_config, write_series
 from utils import InputError
 
 DEMO_FRAMING = {"axis": 2, "window": None, "white_level": 0.65, "min_area": 0.75, "size": 240, "margin": 0.06,

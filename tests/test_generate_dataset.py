@@ -8,22 +8,16 @@ import sys
 from pathlib import Path
 
 import cv2
-import nibabel as nib
 import numpy as np
 import pytest
 
 from dataset import organ_name, list_samples
 from medical_io import read_scan, recorded_framing, scale_intensity
 from generate_dataset import brats2021, common, demo, folder, liverct
-from tests.conftest import reference_scale
+from tests.helpers import SHAPE, brats_case, liver_volumes, reference_scale, save_nifti
 from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def save_nifti(path: Path, array: np.ndarray, affine=None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
 
 
 def read(path) -> np.ndarray:
@@ -35,25 +29,6 @@ def pngs(root: Path, pattern: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- BraTS2021
-
-SHAPE = (24, 20, 12)
-TUMOUR_CASES = {"00001": range(5, 8), "00003": range(2, 11), "00004": range(6, 7)}
-
-
-def brats_case(raw: Path, case: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A head-like volume (values > 0 in an ellipsoid, 0 outside) and a seg with labels 1/2/4."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.mgrid[0:SHAPE[0], 0:SHAPE[1], 0:SHAPE[2]]
-    brain = ((x - 12) / 10) ** 2 + ((y - 10) / 8) ** 2 + ((z - 6) / 9) ** 2 < 1
-    volume = np.where(brain, rng.uniform(50, 500, SHAPE), 0).astype(np.float32)
-    seg = np.zeros(SHAPE, np.uint8)
-    for k, slice_z in enumerate(TUMOUR_CASES.get(case, [])):
-        seg[10:13, 8 + k % 2:11, slice_z] = (1, 2, 4)[k % 3]
-    name = f"BraTS2021_{case}"
-    for modality in ("flair", "t1"):
-        save_nifti(raw / name / f"{name}_{modality}.nii.gz", volume)
-    save_nifti(raw / name / f"{name}_seg.nii.gz", seg)
-    return volume, seg
 
 
 @pytest.fixture
@@ -166,34 +141,6 @@ def test_brats_cli_reports_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Liver CT
-
-CT_SHAPE = (16, 14, 8)
-
-
-def liver_volumes(tmp_path) -> tuple[Path, Path, dict, dict]:
-    """BTCV (img/imgNNNN, label/labelNNNN, liver 6) and LiTS (volume-N, segmentation-N) volumes."""
-    rng = np.random.default_rng(0)
-    hu_values = np.array([-1000, -200, 70, 250, 1000], np.int16)
-    btcv, lits = {}, {}
-    for number in ("0001", "0002"):
-        ct = rng.choice(hu_values, CT_SHAPE).astype(np.int16)
-        label = np.zeros(CT_SHAPE, np.uint8)
-        label[3:12, 4:10, 2:6] = 6
-        label[0:3, 0:3, :] = 1  # spleen: not liver
-        save_nifti(tmp_path / "BTCV" / "img" / f"img{number}.nii.gz", ct)
-        save_nifti(tmp_path / "BTCV" / "label" / f"label{number}.nii.gz", label)
-        btcv[number] = (ct, label)
-    for number in range(5):
-        ct = rng.choice(hu_values, CT_SHAPE).astype(np.int16)
-        label = np.zeros(CT_SHAPE, np.uint8)
-        label[2:13, 3:11, 1:7] = 1
-        if number % 2 == 0:
-            label[5:8, 5:8, 3:5] = 2
-        batch = "Training Batch 1" if number < 3 else "Training Batch 2"
-        save_nifti(tmp_path / "LiTS" / batch / f"volume-{number}.nii", ct)
-        save_nifti(tmp_path / "LiTS" / batch / f"segmentation-{number}.nii", label)
-        lits[str(number)] = (ct, label)
-    return tmp_path / "BTCV", tmp_path / "LiTS", btcv, lits
 
 
 def test_window_hu():

@@ -21,8 +21,7 @@ import train
 from CLIP.MedVMAD import MedVMAD
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model, save_checkpoint
-from tests.conftest import TINY_SIZE, tiny_config
-from tests.test_pipeline import test_script
+from tests.helpers import TINY_SIZE, test_script, tiny_config
 from dataset import MedicalDataset, list_samples, load_image, read_support
 from generate_dataset import brats2021, demo, folder, liverct
 from generate_dataset.demo import build_demo

@@ -31,7 +31,7 @@ from CLIP.checkpoint import load_model, save_checkpoint
 from CLIP.factory import build_backbone, reads_weights_file
 from CLIP.torchscript_weights import ArchiveError, read_torchscript_state_dict
 from generate_dataset.demo import build_demo
-from tests.conftest import TINY_SIZE, tiny_config
+from tests.helpers import TINY_SIZE, tiny_config
 from utils import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,7 @@ import visualize_compare
 from generate_dataset.demo import build_demo
 from evaluation.predict import Predictions
 from medical_io import read_scan
-from tests.conftest import TINY_SIZE
-from tests.test_pipeline import test_script
+from tests.helpers import TINY_SIZE, test_script
 from utils import InputError, read_manifest, run_cli, write_result_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,9 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 import app
 import test_one_example
 from generate_dataset import brats2021, folder, liverct
-from tests.conftest import TINY_SIZE
-from tests.test_generate_dataset import brats_case, liver_volumes, save_nifti
-from tests.test_volumes import STEP, write_series, write_slice
+from tests.helpers import STEP, TINY_SIZE, brats_case, liver_volumes, save_nifti, write_series, write_slice
 from utils import InputError, run_cli
 from volume_io import read_input, series_grid
 
@@ -606,8 +604,7 @@ def test_the_page_draws_a_wide_upload_serves_its_files_after_the_folder_is_gone_
 
     from CLIP.MedVMAD import MedVMAD
     from CLIP.checkpoint import save_checkpoint
-    from tests.conftest import tiny_config
-    from tests.test_app import CHROMIUM, free_port
+    from tests.helpers import CHROMIUM, free_port, tiny_config
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "tiny.pth", MedVMAD(tiny_config()), threshold=0.5, epoch=1)

@@ -11,7 +11,7 @@ import pytest
 from evaluation import metrics, tables
 from evaluation.predict import Predictions, compute_metrics
 from generate_dataset.demo import build_demo
-from tests.test_pipeline import SIZE, test_script
+from tests.helpers import SIZE, test_script
 
 
 def score_gap(labels: np.ndarray, scores: np.ndarray) -> float:

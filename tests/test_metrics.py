@@ -9,40 +9,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from evaluation import metrics
-
-
-def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Slow exact AUPRO: one full pass per distinct threshold, regions by scipy label."""
-    maps = maps.astype(np.float64)
-    regions = []  # (image index, region mask [H,W])
-    for image, mask in enumerate(masks):
-        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions += [(image, labelled == i) for i in range(1, count + 1)]
-    normal = ~masks
-    fprs, pros = [0.0], [0.0]
-    for threshold in np.unique(maps)[::-1]:
-        above = maps >= threshold
-        fprs.append((above & normal).sum() / normal.sum())
-        pros.append(np.mean([above[image][region].mean() for image, region in regions]))
-    fprs, pros = np.array(fprs), np.array(pros)
-    end = np.interp(fpr_limit, fprs, pros)  # repeated FPRs only add zero-width segments
-    inside = fprs <= fpr_limit
-    x, y = np.append(fprs[inside], fpr_limit), np.append(pros[inside], end)
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)
-
-
-def blob_data(seed: int, dtype: type, n: int = 3, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
-    """Masks with a few discs per image (one image normal) and noisy maps brighter in lesions."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    masks = np.zeros((n, size, size), dtype=bool)
-    for image in range(1, n):
-        for _ in range(rng.integers(1, 4)):
-            cy, cx, radius = rng.uniform(3, size - 3), rng.uniform(3, size - 3), rng.uniform(1, 5)
-            masks[image] |= (yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2
-    smooth = ndimage.gaussian_filter(rng.random((n, size, size)), (0, 1.5, 1.5))
-    maps = smooth + 0.5 * masks * rng.random((n, size, size))
-    return masks, np.round(maps, 2).astype(dtype)  # rounding makes ties
+from tests.helpers import blob_data, brute_force_f1, reference_aupro
 
 
 def random_data(seed: int, dtype: type, shape: tuple[int, ...] = (4, 16, 16)):
@@ -149,17 +116,6 @@ def test_image_metrics_match_sklearn(seed: int) -> None:
     assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert result["image_ap"] == pytest.approx(average_precision_score(labels, scores))
     assert (result["image_f1_max"], result["image_f1_threshold"]) == metrics.f1_max(labels, scores)
-
-
-def brute_force_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    best = (0.0, math.inf)
-    for threshold in np.unique(scores)[::-1]:
-        predicted = scores >= threshold
-        tp = np.sum(predicted & labels)
-        f1 = 2 * tp / (predicted.sum() + labels.sum())
-        if f1 > best[0]:
-            best = (f1, float(threshold))
-    return best
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

@@ -15,7 +15,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig, MedVMADOutput, gaussian_blur
 from CLIP.backbone import BackboneConfig, default_features_list
 from CLIP.factory import build_backbone
 from loss import LossWeights, dice_loss, focal_loss, medvmad_loss
-from tests.conftest import TINY_SIZE, tiny_config
+from tests.helpers import TINY_SIZE, tiny_config
 from utils import InputError
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,41 +18,13 @@ from CLIP.checkpoint import load_model
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
 from utils import InputError
-
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = 64
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--n_ctx", "4",
-        "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
-
-
-def load_test_script():
-    """test.py by path: ``import test`` could find the standard library's test package."""
-    spec = importlib.util.spec_from_file_location("medvmad_test_script", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-test_script = load_test_script()
+from tests.helpers import SIZE, TINY, f1_max_threshold, run_train, spy_predict, test_script
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> str:
     return build_demo(str(tmp_path_factory.mktemp("data")), n_train=4, n_valid=(8, 8), n_test=(6, 6),
                       image_size=SIZE)
-
-
-def spy_predict(monkeypatch, module) -> list:
-    """Record every Predictions that ``module.predict`` returns (scores and maps as test.py sees them)."""
-    seen = []
-    real = module.predict
-
-    def spy(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(module, "predict", spy)
-    return seen
 
 
 def masks_from_disk(paths: list[str]) -> np.ndarray:
@@ -90,23 +61,6 @@ def brute_force_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -
             break
         area += (x1 - x0) * (y0 + y1) / 2
     return area / limit
-
-
-def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The highest score threshold (predict abnormal when score >= it) with the largest F1, by a loop."""
-    best, best_f1 = None, -1.0
-    for threshold in sorted(set(scores.tolist()), reverse=True):
-        predicted = scores >= threshold
-        tp = np.sum(predicted & (labels == 1))
-        f1 = 2 * tp / (predicted.sum() + labels.sum())
-        if f1 > best_f1 + 1e-12:
-            best, best_f1 = threshold, f1
-    return best
-
-
-def run_train(save_path: Path, root: str, *extra: str) -> dict:
-    return train.main(["--train_data_path", root, "--save_path", str(save_path), "--epoch", "2",
-                       "--learning_rate", "1e-3", *TINY, *extra])
 
 
 def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_json_files):

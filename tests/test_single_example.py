@@ -19,9 +19,8 @@ import test_one_example
 import visualization
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
-from dataset import load_image, preprocess
 from medical_io import read_scan
-from tests.conftest import TINY_SIZE, reference_scale, tiny_config
+from tests.helpers import reference_scale, reference_score, tiny_config
 from utils import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +45,6 @@ def brain_like(height: int = 48, width: int = 40, centre: tuple[int, int] = (20,
     image = 60 + 120 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 60.0)
     image[0, 0], image[-1, -1] = 0, 255
     return image.astype(np.uint8)
-
-
-@torch.no_grad()
-def reference_score(model: MedVMAD, path: Path) -> tuple[float, np.ndarray]:
-    """Score and map of one PNG by hand: model on the preprocessed image, map resized back (bilinear)."""
-    image = load_image(str(path))
-    output = model(preprocess(image, TINY_SIZE)[None])
-    heat = cv2.resize(output.anomaly_map[0].numpy(), (image.shape[1], image.shape[0]),
-                      interpolation=cv2.INTER_LINEAR)
-    return float(output.image_score[0]), heat
 
 
 def write_dicom(path: Path, raw: np.ndarray, photometric: str = "MONOCHROME2", window=(40, 400)) -> None:

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from evaluation import bootstrap
 import summarize_results
 from generate_dataset.demo import build_demo
-from test_pipeline import test_script
+from tests.helpers import test_script
 from utils import atomic_write_json, strict_json, write_result_files
 
 SIZE = 64

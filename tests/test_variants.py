@@ -8,9 +8,8 @@ import torch
 
 from CLIP.MedVMAD import VARIANTS, MedVMAD
 from CLIP.checkpoint import load_model, save_checkpoint
-from conftest import tiny_config
+from tests.helpers import TINY, test_script, tiny_config
 from loss import LossWeights, medvmad_loss
-from test_pipeline import TINY, test_script
 from generate_dataset.demo import build_demo
 
 import train

@@ -17,21 +17,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import test_one_example
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from medical_io import read_scan
-from tests.conftest import tiny_config
+from tests.helpers import ORIGIN, PIXEL, STEP, tiny_config, write_series
 from utils import InputError
 from volume_io import is_series_folder, read_input, read_sitk_scan, write_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 # A permuted, flipped, shifted affine: stored i -> superior, j -> left, k -> anterior.
 OBLIQUE_AXES = np.array([[0, -2, 0, 10], [0, 0, 3, 20], [1.5, 0, 0, -5], [0, 0, 0, 1.]])
-PIXEL = (0.8, 0.7)        # DICOM PixelSpacing: row spacing (y), column spacing (x)
-STEP, ORIGIN = 2.5, (-10.0, -20.0, 30.0)
 
 
 @pytest.fixture(scope="module")
@@ -40,40 +38,6 @@ def checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ck") / "tiny.pth"
     save_checkpoint(path, MedVMAD(tiny_config()), threshold=0.5, epoch=1)
     return str(path)
-
-
-def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 400),
-                photometric: str = "MONOCHROME2") -> None:
-    """One axial CT slice (HU = raw - 1024) of ``series`` at height ``z``."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    data = Dataset()
-    data.file_meta = meta
-    data.SOPClassUID, data.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    data.Modality, data.StudyInstanceUID, data.SeriesInstanceUID = "CT", "1.2.826.0.1.3680043.1", series
-    data.Rows, data.Columns = raw.shape
-    data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 1
-    data.SamplesPerPixel, data.PhotometricInterpretation = 1, photometric
-    data.RescaleSlope, data.RescaleIntercept = 1, -1024
-    data.WindowCenter, data.WindowWidth = window
-    data.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], z]
-    data.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    data.PixelSpacing, data.SliceThickness = list(PIXEL), STEP
-    data.PixelData = raw.astype(np.int16).tobytes()
-    data.save_as(path, enforce_file_format=True)
-
-
-def write_series(folder: Path, frames: np.ndarray, skip: tuple[int, ...] = (), series: str | None = None,
-                 photometric: str = "MONOCHROME2") -> str:
-    """Frames [K,rows,cols], inferior to superior, named in reverse order (sorting by name is wrong)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series = series or generate_uid()
-    for k, frame in enumerate(frames):
-        if k not in skip:
-            write_slice(folder / f"{series[-4:]}_{len(frames) - k:03d}.dcm", frame, ORIGIN[2] + STEP * k, series,
-                        photometric=photometric)
-    return series
 
 
 def series_affine() -> np.ndarray:
