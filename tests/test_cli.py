@@ -74,7 +74,7 @@ def test_features_list_other_than_the_checkpoints_is_refused(tmp_path):
 @pytest.mark.parametrize("parse", [train.parse_args, test_script.parse_args, test_one_example.parse_args])
 def test_image_size_help_says_what_the_model_does_with_any_side(parse, capsys):
     """Sides that are not a multiple of the patch work with a warning, below one patch they are
-    refused (both checked in test_hardening.py): --help says so, not that sides must be multiples."""
+    refused (both checked in test_bad_input.py): --help says so, not that sides must be multiples."""
     with pytest.raises(SystemExit):
         parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
