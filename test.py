@@ -36,7 +36,7 @@ from evaluation.predict import (MAP_DTYPES, Predictions, maps_bytes, memory_bank
                                 support_predictions)
 from evaluation.results import RESULT_FILES, RunResults, evaluate_dataset
 from generate_dataset.demo import ensure_demo
-from medical_io import framing_mismatch
+from scans.framing import framing_mismatch
 from utils import (ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
                    locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
                    seed_everything, seed_value, setup_logging, unique_stems, unit_interval)

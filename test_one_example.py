@@ -30,17 +30,18 @@ import cv2
 import numpy as np
 import torch
 
-from CLIP.MedVMAD import MedVMAD
-from evaluation.calibration import Decision, checkpoint_decision, operating_point_flag
 from cli import add_model_args, add_runtime_args, build_model
+from CLIP.MedVMAD import MedVMAD
 from dataset import preprocess
-from medical_io import MAX_VOXELS, WINDOW_PRESETS, Framing, Scan, index_ranges
-from utils import (STAGING, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, autocast,
-                   commit_staged, discard_staged, finite_float, locked_folder, non_negative_int,
-                   one_line, positive_int, prepare_output_dir, recover_staged, refuse_taken, resolve_device, run_cli,
-                   staging_folder, strict_json, sync_file, unique_stems, unit_interval)
+from evaluation.calibration import Decision, checkpoint_decision, operating_point_flag
+from scans.files import MAX_VOXELS, Scan
+from scans.framing import WINDOW_PRESETS, Framing, index_ranges
+from scans.volumes import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
+from utils import (STAGING, ArgumentParser, InputError, atomic_write_bytes, atomic_write_image, autocast, commit_staged,
+                   discard_staged, finite_float, locked_folder, non_negative_int, one_line, positive_int,
+                   prepare_output_dir, recover_staged, refuse_taken, resolve_device, run_cli, staging_folder,
+                   strict_json, sync_file, unique_stems, unit_interval)
 from visualization import montage, overlay_panel
-from volume_io import VOLUME_FORMATS, is_series_folder, list_inputs, read_input, write_maps
 
 PREDICTIONS = "predictions.jsonl"
 logger = logging.getLogger("medvmad")

@@ -37,7 +37,7 @@ from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sh
 from generate_dataset.demo import ensure_demo
 from evaluation.predict import SELECTION_KEYS, compute_metrics, predict, selection_summary
 from loss import LossWeights, medvmad_loss
-from medical_io import training_framing
+from scans.framing import training_framing
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
                    autocast, locked_folder, non_negative_float, non_negative_int, positive_float,
                    positive_int, prepare_output_dir, run_cli, seed_everything, setup_logging, unit_interval, versions)

@@ -15,7 +15,7 @@ Output (BMAD layout, read by ``dataset.list_samples``)::
 ``<case>`` is the case number (``00124``), ``<slice>`` the axial index in RAS order (``60``; the
 stored index for BraTS volumes, which are stored inferior to superior). Cases are split by
 patient with a seed, so no patient is in two splits. Intensities are scaled per volume: the
-0.5-99.5 percentiles of brain voxels (> 0) map to 0-255, background stays 0 (``medical_io``'s
+0.5-99.5 percentiles of brain voxels (> 0) map to 0-255, background stays 0 (``scans.framing``'s
 framing rule with whole slices; ``split.json`` records it as "framing"). A volume that is not
 3-D, or holds NaN or infinite voxels (whose slices would otherwise look empty and be dropped), stops
 the conversion with one line naming the file (and the slices).
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,
                                      write_sample, write_split_info)
 from dataset import SPLITS
-from medical_io import Framing, display, frame_volume
+from scans.framing import Framing, display, frame_volume
 from utils import ArgumentParser, InputError, non_negative_float, non_negative_int, run_cli, setup_logging
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")

@@ -1,6 +1,6 @@
 """Helpers the dataset converters share: NIfTI reading in RAS, BMAD-layout writing and the seeded
 patient split. How slices are shown and scaled (the framing rule) is the runtime readers' own
-(``medical_io``), so that scans are read the way the converters write them."""
+(``scans.framing``), so that scans are read the way the converters write them."""
 from __future__ import annotations
 
 import logging

@@ -3,7 +3,7 @@
     python -m generate_dataset.demo --save_path data/demo --seed 0    # -> data/demo/Brain, data/demo/volumes
 
 What it is: slices of the MNI152 T1 template that ships with nilearn (1 mm, brain-masked like the
-skull-stripped BraTS scans), framed by the demo's framing rule (``medical_io.Framing``, recorded in
+skull-stripped BraTS scans), framed by the demo's framing rule (``scans.framing.Framing``, recorded in
 demo.json): axial slices (coronal with ``--view coronal``) whose brain area is at least 75% of the
 largest, the percentile rule with the 99.5th percentile at grey 0.65 (headroom for bright lesions),
 cropped to the brain (+6%), padded square, 240x240 8-bit PNG. Each sample differs: slice, small
@@ -49,10 +49,10 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from generate_dataset.common import write_sample
-from medical_io import Framing, display, frame_volume
-from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int,
-                   prepare_output_dir, run_cli, setup_logging)
-from volume_io import write_volume
+from scans.framing import Framing, display, frame_volume
+from scans.volumes import write_volume
+from utils import (ArgumentParser, InputError, atomic_write_json, non_negative_int, positive_int, prepare_output_dir,
+                   run_cli, setup_logging)
 
 VIEWS = {"axial": ("Brain", 2), "coronal": ("BrainCoronal", 1)}  # view -> (folder, RAS axis)
 DEFAULT_PATH = str(Path(__file__).resolve().parents[1] / "data" / "demo")

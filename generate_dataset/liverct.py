@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from generate_dataset.common import (check_empty_target, check_finite_volume, load_volume, split_cases,
                                      write_sample, write_split_info)
-from medical_io import Framing, display, window_to_uint8
+from scans.framing import Framing, display, window_to_uint8
 from utils import (ArgumentParser, InputError, finite_float, non_negative_int, run_cli,
                    setup_logging, unit_interval)
 
@@ -47,7 +47,7 @@ logger = logging.getLogger("medvmad")
 
 def window_hu(hu: np.ndarray, low: float, high: float) -> np.ndarray:
     """HU values -> uint8: [low, high] mapped linearly to [0, 255], clipped outside (the framing
-    rule's window, ``medical_io.window_to_uint8``)."""
+    rule's window, ``scans.framing.window_to_uint8``)."""
     return window_to_uint8(hu, low, high)
 
 

@@ -62,7 +62,7 @@ def medvmad_logger_kept() -> Iterator[None]:
 
 def reference_scale(volume: np.ndarray) -> np.ndarray:
     """The documented BraTS/NIfTI rule written out: 0.5/99.5 percentiles of the voxels > 0 -> 0/255,
-    clipped and rounded, background 0 (an independent reference for ``medical_io.scale_intensity``)."""
+    clipped and rounded, background 0 (an independent reference for ``scans.framing.scale_intensity``)."""
     low, high = np.percentile(volume[volume > 0], [0.5, 99.5])
     scaled = np.round(np.clip((volume.astype(np.float64) - low) / (high - low), 0, 1) * 255)
     return np.where(volume > 0, scaled, 0).astype(np.uint8)

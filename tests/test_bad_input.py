@@ -25,7 +25,7 @@ from tests.helpers import TINY_SIZE, test_script, tiny_config
 from dataset import MedicalDataset, list_samples, load_image, read_support
 from generate_dataset import brats2021, demo, folder, liverct
 from generate_dataset.demo import build_demo
-from medical_io import read_scan
+from scans.files import read_scan
 from utils import (InputError, atomic_write_text, locked_folder, read_manifest, run_cli,
                    write_result_files)
 

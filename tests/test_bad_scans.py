@@ -31,9 +31,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 import app
 import test_one_example
 from generate_dataset import brats2021, folder, liverct
+from scans.volumes import read_input, series_grid
 from tests.helpers import STEP, TINY_SIZE, brats_case, liver_volumes, save_nifti, write_series, write_slice
 from utils import InputError, run_cli
-from volume_io import read_input, series_grid
 
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 SECRET = b"root:x:0:0:secret server file\n" * 64
@@ -602,8 +602,8 @@ def test_the_page_draws_a_wide_upload_serves_its_files_after_the_folder_is_gone_
         tmp_path, secret):
     from playwright.sync_api import expect, sync_playwright
 
-    from CLIP.MedVMAD import MedVMAD
     from CLIP.checkpoint import save_checkpoint
+    from CLIP.MedVMAD import MedVMAD
     from tests.helpers import CHROMIUM, free_port, tiny_config
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from evaluation.bootstrap import patient_of
 from generate_dataset import demo
-from medical_io import Framing, Placement, frame_volume, recorded_framing, training_framing
+from scans.framing import Framing, Placement, frame_volume, recorded_framing, training_framing
 from tests.helpers import tiny_config, write_series
 from utils import InputError
 

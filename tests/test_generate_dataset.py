@@ -11,9 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset import organ_name, list_samples
-from medical_io import read_scan, recorded_framing, scale_intensity
+from dataset import list_samples, organ_name
 from generate_dataset import brats2021, common, demo, folder, liverct
+from scans.files import read_scan
+from scans.framing import recorded_framing, scale_intensity
 from tests.helpers import SHAPE, brats_case, liver_volumes, reference_scale, save_nifti
 from utils import InputError
 

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("CLIP", "evaluation", "generate_dataset", "bench")  # folders of library and script modules (tests apart)
+PACKAGES = ("CLIP", "evaluation", "generate_dataset", "scans", "bench")  # library and script folders (tests apart)
 
 
 def project_modules() -> dict[str, Path]:
@@ -114,6 +114,6 @@ def test_the_project_import_graph_has_no_circle() -> None:
 def test_runtime_readers_do_not_import_the_converters() -> None:
     """Converters (generate_dataset/) import readers, never the reverse; entry scripts may call them."""
     graph, _ = import_graph()
-    readers = ("dataset", "medical_io", "volume_io")
+    readers = ("dataset", "scans.files", "scans.framing", "scans.volumes")
     assert {name: sorted(graph[name]) for name in readers
             if any(target.startswith("generate_dataset") for target in graph[name])} == {}

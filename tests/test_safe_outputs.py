@@ -22,17 +22,16 @@ import torch
 import curves
 import dataset
 import distributed
-from evaluation import maps_io
 import run_jobs
 import summarize_results
-from evaluation import tables
 import test_one_example
 import train
 import utils
 import visualize_compare
-from generate_dataset.demo import build_demo
+from evaluation import maps_io, tables
 from evaluation.predict import Predictions
-from medical_io import read_scan
+from generate_dataset.demo import build_demo
+from scans.files import read_scan
 from tests.helpers import TINY_SIZE, test_script
 from utils import InputError, read_manifest, run_cli, write_result_files
 
@@ -362,7 +361,7 @@ def kill_inside_volume_writer(monkeypatch) -> None:
     def write_volume(path, stored, affine):
         Path(f"{path}.tmp.nii.gz").write_bytes(b"half a volume")
         raise Killed
-    monkeypatch.setattr("volume_io.write_volume", write_volume)
+    monkeypatch.setattr("scans.volumes.write_volume", write_volume)
 
 
 def kill_when_committing(monkeypatch) -> None:
@@ -438,11 +437,11 @@ def test_one_example_on_a_full_disk_says_so_and_keeps_nothing(tmp_path, monkeypa
 def test_a_short_volume_map_is_never_recorded(tmp_path, monkeypatch, volume):
     """A writer that leaves a short .nii.gz without a word (as SimpleITK's does on a full disk):
     the map is read back through its gzip checksum before it is recorded."""
-    import volume_io
+    from scans import volumes
 
     def short_write(path, data):
         Path(path).write_bytes(data[:len(data) // 2])
-    monkeypatch.setattr(volume_io, "atomic_write_bytes", short_write)
+    monkeypatch.setattr(volumes, "atomic_write_bytes", short_write)
     out = tmp_path / "out"
     with pytest.raises(InputError, match=rf"cannot write {out}/vol_map.nii.gz: it is cut short"):
         test_one_example.main(["--image_path", str(volume), "--save_path", str(out), *BASELINE])

@@ -1,4 +1,4 @@
-"""test_one_example.py and medical_io.py: every input format, outputs, and bad input."""
+"""test_one_example.py and scans/files.py: every input format, outputs, and bad input."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ import test_one_example
 import visualization
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
-from medical_io import read_scan
+from scans.files import read_scan
 from tests.helpers import reference_scale, reference_score, tiny_config
 from utils import InputError
 

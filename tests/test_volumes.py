@@ -1,4 +1,4 @@
-"""volume_io.py: NRRD, MetaImage, DICOM series (folder or zip) and multi-frame DICOM are sliced as the
+"""scans/volumes.py: NRRD, MetaImage, DICOM series (folder or zip) and multi-frame DICOM are sliced as the
 NIfTI path slices, and maps are written back on the input's own grid.
 
 References are independent of the code under test: nibabel's own reading of a NIfTI file, the raw
@@ -20,12 +20,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import test_one_example
-from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
-from medical_io import read_scan
+from CLIP.MedVMAD import MedVMAD
+from scans.files import read_scan
+from scans.volumes import is_series_folder, read_input, read_sitk_scan, write_maps
 from tests.helpers import ORIGIN, PIXEL, STEP, tiny_config, write_series
 from utils import InputError
-from volume_io import is_series_folder, read_input, read_sitk_scan, write_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 # A permuted, flipped, shifted affine: stored i -> superior, j -> left, k -> anterior.

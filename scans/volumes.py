@@ -1,14 +1,14 @@
 """Volumes in and out: every scalar volume 3D Slicer opens, read with SimpleITK (NIfTI with nibabel,
-as ``medical_io`` does), sliced as the BMAD converters slice, and maps written back on the input's grid.
+as ``scans.files`` does), sliced as the BMAD converters slice, and maps written back on the input's grid.
 
-Formats: NIfTI (.nii, .nii.gz; read by ``medical_io``), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd),
+Formats: NIfTI (.nii, .nii.gz; read by ``scans.files``), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd),
 a DICOM series (a folder, or a .zip of one: files sorted by position by GDCM, several series told
 apart by SeriesInstanceUID), and multi-frame DICOM files.
 
 Orientation: any volume is described by its voxel array in stored index order [i,j,k] and its RAS
 affine (nibabel's convention; SimpleITK's LPS geometry is converted with diag(-1,-1,1)). The array is
 turned to the closest RAS orientation with nibabel's own ``io_orientation``/``apply_orientation``
-(what ``nibabel.as_closest_canonical`` does), then framed by ``medical_io.frame_volume`` (the rule the
+(what ``nibabel.as_closest_canonical`` does), then framed by ``scans.framing.frame_volume`` (the rule the
 converters use), so a NRRD or DICOM series of the same voxels gives the same slices as the NIfTI path.
 Writing goes the other way: maps are un-framed onto the displayed slices, then put back with the
 inverse orientation, and the written map has the input's size, spacing, origin and direction (NIfTI
@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from medical_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, Framing, Scan, check_file,
-                        check_rescale, check_voxel_count, dicom_window, frame_volume, is_dicom,
-                        list_inputs as list_image_inputs, percentile_window, quiet_pydicom, read_scan, scale_to_unit,
-                        suffix_of, uint8_to_rgb)
+from scans.files import (DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, Scan, check_file, check_rescale,
+                         check_voxel_count, dicom_window, is_dicom, percentile_window, quiet_pydicom, read_scan,
+                         scale_to_unit, suffix_of)
+from scans.files import list_inputs as list_image_inputs
+from scans.framing import Framing, frame_volume, uint8_to_rgb
 from utils import InputError, atomic_write_bytes, atomic_write_image, one_line
 
 if TYPE_CHECKING:
