@@ -32,7 +32,7 @@ from dataset import load_image, preprocess
 from evaluation import calibration
 
 
-# --- from conftest.py
+# --- the tiny model
 
 TINY_SIZE = 64  # 4x4 patches of 16 px: fast, and large enough to hold a lesion
 
@@ -68,7 +68,7 @@ def reference_scale(volume: np.ndarray) -> np.ndarray:
     return np.where(volume > 0, scaled, 0).astype(np.uint8)
 
 
-# --- from test_pipeline.py
+# --- running the scripts: train.py and test.py in process, their flags on the tiny model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def run_train(save_path: Path, root: str, *extra: str) -> dict:
                        "--learning_rate", "1e-3", *TINY, *extra])
 
 
-# --- from test_metrics.py
+# --- slow reference metrics (one pass per threshold, scipy regions)
 
 def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Slow exact AUPRO: one full pass per distinct threshold, regions by scipy label."""
@@ -168,7 +168,7 @@ def brute_force_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float
     return best
 
 
-# --- from test_calibration.py
+# --- reference calibration (scikit-learn's CalibratedClassifierCV)
 
 class ScoreAsDecision(ClassifierMixin, BaseEstimator):
     """A fitted 'classifier' whose decision function is the score itself (column 0), for
@@ -205,7 +205,7 @@ def slow_ece(labels: np.ndarray, probability: np.ndarray) -> float:
                for b in range(10) if np.any(bins == b))
 
 
-# --- from test_calibration_pipeline.py
+# --- calibrated checkpoints
 
 def save_calibrated(path: Path) -> dict:
     """A tiny checkpoint (seed 0) with a calibration entry as train.py stores one: 60 validation
@@ -221,7 +221,7 @@ def save_calibrated(path: Path) -> dict:
     return fitted.to_dict()
 
 
-# --- from test_single_example.py
+# --- a single image scored by hand
 
 @torch.no_grad()
 def reference_score(model: MedVMAD, path: Path) -> tuple[float, np.ndarray]:
@@ -233,7 +233,7 @@ def reference_score(model: MedVMAD, path: Path) -> tuple[float, np.ndarray]:
     return float(output.image_score[0]), heat
 
 
-# --- from test_generate_dataset.py
+# --- raw data writers: NIfTI volumes, BraTS and Liver-CT cases
 
 def save_nifti(path: Path, array: np.ndarray, affine=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def liver_volumes(tmp_path) -> tuple[Path, Path, dict, dict]:
     return tmp_path / "BTCV", tmp_path / "LiTS", btcv, lits
 
 
-# --- from test_volumes.py
+# --- DICOM series writers
 
 PIXEL = (0.8, 0.7)        # DICOM PixelSpacing: row spacing (y), column spacing (x)
 
@@ -333,7 +333,7 @@ def write_series(folder: Path, frames: np.ndarray, skip: tuple[int, ...] = (), s
     return series
 
 
-# --- from test_app.py
+# --- the browser and the page's server
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")
 

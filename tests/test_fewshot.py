@@ -186,7 +186,7 @@ def test_left_out_support_scores_come_from_a_naive_leave_one_image_out_loop(unsm
 def test_forward_with_a_bank_combines_brute_force_distances_by_the_documented_rule(unsmoothed_model):
     """Test map = (1-w) z_text + w z_bank, bank map from brute-force distances to all support patches."""
     model = unsmoothed_model
-    model.config.fewshot_weight = 0.3
+    model.set_fewshot_weight(0.3)
     images = support_images(3)
     model.eval()
     with torch.no_grad():

@@ -498,7 +498,7 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients(name, requ
     blocks = model.backbone.clip.visual.transformer.resblocks if name == "tiny" else model.backbone.trunk.blocks
     results = []
     for checkpointing in (False, True):
-        model.backbone.grad_checkpointing = checkpointing
+        model.set_grad_checkpointing(checkpointing)
         model.zero_grad()
         calls = []
         handle = blocks[-1].register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop early

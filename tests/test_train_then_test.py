@@ -242,7 +242,7 @@ def test_best_checkpoint_is_the_epoch_with_the_best_mean_of_image_and_pixel_auro
     planned = iter([dict(image_auroc=0.9, pixel_auroc=0.4), dict(image_auroc=0.3, pixel_auroc=0.8)])
     run_train(tmp_path / "last", small, "--epoch", "2")
     assert torch.load(tmp_path / "last" / "best.pth", weights_only=True)["epoch"] == 2
-    # (its threshold, F1-max over all selection sources pooled, is pinned in test_faithful.py)
+    # (its threshold, F1-max over all selection sources pooled, is pinned in test_real_weights_and_data.py)
 
 
 def test_dataset_without_masks_trains_with_the_image_loss_only(tmp_path, demo, monkeypatch):
