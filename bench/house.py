@@ -11,7 +11,8 @@ Prints one table for the tree at --root (default: the repository this file lives
 3. upward imports: a module importing one of a strictly higher layer of ``LAYERS``;
 4. the modules a test run's predictions pass through: a tiny ``test.py`` run on the tree under a
    tracer, every project frame holding the run's ``Predictions`` or one of its arrays, in call
-   order; rooms (distinct modules), moves and climbs back (moves into a module already visited).
+   order; rooms (distinct modules), moves and climbs back (moves into a module already visited),
+   and the same by wing (a top-level module or package: ``evaluation.metrics`` is ``evaluation``).
 
 The data and checkpoint of that run are built once in a temporary folder with this repository's
 code (a small demo set, a tiny checkpoint trained one epoch): the same for every tree measured.
@@ -293,6 +294,11 @@ def collapse(modules: list[str]) -> list[str]:
     return [name for number, name in enumerate(modules) if number == 0 or modules[number - 1] != name]
 
 
+def wing_path(path: list[str]) -> list[str]:
+    """A collapsed module path as wings (the top-level module or package of each), collapsed."""
+    return collapse([module.split(".")[0] for module in path])
+
+
 def path_figures(path: list[str]) -> dict[str, int]:
     """Rooms (distinct modules), moves (transitions) and climbs back (moves into a module already
     visited) of a collapsed path."""
@@ -355,6 +361,11 @@ def measure(root: Path, run_test: bool = True) -> list[tuple[str, str]]:
         figures = path_figures(path)
         rows.append(("predictions' path", f"{figures['rooms']} rooms, {figures['moves']} moves, {figures['climbs']} "
                                           f"climbs back: {' -> '.join(path)}"))
+        wings = wing_path(path)
+        figures = path_figures(wings)
+        rows.append(("  by wing (top-level module or package)",
+                     f"{figures['rooms']} wings, {figures['moves']} moves, {figures['climbs']} climbs back: "
+                     f"{' -> '.join(wings)}"))
         rows.append(("  frames (module.function)", " -> ".join(collapse([f"{m}.{f}" for m, f in frames]))))
         rows.append(("  measured in", f"{time.time() - start:.0f} s (demo set, tiny checkpoint, traced test.py)"))
     return rows

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.house import (SCRIPT, UnplacedModule, collapse, import_circles, import_graph, packages, path_figures,
-                         prediction_path, project_modules, top_level_modules, upward_imports)
+                         prediction_path, project_modules, top_level_modules, upward_imports, wing_path)
 
 TOY = {
     "utils.py": "def later():\n    import helper\n    return helper\n",           # lazy, upward (0 -> 1)
@@ -90,6 +90,13 @@ def test_path_figures_of_the_issues_path() -> None:
     path = ["test", "inference", "metrics", "evaluation", "metrics", "evaluation"]
     assert path_figures(path) == {"rooms": 4, "moves": 5, "climbs": 2}
     assert collapse(["a", "a", "b", "a", "a"]) == ["a", "b", "a"]
+
+
+def test_a_path_by_wing_joins_a_package_s_modules() -> None:
+    """Modules of one package are one wing; a return to a wing is still a climb back."""
+    path = ["test", "evaluation.predict", "evaluation.results", "CLIP.MedVMAD", "evaluation.metrics", "test"]
+    assert wing_path(path) == ["test", "evaluation", "CLIP", "evaluation", "test"]
+    assert path_figures(wing_path(path)) == {"rooms": 3, "moves": 4, "climbs": 2}
 
 
 def test_a_failing_test_run_is_an_error(tmp_path) -> None:
