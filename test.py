@@ -25,8 +25,8 @@ import numpy as np
 
 from CLIP.MedVMAD import MedVMAD
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
-from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
-                     support_file_name)
+from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, patient_of, resolve_support,
+                     save_support, support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from evaluation import bootstrap
 from evaluation.calibration import (Calibration, Decision, checkpoint_decision, operating_point,
@@ -149,7 +149,7 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
     if scored is None:
         return None
     scores, labels, paths = scored
-    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [bootstrap.patient_of(p) for p in paths], images),
+    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [patient_of(p) for p in paths], images),
                                point)
     logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point()}")
     return decision

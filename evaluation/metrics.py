@@ -34,7 +34,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -613,11 +613,18 @@ def _with_declared(built_in: dict[str, float], labels: np.ndarray, scores: np.nd
     return out
 
 
-for _metric in (Metric("image_auroc", image_auroc, False, "image AUROC", "auroc"),
-                Metric("image_ap", image_ap, False, "image AP", "ap"),
-                Metric("image_f1_max", f1_max_value, False, None, "f1_max"),
-                Metric("pixel_auroc", pixel_auroc, True, "pixel AUROC", "auroc"),
-                Metric("pixel_ap", pixel_ap, True, None, "ap"),
-                Metric("pixel_aupro", aupro, True, "pixel AUPRO", "aupro"),
-                Metric("pixel_f1_max", f1_max_value, True, None, "f1_max")):
-    declare(_metric)
+def declare_all(metrics: Iterable[Metric]) -> None:
+    """``declare`` each of ``metrics``, in order."""
+    for metric in metrics:
+        declare(metric)
+
+
+# The built-in metrics, in the order of the results tables' columns.
+BUILT_IN_METRICS = (Metric("image_auroc", image_auroc, False, "image AUROC", "auroc"),
+                    Metric("image_ap", image_ap, False, "image AP", "ap"),
+                    Metric("image_f1_max", f1_max_value, False, None, "f1_max"),
+                    Metric("pixel_auroc", pixel_auroc, True, "pixel AUROC", "auroc"),
+                    Metric("pixel_ap", pixel_ap, True, None, "ap"),
+                    Metric("pixel_aupro", aupro, True, "pixel AUPRO", "aupro"),
+                    Metric("pixel_f1_max", f1_max_value, True, None, "f1_max"))
+declare_all(BUILT_IN_METRICS)
