@@ -24,7 +24,7 @@ def score_gap(labels: np.ndarray, scores: np.ndarray) -> float:
 def toy(monkeypatch):
     """``image_gap`` (a table column) and ``pixel_gap`` (results.json only), declared for one test."""
     monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
-    metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=False, title="image gap"))
+    metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=False, title="image gap", paper=5))
     metrics.declare(metrics.Metric("pixel_gap", score_gap, needs_masks=True))
 
 
@@ -34,6 +34,17 @@ def test_the_built_in_declaration() -> None:
     assert tables.table_columns() == [("image_auroc", "image AUROC"), ("image_ap", "image AP"),
                                       ("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO")]
     assert tables.patient_columns() == [("patient_auroc", "patient AUROC"), ("patient_ap", "patient AP")]
+    assert tables.paper_columns() == [("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO"),
+                                      ("image_auroc", "image AUROC"), ("image_ap", "image AP")]
+
+
+def test_a_declaration_is_checked() -> None:
+    """A name without the prefix its kind implies, or a paper column without a title, is refused."""
+    with pytest.raises(ValueError, match="starts with 'pixel_'"):
+        metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=True))
+    with pytest.raises(ValueError, match="needs a title"):
+        metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=False, paper=5))
+    assert "image_gap" not in metrics.METRICS
 
 
 def test_a_declared_metric_reaches_metrics_and_tables(toy) -> None:
@@ -51,6 +62,10 @@ def test_a_declared_metric_reaches_metrics_and_tables(toy) -> None:
     assert ("patient_gap", "patient gap") in tables.patient_columns()
     header, row, _ = tables.csv_rows({"Brain": values})
     assert header[-1] == "image gap" and row[-1] == f"{100 * values['image_gap']:.1f}"
+    assert tables.paper_columns()[-1] == ("image_gap", "image gap")  # paper=5: after the built-ins' 1-4
+    paper = tables.paper_table({"medvmad": values})
+    assert paper["md"].splitlines()[0].rstrip(" |").endswith("| image gap")
+    assert json.loads(paper["json"])["rows"][0]["image_gap"] == values["image_gap"]
 
 
 def test_a_declared_metric_reaches_test_py_results(toy, tmp_path) -> None:
