@@ -42,6 +42,8 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
         if want_pixel and predictions.has_masks and predictions.maps is not None:  # as compute_metrics
             histograms = bootstrap.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
             replicates.update(bootstrap.pixel_replicates(histograms, counts))
+            replicates.update(bootstrap.own_replicates(predictions.masks, predictions.maps, groups, counts,
+                                                       needs_masks=True))
             if args.aupro == "legacy":  # intervals are of the standard AUPRO only
                 del replicates["pixel_aupro"]
         values.update({f"{key}_ci": bootstrap.interval(samples) for key, samples in replicates.items()})
