@@ -34,7 +34,7 @@ from evaluation.calibration import (Calibration, Decision, checkpoint_decision, 
 from evaluation.maps_io import save_maps
 from evaluation.predict import (MAP_DTYPES, Predictions, maps_bytes, memory_bank_from_support, predict,
                                 support_predictions)
-from evaluation.results import RESULT_FILES, RunResults, evaluate_dataset
+from evaluation.results import RESULT_FILES, EvaluationSettings, RunResults, evaluate_dataset
 from generate_dataset.demo import ensure_demo
 from medical_io import framing_mismatch
 from utils import (ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
@@ -208,6 +208,13 @@ def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions:
         atomic_write_bytes(folder / name / file_name, figure_bytes(figure))
 
 
+def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
+    """What evaluation/results.py reads of the command line, and the command line to record."""
+    return EvaluationSettings(split=args.split, aupro=args.aupro, bootstrap=args.bootstrap,
+                              bootstrap_seed=args.bootstrap_seed, map_dtype=args.map_dtype, k_shot=args.k_shot,
+                              checkpoint_path=args.checkpoint_path, arguments=vars(args))
+
+
 def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[str, list[Sample]],
                       image_size: int, keep_maps: bool) -> None:
     """Refuse, before any image is scored, what would fail after it: an output name of a dataset
@@ -294,7 +301,8 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         check_before_work(args, save_path, listed, image_size, keep_maps)
     if args.bootstrap:
         logger.info(f"bootstrap: {args.bootstrap} resamples of patients, seed {args.bootstrap_seed}")
-    run = RunResults(args, checkpoint, started, len(names))
+    settings = evaluation_settings(args)
+    run = RunResults(settings, checkpoint, started, len(names))
     for root, name in zip(roots, names):
         dataset = MedicalDataset(listed[name], image_size, skip_bad=args.skip_bad)
         loader = sharded_loader(dataset, args.batch_size, args.num_workers, where)
@@ -315,8 +323,8 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                                   map_dtype=args.map_dtype, maps_dir=maps_dir, where=where)
             if predictions is None:  # not process 0: its share is scored and sent
                 continue
-            values, patient_values, per_class, described = evaluate_dataset(args, name, root, predictions, want_pixel,
-                                                                            want_image, decision, logger)
+            values, patient_values, per_class, described = evaluate_dataset(settings, name, root, predictions,
+                                                                            want_pixel, want_image, decision, logger)
             if want_pixel and not predictions.has_masks:
                 logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
             run.add(name, predictions, values, patient_values, per_class, described)
