@@ -23,9 +23,12 @@ UndefinedMetricWarning (a RuntimeWarning); NaN or inf scores, and labels and sco
 shapes, raise ValueError.
 
 Every metric of results files and tables is declared once, in ``METRICS`` (``Metric``: name,
-function, whether it needs masks, its table title, its bootstrap curve): ``image_metrics``,
-``pixel_metrics``, ``evaluation.predict.compute_metrics``, the bootstrap intervals, the results
-tables and test.py read that declaration. Add a metric with ``declare(Metric(...))``.
+function, whether it needs masks, its results-table title, its bootstrap histogram curve, its place
+in the paper tables): ``image_metrics``, ``pixel_metrics``, ``evaluation.predict.compute_metrics``,
+the patient level, the bootstrap intervals (every declared metric: by its curve, else by its own
+function on each resample), the results and paper tables, test.py and summarize_results.py read
+that declaration. Add a metric to ``BUILT_IN_METRICS`` at the bottom of this file (or at run time
+with ``declare(Metric(...))``); nothing else changes.
 """
 from __future__ import annotations
 

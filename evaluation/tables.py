@@ -1,6 +1,7 @@
 """Results tables of test.py and summarize_results.py: the metric columns, their cells (x100, one
 decimal, '-' when absent) and the tables as pipe text and CSV; the paper's tables (one row per model
-variant) and the names their rows and figure columns go by."""
+variant) and the names their rows and figure columns go by. Every metric column comes from the
+declaration (evaluation.metrics.METRICS: ``title`` for the results tables, ``paper`` for the paper's)."""
 from __future__ import annotations
 
 import csv
