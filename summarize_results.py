@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset import table_name
-from evaluation.tables import (PAPER_COLUMNS, csv_text, distinct_names, mean_std_cell, paper_table, pipe_table,
+from evaluation.tables import (csv_text, distinct_names, mean_std_cell, paper_columns, paper_table, pipe_table,
                                table_columns, variant_of)
 from utils import (ArgumentParser, InputError, atomic_write_json, atomic_write_text, prepare_output_dir, read_manifest,
                    run_cli, safe_name, undefined_as_nan)
@@ -49,7 +49,7 @@ def check_result(result: object, path: str) -> dict:
     for name, values in datasets.items():
         if not isinstance(values, dict):
             raise InputError(f"{path}: datasets.{name} is a {type(values).__name__}, not an object of metrics")
-        for key in {key for key, _ in table_columns() + PAPER_COLUMNS}:
+        for key in {key for key, _ in table_columns() + paper_columns()}:
             value = values.get(key)
             if value is not None and not (_number(value) and (math.isnan(value) or 0 <= value <= 1)):
                 raise InputError(f"{path}: datasets.{name}.{key} is {value!r}, not a number in [0, 1]")
@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save_path", help="folder for summary.json and summary.csv (--paper: NAME.md/.csv/.json)")
     paper_args = parser.add_argument_group("paper tables (--paper)")
     paper_args.add_argument("--paper", action="store_true",
-                            help="a row per --results file in its order, columns pixel AUROC, pixel AUPRO, image "
-                                 "AUROC, image AP, with the 95%% intervals test.py --bootstrap wrote")
+                            help=f"a row per --results file in its order, columns "
+                                 f"{', '.join(title for _, title in paper_columns())} (the declared metrics' "
+                                 f"paper columns), with the 95%% intervals test.py --bootstrap wrote")
     paper_args.add_argument("--dataset", help="the dataset of each results.json to tabulate "
                                               "(default: its only one)")
     paper_args.add_argument("--names", nargs="+", help="row names (default: each run's checkpoint variant, "

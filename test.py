@@ -25,8 +25,8 @@ import numpy as np
 
 from CLIP.MedVMAD import MedVMAD
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
-from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
-                     support_file_name)
+from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, patient_of, resolve_support,
+                     save_support, support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from evaluation import bootstrap
 from evaluation.calibration import (Calibration, Decision, checkpoint_decision, operating_point,
@@ -34,7 +34,7 @@ from evaluation.calibration import (Calibration, Decision, checkpoint_decision, 
 from evaluation.maps_io import save_maps
 from evaluation.predict import (MAP_DTYPES, Predictions, maps_bytes, memory_bank_from_support, predict,
                                 support_predictions)
-from evaluation.results import RESULT_FILES, RunResults, evaluate_dataset
+from evaluation.results import RESULT_FILES, EvaluationSettings, RunResults, evaluate_dataset
 from generate_dataset.demo import ensure_demo
 from scans.framing import framing_mismatch
 from utils import (ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
@@ -149,7 +149,7 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
     if scored is None:
         return None
     scores, labels, paths = scored
-    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [bootstrap.patient_of(p) for p in paths], images),
+    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [patient_of(p) for p in paths], images),
                                point)
     logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point()}")
     return decision
@@ -206,6 +206,13 @@ def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions:
         figures[CURVE_FILES[1]] = pro_figure(predictions.masks, predictions.maps, f"{name} PRO")
     for file_name, figure in figures.items():
         atomic_write_bytes(folder / name / file_name, figure_bytes(figure))
+
+
+def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
+    """What evaluation/results.py reads of the command line, and the command line to record."""
+    return EvaluationSettings(split=args.split, aupro=args.aupro, bootstrap=args.bootstrap,
+                              bootstrap_seed=args.bootstrap_seed, map_dtype=args.map_dtype, k_shot=args.k_shot,
+                              checkpoint_path=args.checkpoint_path, arguments=vars(args))
 
 
 def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[str, list[Sample]],
@@ -294,7 +301,8 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         check_before_work(args, save_path, listed, image_size, keep_maps)
     if args.bootstrap:
         logger.info(f"bootstrap: {args.bootstrap} resamples of patients, seed {args.bootstrap_seed}")
-    run = RunResults(args, checkpoint, started, len(names))
+    settings = evaluation_settings(args)
+    run = RunResults(settings, checkpoint, started, len(names))
     for root, name in zip(roots, names):
         dataset = MedicalDataset(listed[name], image_size, skip_bad=args.skip_bad)
         loader = sharded_loader(dataset, args.batch_size, args.num_workers, where)
@@ -315,8 +323,8 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                                   map_dtype=args.map_dtype, maps_dir=maps_dir, where=where)
             if predictions is None:  # not process 0: its share is scored and sent
                 continue
-            values, patient_values, per_class, described = evaluate_dataset(args, name, root, predictions, want_pixel,
-                                                                            want_image, decision, logger)
+            values, patient_values, per_class, described = evaluate_dataset(settings, name, root, predictions,
+                                                                            want_pixel, want_image, decision, logger)
             if want_pixel and not predictions.has_masks:
                 logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
             run.add(name, predictions, values, patient_values, per_class, described)

@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
-from evaluation import bootstrap
 from CLIP.MedVMAD import IMAGE_SCORES, PARTS, VARIANTS, MedVMAD, MedVMADConfig
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from evaluation.calibration import Calibration, describe_fit, operating_point, operating_point_flag
@@ -32,7 +31,8 @@ from cli import (MODEL, add_distributed_args, add_fewshot_args, add_model_args, 
                  backbone_config, load_recipes)
 from curves import CSV_NAME, PNG_NAME, draw, epoch_row, log_epoch, read_rows, tensorboard_writer, write_rows
 from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dataset_names, describe, has_masks,
-                     list_samples, organ_name, resolve_support, save_support, split_holdout, support_file_name)
+                     list_samples, organ_name, patient_of, resolve_support, save_support, split_holdout,
+                     support_file_name)
 from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from evaluation.predict import SELECTION_KEYS, compute_metrics, predict, selection_summary
@@ -487,7 +487,7 @@ def evaluate_selection(model: MedVMAD, loaders: dict[str, DataLoader], device: t
             logger.warning(f"{name}: selection images are all of one class; left out of the selection score")
         labels.append(predictions.labels)
         scores.append(predictions.scores)
-        patients += [f"{name}/{bootstrap.patient_of(path)}" for path in predictions.paths]
+        patients += [f"{name}/{patient_of(path)}" for path in predictions.paths]
     if not where.is_main:
         return None
     score, values = selection_summary(per_source)

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader
 
 from CLIP.checkpoint import checkpoint_config, read_checkpoint, refuse_stored_sources
 from cli import add_model_args, add_runtime_args, build_model
-from dataset import MedicalDataset, Sample, list_samples, load_mask, organ_name
-from evaluation.bootstrap import patient_of
+from dataset import MedicalDataset, Sample, list_samples, load_mask, organ_name, patient_of
 from evaluation.predict import predict
 from evaluation.tables import distinct_names, variant_of
 from utils import (ArgumentParser, InputError, atomic_write_bytes, non_negative_int,

@@ -2,7 +2,10 @@
 detection, and per-class metrics of meta.json datasets.
 
 Patients are the case ids of BMAD slice names (``<case>_<slice>.png``, dataset.patient_of); an
-image whose name carries no slice number is its own patient.
+image whose name carries no slice number is its own patient. Every declared metric
+(evaluation.metrics.METRICS) gets an interval from the same draws (``resample_counts``): those with
+a ``curve`` (the built-ins) exactly and fast from per-patient histograms, any other by its own
+function on each replicate's images (``own_replicates``).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -28,9 +31,15 @@ T = TypeVar("T")
 
 
 def interval_metrics(needs_masks: bool) -> dict[str, str]:
-    """Name -> bootstrap curve key of the declared image (pixel with ``needs_masks``) metrics that
-    have intervals (evaluation.metrics.METRICS, ``curve``)."""
+    """Name -> bootstrap curve key of the declared image (pixel with ``needs_masks``) metrics whose
+    intervals come from the shared histograms (evaluation.metrics.METRICS, ``curve``)."""
     return {metric.name: metric.curve for metric in metrics.declared(needs_masks) if metric.curve}
+
+
+def resampled_metrics(needs_masks: bool) -> list[metrics.Metric]:
+    """The declared image (pixel with ``needs_masks``) metrics without a ``curve``: their intervals
+    come from their own function on each replicate's images (``own_replicates``)."""
+    return [metric for metric in metrics.declared(needs_masks) if not metric.curve]
 
 
 def groups_of(paths: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -98,11 +107,39 @@ def note_undefined(logger: logging.Logger, table: str, rows: dict[str, tuple[dic
         logger.info(f"note: {table}: {'; '.join(parts)}; shown as '-' and null in results.json")
 
 
+def replicate_images(groups: np.ndarray, counts: np.ndarray) -> Iterator[np.ndarray]:
+    """Image indices [M] of each replicate in turn: groups [N] (patient of each image), counts
+    [R, G] (draws of each patient); a patient drawn k times gives its images k times."""
+    order = np.argsort(groups, kind="stable")
+    for drawn in counts:
+        yield np.repeat(order, drawn[groups[order]])
+
+
+def own_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, counts: np.ndarray,
+                   needs_masks: bool) -> dict[str, np.ndarray]:
+    """Values [R] of the declared metrics without a curve (``resampled_metrics``), image ones for
+    labels, scores [N] or pixel ones (``needs_masks``) for masks, maps [N,H,W]: each metric's own
+    function on each replicate's images (``replicate_images``; groups [N], counts [R, G]), its
+    undefined-metric warnings silenced (``quietly``). Slow and obvious, and it holds one replicate's
+    copy of the images (or maps) in memory at a time; {} when every such metric has a curve."""
+    declared = resampled_metrics(needs_masks)
+    results = {metric.name: np.empty(len(counts)) for metric in declared}
+    if not declared:
+        return results
+    for replicate, chosen in enumerate(replicate_images(groups, counts)):
+        drawn_labels, drawn_scores = np.asarray(labels[chosen]), np.asarray(scores[chosen])
+        for metric in declared:
+            results[metric.name][replicate] = quietly(metric.function, drawn_labels, drawn_scores)
+    return results
+
+
 def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
                      counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Image AUROC/AP/F1-max [R] of each replicate: labels, scores [N], groups [N] (patient of
-    each image), counts [R, G] (draws of each patient); exact. Per-patient histograms over the
-    distinct scores when they fit in HISTOGRAM_CELLS, else each replicate resampled and scored."""
+    """Every declared image metric [R] of each replicate, in declaration order: labels, scores [N],
+    groups [N] (patient of each image), counts [R, G] (draws of each patient); exact. Metrics with
+    a curve (image AUROC/AP/F1-max) from per-patient histograms over the distinct scores when they
+    fit in HISTOGRAM_CELLS, the others (and all of them when the histograms do not fit) by each
+    replicate resampled and scored by the metrics' own functions."""
     declared = interval_metrics(needs_masks=False)
     values, inverse = np.unique(scores, return_inverse=True)
     n_groups = counts.shape[1]
@@ -110,21 +147,21 @@ def image_replicates(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
         cell = groups * len(values) + inverse.reshape(-1)
         neg, pos = (np.bincount(cell[labels == label], minlength=n_groups * len(values))
                     .reshape(n_groups, -1)[:, ::-1].astype(np.float64) for label in (0, 1))
-        results = {key: [] for key in declared}
+        parts = {key: [] for key in declared}
         for start in range(0, len(counts), REPLICATES_AT_ONCE):
             weights = counts[start:start + REPLICATES_AT_ONCE].astype(np.float64)
             curves = _curve_metrics(weights @ neg, weights @ pos)
             for key, curve in declared.items():
-                results[key].append(curves[curve])
-        return {key: np.concatenate(parts) for key, parts in results.items()}
-    order = np.argsort(groups, kind="stable")
-    results = {key: np.empty(len(counts)) for key in declared}
-    for replicate, drawn in enumerate(counts):
-        chosen = np.repeat(order, drawn[groups[order]])
-        scored = quietly(metrics.image_metrics, labels[chosen], scores[chosen])
-        for key in declared:
-            results[key][replicate] = scored[key]
-    return results
+                parts[key].append(curves[curve])
+        results = {key: np.concatenate(part) for key, part in parts.items()}
+        results.update(own_replicates(labels, scores, groups, counts, needs_masks=False))
+    else:
+        results = {metric.name: np.empty(len(counts)) for metric in metrics.declared(needs_masks=False)}
+        for replicate, chosen in enumerate(replicate_images(groups, counts)):
+            scored = quietly(metrics.image_metrics, labels[chosen], scores[chosen])
+            for key in results:
+                results[key][replicate] = scored[key]
+    return {metric.name: results[metric.name] for metric in metrics.declared(needs_masks=False)}
 
 
 def _curve_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray | None = None,
@@ -203,8 +240,9 @@ def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
 
 def pixel_replicates(histograms: GroupHistograms, counts: np.ndarray,
                      fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
-    """Pixel AUROC/AP/AUPRO/F1-max [R] of each replicate, counts [R, G]: each replicate's
-    histogram is the count-weighted sum of the patients' histograms (no re-sort)."""
+    """The declared pixel metrics with a curve (pixel AUROC/AP/AUPRO/F1-max) [R] of each replicate,
+    counts [R, G]: each replicate's histogram is the count-weighted sum of the patients' histograms
+    (no re-sort). The pixel metrics without a curve: ``own_replicates`` with ``needs_masks``."""
     declared = interval_metrics(needs_masks=True)
     results = {key: [] for key in declared}
     for start in range(0, len(counts), REPLICATES_AT_ONCE):

@@ -23,9 +23,12 @@ UndefinedMetricWarning (a RuntimeWarning); NaN or inf scores, and labels and sco
 shapes, raise ValueError.
 
 Every metric of results files and tables is declared once, in ``METRICS`` (``Metric``: name,
-function, whether it needs masks, its table title, its bootstrap curve): ``image_metrics``,
-``pixel_metrics``, ``evaluation.predict.compute_metrics``, the bootstrap intervals, the results
-tables and test.py read that declaration. Add a metric with ``declare(Metric(...))``.
+function, whether it needs masks, its results-table title, its bootstrap histogram curve, its place
+in the paper tables): ``image_metrics``, ``pixel_metrics``, ``evaluation.predict.compute_metrics``,
+the patient level, the bootstrap intervals (every declared metric: by its curve, else by its own
+function on each resample), the results and paper tables, test.py and summarize_results.py read
+that declaration. Add a metric to ``BUILT_IN_METRICS`` at the bottom of this file (or at run time
+with ``declare(Metric(...))``); nothing else changes.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -573,26 +576,36 @@ def f1_max_value(labels: np.ndarray, scores: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric, declared once for everything downstream (results.json, results.csv, tables,
-    bootstrap intervals).
+    """One metric, declared once for everything downstream (results.json, results.csv, the results
+    and paper tables, bootstrap intervals).
 
     name: its key in results (``image_...`` or ``pixel_...``); function: (labels [N], scores [N])
     -> float, or (masks [N,H,W], maps [N,H,W]) -> float with ``needs_masks``; title: its column in
-    the results tables and results.csv (None: results.json only); curve:
-    its key among the bootstrap's histogram curve metrics ("auroc", "ap", "aupro", "f1_max"), None
-    when it has no interval under --bootstrap."""
+    the results tables and results.csv (None: results.json only); curve: its key among the
+    bootstrap's histogram curve metrics ("auroc", "ap", "aupro", "f1_max"), the fast exact path of
+    the built-ins; a metric without one gets its interval from its own function on each resampled
+    set of patients (slow); paper: its place among the paper tables' columns (ascending, ties in
+    declaration order; the column is headed by ``title``), None to leave it out of them."""
     name: str
     function: Callable[[np.ndarray, np.ndarray], float]
     needs_masks: bool
     title: str | None = None
     curve: str | None = None
+    paper: int | None = None
 
 
-METRICS: dict[str, Metric] = {}  # name -> Metric, in the order of the tables' columns
+METRICS: dict[str, Metric] = {}  # name -> Metric, in the order of the results tables' columns
 
 
 def declare(metric: Metric) -> Metric:
-    """Add (or replace) ``metric`` in METRICS."""
+    """Add (or replace) ``metric`` in METRICS; ValueError for a name without the ``image_``/``pixel_``
+    prefix its ``needs_masks`` implies, or a paper column without a title."""
+    prefix = "pixel_" if metric.needs_masks else "image_"
+    if not metric.name.startswith(prefix):
+        raise ValueError(f"metric {metric.name!r}: a {'pixel' if metric.needs_masks else 'image'} metric's name "
+                         f"starts with {prefix!r}")
+    if metric.paper is not None and not metric.title:
+        raise ValueError(f"metric {metric.name!r}: a paper table column needs a title")
     METRICS[metric.name] = metric
     return metric
 
@@ -613,11 +626,19 @@ def _with_declared(built_in: dict[str, float], labels: np.ndarray, scores: np.nd
     return out
 
 
-for _metric in (Metric("image_auroc", image_auroc, False, "image AUROC", "auroc"),
-                Metric("image_ap", image_ap, False, "image AP", "ap"),
-                Metric("image_f1_max", f1_max_value, False, None, "f1_max"),
-                Metric("pixel_auroc", pixel_auroc, True, "pixel AUROC", "auroc"),
-                Metric("pixel_ap", pixel_ap, True, None, "ap"),
-                Metric("pixel_aupro", aupro, True, "pixel AUPRO", "aupro"),
-                Metric("pixel_f1_max", f1_max_value, True, None, "f1_max")):
-    declare(_metric)
+def declare_all(metrics: Iterable[Metric]) -> None:
+    """``declare`` each of ``metrics``, in order."""
+    for metric in metrics:
+        declare(metric)
+
+
+# The built-in metrics, in the order of the results tables' columns; the paper tables (Tables 1 and
+# 2 of the report) put the pixel metrics first.
+BUILT_IN_METRICS = (Metric("image_auroc", image_auroc, False, "image AUROC", "auroc", paper=3),
+                    Metric("image_ap", image_ap, False, "image AP", "ap", paper=4),
+                    Metric("image_f1_max", f1_max_value, False, None, "f1_max"),
+                    Metric("pixel_auroc", pixel_auroc, True, "pixel AUROC", "auroc", paper=1),
+                    Metric("pixel_ap", pixel_ap, True, None, "ap"),
+                    Metric("pixel_aupro", aupro, True, "pixel AUPRO", "aupro", paper=2),
+                    Metric("pixel_f1_max", f1_max_value, True, None, "f1_max"))
+declare_all(BUILT_IN_METRICS)

@@ -4,10 +4,11 @@ patient level, per-class metrics, calibration and decisions) and the results fil
 scores.csv and the manifest), written together as one unit."""
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,26 +24,45 @@ RESULT_FILES = ("results.json", "results.csv", "results_patient.csv", "results_p
                 "results_calibration.csv", "scores.csv", MANIFEST)
 
 
-def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions: Predictions,
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What the figures and results files depend on beyond the predictions: test.py builds it
+    once from its command line (``evaluation_settings``)."""
+    split: str  # the split evaluated: its meta.json entries give the per-class metrics
+    aupro: str  # "standard" or "legacy": the pixel_aupro reported (intervals are of the standard only)
+    bootstrap: int  # patient resamples of the 95% intervals; 0: no intervals
+    bootstrap_seed: int  # seed of the resamples (``bootstrap.resample_counts``)
+    map_dtype: str  # the precision the maps were stored at, "float64", "float32" or "float16"
+    k_shot: int  # support images of the few-shot memory bank; 0: none (scores are probabilities)
+    checkpoint_path: str | None  # the checkpoint evaluated; None: the zero-training baseline
+    arguments: dict[str, Any] = field(default_factory=dict, compare=False)  # the command line, results.json "args"
+
+
+def evaluate_dataset(settings: EvaluationSettings, name: str, root: str, predictions: Predictions,
                      want_pixel: bool, want_image: bool, decision: Decision | None,
                      logger) -> tuple[dict, dict | None, dict, dict | None]:
-    """Metrics of one dataset (with intervals under --bootstrap), its patient-level figures
-    (None without case ids), its per-class metrics ({} unless meta.json has several classes) and
-    what its ``decision`` gives: Brier, ECE and the four rates at the operating point among the
-    metrics (image and patient level), and their description with the reliability bins (None
-    without image metrics). Ranking metrics are always those of the scores."""
-    values = bootstrap.quietly(compute_metrics, predictions, want_pixel, want_image, args.aupro)
+    """Metrics of one dataset's ``predictions`` (labels, scores [N]; maps, masks [N,H,W] for pixel
+    metrics; with ``<metric>_ci`` intervals when ``settings.bootstrap``), its patient-level figures
+    (None without case ids), its per-class metrics ({} unless meta.json under ``root`` has several
+    classes in ``settings.split``) and what its ``decision`` gives: Brier, ECE and the four rates at
+    the operating point among the metrics (image and patient level), and their description with
+    the reliability bins (None without image metrics). Ranking metrics are always those of the
+    scores. ``want_pixel``/``want_image``: the metric levels asked for."""
+    values = bootstrap.quietly(compute_metrics, predictions, want_pixel, want_image, settings.aupro)
     bootstrap.note_undefined(logger, name, {name: (values, predictions.labels)})
     groups, patients = bootstrap.groups_of(predictions.paths)
-    counts = bootstrap.resample_counts(len(patients), args.bootstrap, args.bootstrap_seed) if args.bootstrap else None
-    if args.bootstrap:
+    counts = (bootstrap.resample_counts(len(patients), settings.bootstrap, settings.bootstrap_seed)
+              if settings.bootstrap else None)
+    if settings.bootstrap:
         replicates = {}
         if want_image:
             replicates.update(bootstrap.image_replicates(predictions.labels, predictions.scores, groups, counts))
         if want_pixel and predictions.has_masks and predictions.maps is not None:  # as compute_metrics
             histograms = bootstrap.group_histograms(predictions.masks, predictions.maps, groups, len(patients))
             replicates.update(bootstrap.pixel_replicates(histograms, counts))
-            if args.aupro == "legacy":  # intervals are of the standard AUPRO only
+            replicates.update(bootstrap.own_replicates(predictions.masks, predictions.maps, groups, counts,
+                                                       needs_masks=True))
+            if settings.aupro == "legacy":  # intervals are of the standard AUPRO only
                 del replicates["pixel_aupro"]
         values.update({f"{key}_ci": bootstrap.interval(samples) for key, samples in replicates.items()})
     patient_values, own = None, np.arange(len(patients))
@@ -52,7 +72,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                           for key, value in bootstrap.quietly(metrics.image_metrics, labels, scores).items()}
         bootstrap.note_undefined(logger, f"{name} patient level", {name: (patient_values, labels)}, "patient")
         patient_values.update(n_patients=len(patients), n_abnormal=int(labels.sum()))
-        if args.bootstrap:
+        if settings.bootstrap:
             replicates = bootstrap.image_replicates(labels, scores, own, counts)
             patient_values.update({f"patient_{key[6:]}_ci": bootstrap.interval(samples)
                                    for key, samples in replicates.items()})
@@ -70,7 +90,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                      "threshold": decision.patient_threshold,
                                      "calibration": decision.calibration(patient=True), "fit": decision.patient,
                                      "reliability": bins}
-    classes = bootstrap.meta_classes(root, args.split)
+    classes = bootstrap.meta_classes(root, settings.split)
     per_class, labelled = {}, {}
     names = [classes.get(path) for path in predictions.paths]
     if len(set(names) - {None}) > 1:
@@ -81,7 +101,7 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
                                  None if predictions.maps is None else predictions.maps[chosen],
                                  None if predictions.masks is None else predictions.masks[chosen],
                                  predictions.has_masks)
-            per_class[class_name] = bootstrap.quietly(compute_metrics, subset, want_pixel, want_image, args.aupro)
+            per_class[class_name] = bootstrap.quietly(compute_metrics, subset, want_pixel, want_image, settings.aupro)
             labelled[class_name] = (per_class[class_name], subset.labels)
         bootstrap.note_undefined(logger, f"{name} per class", labelled)
         logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),
@@ -90,10 +110,13 @@ def evaluate_dataset(args: argparse.Namespace, name: str, root: str, predictions
 
 
 class RunResults:
-    """The figures of the datasets evaluated so far and the results files they make."""
+    """The figures of the datasets evaluated so far and the results files they make: ``settings``
+    of the run, its ``checkpoint`` (as read: config, epoch, threshold; None for the baseline), when
+    it ``started`` (time.time()) and how many datasets it evaluates."""
 
-    def __init__(self, args: argparse.Namespace, checkpoint: dict | None, started: float, n_datasets: int) -> None:
-        self.args, self.checkpoint, self.started, self.n_datasets = args, checkpoint, started, n_datasets
+    def __init__(self, settings: EvaluationSettings, checkpoint: dict | None, started: float,
+                 n_datasets: int) -> None:
+        self.settings, self.checkpoint, self.started, self.n_datasets = settings, checkpoint, started, n_datasets
         self.results: dict[str, dict] = {}
         self.patient_results: dict[str, dict] = {}
         self.calibration: dict[str, dict] = {}  # per dataset: operating point, calibration, reliability bins
@@ -103,6 +126,7 @@ class RunResults:
 
     def add(self, name: str, predictions: Predictions, values: dict, patient_values: dict | None,
             per_class: dict, described: dict | None = None) -> None:
+        """Keep dataset ``name``'s figures (``evaluate_dataset``'s four results) and its scores [N]."""
         values.update(n_images=len(predictions.labels), n_abnormal=int(predictions.labels.sum()))
         if per_class:
             values["classes"] = per_class
@@ -116,13 +140,14 @@ class RunResults:
 
     def write(self, save_path: Path, logger) -> None:
         """Write the results files of the datasets so far as one unit (``write_result_files``)."""
-        args, results, patient_results = self.args, self.results, self.patient_results
+        settings, results, patient_results = self.settings, self.results, self.patient_results
         complete = len(results) == self.n_datasets
         headers = ["dataset"] + [title for _, title in table_columns()]
         rows = format_table(results)
-        aupro_note = "AUPRO: FPR<=0.3, /0.3" if args.aupro == "standard" else "AUPRO: legacy 200-threshold variant"
-        interval_note = (f"; [95% interval over {args.bootstrap} patient resamples, seed {args.bootstrap_seed}]"
-                         if args.bootstrap else "")
+        aupro_note = ("AUPRO: FPR<=0.3, /0.3" if settings.aupro == "standard" else
+                      "AUPRO: legacy 200-threshold variant")
+        interval_note = (f"; [95% interval over {settings.bootstrap} patient resamples, seed {settings.bootstrap_seed}]"
+                         if settings.bootstrap else "")
         if complete:
             logger.info(f"\n{pipe_table(rows, headers)}\n({aupro_note}; values x100{interval_note})")
         files = {"results.csv": csv_text(csv_rows(results))}
@@ -162,19 +187,19 @@ class RunResults:
             "datasets": results,
             "patients": patient_results,
             "complete": complete,  # false: a failure stopped the run before its last dataset
-            "aupro": args.aupro,
-            "map_dtype": args.map_dtype,
-            "bootstrap": {"replicates": args.bootstrap, "seed": args.bootstrap_seed, "unit": "patient",
-                          "interval": "95% percentile"} if args.bootstrap else None,
+            "aupro": settings.aupro,
+            "map_dtype": settings.map_dtype,
+            "bootstrap": {"replicates": settings.bootstrap, "seed": settings.bootstrap_seed, "unit": "patient",
+                          "interval": "95% percentile"} if settings.bootstrap else None,
             "support_files": self.support_sources,
             "calibration": self.calibration,
             # few-shot scores and maps are the memory bank's z values (CLIP/memory_bank.py), on another
             # scale than the checkpoint's threshold, which was chosen on probabilities without a bank
-            "score_scale": "z" if args.k_shot else "probability",
-            "args": vars(args),
+            "score_scale": "z" if settings.k_shot else "probability",
+            "args": settings.arguments,
             "checkpoint": None if checkpoint is None else {
-                "path": os.path.abspath(args.checkpoint_path), "epoch": checkpoint.get("epoch"),
-                "config": checkpoint["config"], "threshold": None if args.k_shot else checkpoint.get("threshold")},
+                "path": os.path.abspath(settings.checkpoint_path), "epoch": checkpoint.get("epoch"),
+                "config": checkpoint["config"], "threshold": None if settings.k_shot else checkpoint.get("threshold")},
             "versions": versions(),
             "seconds": round(time.time() - self.started, 2),
         }

@@ -1,6 +1,7 @@
 """Results tables of test.py and summarize_results.py: the metric columns, their cells (x100, one
 decimal, '-' when absent) and the tables as pipe text and CSV; the paper's tables (one row per model
-variant) and the names their rows and figure columns go by."""
+variant) and the names their rows and figure columns go by. Every metric column comes from the
+declaration (evaluation.metrics.METRICS: ``title`` for the results tables, ``paper`` for the paper's)."""
 from __future__ import annotations
 
 import csv
@@ -20,6 +21,14 @@ def table_columns() -> list[tuple[str, str]]:
     return [(metric.name, metric.title) for metric in metrics.declared() if metric.title]
 
 
+def paper_columns() -> list[tuple[str, str]]:
+    """(key, title) of the paper tables' columns: the declared metrics with a ``paper`` place
+    (evaluation.metrics.METRICS), in that order (built in: pixel AUROC, pixel AUPRO, image AUROC,
+    image AP, the report's Tables 1 and 2)."""
+    placed = [metric for metric in metrics.declared() if metric.paper is not None]
+    return [(metric.name, metric.title) for metric in sorted(placed, key=lambda metric: metric.paper)]
+
+
 def patient_columns() -> list[tuple[str, str]]:
     """(key, title) of the patient-level table: the image columns, ``patient_...``."""
     return [(f"patient_{metric.name[6:]}", f"patient {metric.title[6:]}")
@@ -30,9 +39,6 @@ def patient_columns() -> list[tuple[str, str]]:
 # dataset and one per dataset's patients.
 CALIBRATION_COLUMNS = [("brier", "Brier"), ("ece", "ECE"), ("sensitivity", "sensitivity"),
                        ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV")]
-# The report's column order (Tables 1 and 2): pixel metrics first.
-PAPER_COLUMNS = [("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO"),
-                 ("image_auroc", "image AUROC"), ("image_ap", "image AP")]
 DEFAULT_VARIANT = "medvmad"  # what a checkpoint written before the variant field was trained as
 
 
@@ -104,13 +110,14 @@ def csv_rows(results: dict[str, dict[str, float]], columns: list[tuple[str, str]
     return rows
 
 
-def paper_table(results_by_row: dict[str, dict[str, float]], columns: list[tuple[str, str]] = PAPER_COLUMNS,
+def paper_table(results_by_row: dict[str, dict[str, float]], columns: list[tuple[str, str]] | None = None,
                 first: str = "variant") -> dict[str, str]:
     """One of the paper's tables, a row per model in the given order and ``columns`` in their order
-    (no mean row: the rows are different models), as {"md": pipe table, "csv": CSV text, "json":
-    JSON text}. Cells are x100 with one decimal and the 95% interval as '97.2 [96.8–97.5]' when the
-    results carry ``<metric>_ci``; the JSON keeps the values as measured (in [0, 1]) with their
-    intervals, null where a metric is nan or infinite (strict JSON)."""
+    (``paper_columns()`` unless given; no mean row: the rows are different models), as {"md": pipe
+    table, "csv": CSV text, "json": JSON text}. Cells are x100 with one decimal and the 95% interval
+    as '97.2 [96.8–97.5]' when the results carry ``<metric>_ci``; the JSON keeps the values as
+    measured (in [0, 1]) with their intervals, null where a metric is nan or infinite (strict JSON)."""
+    columns = paper_columns() if columns is None else columns
     headers = [first] + [title for _, title in columns]
     markdown = pipe_table(format_table(results_by_row, columns, mean_row=False), headers)
     rows = [{first: name, **{field: values[field] for key, _ in columns

@@ -21,7 +21,7 @@ import torch
 import test_one_example
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
-from evaluation.bootstrap import patient_of
+from dataset import patient_of
 from generate_dataset import demo
 from scans.framing import Framing, Placement, frame_volume, recorded_framing, training_framing
 from tests.helpers import tiny_config, write_series

@@ -43,3 +43,13 @@ def test_runtime_readers_do_not_import_the_converters() -> None:
     readers = ("dataset", "scans.files", "scans.framing", "scans.volumes")
     assert {name: sorted(graph[name]) for name in readers
             if any(target.startswith("generate_dataset") for target in graph[name])} == {}
+
+
+def test_evaluation_results_take_settings_not_the_command_line():
+    """evaluation/results.py reads explicit settings (EvaluationSettings, built once by test.py), never
+    test.py's argparse namespace."""
+    tree = ast.parse((ROOT / "evaluation" / "results.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "argparse" not in imported
+    assert "args" not in {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
