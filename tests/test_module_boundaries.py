@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from bench.house import import_circles, import_graph, imports, upward_imports
+from bench.house import ROOT, import_circles, import_graph, imports, upward_imports
 
 
 def test_the_graph_sees_imports_and_circles() -> None:
