@@ -35,7 +35,8 @@ from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dat
                      support_file_name)
 from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
-from evaluation.predict import SELECTION_KEYS, compute_metrics, predict, selection_summary
+from evaluation.metrics import compute_metrics
+from evaluation.predict import SELECTION_KEYS, predict, selection_summary
 from loss import LossWeights, medvmad_loss
 from scans.framing import training_framing
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,

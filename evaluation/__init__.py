@@ -1,8 +1,9 @@
 """Everything from predictions to tables.
 
-- ``metrics``: image- and pixel-level metrics (AUROC, AP, AUPRO, F1-max), chunked over large sets;
-- ``predict``: prediction over a dataset (``Predictions``, ``predict``, map storage), ``compute_metrics``,
-  selection scoring and the few-shot memory bank;
+- ``metrics``: image- and pixel-level metrics (AUROC, AP, AUPRO, F1-max), chunked over large sets,
+  their declaration (``METRICS``) and ``compute_metrics`` of a dataset's predictions;
+- ``predict``: prediction over a dataset (``Predictions``, ``predict``, map storage), selection
+  scoring and the few-shot memory bank;
 - ``bootstrap``: bootstrap intervals over patients, patient-level figures, per-class metrics;
 - ``calibration``: probabilities, operating points, Brier/ECE, reliability diagrams;
 - ``maps_io``: saved test maps (``test.py --save_maps``);

@@ -24,7 +24,7 @@ shapes, raise ValueError.
 
 Every metric of results files and tables is declared once, in ``METRICS`` (``Metric``: name,
 function, whether it needs masks, its results-table title, its bootstrap histogram curve, its place
-in the paper tables): ``image_metrics``, ``pixel_metrics``, ``evaluation.predict.compute_metrics``,
+in the paper tables): ``image_metrics``, ``pixel_metrics``, ``compute_metrics``,
 the patient level, the bootstrap intervals (every declared metric: by its curve, else by its own
 function on each resample), the results and paper tables, test.py and summarize_results.py read
 that declaration. Add a metric to ``BUILT_IN_METRICS`` at the bottom of this file (or at run time
@@ -37,7 +37,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -624,6 +624,32 @@ def _with_declared(built_in: dict[str, float], labels: np.ndarray, scores: np.nd
         if metric.name not in out:
             out[metric.name] = float(metric.function(labels, scores))
     return out
+
+
+class Scored(Protocol):
+    """What ``compute_metrics`` reads of a dataset's predictions (``evaluation.predict.Predictions``):
+    labels [N] and scores [N]; maps [N,H,W] (None when not kept) and masks [N,H,W] where
+    ``has_masks``."""
+    labels: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray | None
+    masks: np.ndarray | None
+    has_masks: bool
+
+
+def compute_metrics(predictions: Scored, pixel: bool = True, image: bool = True,
+                    aupro_variant: str = "standard") -> dict[str, float]:
+    """The declared metrics of a dataset's predictions: image ones and, where masks and maps exist,
+    pixel ones (built in: image AUROC/AP/F1-max, pixel AUROC/AP/AUPRO/F1-max, values in [0,1]);
+    ``aupro_variant="legacy"``: ``aupro_legacy`` as pixel_aupro."""
+    results: dict[str, float] = {}
+    if image:
+        results.update(image_metrics(predictions.labels, predictions.scores))
+    if pixel and predictions.has_masks and predictions.maps is not None:
+        results.update(pixel_metrics(predictions.masks, predictions.maps))
+        if aupro_variant == "legacy":
+            results["pixel_aupro"] = aupro_legacy(predictions.masks, predictions.maps)
+    return results
 
 
 def declare_all(metrics: Iterable[Metric]) -> None:

@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from evaluation import metrics
 from CLIP.MedVMAD import MedVMAD
 from dataset import MedicalDataset, Sample, augment_support
 from distributed import SINGLE, Distributed, sharded_loader
@@ -127,20 +126,6 @@ def maps_bytes(n_images: int, image_size: int, map_dtype: str = "float64") -> in
     return n_images * image_size ** 2 * (np.dtype(map_dtype).itemsize + 1)
 
 
-def compute_metrics(predictions: Predictions, pixel: bool = True, image: bool = True,
-                    aupro_variant: str = "standard") -> dict[str, float]:
-    """The declared metrics (evaluation.metrics.METRICS): image ones and, where masks exist, pixel
-    ones (built in: image AUROC/AP/F1-max, pixel AUROC/AP/AUPRO/F1-max, values in [0,1])."""
-    results: dict[str, float] = {}
-    if image:
-        results.update(metrics.image_metrics(predictions.labels, predictions.scores))
-    if pixel and predictions.has_masks and predictions.maps is not None:
-        results.update(metrics.pixel_metrics(predictions.masks, predictions.maps))
-        if aupro_variant == "legacy":
-            results["pixel_aupro"] = metrics.aupro_legacy(predictions.masks, predictions.maps)
-    return results
-
-
 SELECTION_KEYS = ("image_auroc", "pixel_auroc")
 
 
@@ -149,7 +134,7 @@ def selection_summary(per_source: dict[str, dict[str, float]]) -> tuple[float | 
 
     Sources are never pooled: domains score on different scales, and one source without masks
     must not drop the pixel metric of the others. Image AUROC is averaged over the sources, pixel
-    AUROC over the sources with masks (``compute_metrics`` gives pixel metrics only to those); a
+    AUROC over the sources with masks (``metrics.compute_metrics`` gives pixel metrics only to those); a
     metric that is NaN (one class only) is left out. The score is the mean of those two averages (of the one
     present). Returns (score or None when no metric is defined, {"image_auroc": mean,
     "pixel_auroc": mean, "<source>/<metric>": value, ...}).

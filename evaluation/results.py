@@ -14,7 +14,7 @@ import numpy as np
 
 from evaluation import bootstrap, metrics
 from evaluation.calibration import Decision, assess
-from evaluation.predict import Predictions, compute_metrics
+from evaluation.predict import Predictions
 from evaluation.tables import (CALIBRATION_COLUMNS, csv_rows, csv_text, format_table, patient_columns, pipe_table,
                                table_columns)
 from utils import MANIFEST, strict_json, versions, write_result_files
@@ -48,7 +48,7 @@ def evaluate_dataset(settings: EvaluationSettings, name: str, root: str, predict
     the operating point among the metrics (image and patient level), and their description with
     the reliability bins (None without image metrics). Ranking metrics are always those of the
     scores. ``want_pixel``/``want_image``: the metric levels asked for."""
-    values = bootstrap.quietly(compute_metrics, predictions, want_pixel, want_image, settings.aupro)
+    values = bootstrap.quietly(metrics.compute_metrics, predictions, want_pixel, want_image, settings.aupro)
     bootstrap.note_undefined(logger, name, {name: (values, predictions.labels)})
     groups, patients = bootstrap.groups_of(predictions.paths)
     counts = (bootstrap.resample_counts(len(patients), settings.bootstrap, settings.bootstrap_seed)
@@ -101,7 +101,8 @@ def evaluate_dataset(settings: EvaluationSettings, name: str, root: str, predict
                                  None if predictions.maps is None else predictions.maps[chosen],
                                  None if predictions.masks is None else predictions.masks[chosen],
                                  predictions.has_masks)
-            per_class[class_name] = bootstrap.quietly(compute_metrics, subset, want_pixel, want_image, settings.aupro)
+            per_class[class_name] = bootstrap.quietly(metrics.compute_metrics, subset, want_pixel, want_image,
+                                                      settings.aupro)
             labelled[class_name] = (per_class[class_name], subset.labels)
         bootstrap.note_undefined(logger, f"{name} per class", labelled)
         logger.info(f"\n{name} per class\n" + pipe_table(format_table(per_class),

@@ -14,7 +14,8 @@ import summarize_results
 from dataset import patient_of
 from evaluation import bootstrap, metrics, tables
 from evaluation.maps_io import load_maps
-from evaluation.predict import Predictions, compute_metrics
+from evaluation.metrics import compute_metrics
+from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
 from tests.helpers import SIZE, test_script
 
