@@ -8,7 +8,8 @@ Prints one table for the tree at --root (default: the repository this file lives
    (a ``if __name__ == "__main__":`` block) and other library modules (named);
 2. import circles: strongly connected components of more than one module of the import graph
    (every import, lazy ones inside functions too);
-3. upward imports: a module importing one of a strictly higher layer of ``LAYERS``;
+3. cross-module underscored imports (``from M import _x``, ``M._x``), and upward imports: a module
+   importing one of a strictly higher layer of ``LAYERS``;
 4. the modules a test run's predictions pass through: a tiny ``test.py`` run on the tree under a
    tracer, every project frame holding the run's ``Predictions`` or one of its arrays, in call
    order; rooms (distinct modules), moves and climbs back (moves into a module already visited),
@@ -340,7 +341,8 @@ def measure(root: Path, run_test: bool = True) -> list[tuple[str, str]]:
     """The table's rows for the tree at ``root``."""
     root = Path(root).resolve()
     top = top_level_modules(root)
-    graph, _ = import_graph(root)
+    graph, private = import_graph(root)
+    underscored = sorted(f"{name} -> {used}" for name, names in private.items() for used in names)
     circles = import_circles(graph)
     upward = upward_imports(root)
     total = sum(len(names) for names in top.values())
@@ -350,6 +352,7 @@ def measure(root: Path, run_test: bool = True) -> list[tuple[str, str]]:
             ("other library modules", ", ".join(top["library"]) or "none"),
             ("packages", ", ".join(packages(root))),
             ("import circles", f"{len(circles)}" + "".join(f"; {' <-> '.join(circle)}" for circle in circles)),
+            ("cross-module underscored imports", f"{len(underscored)}" + "".join(f"; {u}" for u in underscored)),
             ("upward imports", f"{len(upward)}" + "".join(f"; {importer} -> {imported}"
                                                           for importer, imported in upward))]
     if run_test:
