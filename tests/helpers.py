@@ -73,10 +73,7 @@ def reference_scale(volume: np.ndarray) -> np.ndarray:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-SIZE = 64
-
-
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--n_ctx", "4",
+TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
         "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
 
 

@@ -23,12 +23,11 @@ from tests.helpers import TINY_SIZE, reference_score, test_script
 from generate_dataset.demo import build_demo
 from utils import InputError
 
-SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def biomedclip(biomedclip_name) -> TimmHFBackbone:
-    return build_backbone(BackboneConfig(biomedclip_name, "none", SIZE))
+    return build_backbone(BackboneConfig(biomedclip_name, "none", TINY_SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def test_the_implementation_follows_the_loaded_towers(biomedclip, clip_backbone)
 
 
 def test_timm_taps_are_the_named_layers_and_the_pooled_path_is_open_clips(biomedclip):
-    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         embedding, tapped = biomedclip.encode_image(images, [3, 12])
         # timm's own intermediates: 0-based block indices, patch tokens [B,N,W] after each block
@@ -66,7 +65,7 @@ def test_clip_projection_of_the_class_token_is_the_pooled_embedding(clip_backbon
 
 
 def test_hook_output_continues_the_timm_stream(biomedclip):
-    images = torch.rand(1, 3, SIZE, SIZE)
+    images = torch.rand(1, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():
         zeroed, _ = biomedclip.encode_image(images, [12], lambda layer, x: torch.zeros_like(x))
         plain, _ = biomedclip.encode_image(images, [12])
@@ -130,7 +129,7 @@ def test_learnable_prompts_on_bert_reach_the_text_features(biomedclip, wording, 
     """The seed's prompts (deep tokens over the first context positions, from the 2nd layer) and the
     medical option's (deep tokens in slots of their own before the context, from the 1st)."""
     torch.manual_seed(0)
-    model = MedVMAD(MedVMADConfig(BackboneConfig(biomedclip.config.model_name, "none", SIZE), wording=wording,
+    model = MedVMAD(MedVMADConfig(BackboneConfig(biomedclip.config.model_name, "none", TINY_SIZE), wording=wording,
                                   n_ctx=4, depth=2, t_n_ctx=2), backbone=biomedclip)
     prompts = model.prompts
     assert prompts.context_slice == context and prompts.frame.shape[:2] == (2, 32)
@@ -147,11 +146,11 @@ def test_learnable_prompts_on_bert_reach_the_text_features(biomedclip, wording, 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> str:
     return build_demo(str(tmp_path_factory.mktemp("data")), n_train=4, n_valid=(6, 6), n_test=(4, 4),
-                      image_size=SIZE)
+                      image_size=TINY_SIZE)
 
 
 def test_biomedclip_trains_tests_and_scores_end_to_end(tmp_path, demo, biomedclip_name):
-    common = ["--model_name", biomedclip_name, "--pretrained", "none", "--image_size", str(SIZE),
+    common = ["--model_name", biomedclip_name, "--pretrained", "none", "--image_size", str(TINY_SIZE),
               "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
     prompts = ["--n_ctx", "4", "--depth", "2", "--t_n_ctx", "2"]
     train.main(["--train_data_path", demo, "--save_path", str(tmp_path / "run"), "--epoch", "1", *common, *prompts])
@@ -189,7 +188,7 @@ def test_biomedclip_checkpoint_round_trip(tmp_path, biomedclip):
     save_checkpoint(tmp_path / "model.pth", model)
     loaded, _ = load_model(tmp_path / "model.pth", torch.device("cpu"), model_name=biomedclip.config.model_name)
     assert type(loaded.backbone) is TimmHFBackbone and loaded.config == model.config
-    images = torch.rand(2, 3, SIZE, SIZE)
+    images = torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
     model.eval(), loaded.eval()
     with torch.no_grad():
         expected, got = model(images), loaded(images)
@@ -212,7 +211,7 @@ def test_siglip_style_models_are_refused(tmp_path):
 
 
 def test_config_passed_in_is_not_changed(biomedclip_name):
-    config = MedVMADConfig(BackboneConfig(biomedclip_name, "none", SIZE), n_ctx=4, depth=2, t_n_ctx=2)
+    config = MedVMADConfig(BackboneConfig(biomedclip_name, "none", TINY_SIZE), n_ctx=4, depth=2, t_n_ctx=2)
     model = MedVMAD(config)
     assert config.features_list is None and config.backbone.quick_gelu is None and config.backbone.image_mean is None
     assert model.config.features_list == [3, 6, 9, 12] and model.config.backbone.quick_gelu is False
@@ -223,11 +222,11 @@ def test_register_tokens_are_prefix_tokens(biomedclip_name):
     """A timm trunk with 4 register tokens: 5 tokens before the patches, everywhere."""
     import timm
 
-    backbone = build_backbone(BackboneConfig(biomedclip_name, "none", SIZE))
+    backbone = build_backbone(BackboneConfig(biomedclip_name, "none", TINY_SIZE))
     backbone.clip.visual.trunk = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                                                   img_size=SIZE, reg_tokens=4).eval().requires_grad_(False)
+                                                   img_size=TINY_SIZE, reg_tokens=4).eval().requires_grad_(False)
     assert backbone.num_prefix_tokens == 5
-    images = torch.rand(2, 3, SIZE, SIZE)
+    images = torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():
         _, tapped = backbone.encode_image(images, [6])
         reference = backbone.trunk.forward_intermediates(images, indices=[5], norm=False, output_fmt="NLC",
@@ -237,7 +236,7 @@ def test_register_tokens_are_prefix_tokens(biomedclip_name):
             model = MedVMAD(MedVMADConfig(backbone.config, adapters=adapters, n_ctx=4, depth=2, t_n_ctx=2),
                             backbone=backbone)
             output = model(images)
-            assert output.layer_logits.shape == (2, 4, SIZE, SIZE)
+            assert output.layer_logits.shape == (2, 4, TINY_SIZE, TINY_SIZE)
             assert all(features.shape[1] == 16 for features in output.patch_features)
 
 
@@ -247,7 +246,7 @@ def test_other_bert_poolers_pool_as_open_clip_does(tmp_path, pooler):
 
     name = build(tmp_path / pooler, vision="vit_tiny_patch16_224", text_width=32, text_layers=2, embed_dim=16,
                  context_length=32, pooler=pooler)
-    backbone = build_backbone(BackboneConfig(name, "none", SIZE))
+    backbone = build_backbone(BackboneConfig(name, "none", TINY_SIZE))
     sentences = ["a brain mri image of a healthy brain.", "tumor"]
     with torch.no_grad():
         frame = backbone.text_frame(sentences, 0, 0)
@@ -260,12 +259,12 @@ def test_missing_transformers_is_one_line(monkeypatch, biomedclip_name):
 
     monkeypatch.setattr(open_clip.hf_model, "transformers", None)
     with pytest.raises(InputError, match="pip install transformers"):
-        build_backbone(BackboneConfig(biomedclip_name, "none", SIZE))
+        build_backbone(BackboneConfig(biomedclip_name, "none", TINY_SIZE))
 
 
 def test_quick_gelu_on_is_refused_on_timm_towers(biomedclip_name):
     with pytest.raises(InputError, match="--quick_gelu on"):
-        build_backbone(BackboneConfig(biomedclip_name, "none", SIZE, quick_gelu=True))
+        build_backbone(BackboneConfig(biomedclip_name, "none", TINY_SIZE, quick_gelu=True))
 
 
 def test_a_backbone_other_than_the_config_names_is_refused(biomedclip):

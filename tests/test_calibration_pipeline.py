@@ -25,18 +25,18 @@ from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
-from tests.helpers import (SIZE, TINY, f1_max_threshold, medvmad_logger_kept, run_train, save_calibrated,
+from tests.helpers import (TINY, TINY_SIZE, f1_max_threshold, medvmad_logger_kept, run_train, save_calibrated,
                            sklearn_calibrated, slow_ece, slow_rates, spy_predict, test_script, tiny_config)
 from utils import InputError
 
 EVAL = ["--num_workers", "0", "--device", "cpu", "--batch_size", "4"]
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), *EVAL]
+BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), *EVAL]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> str:
     return build_demo(str(tmp_path_factory.mktemp("data")), n_train=4, n_valid=(10, 10), n_test=(6, 6),
-                      image_size=SIZE)
+                      image_size=TINY_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
     model, support = seen[-1]
     normal = model.memory_bank.left_out_scores(model.config.fewshot_weight).numpy()
     with torch.no_grad():
-        abnormal = model(torch.stack([preprocess(load_image(s.image_path), SIZE) for s in support
+        abnormal = model(torch.stack([preprocess(load_image(s.image_path), TINY_SIZE) for s in support
                                       if s.label == 1])).image_score.double().numpy()
     scores = np.r_[normal, abnormal]
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(abnormal), int)]

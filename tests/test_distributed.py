@@ -23,12 +23,12 @@ from CLIP.checkpoint import load_model
 from distributed import SINGLE, Distributed, GlobalBatchSampler, ShardedBatches, launched_world
 from generate_dataset.demo import build_demo
 from evaluation.maps_io import load_maps
+from tests.helpers import TINY_SIZE
 from utils import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-SIZE = 64
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--n_ctx", "4", "--depth", "2",
+TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4", "--depth", "2",
         "--t_n_ctx", "2", "--num_workers", "0", "--device", "cpu"]
 EPOCHS = 3
 
@@ -46,7 +46,7 @@ def data(tmp_path_factory) -> dict[str, str]:
     """The demo Brain set, and a copy whose abnormal images have no masks: trained together, the two
     processes' batches hold different numbers of masked images."""
     root = tmp_path_factory.mktemp("ddp_data")
-    brain = build_demo(str(root), n_train=4, n_valid=(8, 8), n_test=(6, 6), image_size=SIZE)
+    brain = build_demo(str(root), n_train=4, n_valid=(8, 8), n_test=(6, 6), image_size=TINY_SIZE)
     unmasked = root / "Unmasked"
     shutil.copytree(brain, unmasked)
     for split in ("valid", "test"):
@@ -263,7 +263,7 @@ def test_a_set_smaller_than_a_batch_with_unused_weights_recomputed_blocks_and_bf
     loss is divided by the global count). mvfa (weights without gradient: DDP must look for them)
     with recomputed blocks: the weights equal one process's to 1e-5. Under bf16 autocast the two
     processes train too, to a loss within bf16 rounding of fp32's."""
-    small = build_demo(str(tmp_path / "small"), n_train=1, n_valid=(3, 2), n_test=(1, 1), image_size=SIZE)
+    small = build_demo(str(tmp_path / "small"), n_train=1, n_valid=(3, 2), n_test=(1, 1), image_size=TINY_SIZE)
     args = ["--train_data_path", small, "--valid_data_path", data["brain"], "--holdout_fraction", "0", "--epoch", "2",
             "--batch_size", "8", "--variant", "mvfa", "--grad_checkpointing", "--learning_rate", "1e-3", *TINY]
     for name, extra in (("two", []), ("two_bf16", ["--precision", "bf16"])):

@@ -14,17 +14,17 @@ from sklearn.metrics import roc_auc_score
 from evaluation import metrics
 from evaluation.maps_io import load_maps
 from utils import InputError
-from tests.helpers import SIZE, test_script
+from tests.helpers import TINY_SIZE, test_script
 from generate_dataset.demo import build_demo
 
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--batch_size", "4",
+BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--batch_size", "4",
             "--num_workers", "0", "--device", "cpu", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> str:
     return build_demo(str(tmp_path_factory.mktemp("data")), n_train=2, n_valid=(2, 2), n_test=(5, 5),
-                      image_size=SIZE)
+                      image_size=TINY_SIZE)
 
 
 def run(demo: str, out, *extra: str) -> dict:
@@ -36,7 +36,7 @@ def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_
     name, values = next(iter(summary["datasets"].items()))
     saved = load_maps(tmp_path / "a" / "maps", name)
     assert saved.maps.dtype == np.float64 and isinstance(saved.maps, np.memmap)  # the default --map_dtype
-    assert saved.maps.shape == saved.masks.shape == (10, SIZE, SIZE)
+    assert saved.maps.shape == saved.masks.shape == (10, TINY_SIZE, TINY_SIZE)
     assert len(saved.paths) == 10 and all(os.path.isfile(p) for p in saved.paths)
     assert values["pixel_auroc"] == pytest.approx(roc_auc_score(saved.masks.ravel(), saved.maps.ravel()), abs=1e-9)
     assert values["image_auroc"] == pytest.approx(roc_auc_score(saved.labels, saved.scores), abs=1e-6)

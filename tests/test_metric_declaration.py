@@ -17,7 +17,7 @@ from evaluation.maps_io import load_maps
 from evaluation.metrics import compute_metrics
 from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
-from tests.helpers import SIZE, test_script
+from tests.helpers import TINY_SIZE, test_script
 
 
 def score_gap(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -119,11 +119,11 @@ def test_image_replicates_of_a_declared_metric_agree_on_both_paths(toy, monkeypa
 
 
 def test_a_declared_metric_reaches_test_py_results(toy, tmp_path) -> None:
-    demo = build_demo(str(tmp_path / "data"), n_train=4, n_valid=(4, 4), n_test=(6, 6), image_size=SIZE)
+    demo = build_demo(str(tmp_path / "data"), n_train=4, n_valid=(4, 4), n_test=(6, 6), image_size=TINY_SIZE)
     out = tmp_path / "results"
     replicates, seed = 20, 7
     summary = test_script.main(["--data_path", demo, "--model_name", "tiny", "--pretrained", "none",
-                                "--image_size", str(SIZE), "--save_path", str(out), "--num_workers", "0",
+                                "--image_size", str(TINY_SIZE), "--save_path", str(out), "--num_workers", "0",
                                 "--device", "cpu", "--bootstrap", str(replicates), "--bootstrap_seed", str(seed),
                                 "--save_maps"])
     written = json.loads((out / "results.json").read_text())

@@ -18,13 +18,13 @@ from CLIP.checkpoint import load_model
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
 from utils import InputError
-from tests.helpers import SIZE, TINY, f1_max_threshold, run_train, spy_predict, test_script
+from tests.helpers import TINY, TINY_SIZE, f1_max_threshold, run_train, spy_predict, test_script
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> str:
     return build_demo(str(tmp_path_factory.mktemp("data")), n_train=4, n_valid=(8, 8), n_test=(6, 6),
-                      image_size=SIZE)
+                      image_size=TINY_SIZE)
 
 
 def masks_from_disk(paths: list[str]) -> np.ndarray:
@@ -33,7 +33,7 @@ def masks_from_disk(paths: list[str]) -> np.ndarray:
     for path in map(Path, paths):
         mask_path = path.parent.parent / "anomaly_mask" / path.name
         masks.append(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 0 if path.parts[-3] == "Ungood"
-                     else np.zeros((SIZE, SIZE), bool))
+                     else np.zeros((TINY_SIZE, TINY_SIZE), bool))
     return np.stack(masks)
 
 
@@ -72,7 +72,7 @@ def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_j
         assert (tmp_path / "run" / name).is_file(), name
     best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
     assert best["config"]["backbone"]["model_name"] == "tiny" and "optimizer" not in best
-    assert best["framing"] == {"axis": 2, "window": None, "white_level": 0.65, "min_area": 0.75, "size": SIZE,
+    assert best["framing"] == {"axis": 2, "window": None, "white_level": 0.65, "min_area": 0.75, "size": TINY_SIZE,
                                "margin": 0.06, "slice_range": None, "skip_empty": False,
                                "masked": None}  # the demo's, from its demo.json: volumes are framed alike
     assert len(selection) == 2  # one selection pass per epoch, on held-out valid images only
@@ -105,7 +105,7 @@ def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_j
     assert predictions.paths == [r["path"] for r in rows]
     model, _ = load_model(tmp_path / "run" / "best.pth", torch.device("cpu"))
     with torch.no_grad():  # each image scored alone, straight from its file: maps keep their orientation
-        direct = model.eval()(torch.stack([preprocess(load_image(path), SIZE) for path in predictions.paths]))
+        direct = model.eval()(torch.stack([preprocess(load_image(path), TINY_SIZE) for path in predictions.paths]))
     np.testing.assert_allclose(predictions.maps.astype(np.float32), direct.anomaly_map.numpy(), atol=1e-3)
     np.testing.assert_allclose(scores, direct.image_score.numpy(), atol=1e-5)
     masks, maps = masks_from_disk(predictions.paths), predictions.maps.astype(np.float32)
@@ -174,7 +174,7 @@ def test_training_never_reads_the_test_split(tmp_path, demo):
 def test_zero_training_baseline_and_bad_inputs(tmp_path, demo):
     """The baseline runs without a checkpoint; missing data, a foreign backbone or a non-checkpoint are errors."""
     summary = test_script.main(["--data_path", demo, "--model_name", "tiny", "--pretrained", "none",
-                                "--image_size", str(SIZE), "--save_path", str(tmp_path / "base"),
+                                "--image_size", str(TINY_SIZE), "--save_path", str(tmp_path / "base"),
                                 "--num_workers", "0", "--device", "cpu", "--metrics", "image-level"])
     assert summary["checkpoint"] is None and "pixel_auroc" not in summary["datasets"]["Brain"]
     with pytest.raises(InputError, match="missing"):
@@ -230,7 +230,7 @@ def test_fewshot_train_and_test_share_the_support_set(tmp_path, demo, monkeypatc
 
 def test_best_checkpoint_is_the_epoch_with_the_best_mean_of_image_and_pixel_auroc(tmp_path, monkeypatch):
     """Selection keeps the best mean(image AUROC, pixel AUROC) epoch, not the last, the max or one metric."""
-    small = build_demo(str(tmp_path / "data"), n_train=1, n_valid=(3, 3), n_test=(1, 1), image_size=SIZE)
+    small = build_demo(str(tmp_path / "data"), n_train=1, n_valid=(3, 3), n_test=(1, 1), image_size=TINY_SIZE)
     planned = iter([dict(image_auroc=0.9, pixel_auroc=0.4),   # mean 0.65, max 0.9
                     dict(image_auroc=0.7, pixel_auroc=0.7),   # mean 0.70: best
                     dict(image_auroc=0.3, pixel_auroc=0.8)])  # mean 0.55, last
@@ -271,7 +271,7 @@ def test_test_split_without_masks_gets_image_metrics_only(tmp_path, demo):
     shutil.copytree(demo, copy)
     shutil.rmtree(copy / "test" / "Ungood" / "anomaly_mask")
     summary = test_script.main(["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none",
-                                "--image_size", str(SIZE), "--save_path", str(tmp_path / "res"),
+                                "--image_size", str(TINY_SIZE), "--save_path", str(tmp_path / "res"),
                                 "--num_workers", "0", "--device", "cpu"])
     values = summary["datasets"]["Brain"]
     rows = list(csv.DictReader((tmp_path / "res" / "scores.csv").open()))
@@ -293,7 +293,7 @@ def test_skip_bad_scores_the_readable_images_and_says_so(tmp_path, demo, capsys)
     shutil.copytree(demo, copy)
     broken = sorted((copy / "test" / "good" / "img").glob("*.png"))[0]
     broken.write_bytes(b"not a png")
-    flags = ["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE),
+    flags = ["--data_path", str(copy), "--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE),
              "--save_path", str(tmp_path / "res"), "--num_workers", "0", "--device", "cpu", "--metrics", "image-level"]
     with pytest.raises(InputError, match=broken.name):
         test_script.main(flags)
@@ -304,7 +304,7 @@ def test_skip_bad_scores_the_readable_images_and_says_so(tmp_path, demo, capsys)
 
 def test_valid_data_path_selects_on_another_dataset_and_trains_on_all(tmp_path, demo):
     """--valid_data_path selects on that dataset's valid split and trains on all training images."""
-    other = build_demo(str(tmp_path / "other"), n_train=2, n_valid=(3, 3), n_test=(2, 2), image_size=SIZE,
+    other = build_demo(str(tmp_path / "other"), n_train=2, n_valid=(3, 3), n_test=(2, 2), image_size=TINY_SIZE,
                        view="coronal")
     run_train(tmp_path / "run", demo, "--epoch", "1", "--valid_data_path", other)
     log = (tmp_path / "run" / "train_log.txt").read_text()

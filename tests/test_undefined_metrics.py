@@ -18,11 +18,10 @@ from sklearn.metrics import roc_auc_score
 from evaluation import bootstrap
 import summarize_results
 from generate_dataset.demo import build_demo
-from tests.helpers import test_script
+from tests.helpers import TINY_SIZE, test_script
 from utils import atomic_write_json, strict_json, write_result_files
 
-SIZE = 64
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--num_workers", "0",
+BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--num_workers", "0",
             "--device", "cpu", "--batch_size", "8"]
 
 
@@ -41,7 +40,7 @@ def undefined_run(tmp_path_factory) -> dict:
     images only, so image metrics are undefined (pixel ones are not: lesion images have normal
     pixels). Warnings raised during the run are kept."""
     root = tmp_path_factory.mktemp("undefined")
-    built = Path(build_demo(str(root / "data"), n_train=1, n_valid=(1, 1), n_test=(4, 4), image_size=SIZE))
+    built = Path(build_demo(str(root / "data"), n_train=1, n_valid=(1, 1), n_test=(4, 4), image_size=TINY_SIZE))
     shared, lesions = root / "Shared", root / "Lesions"
     shutil.copytree(built, shared)
     shutil.copytree(built, lesions)

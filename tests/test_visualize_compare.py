@@ -14,10 +14,10 @@ import visualize_compare
 from CLIP.checkpoint import load_model
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
+from tests.helpers import TINY_SIZE
 from utils import InputError
 
-SIZE = 64
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE), "--n_ctx", "4",
+TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
         "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
 
 
@@ -25,7 +25,7 @@ TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(SIZE
 def runs(tmp_path_factory) -> tuple[str, list[str]]:
     """The demo root and two checkpoints (different seeds) trained 1 epoch."""
     root = build_demo(str(tmp_path_factory.mktemp("data")), n_train=2, n_valid=(4, 4), n_test=(4, 4),
-                      image_size=SIZE)
+                      image_size=TINY_SIZE)
     folder = tmp_path_factory.mktemp("runs")
     paths = []
     for name, seed in (("first", "1"), ("second", "2")):
@@ -66,7 +66,7 @@ def test_layout_titles_and_one_shared_heat_scale(tmp_path, runs, monkeypatch, ca
     assert (vmin, vmax) == pytest.approx((drawn.min(), drawn.max()))
     assert heat[-1].colorbar.ax is colorbar and colorbar.get_ylim() == pytest.approx((vmin, vmax))
     # first column the image (RGB), last the mask; abnormal rows first, labelled
-    assert panels[0].images[0].get_array().shape == (SIZE, SIZE, 3)
+    assert panels[0].images[0].get_array().shape == (TINY_SIZE, TINY_SIZE, 3)
     assert panels[columns - 1].images[0].get_array().any()  # the largest lesion
     assert [panels[r * columns].get_ylabel().split("\n")[1] for r in range(rows)] == ["abnormal", "abnormal", "normal"]
 
@@ -85,7 +85,7 @@ def test_chosen_images_in_order_with_given_names(tmp_path, runs, monkeypatch):
     assert not panels[3].images[0].get_array().any() and panels[7].images[0].get_array().any()
     # each heat panel is its own model's map of its own row's image, as drawn (not transposed)
     by_path = {s.image_path: s for s in samples}
-    items = [MedicalDataset([by_path[path] for path in chosen], SIZE)[i] for i in range(2)]
+    items = [MedicalDataset([by_path[path] for path in chosen], TINY_SIZE)[i] for i in range(2)]
     for column, checkpoint in ((1, checkpoints[1]), (2, checkpoints[0])):
         model = load_model(checkpoint, torch.device("cpu"))[0].eval()
         with torch.no_grad():
