@@ -21,7 +21,7 @@ import train
 from CLIP.MedVMAD import MedVMAD
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model, save_checkpoint
-from tests.helpers import TINY_SIZE, test_script, tiny_config
+from tests.helpers import TINY, TINY_SIZE, test_script, tiny_config
 from dataset import MedicalDataset, list_samples, load_image, read_support
 from generate_dataset import brats2021, demo, folder, liverct
 from generate_dataset.demo import build_demo
@@ -32,8 +32,6 @@ from utils import (InputError, atomic_write_text, locked_folder, read_manifest, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
-        "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 
 

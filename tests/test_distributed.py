@@ -23,13 +23,12 @@ from CLIP.checkpoint import load_model
 from distributed import SINGLE, Distributed, GlobalBatchSampler, ShardedBatches, launched_world
 from generate_dataset.demo import build_demo
 from evaluation.maps_io import load_maps
-from tests.helpers import TINY_SIZE
+from tests.helpers import TINY, TINY_SIZE
 from utils import InputError
 
 REPO = Path(__file__).resolve().parent.parent
+# each run gives its global batch after helpers' TINY (which says --batch_size 4): argparse keeps the last
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4", "--depth", "2",
-        "--t_n_ctx", "2", "--num_workers", "0", "--device", "cpu"]
 EPOCHS = 3
 
 
@@ -56,7 +55,7 @@ def data(tmp_path_factory) -> dict[str, str]:
 
 def train_args(data: dict[str, str], save_path: Path, *extra: str) -> list[str]:
     return ["--train_data_path", data["brain"], data["unmasked"], "--save_path", str(save_path),
-            "--epoch", str(EPOCHS), "--batch_size", "4", "--learning_rate", "1e-3", *TINY, *extra]
+            "--epoch", str(EPOCHS), "--learning_rate", "1e-3", *TINY, "--batch_size", "4", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +208,8 @@ def test_a_failing_rank_stops_the_run_with_one_line(data, tmp_path):
     bad = corrupt_copy(data, tmp_path)
     started = time.time()
     failed = run(TORCHRUN + ["train.py", "--train_data_path", str(tmp_path / "Corrupt"), "--valid_data_path",
-                             data["brain"], "--save_path", str(tmp_path / "run"), "--epoch", "2", "--batch_size", "4",
-                             "--dist_timeout", "120", *TINY], timeout=200)
+                             data["brain"], "--save_path", str(tmp_path / "run"), "--epoch", "2",
+                             "--dist_timeout", "120", *TINY, "--batch_size", "4"], timeout=200)
     assert failed.returncode != 0 and time.time() - started < 100
     lines = error_lines(failed.stderr)
     naming = [line for line in lines if str(bad) in line]
@@ -236,8 +235,8 @@ def test_without_the_launcher_the_survivor_stops_instead_of_hanging(data, tmp_pa
     corrupt_copy(data, tmp_path)
     port = free_port()
     command = [sys.executable, "train.py", "--train_data_path", str(tmp_path / "Corrupt"), "--valid_data_path",
-               data["brain"], "--save_path", str(tmp_path / "run"), "--epoch", "2", "--batch_size", "4",
-               "--dist_timeout", "30", *TINY]
+               data["brain"], "--save_path", str(tmp_path / "run"), "--epoch", "2",
+               "--dist_timeout", "30", *TINY, "--batch_size", "4"]
     processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env={**environment(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                        "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -252,7 +251,7 @@ def test_without_the_launcher_the_survivor_stops_instead_of_hanging(data, tmp_pa
 def test_a_global_batch_that_does_not_divide_over_the_processes_is_refused(data, tmp_path):
     """Checked first, before any collective: process 0 of 2 refuses --batch_size 3 with one line."""
     args = train.parse_args(["--train_data_path", data["brain"], "--save_path", str(tmp_path / "run"),
-                             "--batch_size", "3", *TINY])
+                             *TINY, "--batch_size", "3"])
     with pytest.raises(InputError, match="^--batch_size 3 is the global batch: it must divide evenly over the 2 "
                                          "processes$"):
         train.train(args, [], torch.device("cpu"), Distributed(0, 2))
@@ -265,7 +264,7 @@ def test_a_set_smaller_than_a_batch_with_unused_weights_recomputed_blocks_and_bf
     processes train too, to a loss within bf16 rounding of fp32's."""
     small = build_demo(str(tmp_path / "small"), n_train=1, n_valid=(3, 2), n_test=(1, 1), image_size=TINY_SIZE)
     args = ["--train_data_path", small, "--valid_data_path", data["brain"], "--holdout_fraction", "0", "--epoch", "2",
-            "--batch_size", "8", "--variant", "mvfa", "--grad_checkpointing", "--learning_rate", "1e-3", *TINY]
+            "--variant", "mvfa", "--grad_checkpointing", "--learning_rate", "1e-3", *TINY, "--batch_size", "8"]
     for name, extra in (("two", []), ("two_bf16", ["--precision", "bf16"])):
         done = run(TORCHRUN + ["train.py", *args, *extra, "--save_path", str(tmp_path / name)])
         assert done.returncode == 0, done.stderr[-3000:]

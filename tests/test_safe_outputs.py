@@ -32,12 +32,13 @@ from evaluation import maps_io, tables
 from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
 from scans.files import read_scan
-from tests.helpers import TINY_SIZE, test_script
+from tests.helpers import TINY, TINY_SIZE, test_script
 from utils import InputError, read_manifest, run_cli, write_result_files
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
-        "--depth", "2", "--t_n_ctx", "2", "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+# helpers' TINY at batch 8, as these runs were written (its own is 4): fewer steps for the many
+# kill-and-resume trainings here
+TINY_BATCH_8 = [*TINY, "--batch_size", "8"]
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 EVAL = [*BASELINE, "--num_workers", "0", "--batch_size", "4"]
 
@@ -239,7 +240,8 @@ def reference_run(tmp_path_factory, data) -> Path:
     state = (list(logger.handlers), logger.propagate, logger.level)  # set up before conftest's per-test restore
     with pytest.MonkeyPatch.context() as monkeypatch:
         names = fail_at_write(monkeypatch, -1, "none")
-        assert train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY])["best"]["epoch"] == 2
+        result = train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY_BATCH_8])
+        assert result["best"]["epoch"] == 2
     for handler in set(logger.handlers) - set(state[0]):
         handler.close()
     logger.handlers[:], logger.propagate = state[0], state[1]
@@ -273,7 +275,7 @@ def test_training_stopped_at_any_write_resumes_to_the_uninterrupted_run(tmp_path
     the run ends as the uninterrupted one, and best.pth and the records agree (issue: best epoch 2
     reported while best.pth held epoch 1)."""
     run = tmp_path / "run"
-    argv = ["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY]
+    argv = ["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY_BATCH_8]
     fail_at_write(monkeypatch, index, kind)
     if kind == "kill":
         with pytest.raises(Killed):
@@ -300,7 +302,7 @@ def test_resume_puts_back_the_best_pth_its_records_name(tmp_path, data, referenc
     shutil.copytree(reference_run, run)
     (run / "epoch_2.pth").unlink()
     result = train.main(["--train_data_path", data, "--save_path", str(run), "--k_shot", "2", "--epoch", "1",
-                         *TINY, "--resume"])
+                         *TINY_BATCH_8, "--resume"])
     assert result["best"]["epoch"] == 1
     best = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
     assert best["epoch"] == 1 and "optimizer" not in best
@@ -318,7 +320,7 @@ def test_resume_with_a_damaged_metrics_csv_rebuilds_it(tmp_path, data, reference
     shutil.copytree(reference_run, run)
     (run / "epoch_2.pth").unlink()
     (run / "metrics.csv").write_text(damage((reference_run / "metrics.csv").read_text()))
-    train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY, "--resume"])
+    train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY_BATCH_8, "--resume"])
     assert_same_run(run, reference_run)
 
 
@@ -328,7 +330,7 @@ def test_resume_passes_over_a_half_written_checkpoint(tmp_path, data, reference_
     shutil.copytree(reference_run, run)
     whole = (run / "epoch_2.pth").read_bytes()
     (run / "epoch_2.pth").write_bytes(whole[:len(whole) // 2])
-    train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY, "--resume"])
+    train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY_BATCH_8, "--resume"])
     assert_same_run(run, reference_run)
     assert "passed over" in (run / "train_log.txt").read_text()
 
@@ -513,7 +515,7 @@ def test_flags_out_of_range_are_one_clear_line_before_any_work(tmp_path, data, f
         test_script.main(["--data_path", data, "--save_path", str(out), *EVAL, flag, *values])
     if flag not in ("--bootstrap", "--bootstrap_seed"):
         with pytest.raises(InputError, match=fragment):
-            train.main(["--train_data_path", data, "--save_path", str(out), *TINY, flag, *values])
+            train.main(["--train_data_path", data, "--save_path", str(out), *TINY_BATCH_8, flag, *values])
     assert not list(tmp_path.rglob("escaped*")) and not list(tmp_path.rglob("*.json"))
 
 
@@ -702,7 +704,7 @@ def test_training_output_names_taken_are_refused_before_the_work(tmp_path, data,
     (run / name).mkdir() if kind == "dir" else (run / name).write_text("x")
     with pytest.raises(InputError, match=f"--save_path {run}: {name} is taken by a "
                                          f"{'folder' if kind == 'dir' else 'file'}"):
-        train.main(["--train_data_path", data, "--save_path", str(run), "--epoch", "1", *TINY, *extra])
+        train.main(["--train_data_path", data, "--save_path", str(run), "--epoch", "1", *TINY_BATCH_8, *extra])
     assert not (run / "args.json").is_file() and not any(path.is_file() for path in run.glob("*.pth"))
 
 

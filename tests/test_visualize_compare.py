@@ -14,11 +14,8 @@ import visualize_compare
 from CLIP.checkpoint import load_model
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
-from tests.helpers import TINY_SIZE
+from tests.helpers import TINY, TINY_SIZE
 from utils import InputError
-
-TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
-        "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
