@@ -21,15 +21,13 @@ import train
 from CLIP.MedVMAD import MedVMAD
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model, save_checkpoint
-from tests.helpers import TINY, TINY_SIZE, test_script, tiny_config
+from tests.helpers import ROOT, TINY, TINY_SIZE, test_script, tiny_config
 from dataset import MedicalDataset, list_samples, load_image, read_support
 from generate_dataset import brats2021, demo, folder, liverct
 from generate_dataset.demo import build_demo
 from scans.files import read_scan
 from utils import (InputError, atomic_write_text, locked_folder, read_manifest, run_cli,
                    write_result_files)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]

@@ -13,8 +13,8 @@ import pytest
 
 import reuse_run
 from generate_dataset.demo import build_demo
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"MODEL_NAME": "tiny", "PRETRAINED": "none", "IMAGE_SIZE": "64", "EPOCH": "1", "BATCH_SIZE": "8",
         "DEVICE": "cpu", "EXTRA": "--num_workers 0 --n_ctx 4 --depth 2 --t_n_ctx 2"}
 

@@ -28,11 +28,9 @@ from cli import build_model
 from dataset import MedicalDataset, Sample, list_samples, split_holdout
 from generate_dataset.demo import build_demo
 from evaluation.predict import predict, selection_summary
-from tests.helpers import TINY_SIZE, tiny_config
+from tests.helpers import ROOT, TINY_SIZE, tiny_config
 from utils import InputError
 from visualization import to_display
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_state(seed: int = 1) -> dict[str, torch.Tensor]:

@@ -17,12 +17,11 @@ import torch
 from evaluation import metrics
 import train
 from CLIP.MedVMAD import MedVMAD, upgrade_config
-from tests.helpers import TINY_SIZE, tiny_config
+from tests.helpers import ROOT, TINY_SIZE, tiny_config
 from dataset import MedicalDataset, Sample
 from loss import medvmad_loss
 from prompt_ensemble import ensemble_text_features, ensemble_texts
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- recipes
 

@@ -31,10 +31,9 @@ from CLIP.checkpoint import load_model, save_checkpoint
 from CLIP.factory import build_backbone, reads_weights_file
 from CLIP.torchscript_weights import ArchiveError, read_torchscript_state_dict
 from generate_dataset.demo import build_demo
-from tests.helpers import TINY, TINY_SIZE, tiny_config
+from tests.helpers import ROOT, TINY, TINY_SIZE, tiny_config
 from utils import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
 DROPPED = ("input_resolution", "context_length", "vocab_size", "attn_mask")  # not weights of open_clip's CLIP
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # TorchScript is deprecated; OpenAI shipped it

@@ -20,10 +20,8 @@ import visualization
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from scans.files import read_scan
-from tests.helpers import reference_scale, reference_score, tiny_config
+from tests.helpers import ROOT, reference_scale, reference_score, tiny_config
 from utils import InputError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def checkpointed_model() -> MedVMAD:

@@ -27,7 +27,6 @@ from scans.volumes import is_series_folder, read_input, read_sitk_scan, write_ma
 from tests.helpers import ORIGIN, PIXEL, STEP, tiny_config, write_series
 from utils import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
 # A permuted, flipped, shifted affine: stored i -> superior, j -> left, k -> anterior.
 OBLIQUE_AXES = np.array([[0, -2, 0, 10], [0, 0, 3, 20], [1.5, 0, 0, -5], [0, 0, 0, 1.]])
 
