@@ -23,10 +23,9 @@ from CLIP.checkpoint import load_model
 from distributed import SINGLE, Distributed, GlobalBatchSampler, ShardedBatches, launched_world
 from generate_dataset.demo import build_demo
 from evaluation.maps_io import load_maps
-from tests.helpers import TINY, TINY_SIZE
+from tests.helpers import ROOT, TINY, TINY_SIZE
 from utils import InputError
 
-REPO = Path(__file__).resolve().parent.parent
 # each run gives its global batch after helpers' TINY (which says --batch_size 4): argparse keeps the last
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 EPOCHS = 3
@@ -37,7 +36,7 @@ def environment() -> dict[str, str]:
 
 
 def run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = root / "killed"
-    process = subprocess.Popen(TORCHRUN + ["train.py"] + train_args(data, killed), cwd=REPO, env=environment(),
+    process = subprocess.Popen(TORCHRUN + ["train.py"] + train_args(data, killed), cwd=ROOT, env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while not (killed / "epoch_1.pth").exists() and process.poll() is None and time.time() < deadline:
@@ -237,7 +236,7 @@ def test_without_the_launcher_the_survivor_stops_instead_of_hanging(data, tmp_pa
     command = [sys.executable, "train.py", "--train_data_path", str(tmp_path / "Corrupt"), "--valid_data_path",
                data["brain"], "--save_path", str(tmp_path / "run"), "--epoch", "2",
                "--dist_timeout", "30", *TINY, "--batch_size", "4"]
-    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env={**environment(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                        "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
                  for rank in range(2)]

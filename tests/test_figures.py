@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import cv2
 import matplotlib
@@ -19,9 +18,8 @@ import visualization
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
 from evaluation.predict import Predictions
-from tests.helpers import blob_data, reference_aupro, test_script
+from tests.helpers import ROOT, blob_data, reference_aupro, test_script
 
-REPO = Path(__file__).resolve().parent.parent
 INFERNO = matplotlib.colormaps["inferno"]  # the colormap the README names, at the alpha it states
 ALPHA = 0.45
 
@@ -187,7 +185,7 @@ def test_the_quick_start_draws_overlays_and_says_where_results_land(tmp_path):
         (tmp_path / "data" / target).mkdir(parents=True)
     env = {**os.environ, "DATA_ROOT": str(tmp_path / "data"), "LAUNCH": "echo", "RESULTS": "out"}
     for visualize, shown in ((None, "4"), ("0", "0")):
-        done = subprocess.run(["bash", "test.sh", "indomain"], cwd=REPO, capture_output=True, text=True, timeout=60,
+        done = subprocess.run(["bash", "test.sh", "indomain"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                               env={**env, "VISUALIZE": visualize} if visualize else env)
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()

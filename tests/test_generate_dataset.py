@@ -15,10 +15,8 @@ from dataset import list_samples, organ_name
 from generate_dataset import brats2021, common, demo, folder, liverct
 from scans.files import read_scan
 from scans.framing import recorded_framing, scale_intensity
-from tests.helpers import SHAPE, brats_case, liver_volumes, reference_scale, save_nifti
+from tests.helpers import ROOT, SHAPE, brats_case, liver_volumes, reference_scale, save_nifti
 from utils import InputError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def read(path) -> np.ndarray:
@@ -136,7 +134,7 @@ def test_brats_cli_reports_one_line(tmp_path):
     """The converter's command line exits 2 with one line naming the missing folder."""
     result = subprocess.run([sys.executable, "-m", "generate_dataset.brats2021",
                              "--raw_path", str(tmp_path / "missing"), "--save_path", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=REPO)
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from CLIP.MedVMAD import MedVMAD, MedVMADConfig, MedVMADOutput, gaussian_blur
 from CLIP.backbone import BackboneConfig, default_features_list
 from CLIP.factory import build_backbone
 from loss import LossWeights, dice_loss, focal_loss, medvmad_loss
-from tests.helpers import TINY_SIZE, tiny_config
+from tests.helpers import ROOT, TINY_SIZE, tiny_config
 from utils import InputError
 
 
@@ -406,7 +405,7 @@ def test_local_dir_model_loads_config_and_weights(tmp_path):
         source.clip.visual.proj.add_(1.0)
     folder = tmp_path / "tiny-local"
     folder.mkdir()
-    config = json.loads((Path(__file__).resolve().parents[1] / "CLIP" / "model_configs" / "tiny.json").read_text())
+    config = json.loads((ROOT / "CLIP" / "model_configs" / "tiny.json").read_text())
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
     torch.save(source.clip.state_dict(), folder / "open_clip_pytorch_model.bin")
     loaded = build_backbone(BackboneConfig(f"local-dir:{folder}", "none", 224))

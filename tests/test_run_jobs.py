@@ -6,12 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import run_jobs
 from generate_dataset.demo import build_demo
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_jobs_take_one_gpu_each_and_a_failure_is_reported_while_the_rest_finish(tmp_path, capsys):
@@ -53,7 +51,7 @@ def test_log_names_come_from_the_save_path():
 
 
 def bash(script: str, protocol: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(["bash", script, protocol], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+    done = subprocess.run(["bash", script, protocol], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
@@ -85,11 +83,10 @@ def test_the_parallel_fewshot_protocol_gives_the_sequential_tables(tmp_path):
     assert not (tmp_path / "sequential" / "logs").exists()
 
 
-
 def test_a_failed_queued_job_stops_the_script_after_the_others_ran(tmp_path):
     """jobs.sh with GPUS: the queue runs whole, then the script stops non-zero before the next step
     (a summary that would read the failed job's results); LAUNCH=torchrun with GPUS is refused."""
-    script = (f"set -euo pipefail; cd {REPO}; source jobs.sh; LOG_DIR={tmp_path}/logs\n"
+    script = (f"set -euo pipefail; cd {ROOT}; source jobs.sh; LOG_DIR={tmp_path}/logs\n"
               f"job python -c 'open(\"{tmp_path}/first\", \"w\")'\n"
               f"job python -c 'raise SystemExit(4)'\n"
               f"job {sys.executable} -c 'open(\"{tmp_path}/third\", \"w\")'\n"  # any python launcher
@@ -99,6 +96,6 @@ def test_a_failed_queued_job_stops_the_script_after_the_others_ran(tmp_path):
     assert done.returncode == 1
     assert (tmp_path / "first").exists() and (tmp_path / "third").exists() and not (tmp_path / "summary").exists()
     assert "failed: job 2 (exit 4), see " in done.stdout
-    refused = subprocess.run(["bash", "-c", f"cd {REPO}; source jobs.sh; job torchrun --nproc_per_node 2 train.py"],
+    refused = subprocess.run(["bash", "-c", f"cd {ROOT}; source jobs.sh; job torchrun --nproc_per_node 2 train.py"],
                              env={**os.environ, "GPUS": "0,1"}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "cannot spread a job over several" in refused.stderr
