@@ -121,7 +121,9 @@ def run_train(save_path: Path, root: str, *extra: str) -> dict:
 # --- slow reference metrics (one pass per threshold, scipy regions)
 
 def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Slow exact AUPRO: one full pass per distinct threshold, regions by scipy label."""
+    """Slow exact AUPRO, the standard one: PRO (mean per-region overlap, 8-connected regions by scipy
+    label) against FPR at every distinct threshold, one full pass each; trapezoids up to ``fpr_limit``
+    (interpolated there), divided by ``fpr_limit``."""
     maps = maps.astype(np.float64)
     regions = []  # (image index, region mask [H,W])
     for image, mask in enumerate(masks):
@@ -133,6 +135,8 @@ def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3)
         above = maps >= threshold
         fprs.append((above & normal).sum() / normal.sum())
         pros.append(np.mean([above[image][region].mean() for image, region in regions]))
+        if fprs[-1] > fpr_limit:  # the curve past the limit does not count
+            break
     fprs, pros = np.array(fprs), np.array(pros)
     end = np.interp(fpr_limit, fprs, pros)  # repeated FPRs only add zero-width segments
     inside = fprs <= fpr_limit

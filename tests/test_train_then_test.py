@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import train
@@ -18,7 +17,8 @@ from CLIP.checkpoint import load_model
 from dataset import load_image, preprocess
 from generate_dataset.demo import build_demo
 from utils import InputError
-from tests.helpers import TINY, TINY_SIZE, f1_max_threshold, run_train, spy_predict, test_script
+from tests.helpers import (TINY, TINY_SIZE, f1_max_threshold, reference_aupro, run_train, spy_predict,
+                           test_script)
 
 
 @pytest.fixture(scope="module")
@@ -35,32 +35,6 @@ def masks_from_disk(paths: list[str]) -> np.ndarray:
         masks.append(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 0 if path.parts[-3] == "Ungood"
                      else np.zeros((TINY_SIZE, TINY_SIZE), bool))
     return np.stack(masks)
-
-
-def brute_force_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
-    """PRO (mean per-region overlap, 8-connected regions) against FPR at every distinct threshold,
-    trapezoids up to FPR 0.3 (interpolated there), divided by 0.3: the standard AUPRO, slowly."""
-    regions, offset = np.zeros(masks.shape, int), 0
-    for i, mask in enumerate(masks):
-        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions[i] = np.where(labelled > 0, labelled + offset, 0)
-        offset += count
-    sizes = np.bincount(regions.ravel(), minlength=offset + 1)[1:]
-    scores, regions, normal = maps.astype(np.float64).ravel(), regions.ravel(), ~masks.ravel()
-    fpr, pro = [0.0], [0.0]
-    for threshold in np.unique(scores)[::-1]:
-        above = scores >= threshold
-        fpr.append(np.count_nonzero(above & normal) / normal.sum())
-        pro.append(float(np.mean(np.bincount(regions[above], minlength=offset + 1)[1:] / sizes)))
-        if fpr[-1] > limit:
-            break
-    area = 0.0
-    for x0, y0, x1, y1 in zip(fpr, pro, fpr[1:], pro[1:]):
-        if x1 > limit:
-            area += (limit - x0) * (y0 + y0 + (y1 - y0) * (limit - x0) / (x1 - x0)) / 2
-            break
-        area += (x1 - x0) * (y0 + y1) / 2
-    return area / limit
 
 
 def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_json_files):
@@ -110,7 +84,7 @@ def test_train_then_test_writes_every_file(tmp_path, demo, monkeypatch, strict_j
     np.testing.assert_allclose(scores, direct.image_score.numpy(), atol=1e-5)
     masks, maps = masks_from_disk(predictions.paths), predictions.maps.astype(np.float32)
     assert brain["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
-    assert brain["pixel_aupro"] == pytest.approx(brute_force_aupro(masks, maps), abs=1e-6)
+    assert brain["pixel_aupro"] == pytest.approx(reference_aupro(masks, maps), abs=1e-6)
     assert brain["pixel_auroc"] > 0.75  # far above chance: maps and masks line up (0.92 when written)
 
     table = list(csv.reader((out / "results.csv").open()))
