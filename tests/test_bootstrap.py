@@ -1,5 +1,7 @@
-"""Tests of evaluation/bootstrap.py: bootstrap replicates against a naive resample-and-score loop,
-patient grouping and patient-level scores, meta.json classes."""
+"""evaluation/bootstrap.py, the patient bootstrap: patients from case ids, resample counts drawn with
+replacement, every metric's replicates against a naive resample-and-score loop (and the image
+replicates by histogram against scoring each), the central 95% interval, patient-level labels and
+scores, meta.json classes."""
 from __future__ import annotations
 
 import json
