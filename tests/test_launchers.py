@@ -13,10 +13,11 @@ import pytest
 
 import reuse_run
 from generate_dataset.demo import build_demo
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY_SIZE
 
-TINY = {"MODEL_NAME": "tiny", "PRETRAINED": "none", "IMAGE_SIZE": "64", "EPOCH": "1", "BATCH_SIZE": "8",
-        "DEVICE": "cpu", "EXTRA": "--num_workers 0 --n_ctx 4 --depth 2 --t_n_ctx 2"}
+# the tiny model as train.sh/test.sh take it: their environment variables, not helpers' TINY flags
+TINY_ENV = {"MODEL_NAME": "tiny", "PRETRAINED": "none", "IMAGE_SIZE": str(TINY_SIZE), "EPOCH": "1",
+            "BATCH_SIZE": "8", "DEVICE": "cpu", "EXTRA": "--num_workers 0 --n_ctx 4 --depth 2 --t_n_ctx 2"}
 
 
 def bash(script: str, protocol: str, **env: str) -> subprocess.CompletedProcess:
@@ -104,8 +105,8 @@ def test_the_demo_set_keeps_the_settings_given(tmp_path, demo_root):
 def indomain(tmp_path_factory) -> dict:
     """``bash train.sh indomain`` (real, tiny, one epoch) on a BMAD-like root holding a small Brain set."""
     root = tmp_path_factory.mktemp("bmad")
-    build_demo(str(root / "BMAD"), n_train=1, n_valid=(4, 4), n_test=(1, 1), image_size=64)
-    env = dict(DATA_ROOT=str(root / "BMAD"), SAVE_ROOT=str(root / "ck"), TARGETS="Brain", **TINY)
+    build_demo(str(root / "BMAD"), n_train=1, n_valid=(4, 4), n_test=(1, 1), image_size=TINY_SIZE)
+    env = dict(DATA_ROOT=str(root / "BMAD"), SAVE_ROOT=str(root / "ck"), TARGETS="Brain", **TINY_ENV)
     done = bash("train.sh", "indomain", **env)
     assert done.returncode == 0, done.stderr
     return {"env": env, "run": root / "ck" / "indomain" / "Brain", "paper": root / "ck" / "paper"}
