@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from CLIP.checkpoint import load_model
 from distributed import SINGLE, Distributed, GlobalBatchSampler, ShardedBatches, launched_world
 from generate_dataset.demo import build_demo
 from evaluation.maps_io import load_maps
-from tests.helpers import ROOT, TINY, TINY_SIZE
+from tests.helpers import ROOT, TINY, TINY_SIZE, free_port
 from utils import InputError
 
 # each run gives its global batch after helpers' TINY (which says --batch_size 4): argparse keeps the last
@@ -220,12 +219,6 @@ def test_a_failing_rank_stops_the_run_with_one_line(data, tmp_path):
 def error_lines(stderr: str) -> list[str]:
     """Our one-line errors in a run's stderr (a line may start with another rank's progress bar)."""
     return re.findall(r"error: \[rank \d\] .*", stderr)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_without_the_launcher_the_survivor_stops_instead_of_hanging(data, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import socket
@@ -32,7 +31,7 @@ from evaluation import maps_io, tables
 from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
 from scans.files import read_scan
-from tests.helpers import ROOT, TINY, TINY_SIZE, test_script
+from tests.helpers import ROOT, TINY, TINY_SIZE, medvmad_logger_kept, test_script
 from utils import InputError, read_manifest, run_cli, write_result_files
 
 # helpers' TINY at batch 8, as these runs were written (its own is 4): fewer steps for the many
@@ -235,16 +234,11 @@ TRAIN_WRITES = ["support_2shot_seed1.txt", "args.json",
 def reference_run(tmp_path_factory, data) -> Path:
     """The uninterrupted few-shot run, its writes checked to come in TRAIN_WRITES' order."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    logger = logging.getLogger("medvmad")
-    state = (list(logger.handlers), logger.propagate, logger.level)  # set up before conftest's per-test restore
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    # the logger put back here: a module fixture is set up before conftest's per-test restore
+    with medvmad_logger_kept(), pytest.MonkeyPatch.context() as monkeypatch:
         names = fail_at_write(monkeypatch, -1, "none")
         result = train.main(["--train_data_path", data, "--save_path", str(run), *FEWSHOT, *TINY_BATCH_8])
         assert result["best"]["epoch"] == 2
-    for handler in set(logger.handlers) - set(state[0]):
-        handler.close()
-    logger.handlers[:], logger.propagate = state[0], state[1]
-    logger.setLevel(state[2])
     assert names == TRAIN_WRITES
     return run
 
