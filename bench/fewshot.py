@@ -22,7 +22,8 @@ import train
 from CLIP.checkpoint import load_model
 from dataset import MedicalDataset, list_samples, sample_support
 from generate_dataset.demo import ensure_demo
-from evaluation.predict import memory_bank_from_support, predict
+from evaluation.fewshot import memory_bank_from_support
+from evaluation.predict import predict
 
 IMAGE_SIZE = 224
 
