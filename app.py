@@ -33,12 +33,12 @@ from typing import Iterator
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import test_one_example  # noqa: E402
-from evaluation.calibration import Decision  # noqa: E402
-from utils import ArgumentParser, InputError, one_line, positive_int, resolve_device, run_cli  # noqa: E402
-from visualization import fit_within, overlay_panel  # noqa: E402
+import test_one_example
+from evaluation.calibration import Decision
+from utils import ArgumentParser, InputError, one_line, positive_int, resolve_device, run_cli
+from visualization import fit_within, overlay_panel
 
 DEFAULT_CHECKPOINT = "checkpoint/indomain/Brain/best.pth"
 DEFAULT_DEMO = "data/demo/Brain"

@@ -8,7 +8,7 @@ Scores become probabilities and decisions as evaluation/calibration.py fits them
 the checkpoint's validation images, the support set (few-shot), or the valid split (baseline).
 Writes results.json, results.csv, results_calibration.csv, scores.csv, reliability_<dataset>.png
 (and overlays/curves with --visualize) to --save_path; the figures and results files are
-evaluation/results.py's.
+evaluation/results.py's and evaluation/figures.py's: this script parses, loads and calls.
 
     torchrun --nproc_per_node 4 test.py ...      (sharded: the same results, written by process 0)
 """
@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 from CLIP.MedVMAD import MedVMAD
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
@@ -29,20 +26,17 @@ from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_
                      save_support, support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from evaluation import bootstrap
-from evaluation.calibration import (Calibration, Decision, checkpoint_decision, operating_point,
-                                    operating_point_flag, reliability_figure)
-from evaluation.maps_io import save_maps
-from evaluation.predict import (MAP_DTYPES, Predictions, maps_bytes, memory_bank_from_support, predict,
-                                support_predictions)
+from evaluation.calibration import Calibration, Decision, checkpoint_decision, operating_point, operating_point_flag
+from evaluation.figures import figure_paths, write_reliability, write_visuals
+from evaluation.maps_io import map_files, save_maps
+from evaluation.fewshot import memory_bank_from_support, support_predictions
+from evaluation.predict import MAP_DTYPES, MAPS_TEMP, maps_bytes, maps_dir_for, predict, ram_budget_gb
 from evaluation.results import RESULT_FILES, EvaluationSettings, RunResults, evaluate_dataset
 from generate_dataset.demo import ensure_demo
 from scans.framing import framing_mismatch
-from utils import (ArgumentParser, InputError, atomic_write_bytes, atomic_write_image,
-                   locked_folder, non_negative_float, non_negative_int, prepare_output_dir, refuse_taken, run_cli,
-                   seed_everything, seed_value, setup_logging, unique_stems, unit_interval)
-from visualization import figure_bytes, overlay_panel, pro_figure, roc_figure, to_display
+from utils import (ArgumentParser, InputError, locked_folder, non_negative_float, non_negative_int, prepare_output_dir,
+                   refuse_taken, run_cli, seed_everything, seed_value, setup_logging, unit_interval)
 
-MAPS_TEMP = ".maps-"  # prefix of the folders maps are streamed to (maps_dir_for)
 MAX_BOOTSTRAP = 100_000  # resamples: a 95% interval is stable from a few thousand; more only costs time
 
 
@@ -155,59 +149,6 @@ def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: s
     return decision
 
 
-def ram_budget_gb(args: argparse.Namespace) -> float:
-    """--max_ram_maps_gb, by default half the memory available now."""
-    if args.max_ram_maps_gb is not None:
-        return args.max_ram_maps_gb
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 2**30
-
-
-def maps_dir_for(args: argparse.Namespace, n_images: int, image_size: int, name: str, save_path: Path,
-                 logger) -> Path | None:
-    """A temporary folder in save_path to stream the maps to, when they would not fit in RAM."""
-    budget = ram_budget_gb(args)
-    need = maps_bytes(n_images, image_size, args.map_dtype)
-    if need <= budget * 2**30:
-        return None
-    logger.info(f"{name}: maps and masks take {need / 2**30:.1f} GB, over {budget:.1f} GB: streamed to "
-                f"memory-mapped files in {save_path}")
-    save_path.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=save_path, prefix=f"{MAPS_TEMP}{name}-"))
-
-
-VISUAL_KINDS = ((0, "normal"), (1, "abnormal"))
-CURVE_FILES = ("roc_image.png", "pro_pixel.png")
-RELIABILITY = "reliability_{}.png"  # per dataset, in --save_path
-
-
-def drawn_overlays(samples: list[Sample], count: int) -> list[tuple[int, str]]:
-    """(index, visualization/NAME/ name) of the overlays ``write_visuals`` draws: the first
-    ``count`` normal and abnormal images, named by their stems, made unique (``unique_stems``)."""
-    stems = unique_stems([sample.image_path for sample in samples])
-    labels = np.array([sample.label for sample in samples])
-    return [(int(index), f"{kind}/{stems[index]}.png") for label, kind in VISUAL_KINDS
-            for index in np.flatnonzero(labels == label)[:count]]
-
-
-def write_visuals(folder: Path, name: str, dataset: MedicalDataset, predictions: Predictions, count: int) -> None:
-    """Overlays for ``count`` normal and abnormal images (one heat scale per dataset) and curves."""
-    maps = predictions.maps
-    sample = maps[:: max(1, len(maps) // 256)].astype(np.float32)  # a display scale needs no exact quantile
-    vmin, vmax = float(np.percentile(sample, 1)), float(np.percentile(sample, 99.9))
-    for index, file_name in drawn_overlays(dataset.samples, count):
-        item = dataset[index]
-        panel = overlay_panel(to_display(item["image"]), maps[index].astype(np.float32), vmin, vmax,
-                              predictions.masks[index], f"score {predictions.scores[index]:.3f}")
-        atomic_write_image(folder / name / file_name, panel)
-    figures = {}
-    if len(set(predictions.labels.tolist())) == 2:
-        figures[CURVE_FILES[0]] = roc_figure(predictions.labels, predictions.scores, f"{name} image ROC")
-    if predictions.has_masks and predictions.masks.any():
-        figures[CURVE_FILES[1]] = pro_figure(predictions.masks, predictions.maps, f"{name} PRO")
-    for file_name, figure in figures.items():
-        atomic_write_bytes(folder / name / file_name, figure_bytes(figure))
-
-
 def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
     """What evaluation/results.py reads of the command line, and the command line to record."""
     return EvaluationSettings(split=args.split, aupro=args.aupro, bootstrap=args.bootstrap,
@@ -216,38 +157,41 @@ def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
 
 
 def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[str, list[Sample]],
-                      image_size: int, keep_maps: bool) -> None:
+                      image_size: int, keep_maps: bool, want_pixel: bool) -> None:
     """Refuse, before any image is scored, what would fail after it: an output name of a dataset
     taken (a file where a folder goes, or the reverse), bootstrap resamples that do not fit in
-    memory, and maps to put on disk (--save_maps, or streamed) that do not fit on it."""
+    memory (a declared pixel metric without a histogram curve resamples a copy of the maps), and
+    maps to put on disk (--save_maps, or streamed) that do not fit on it."""
     disk_kept, disk_streamed = 0, 0
+    budget = ram_budget_gb(args.max_ram_maps_gb) * 2**30
     for name, samples in listed.items():
-        files, folders = [RELIABILITY.format(name)], []
+        files, folders = figure_paths(name, samples, args.visualize)
         if args.k_shot:
             files.append(support_file_name(args.k_shot, args.fewshot_seed, name))
         if args.save_maps:
             folders.append("maps")
-            files += [f"maps/{name}.npy", f"maps/{name}_masks.npy", f"maps/{name}.json"]
-        if args.visualize:
-            folders += ["visualization", f"visualization/{name}"] + [f"visualization/{name}/{kind}"
-                                                                     for _, kind in VISUAL_KINDS]
-            files += [f"visualization/{name}/{file_name}" for file_name in CURVE_FILES]
-            files += [f"visualization/{name}/{file_name}" for _, file_name in drawn_overlays(samples, args.visualize)]
+            files += [f"maps/{file_name}" for file_name in map_files(name)]
         refuse_taken(save_path, files, folders)
         if args.bootstrap:
             n_patients = len(bootstrap.groups_of([sample.image_path for sample in samples])[1])
-            need = args.bootstrap * n_patients * 16  # the draws and counts of every resample, int64
+            need = bootstrap.resample_bytes(n_patients, args.bootstrap)
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             if need > available / 2:
                 raise InputError(f"--bootstrap {args.bootstrap}: {n_patients} patients of {name} need "
                                  f"{need / 2**30:.1f} GiB for the resamples, over half the available memory "
                                  f"({available / 2**30:.1f} GiB); use at most "
-                                 f"{int(available / 2 // (n_patients * 16))} resamples")
+                                 f"{int(available / 2 // bootstrap.resample_bytes(n_patients, 1))} resamples")
+        need = maps_bytes(len(samples), image_size, args.map_dtype)
+        if args.bootstrap and want_pixel and bootstrap.resampled_metrics(needs_masks=True) and need > budget:
+            slow = ", ".join(metric.name for metric in bootstrap.resampled_metrics(needs_masks=True))
+            raise InputError(f"--bootstrap {args.bootstrap}: {slow} (declared without a histogram curve) is "
+                             f"resampled on a copy of {name}'s maps and masks in memory, {need / 2**30:.1f} GiB, "
+                             f"over the {budget / 2**30:.1f} GiB maps budget; raise --max_ram_maps_gb or run "
+                             f"with --bootstrap 0")
         if keep_maps:
-            need = maps_bytes(len(samples), image_size, args.map_dtype)
             if args.save_maps:
                 disk_kept += need
-            elif need > ram_budget_gb(args) * 2**30:  # streamed to a temp folder (maps_dir_for)
+            elif need > budget:  # streamed to a temp folder (maps_dir_for)
                 disk_streamed = max(disk_streamed, need)
     need, free = disk_kept + disk_streamed, shutil.disk_usage(save_path).free
     if need > free:
@@ -298,7 +242,7 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
     want_pixel = args.metrics in ("pixel-level", "image-pixel-level")
     keep_maps = want_pixel or args.visualize > 0 or args.save_maps
     if where.is_main:
-        check_before_work(args, save_path, listed, image_size, keep_maps)
+        check_before_work(args, save_path, listed, image_size, keep_maps, want_pixel)
     if args.bootstrap:
         logger.info(f"bootstrap: {args.bootstrap} resamples of patients, seed {args.bootstrap_seed}")
     settings = evaluation_settings(args)
@@ -316,7 +260,8 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                                                                    logger, where)
         decision = stored or (fitted_decision(args, model, root, name, support, device, logger, where)
                               if want_image else None)
-        maps_dir = (maps_dir_for(args, len(dataset), image_size, name, save_path, logger)
+        maps_dir = (maps_dir_for(len(dataset), image_size, args.map_dtype, args.max_ram_maps_gb, name, save_path,
+                                 logger)
                     if keep_maps and where.is_main else None)
         try:
             predictions = predict(model, loader, device, args.precision, keep_maps=keep_maps, desc=name,
@@ -329,13 +274,7 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
                 logger.info(f"{name}: no masks for abnormal images, pixel metrics skipped")
             run.add(name, predictions, values, patient_values, per_class, described)
             run.write(save_path, logger)  # what is done is kept before the optional extras
-            panels = [(f"{name} {level}: Brier {figures[prefix + 'brier']:.3f}, ECE {figures[prefix + 'ece']:.3f}",
-                       level, part["reliability"]) for level, part, figures, prefix in
-                      (("images", described or {}, values, ""),
-                       ("patients", (described or {}).get("patients") or {}, patient_values, "patient_"))
-                      if part.get("reliability")]
-            if panels:
-                atomic_write_bytes(save_path / RELIABILITY.format(name), figure_bytes(reliability_figure(panels)))
+            write_reliability(save_path, name, values, patient_values, described)
             if args.visualize > 0:
                 write_visuals(save_path / "visualization", name, dataset, predictions, args.visualize)
                 logger.info(f"{name}: overlays and ROC/PRO curves written to {save_path / 'visualization' / name}")

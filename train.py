@@ -36,7 +36,8 @@ from dataset import (SUPPORT_FILES, MedicalDataset, Sample, augment_support, dat
 from distributed import SINGLE, Distributed, GlobalBatchSampler, distributed, sharded_loader
 from generate_dataset.demo import ensure_demo
 from evaluation.metrics import compute_metrics
-from evaluation.predict import SELECTION_KEYS, predict, selection_summary
+from evaluation.predict import predict
+from evaluation.selection import SELECTION_KEYS, selection_summary
 from loss import LossWeights, medvmad_loss
 from scans.framing import training_framing
 from utils import (SEED_LIMIT, ArgumentParser, DiskFullError, InputError, atomic_torch_save, atomic_write_json,
@@ -347,7 +348,7 @@ def reconcile_best(save_path: Path, best: dict, logger) -> None:
     best_path = save_path / "best.pth"
     try:
         held = torch.load(best_path, map_location="cpu", weights_only=True).get("epoch")
-    except Exception:  # missing or unreadable: rebuilt below
+    except Exception:  # noqa: BLE001 - missing or unreadable: rebuilt below
         held = None
     if held == best["epoch"]:
         return

@@ -237,7 +237,7 @@ def locked_folder(folder: str | os.PathLike, flag: str = "--save_path") -> Itera
         handle.close()
 
 
-TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")  # what ``_atomic_write`` names its temp files
+TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")  # what ``atomic_write`` names its temp files
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Heatmap overlays, montages and ROC/PRO curve figures, drawn with matplotlib.
+"""Heatmap overlays, montages and curve figures, drawn with matplotlib (the ROC and PRO figures of
+results are evaluation/figures.py's).
 
 An overlay figure has titled panels image | anomaly map | overlay [| ground truth] and a colour
 bar labelled "anomaly score" over the heat scale [vmin, vmax] (0-1 for probabilities). The map is
@@ -19,9 +20,6 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from sklearn.metrics import auc, roc_curve
-
-from evaluation import metrics
 
 HEAT_CMAP = "inferno"  # perceptually uniform, lightness rising with the score, readable in grey print
 HEAT_ALPHA = 0.45  # the overlay's opacity of the heat at the top of the scale
@@ -136,18 +134,3 @@ def curve_figure(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: 
     axis.legend(loc="lower right")
     axis.grid(alpha=0.3)
     return figure
-
-
-def roc_figure(labels: np.ndarray, scores: np.ndarray, title: str) -> Figure:
-    """Image ROC of scores [N] for labels [N] (both classes present), its AUROC in the legend."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return curve_figure(fpr, tpr, "false positive rate", "true positive rate", title,
-                        f"AUROC = {auc(fpr, tpr):.3f}", chance=True)
-
-
-def pro_figure(masks: np.ndarray, maps: np.ndarray, title: str, fpr_limit: float = 0.3) -> Figure:
-    """PRO against FPR up to ``fpr_limit`` of maps [N,H,W] for masks [N,H,W] (an anomalous region
-    present), the standard AUPRO (``metrics.aupro``) in the legend."""
-    fpr, pro = metrics.pro_curve(masks, maps)
-    return curve_figure(fpr, pro, "false positive rate", "per-region overlap", title,
-                        f"AUPRO (FPR ≤ {fpr_limit:g}) = {metrics.aupro(masks, maps, fpr_limit):.3f}", xlim=fpr_limit)

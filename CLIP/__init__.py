@@ -1,1 +1,2 @@
-"""MedVMAD model package: the open_clip backbone wrapper and the MedVMAD module."""
+"""MedVMAD model package: the backbone interface and its open_clip and timm + Hugging Face
+implementations, the factory that builds them, the MedVMAD module and its memory bank, and checkpoints."""

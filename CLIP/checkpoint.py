@@ -39,7 +39,7 @@ def read_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint_path") ->
         raise InputError(f"{flag} {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
         raise InputError(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}); "
                          f"give a best.pth or epoch_<n>.pth written by train.py") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -103,7 +103,7 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
     endpoint = huggingface_hub.constants.ENDPOINT
     try:
         huggingface_hub.get_session().head(endpoint, timeout=timeout)
-    except Exception as error:  # no route, no DNS, refused, timed out: whatever the HTTP client raises
+    except Exception as error:  # noqa: BLE001 - no route, no DNS, refused, timed out: whatever the HTTP client raises
         return f"{endpoint} did not answer within {timeout:g} s ({type(error).__name__})"
     return None
 
@@ -143,7 +143,7 @@ def _least_bytes(model_name: str, image_size: int) -> float | None:
         return None  # its config is downloaded while building
     try:
         model_config = open_clip.get_model_config(model_name)
-    except Exception:  # a local-dir: config missing or damaged: building the model says so
+    except Exception:  # noqa: BLE001 - a local-dir: config missing or damaged: building the model says so
         return None
     values = 0.0
     for tower in ("vision_cfg", "text_cfg"):
@@ -310,7 +310,7 @@ def _builds_without_weights(built_name: str, kwargs: dict) -> bool:
     try:
         open_clip.create_model(built_name, **{**kwargs, "load_weights": False})
         return True
-    except Exception:  # whatever the config makes open_clip raise
+    except Exception:  # noqa: BLE001 - whatever the config makes open_clip raise
         return False
 
 

@@ -130,7 +130,7 @@ def is_torchscript_archive(path: str) -> bool:
             return False
         with zipfile.ZipFile(path) as archive:
             return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
-    except Exception:  # zipfile raises many types for a damaged central directory
+    except Exception:  # noqa: BLE001 - zipfile raises many types for a damaged central directory
         return False
 
 
@@ -142,7 +142,7 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
             return _read(archive, os.path.getsize(path))
     except ArchiveError:
         raise
-    except Exception as error:  # zip, pickle and torch raise many types for a damaged or crafted file
+    except Exception as error:  # noqa: BLE001 - zip, pickle and torch raise many types for a damaged or crafted file
         raise ArchiveError(f"it is damaged ({type(error).__name__})") from None
 
 

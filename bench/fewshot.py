@@ -22,7 +22,8 @@ import train
 from CLIP.checkpoint import load_model
 from dataset import MedicalDataset, list_samples, sample_support
 from generate_dataset.demo import ensure_demo
-from evaluation.predict import memory_bank_from_support, predict
+from evaluation.fewshot import memory_bank_from_support
+from evaluation.predict import predict
 
 IMAGE_SIZE = 224
 
@@ -55,7 +56,6 @@ def main() -> None:
         for label, weight in (("memory bank only", 1.0), ("combined (weight 0.5)", 0.5)):
             model.set_fewshot_weight(weight)
             rows.append((label, str(k), *aurocs(f"k={k} w={weight}")))
-        model.memory_bank = None
     print(f"{'':38s} {'k':>3s} {'pixel AUROC':>11s} {'image AUROC':>11s}")
     for label, k, pixel, image in rows:
         print(f"{label:38s} {k:>3s} {pixel:11.3f} {image:11.3f}")

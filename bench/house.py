@@ -57,10 +57,10 @@ LAYERS: list[list[str]] = [
     ["prompt_ensemble", "CLIP.memory_bank"],                    # the model's parts above the backbone
     ["CLIP.MedVMAD"],                                           # the model
     ["loss", "CLIP.checkpoint"],                                # what training and saving do with it
+    ["visualization"],                                          # drawing: overlays, montages, curves (matplotlib)
     ["metrics", "evaluation.metrics"],                          # evaluation: metrics over arrays, model-free
-    ["inference", "evaluation", "calibration", "maps_io",       # predictions and what is made of them
-     "tables", "evaluation.*"],
-    ["visualization"],                                          # figures of predictions and metrics
+    ["inference", "evaluation", "calibration", "maps_io",       # predictions and what is made of them,
+     "tables", "evaluation.*"],                                 # their figures drawn with visualization
     ["cli"],                                                    # the scripts' shared flags, builds the model
     ["generate_dataset", "generate_dataset.*"],                 # converters and the demo set, run as tools
     ["bench", "bench.*", SCRIPT],                               # entry scripts and benchmarks: nothing imports them

@@ -51,8 +51,8 @@ def main() -> None:
     labels = (masks.flatten(1).amax(dim=1) > 0).long()
     has_mask = torch.ones(args.batch_size, dtype=torch.bool, device=device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.5, 0.999))
-    backbone = model.backbone
-    backbone.grad_checkpointing = args.grad_checkpointing
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    backbone = model.backbone  # the baseline's bare image pass
 
     def sync() -> None:
         if device.type == "cuda":

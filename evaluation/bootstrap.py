@@ -58,6 +58,11 @@ def resample_counts(n_groups: int, n_replicates: int, seed: int) -> np.ndarray:
     return counts
 
 
+def resample_bytes(n_groups: int, n_replicates: int) -> int:
+    """Memory ``resample_counts`` takes: the draws and the counts of every replicate, int64 [R, G] each."""
+    return n_replicates * n_groups * 16
+
+
 def interval(values: np.ndarray) -> list[float]:
     """95% percentile interval [low, high] of replicate values [R], NaN replicates ignored."""
     finite = values[~np.isnan(values)]
@@ -68,7 +73,7 @@ def interval(values: np.ndarray) -> list[float]:
 
 def quietly(function: Callable[..., T], *args) -> T:
     """``function(*args)`` without evaluation/metrics.py's warnings of undefined (single-class) metrics, which
-    stay nan: replicates are many, and test.py notes a table's undefined metrics once
+    stay nan: replicates are many, and evaluation/results.py notes a table's undefined metrics once
     (``note_undefined``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.UndefinedMetricWarning)

@@ -29,13 +29,18 @@ from evaluation.predict import Predictions
 from utils import InputError, atomic_write, atomic_write_json, write_error
 
 
+def map_files(name: str) -> tuple[str, str, str]:
+    """The files of dataset ``name`` in a maps folder: maps, masks, index (written last)."""
+    return f"{name}.npy", f"{name}_masks.npy", f"{name}.json"
+
+
 def save_maps(folder: str | os.PathLike, name: str, predictions: Predictions) -> None:
     """Write the maps, masks, paths, labels and scores of ``predictions`` as ``folder``/NAME.*.
     Maps streamed to a .npy memory map (evaluation.predict.predict with maps_dir) are moved, not copied."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for array, target in ((predictions.maps, folder / f"{name}.npy"),
-                          (predictions.masks, folder / f"{name}_masks.npy")):
+    maps_file, masks_file, index_file = map_files(name)
+    for array, target in ((predictions.maps, folder / maps_file), (predictions.masks, folder / masks_file)):
         source = getattr(array, "filename", None)
         if source is not None and Path(source).parent.stat().st_dev == folder.stat().st_dev:
             array.flush()
@@ -48,7 +53,7 @@ def save_maps(folder: str | os.PathLike, name: str, predictions: Predictions) ->
             # a full disk raises (a memory-mapped target would kill the process with SIGBUS)
             atomic_write(target, lambda handle, array=array: np.lib.format.write_array(handle, array,
                                                                                       allow_pickle=False))
-    atomic_write_json(folder / f"{name}.json", {
+    atomic_write_json(folder / index_file, {
         "paths": list(predictions.paths), "labels": predictions.labels.tolist(),
         "scores": predictions.scores.tolist(), "has_masks": bool(predictions.has_masks)})
 
@@ -57,11 +62,12 @@ def load_maps(folder: str | os.PathLike, name: str, mmap: bool = True) -> Predic
     """The saved ``name`` of ``folder`` as Predictions (maps and masks memory-mapped unless
     ``mmap`` is False). InputError when the files are missing or disagree."""
     folder = Path(folder)
+    maps_file, masks_file, index_file = map_files(name)
     try:
-        index = json.loads((folder / f"{name}.json").read_text())
+        index = json.loads((folder / index_file).read_text())
         mode = "r" if mmap else None
-        maps = np.load(folder / f"{name}.npy", mmap_mode=mode)
-        masks = np.load(folder / f"{name}_masks.npy", mmap_mode=mode)
+        maps = np.load(folder / maps_file, mmap_mode=mode)
+        masks = np.load(folder / masks_file, mmap_mode=mode)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read saved maps {name} in {folder}: {error}") from None
     if not (len(index["paths"]) == len(maps) == len(masks)) or maps.shape != masks.shape:

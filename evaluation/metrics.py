@@ -595,15 +595,22 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {}  # name -> Metric, in the order of the results tables' columns
+# The curves evaluation/bootstrap.py reads off its shared histograms, for image (False) and pixel (True) metrics.
+CURVES = {False: ("auroc", "ap", "f1_max"), True: ("auroc", "ap", "aupro", "f1_max")}
 
 
 def declare(metric: Metric) -> Metric:
     """Add (or replace) ``metric`` in METRICS; ValueError for a name without the ``image_``/``pixel_``
-    prefix its ``needs_masks`` implies, or a paper column without a title."""
+    prefix its ``needs_masks`` implies, a curve the bootstrap does not draw for its kind (``CURVES``),
+    or a paper column without a title."""
     prefix = "pixel_" if metric.needs_masks else "image_"
     if not metric.name.startswith(prefix):
         raise ValueError(f"metric {metric.name!r}: a {'pixel' if metric.needs_masks else 'image'} metric's name "
                          f"starts with {prefix!r}")
+    if metric.curve is not None and metric.curve not in CURVES[metric.needs_masks]:
+        kind, curves = ("pixel" if metric.needs_masks else "image"), ", ".join(CURVES[metric.needs_masks])
+        raise ValueError(f"metric {metric.name!r}: curve {metric.curve!r} is not one of the bootstrap's {kind} "
+                         f"curves ({curves})")
     if metric.paper is not None and not metric.title:
         raise ValueError(f"metric {metric.name!r}: a paper table column needs a title")
     METRICS[metric.name] = metric

@@ -1,9 +1,11 @@
-"""Batched scoring of a dataset and its metrics; shared by test.py, train.py (validation) and benches."""
+"""Prediction over a dataset: ``predict`` scores it in batches into ``Predictions`` (paths, labels,
+scores [N], maps and masks [N,H,W]), its maps kept in RAM or streamed to memory-mapped files
+(``maps_dir_for``); shared by test.py, train.py (selection), the few-shot support scoring and benches."""
 from __future__ import annotations
 
 import errno
-import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from CLIP.MedVMAD import MedVMAD
-from dataset import MedicalDataset, Sample, augment_support
-from distributed import SINGLE, Distributed, sharded_loader
+from distributed import SINGLE, Distributed
 from utils import DISK_FULL, InputError, autocast
 
 
@@ -126,61 +127,25 @@ def maps_bytes(n_images: int, image_size: int, map_dtype: str = "float64") -> in
     return n_images * image_size ** 2 * (np.dtype(map_dtype).itemsize + 1)
 
 
-SELECTION_KEYS = ("image_auroc", "pixel_auroc")
+MAPS_TEMP = ".maps-"  # prefix of the folders maps are streamed to (maps_dir_for); a killed run's are stale
 
 
-def selection_summary(per_source: dict[str, dict[str, float]]) -> tuple[float | None, dict[str, float]]:
-    """Model-selection score from each selection source's own metrics.
-
-    Sources are never pooled: domains score on different scales, and one source without masks
-    must not drop the pixel metric of the others. Image AUROC is averaged over the sources, pixel
-    AUROC over the sources with masks (``metrics.compute_metrics`` gives pixel metrics only to those); a
-    metric that is NaN (one class only) is left out. The score is the mean of those two averages (of the one
-    present). Returns (score or None when no metric is defined, {"image_auroc": mean,
-    "pixel_auroc": mean, "<source>/<metric>": value, ...}).
-    """
-    summary: dict[str, float] = {}
-    for key in SELECTION_KEYS:
-        values = [metrics_[key] for metrics_ in per_source.values() if not math.isnan(metrics_.get(key, math.nan))]
-        if values:
-            summary[key] = float(np.mean(values))
-    for name, metrics_ in per_source.items():
-        summary.update({f"{name}/{key}": value for key, value in metrics_.items()})
-    present = [summary[key] for key in SELECTION_KEYS if key in summary]
-    return (float(np.mean(present)) if present else None), summary
+def ram_budget_gb(max_ram_maps_gb: float | None) -> float:
+    """The RAM maps may take (--max_ram_maps_gb), by default half the memory available now."""
+    if max_ram_maps_gb is not None:
+        return max_ram_maps_gb
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 2**30
 
 
-def memory_bank_from_support(model: MedVMAD, support: list[Sample], seed: int, device: torch.device,
-                             batch_size: int = 8) -> tuple[int, int]:
-    """Build the model's few-shot bank from the normal images of ``support``, each with 10 seeded
-    augmentations (MVFA's x11). Returns (normal images, copies of each)."""
-    normal = MedicalDataset([s for s in support if s.label == 0], model.config.backbone.image_size)
-    if len(normal) < 2:
-        raise InputError("the memory bank needs at least 2 normal support images (--k_shot >= 2)")
-    images = torch.stack([normal[i]["image"] for i in range(len(normal))])
-    augmented, _ = augment_support(images, torch.zeros(images.shape[0], *images.shape[-2:]), seed=seed)
-    copies = augmented.shape[0] // len(normal)
-    groups = torch.arange(len(normal)).repeat(copies)  # augment_support: row i comes from image i % K
-    model.build_memory_bank(augmented.to(device), groups.to(device), batch_size)
-    return len(normal), copies
-
-
-def support_predictions(model: MedVMAD, support: list[Sample], device: torch.device, batch_size: int = 8,
-                        precision: str = "fp32", where: Distributed = SINGLE,
-                        ) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """Scores [S] (float64), labels [S] and paths of the few-shot support images, with the model's
-    bank built from the normal ones (``memory_bank_from_support``): each normal image scored against
-    the bank without it (``MemoryBank.left_out_scores``), each abnormal one as a test image is.
-    Every process scores its share of the abnormal ones; process 0 returns the lot, the others None."""
-    normal = [sample for sample in support if sample.label == 0]
-    abnormal = [sample for sample in support if sample.label == 1]
-    scores = np.zeros(0)
-    if abnormal:
-        loader = sharded_loader(MedicalDataset(abnormal, model.config.backbone.image_size), batch_size, 0, where)
-        scored = predict(model, loader, device, precision, keep_maps=False, desc="support", where=where)
-        scores = None if scored is None else scored.scores
-    if not where.is_main:
+def maps_dir_for(n_images: int, image_size: int, map_dtype: str, max_ram_maps_gb: float | None, name: str,
+                 save_path: Path, logger) -> Path | None:
+    """A temporary folder in save_path to stream the maps to (``predict``'s maps_dir), when they
+    would not fit in ``ram_budget_gb``; None when they do."""
+    budget = ram_budget_gb(max_ram_maps_gb)
+    need = maps_bytes(n_images, image_size, map_dtype)
+    if need <= budget * 2**30:
         return None
-    left_out = model.memory_bank.left_out_scores(model.config.fewshot_weight).cpu().numpy()
-    return (np.concatenate([left_out, scores]), np.array([0] * len(normal) + [1] * len(abnormal)),
-            [sample.image_path for sample in normal + abnormal])
+    logger.info(f"{name}: maps and masks take {need / 2**30:.1f} GB, over {budget:.1f} GB: streamed to "
+                f"memory-mapped files in {save_path}")
+    save_path.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=save_path, prefix=f"{MAPS_TEMP}{name}-"))

@@ -30,8 +30,9 @@ def paper_columns() -> list[tuple[str, str]]:
 
 
 def patient_columns() -> list[tuple[str, str]]:
-    """(key, title) of the patient-level table: the image columns, ``patient_...``."""
-    return [(f"patient_{metric.name[6:]}", f"patient {metric.title[6:]}")
+    """(key, title) of the patient-level table: the image columns as ``patient_...``, titled
+    "patient " and the image title without its leading "image " ("image AUROC" -> "patient AUROC")."""
+    return [(f"patient_{metric.name.removeprefix('image_')}", f"patient {metric.title.removeprefix('image ')}")
             for metric in metrics.declared(needs_masks=False) if metric.title]
 
 

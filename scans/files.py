@@ -176,14 +176,14 @@ def _read_dicom(path: str, window: tuple[float, float] | None, max_voxels: int) 
         try:
             data = pydicom.dcmread(path, defer_size=1 << 20)  # the pixel data is read when it is used
             size = (int(data.get("NumberOfFrames", 1) or 1), int(data.get("Rows", 0)), int(data.get("Columns", 0)))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged or non-DICOM file
             raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
         check_voxel_count(path, size, max_voxels)
         check_rescale(data, path)
         window = window or dicom_window(data, path)
         try:
             pixels = data.pixel_array
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - pydicom's pixel decoders raise many types
             raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
     _check_finite(pixels, path)
     if pixels.ndim == 3 and data.get("SamplesPerPixel", 1) == 3:
@@ -205,7 +205,7 @@ def _read_nifti(path: str, framing: Framing, slice_range: tuple[int, int] | None
 
     try:
         image = nibabel.load(path)  # the header only: the voxels are read below, once the size is known
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for a damaged header
         raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
     shape = tuple(int(size) for size in image.shape)
     while len(shape) > 2 and shape[-1] == 1:  # [X,Y,1] is a 2-D image, [X,Y,Z,1] a volume
@@ -221,7 +221,7 @@ def _read_nifti(path: str, framing: Framing, slice_range: tuple[int, int] | None
         check_affine(path, image.affine)
     try:
         volume = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - nibabel and gzip raise many types for damaged voxel data
         raise InputError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from None
     _check_finite(volume, path)
     if volume.ndim == 2:  # a 2-D image: kept as stored, like a PNG of the same array

@@ -243,7 +243,7 @@ def _dicom_header(path: str) -> Dataset:
     refused naming the file."""
     try:
         data = _header(path)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types for a damaged or non-DICOM file
         raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
     check_rescale(data, path)
     return data
@@ -274,7 +274,7 @@ def check_frames(path: str) -> None:
             held = len(data.PixelData) // max(get_expected_length(data) // frames, 1)
     except InputError:
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types for damaged pixel data
         raise InputError(f"{path}: unreadable DICOM ({type(error).__name__}: {error})") from None
     if held < frames:
         raise InputError(f"{path}: NumberOfFrames is {frames} but its pixel data hold {held} frame(s) "
@@ -296,7 +296,7 @@ def _stored_values(files: list[str], like) -> object | None:
             for file in files:
                 data = pydicom.dcmread(file)
                 frames.append(np.asarray(apply_modality_lut(data.pixel_array, data), dtype=np.float32))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable frame: the SimpleITK reading stands
         return None
     voxels = np.concatenate([f if f.ndim == 3 else f[None] for f in frames])  # [k,j,i]
     image = sitk.GetImageFromArray(voxels.reshape(like.GetSize()[::-1]))  # a single frame keeps its 2-D shape
@@ -507,7 +507,7 @@ def _read_sitk(path: str, series_uid: str | None, window: tuple[float, float] | 
             image, warnings, shown = _read_file(path, window, max_voxels, single_file)
     except InputError:
         raise
-    except Exception as error:  # SimpleITK raises RuntimeError with a multi-line ITK report
+    except Exception as error:  # noqa: BLE001 - SimpleITK raises RuntimeError with a multi-line ITK report
         first = str(error).strip().splitlines()
         reason = next((line.strip() for line in first if "ERROR" in line or "rror" in line), type(error).__name__)
         reason = re.sub(r"\(0x[0-9a-f]+\)", "", reason)  # ITK prints object addresses
@@ -585,7 +585,7 @@ def _extract_zip(path: str, folder: str, max_bytes: int) -> str:
 def is_multiframe_dicom(path: str) -> bool:
     try:
         return int(_header(path).get("NumberOfFrames", 1) or 1) > 1
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable header is not a multi-frame DICOM
         return False
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from CLIP.MedVMAD import MedVMAD
 from CLIP.memory_bank import MemoryBank
 from dataset import MedicalDataset, Sample
-from evaluation.predict import memory_bank_from_support
+from evaluation.fewshot import memory_bank_from_support
 from tests.helpers import TINY_SIZE, tiny_config
 
 

@@ -17,8 +17,9 @@ import test_one_example
 import visualization
 from dataset import MedicalDataset, list_samples
 from generate_dataset.demo import build_demo
+from evaluation import figures as evaluation_figures
 from evaluation.predict import Predictions
-from tests.helpers import ROOT, blob_data, reference_aupro, test_script
+from tests.helpers import ROOT, blob_data, reference_aupro
 
 INFERNO = matplotlib.colormaps["inferno"]  # the colormap the README names, at the alpha it states
 ALPHA = 0.45
@@ -131,7 +132,7 @@ def test_the_roc_plot_has_its_auroc_in_the_legend_and_the_chance_diagonal():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 60)
     scores = rng.normal(size=60) + labels
-    axis = visualization.roc_figure(labels, scores, "Brain image ROC").axes[0]
+    axis = evaluation_figures.roc_figure(labels, scores, "Brain image ROC").axes[0]
     assert legend_number(axis, "AUROC") == pytest.approx(roc_auc_score(labels, scores), abs=5e-4)
     [diagonal] = [line for line in axis.get_lines() if line.get_label() == "chance"]
     np.testing.assert_array_equal(diagonal.get_xydata(), [[0, 0], [1, 1]])
@@ -140,10 +141,10 @@ def test_the_roc_plot_has_its_auroc_in_the_legend_and_the_chance_diagonal():
 
 def test_the_pro_plot_has_its_aupro_in_the_legend():
     masks, maps = blob_data(1, np.float64)
-    axis = visualization.pro_figure(masks, maps, "Brain PRO").axes[0]
+    axis = evaluation_figures.pro_figure(masks, maps, "Brain PRO").axes[0]
     assert legend_number(axis, "AUPRO") == pytest.approx(reference_aupro(masks, maps), abs=5e-4)
     assert axis.get_xlim() == (0, 0.3)
-    inverted = visualization.pro_figure(masks, -maps, "x").axes[0]
+    inverted = evaluation_figures.pro_figure(masks, -maps, "x").axes[0]
     assert legend_number(inverted, "AUPRO") == pytest.approx(reference_aupro(masks, -maps), abs=5e-4)
 
 
@@ -159,15 +160,15 @@ def test_test_py_visualize_writes_titled_overlays_and_curves_of_its_own_predicti
     scores = rng.uniform(size=len(labels))
     predictions = Predictions([s.image_path for s in dataset.samples], labels, scores, maps, masks, True)
     figures = []
-    monkeypatch.setattr(test_script, "figure_bytes", lambda figure: figures.append(figure) or b"figure")
+    monkeypatch.setattr(evaluation_figures, "figure_bytes", lambda figure: figures.append(figure) or b"figure")
     panels = []
     real = visualization.overlay_figure
     monkeypatch.setattr(visualization, "overlay_figure", lambda *a, **k: panels.append(real(*a, **k)) or panels[-1])
-    test_script.write_visuals(tmp_path / "out", "Brain", dataset, predictions, 2)
+    evaluation_figures.write_visuals(tmp_path / "out", "Brain", dataset, predictions, 2)
     roc, pro = (figure.axes[0] for figure in figures)
     assert legend_number(roc, "AUROC") == pytest.approx(roc_auc_score(labels, scores), abs=5e-4)
     assert legend_number(pro, "AUPRO") == pytest.approx(reference_aupro(masks, maps), abs=5e-4)
-    drawn = [(index, name) for index, name in test_script.drawn_overlays(dataset.samples, 2)]
+    drawn = [(index, name) for index, name in evaluation_figures.drawn_overlays(dataset.samples, 2)]
     assert len(panels) == len(drawn) == 4
     for figure, (index, name) in zip(panels, drawn):
         assert figure.axes[3].get_title() == "ground truth"

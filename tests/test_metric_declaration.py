@@ -18,6 +18,7 @@ from evaluation.metrics import compute_metrics
 from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
 from tests.helpers import TINY_SIZE, test_script
+from utils import InputError
 
 
 def score_gap(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -63,7 +64,39 @@ def test_a_declaration_is_checked() -> None:
         metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=True))
     with pytest.raises(ValueError, match="needs a title"):
         metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=False, paper=5))
+    with pytest.raises(ValueError, match="curve 'aurocc' is not one of the bootstrap's image curves"):
+        metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=False, curve="aurocc"))
+    with pytest.raises(ValueError, match="curve 'aupro' is not one of the bootstrap's image curves"):
+        metrics.declare(metrics.Metric("image_gap", score_gap, needs_masks=False, curve="aupro"))
     assert "image_gap" not in metrics.METRICS
+
+
+def test_a_declared_curve_reads_the_bootstrap_s_own_curve(monkeypatch) -> None:
+    """Every curve a declaration may name is one the bootstrap draws: a metric declared with it gets
+    the replicates of the built-in metric of that curve (image and pixel)."""
+    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+    for needs_masks, kind in ((False, "image"), (True, "pixel")):
+        for curve in metrics.CURVES[needs_masks]:
+            metrics.declare(metrics.Metric(f"{kind}_same_{curve}", score_gap, needs_masks, curve=curve))
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(4), 2)
+    labels = np.tile([0, 1], 4)
+    scores = rng.random(8) + 0.2 * labels
+    counts = bootstrap.resample_counts(4, 15, seed=1)
+    image = bootstrap.image_replicates(labels, scores, groups, counts)
+    masks = np.zeros((8, 6, 6), bool)
+    masks[1::2, 1:4, 2:5] = True
+    maps = rng.random(masks.shape) + 0.5 * masks
+    pixel = bootstrap.pixel_replicates(bootstrap.group_histograms(masks, maps, groups, 4), counts)
+    for replicates, kind, curves in ((image, "image", metrics.CURVES[False]), (pixel, "pixel", metrics.CURVES[True])):
+        for curve in curves:
+            np.testing.assert_array_equal(replicates[f"{kind}_same_{curve}"], replicates[f"{kind}_{curve}"])
+
+
+def test_a_patient_column_is_titled_from_any_image_title(monkeypatch) -> None:
+    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+    metrics.declare(metrics.Metric("image_sens95", score_gap, needs_masks=False, title="Sens@95"))
+    assert tables.patient_columns()[-1] == ("patient_sens95", "patient Sens@95")
 
 
 def test_a_declared_metric_reaches_metrics_and_tables(toy) -> None:
@@ -116,6 +149,19 @@ def test_image_replicates_of_a_declared_metric_agree_on_both_paths(toy, monkeypa
         np.testing.assert_allclose(fast[key], slow[key], atol=1e-12)
     members = [list(np.flatnonzero(groups == patient)) for patient in range(6)]
     assert bootstrap.interval(fast["image_gap"]) == pytest.approx(by_hand_interval(counts, members, labels, scores))
+
+
+def test_a_slow_pixel_metric_s_bootstrap_is_refused_before_scoring_when_its_copy_does_not_fit(toy, tmp_path,
+                                                                                                monkeypatch) -> None:
+    """A declared pixel metric without a curve resamples a copy of the maps in memory: over the maps
+    budget, test.py refuses before any image is scored, naming the metrics and the way out."""
+    demo = build_demo(str(tmp_path / "data"), n_train=1, n_valid=(1, 1), n_test=(2, 2), image_size=TINY_SIZE)
+    monkeypatch.setattr(test_script, "predict", lambda *args, **kwargs: pytest.fail("scored before the check"))
+    flags = ["--data_path", demo, "--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE),
+             "--num_workers", "0", "--device", "cpu", "--bootstrap", "10", "--max_ram_maps_gb", "1e-9"]
+    with pytest.raises(InputError, match=r"--bootstrap 10: pixel_gap, pixel_lesion_mean \(declared without a "
+                                         r"histogram curve\) is resampled on a copy of Brain's maps"):
+        test_script.main([*flags, "--save_path", str(tmp_path / "refused")])
 
 
 def test_a_declared_metric_reaches_test_py_results(toy, tmp_path) -> None:

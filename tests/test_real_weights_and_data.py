@@ -27,7 +27,8 @@ from CLIP.factory import build_backbone, quick_gelu_rule
 from cli import build_model
 from dataset import MedicalDataset, Sample, list_samples, split_holdout
 from generate_dataset.demo import build_demo
-from evaluation.predict import predict, selection_summary
+from evaluation.predict import predict
+from evaluation.selection import selection_summary
 from tests.helpers import ROOT, TINY_SIZE, tiny_config
 from utils import InputError
 from visualization import to_display
