@@ -15,22 +15,22 @@ evaluation/results.py's and evaluation/figures.py's: this script parses, loads a
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
 
 from CLIP.MedVMAD import MedVMAD
 from cli import MODEL, add_distributed_args, add_fewshot_args, add_model_args, add_runtime_args, build_model
-from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, patient_of, resolve_support,
-                     save_support, support_file_name)
+from dataset import (MedicalDataset, Sample, dataset_names, list_samples, organ_name, resolve_support, save_support,
+                     support_file_name)
 from distributed import SINGLE, Distributed, distributed, sharded_loader
 from evaluation import bootstrap
-from evaluation.calibration import Calibration, Decision, checkpoint_decision, operating_point, operating_point_flag
+from evaluation.calibration import checkpoint_decision, operating_point, operating_point_flag
+from evaluation.decisions import fitted_decision
+from evaluation.fewshot import memory_bank_from_support
 from evaluation.figures import figure_paths, write_reliability, write_visuals
 from evaluation.maps_io import map_files, save_maps
-from evaluation.fewshot import memory_bank_from_support, support_predictions
-from evaluation.predict import MAP_DTYPES, MAPS_TEMP, maps_bytes, maps_dir_for, predict, ram_budget_gb
+from evaluation.predict import MAP_DTYPES, MAPS_TEMP, maps_bytes, maps_dir_for, predict, ram_budget_gb, streams_maps
 from evaluation.results import RESULT_FILES, EvaluationSettings, RunResults, evaluate_dataset
 from generate_dataset.demo import ensure_demo
 from scans.framing import framing_mismatch
@@ -110,45 +110,6 @@ def build_memory_bank(args: argparse.Namespace, model: MedVMAD, root: str, name:
     return source, support
 
 
-def fitted_decision(args: argparse.Namespace, model: MedVMAD, root: str, name: str, support: list[Sample],
-                    device, logger, where: Distributed = SINGLE) -> Decision | None:
-    """The calibration and operating point of a run without stored ones, fitted on ``name``'s
-    images it never tests: few-shot on its support set (normal images scored against the bank
-    without them), the baseline on the valid split (uncalibrated, with a warning, when there is
-    none or it is the evaluated split). Every process scores its share; None on the others."""
-    point = operating_point(args.operating_point or "f1")
-    if args.k_shot and args.split == "valid":
-        logger.warning(f"{name}: uncalibrated: --split valid holds the support images the few-shot run is "
-                       f"calibrated on")
-        return Decision(None, None, "no operating point", chosen=False) if where.is_main else None
-    if args.k_shot:
-        images, scored = "support images", support_predictions(model, support, device, args.batch_size,
-                                                                args.precision, where)
-    else:
-        images, samples = "valid split images", []
-        if args.split == "valid":
-            logger.warning(f"{name}: uncalibrated: --split valid is the split the baseline is calibrated on")
-        else:
-            try:
-                samples = list_samples(root, "valid")
-            except InputError as error:
-                logger.warning(f"{name}: uncalibrated: no valid split to calibrate on ({error})")
-        if not samples:
-            return Decision(None, None, "no operating point", chosen=False) if where.is_main else None
-        loader = sharded_loader(MedicalDataset(samples, model.config.backbone.image_size, skip_bad=args.skip_bad),
-                                args.batch_size, args.num_workers, where)
-        predictions = predict(model, loader, device, args.precision, keep_maps=False, desc=f"{name} valid",
-                              where=where)
-        scored = None if predictions is None else (predictions.scores, predictions.labels, predictions.paths)
-    if scored is None:
-        return None
-    scores, labels, paths = scored
-    decision = Decision.chosen_by(Calibration.fitted(scores, labels, [patient_of(p) for p in paths], images),
-                               point)
-    logger.info(f"{name}: probabilities {decision.calibration()}; decisions at {decision.operating_point()}")
-    return decision
-
-
 def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
     """What evaluation/results.py reads of the command line, and the command line to record."""
     return EvaluationSettings(split=args.split, aupro=args.aupro, bootstrap=args.bootstrap,
@@ -163,7 +124,6 @@ def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[st
     memory (a declared pixel metric without a histogram curve resamples a copy of the maps), and
     maps to put on disk (--save_maps, or streamed) that do not fit on it."""
     disk_kept, disk_streamed = 0, 0
-    budget = ram_budget_gb(args.max_ram_maps_gb) * 2**30
     for name, samples in listed.items():
         files, folders = figure_paths(name, samples, args.visualize)
         if args.k_shot:
@@ -172,26 +132,15 @@ def check_before_work(args: argparse.Namespace, save_path: Path, listed: dict[st
             folders.append("maps")
             files += [f"maps/{file_name}" for file_name in map_files(name)]
         refuse_taken(save_path, files, folders)
+        need = maps_bytes(len(samples), image_size, args.map_dtype)
         if args.bootstrap:
             n_patients = len(bootstrap.groups_of([sample.image_path for sample in samples])[1])
-            need = bootstrap.resample_bytes(n_patients, args.bootstrap)
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            if need > available / 2:
-                raise InputError(f"--bootstrap {args.bootstrap}: {n_patients} patients of {name} need "
-                                 f"{need / 2**30:.1f} GiB for the resamples, over half the available memory "
-                                 f"({available / 2**30:.1f} GiB); use at most "
-                                 f"{int(available / 2 // bootstrap.resample_bytes(n_patients, 1))} resamples")
-        need = maps_bytes(len(samples), image_size, args.map_dtype)
-        if args.bootstrap and want_pixel and bootstrap.resampled_metrics(needs_masks=True) and need > budget:
-            slow = ", ".join(metric.name for metric in bootstrap.resampled_metrics(needs_masks=True))
-            raise InputError(f"--bootstrap {args.bootstrap}: {slow} (declared without a histogram curve) is "
-                             f"resampled on a copy of {name}'s maps and masks in memory, {need / 2**30:.1f} GiB, "
-                             f"over the {budget / 2**30:.1f} GiB maps budget; raise --max_ram_maps_gb or run "
-                             f"with --bootstrap 0")
+            bootstrap.check_memory(name, n_patients, args.bootstrap, need if want_pixel else 0,
+                                   ram_budget_gb(args.max_ram_maps_gb) * 2**30)
         if keep_maps:
             if args.save_maps:
                 disk_kept += need
-            elif need > budget:  # streamed to a temp folder (maps_dir_for)
+            elif streams_maps(need, args.max_ram_maps_gb):  # to a temp folder in save_path (maps_dir_for)
                 disk_streamed = max(disk_streamed, need)
     need, free = disk_kept + disk_streamed, shutil.disk_usage(save_path).free
     if need > free:
@@ -258,7 +207,9 @@ def evaluate(args: argparse.Namespace, device, where: Distributed = SINGLE) -> d
         if args.k_shot:
             run.support_sources[name], support = build_memory_bank(args, model, root, name, save_path, device,
                                                                    logger, where)
-        decision = stored or (fitted_decision(args, model, root, name, support, device, logger, where)
+        decision = stored or (fitted_decision(model, root, name, support, operating_point(args.operating_point or "f1"),
+                                              args.split, args.k_shot, device, args.batch_size, args.num_workers,
+                                              args.precision, args.skip_bad, logger, where)
                               if want_image else None)
         maps_dir = (maps_dir_for(len(dataset), image_size, args.map_dtype, args.max_ram_maps_gb, name, save_path,
                                  logger)

@@ -580,6 +580,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_memory() -> int:
+    """Bytes of memory available now (free physical pages)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; otherwise ``torch.device(name)``."""
     if name == "auto":

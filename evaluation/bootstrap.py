@@ -21,6 +21,7 @@ import numpy as np
 
 from evaluation import metrics
 from dataset import find_meta_index, patient_of
+from utils import InputError, available_memory
 
 # Pixel intervals use per-patient histograms over shared score bins: at most this many cells
 # (patients x bins) per histogram, and at most MAX_BINS bins (quantiles of the scores).
@@ -61,6 +62,26 @@ def resample_counts(n_groups: int, n_replicates: int, seed: int) -> np.ndarray:
 def resample_bytes(n_groups: int, n_replicates: int) -> int:
     """Memory ``resample_counts`` takes: the draws and the counts of every replicate, int64 [R, G] each."""
     return n_replicates * n_groups * 16
+
+
+def check_memory(name: str, n_groups: int, n_replicates: int, maps_bytes: int, maps_budget: float) -> None:
+    """Refuse (InputError naming dataset ``name`` and the way out), before anything is scored,
+    ``n_replicates`` resamples of ``n_groups`` patients whose draws and counts take over half the
+    memory available now; and, when a declared pixel metric has no histogram curve (it is
+    resampled on a copy of the maps and masks, ``maps_bytes``; 0 when pixel metrics are not
+    computed), a copy over the maps' RAM budget ``maps_budget`` (bytes)."""
+    need, available = resample_bytes(n_groups, n_replicates), available_memory()
+    if need > available / 2:
+        raise InputError(f"--bootstrap {n_replicates}: {n_groups} patients of {name} need "
+                         f"{need / 2**30:.1f} GiB for the resamples, over half the available memory "
+                         f"({available / 2**30:.1f} GiB); use at most "
+                         f"{int(available / 2 // resample_bytes(n_groups, 1))} resamples")
+    slow = [metric.name for metric in resampled_metrics(needs_masks=True)]
+    if maps_bytes and slow and maps_bytes > maps_budget:
+        raise InputError(f"--bootstrap {n_replicates}: {', '.join(slow)} (declared without a histogram curve) is "
+                         f"resampled on a copy of {name}'s maps and masks in memory, {maps_bytes / 2**30:.1f} GiB, "
+                         f"over the {maps_budget / 2**30:.1f} GiB maps budget; raise --max_ram_maps_gb or run "
+                         f"with --bootstrap 0")
 
 
 def interval(values: np.ndarray) -> list[float]:
@@ -213,8 +234,8 @@ def _bin_edges(maps: np.ndarray, n_bins: int) -> np.ndarray:
 def group_histograms(masks: np.ndarray, maps: np.ndarray, groups: np.ndarray,
                      n_groups: int) -> GroupHistograms:
     """Histograms of masks, maps [N,H,W] per patient (groups [N]) over quantile bins of the
-    scores; the bins resolve every distinct value when a set of at most 64 images has at most
-    that many (then the replicates are exact)."""
+    scores; the bins resolve every distinct value when a set of fewer than 128 images has no more
+    distinct values than bins (then the replicates are exact)."""
     n_bins = int(np.clip(HISTOGRAM_CELLS // max(n_groups, 1), 256, MAX_BINS))
     edges = _bin_edges(maps, n_bins)
     size = len(edges) + 1

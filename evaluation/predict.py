@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from CLIP.MedVMAD import MedVMAD
 from distributed import SINGLE, Distributed
-from utils import DISK_FULL, InputError, autocast
+from utils import DISK_FULL, InputError, autocast, available_memory
 
 
 @dataclass
@@ -134,17 +134,22 @@ def ram_budget_gb(max_ram_maps_gb: float | None) -> float:
     """The RAM maps may take (--max_ram_maps_gb), by default half the memory available now."""
     if max_ram_maps_gb is not None:
         return max_ram_maps_gb
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 2**30
+    return available_memory() / 2 / 2**30
+
+
+def streams_maps(need: int, max_ram_maps_gb: float | None) -> bool:
+    """Whether maps and masks of ``need`` bytes (``maps_bytes``) go to disk (``maps_dir_for``)."""
+    return need > ram_budget_gb(max_ram_maps_gb) * 2**30
 
 
 def maps_dir_for(n_images: int, image_size: int, map_dtype: str, max_ram_maps_gb: float | None, name: str,
                  save_path: Path, logger) -> Path | None:
     """A temporary folder in save_path to stream the maps to (``predict``'s maps_dir), when they
-    would not fit in ``ram_budget_gb``; None when they do."""
-    budget = ram_budget_gb(max_ram_maps_gb)
+    would not fit in ``ram_budget_gb`` (``streams_maps``); None when they do."""
     need = maps_bytes(n_images, image_size, map_dtype)
-    if need <= budget * 2**30:
+    if not streams_maps(need, max_ram_maps_gb):
         return None
+    budget = ram_budget_gb(max_ram_maps_gb)
     logger.info(f"{name}: maps and masks take {need / 2**30:.1f} GB, over {budget:.1f} GB: streamed to "
                 f"memory-mapped files in {save_path}")
     save_path.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import torch
 from scipy.special import expit
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from evaluation import calibration
+from evaluation import calibration, decisions
 import test_one_example
 import train
 import visualization
@@ -178,11 +178,11 @@ def test_fewshot_is_calibrated_on_its_support_set_never_on_the_test_split(demo, 
     run = tmp_path / "fewshot"
     train.main(["--train_data_path", demo, "--save_path", str(run), "--epoch", "1", "--k_shot", "2", *TINY])
     seen, fitted_on = [], []
-    real = test_script.support_predictions
-    monkeypatch.setattr(test_script, "support_predictions", lambda model, support, *rest, **named: (
+    real = decisions.support_predictions
+    monkeypatch.setattr(decisions, "support_predictions", lambda model, support, *rest, **named: (
         seen.append((model, support)) or real(model, support, *rest, **named)))
     real_fit = calibration.Calibration.fitted
-    monkeypatch.setattr(test_script.Calibration, "fitted", lambda scores, labels, *rest: (
+    monkeypatch.setattr(calibration.Calibration, "fitted", lambda scores, labels, *rest: (
         fitted_on.append((np.array(scores), np.array(labels))) or real_fit(scores, labels, *rest)))
     described = []
     for name, root in (("clean", demo), ("poisoned", poisoned)):
