@@ -17,11 +17,10 @@ from evaluation import metrics
 from evaluation.maps_io import load_maps, save_maps
 from evaluation.predict import Predictions, maps_bytes
 from utils import InputError
-from tests.helpers import TINY_SIZE, test_script
+from tests.helpers import BASELINE, TINY_SIZE, test_script
 from generate_dataset.demo import build_demo
 
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--batch_size", "4",
-            "--num_workers", "0", "--device", "cpu", "--seed", "0"]
+EVAL = [*BASELINE, "--batch_size", "4", "--num_workers", "0", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def demo(tmp_path_factory) -> str:
 
 
 def run(demo: str, out, *extra: str) -> dict:
-    return test_script.main(["--data_path", demo, "--save_path", str(out), *BASELINE, *extra])
+    return test_script.main(["--data_path", demo, "--save_path", str(out), *EVAL, *extra])
 
 
 def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo, strict_json_files):

@@ -33,13 +33,12 @@ from evaluation import maps_io, tables
 from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
 from scans.files import read_scan
-from tests.helpers import ROOT, TINY, TINY_SIZE, medvmad_logger_kept, test_script
+from tests.helpers import BASELINE, ROOT, TINY, TINY_SIZE, medvmad_logger_kept, test_script
 from utils import InputError, read_manifest, run_cli, write_result_files
 
 # helpers' TINY at batch 8, as these runs were written (its own is 4): fewer steps for the many
 # kill-and-resume trainings here
 TINY_BATCH_8 = [*TINY, "--batch_size", "8"]
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 EVAL = [*BASELINE, "--num_workers", "0", "--batch_size", "4"]
 
 
