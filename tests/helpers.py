@@ -75,6 +75,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--n_ctx", "4",
         "--depth", "2", "--t_n_ctx", "2", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+# the zero-training baseline (no checkpoint) on the tiny model: test.py's and test_one_example.py's flags
+BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 
 
 def load_test_script():

@@ -21,7 +21,7 @@ import train
 from CLIP.MedVMAD import MedVMAD
 from CLIP.backbone import BackboneConfig
 from CLIP.checkpoint import load_model, save_checkpoint
-from tests.helpers import ROOT, TINY, TINY_SIZE, test_script, tiny_config
+from tests.helpers import BASELINE, ROOT, TINY, TINY_SIZE, test_script, tiny_config
 from dataset import MedicalDataset, list_samples, load_image, read_support
 from generate_dataset import brats2021, demo, folder, liverct
 from generate_dataset.demo import build_demo
@@ -30,7 +30,6 @@ from utils import (InputError, atomic_write_text, locked_folder, read_manifest, 
                    write_result_files)
 
 
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,9 @@ import app
 import test_one_example
 from generate_dataset import brats2021, folder, liverct
 from scans.volumes import read_input, series_grid
-from tests.helpers import STEP, TINY_SIZE, brats_case, liver_volumes, save_nifti, write_series, write_slice
+from tests.helpers import BASELINE, STEP, brats_case, liver_volumes, save_nifti, write_series, write_slice
 from utils import InputError, run_cli
 
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 SECRET = b"root:x:0:0:secret server file\n" * 64
 
 

@@ -1,4 +1,4 @@
-"""test.py's evaluation outputs on the demo set with the tiny model: float32 maps by default,
+"""test.py's evaluation outputs on the demo set with the tiny model: float64 maps by default,
 streamed maps, --save_maps and its reader, bootstrap intervals, patient and per-class tables."""
 from __future__ import annotations
 
@@ -6,19 +6,21 @@ import csv
 import errno
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from evaluation import metrics
-from evaluation.maps_io import load_maps
+from evaluation.maps_io import load_maps, save_maps
+from evaluation.predict import Predictions, maps_bytes
 from utils import InputError
-from tests.helpers import TINY_SIZE, test_script
+from tests.helpers import BASELINE, TINY_SIZE, test_script
 from generate_dataset.demo import build_demo
 
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--batch_size", "4",
-            "--num_workers", "0", "--device", "cpu", "--seed", "0"]
+EVAL = [*BASELINE, "--batch_size", "4", "--num_workers", "0", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def demo(tmp_path_factory) -> str:
 
 
 def run(demo: str, out, *extra: str) -> dict:
-    return test_script.main(["--data_path", demo, "--save_path", str(out), *BASELINE, *extra])
+    return test_script.main(["--data_path", demo, "--save_path", str(out), *EVAL, *extra])
 
 
 def test_saved_float64_maps_rescore_to_the_results_and_intervals_cover_them(tmp_path, demo, strict_json_files):
@@ -120,3 +122,52 @@ def test_per_class_tables_for_a_meta_json_dataset(tmp_path, demo, strict_json_fi
     rows = list(csv.reader(open(tmp_path / "results_per_class.csv")))
     assert [r[0] for r in rows[1:]] == [f"{name}/brain", f"{name}/liver", "mean"]
     assert "results.json" in strict_json_files(tmp_path)
+
+
+def test_maps_over_the_ram_budget_are_streamed_to_a_temporary_folder_then_removed(tmp_path, demo, monkeypatch):
+    """--max_ram_maps_gb 0: the maps and masks go to memory-mapped files in a temporary folder
+    .maps-<name>-... of --save_path, removed afterwards; the figures are those of the run in RAM."""
+    made, opened = [], []
+    real_mkdtemp, real_open_memmap = tempfile.mkdtemp, np.lib.format.open_memmap
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        folder = real_mkdtemp(suffix, prefix, dir)
+        if dir is not None and Path(dir).is_relative_to(tmp_path):  # not the libraries' own temp folders
+            made.append((prefix, Path(dir), Path(folder)))
+        return folder
+
+    def open_memmap(filename, *args, **kwargs):
+        opened.append((Path(filename), Path(filename).parent.is_dir()))
+        return real_open_memmap(filename, *args, **kwargs)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
+    in_ram = run(demo, tmp_path / "ram", "--max_ram_maps_gb", "1")
+    assert made == [] and opened == []
+    streamed = run(demo, tmp_path / "disk", "--max_ram_maps_gb", "0")
+    [(prefix, folder, made_folder)] = made
+    assert prefix.startswith(".maps-Brain-") and folder == tmp_path / "disk" and made_folder.parent == folder
+    assert len(opened) == 2 and all(path.parent == made_folder and existed for path, existed in opened)
+    assert not made_folder.exists() and not [p for p in os.listdir(folder) if p.startswith(".maps-")]
+    assert streamed["datasets"] == in_ram["datasets"]
+
+
+def test_save_maps_writes_the_three_documented_files(tmp_path):
+    """maps_io's docstring and the README: NAME.npy (maps), NAME_masks.npy (bool masks), NAME.json
+    (paths, labels, scores, has_masks), each readable without maps_io."""
+    maps = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    masks = np.zeros((2, 3, 4), dtype=bool)
+    masks[1, 1:, 2:] = True
+    save_maps(tmp_path, "Brain", Predictions(["a.png", "b.png"], np.array([0, 1]), np.array([0.25, 0.75]),
+                                             maps, masks, True))
+    assert sorted(os.listdir(tmp_path)) == ["Brain.json", "Brain.npy", "Brain_masks.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "Brain.npy"), maps)
+    assert np.load(tmp_path / "Brain.npy").dtype == np.float32
+    np.testing.assert_array_equal(np.load(tmp_path / "Brain_masks.npy"), masks)
+    assert json.loads((tmp_path / "Brain.json").read_text()) == {
+        "paths": ["a.png", "b.png"], "labels": [0, 1], "scores": [0.25, 0.75], "has_masks": True}
+
+
+def test_maps_bytes_counts_a_map_value_and_a_mask_byte_per_pixel():
+    assert maps_bytes(3, 10, "float32") == 3 * 100 * (4 + 1)
+    assert maps_bytes(3, 10, "float16") == 3 * 100 * (2 + 1)
+    assert maps_bytes(3, 10) == 3 * 100 * (8 + 1)  # float64 by default

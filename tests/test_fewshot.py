@@ -15,6 +15,7 @@ from CLIP.memory_bank import MemoryBank
 from dataset import MedicalDataset, Sample
 from evaluation.fewshot import memory_bank_from_support
 from tests.helpers import TINY_SIZE, tiny_config
+from utils import InputError
 
 
 def support_images(count: int = 4) -> torch.Tensor:
@@ -268,3 +269,19 @@ def test_bank_from_support_files_groups_each_augmented_copy_with_its_image(tmp_p
         own = [f[g:g + 1] for f in features]
         assert float(bank.distances(own, exclude=torch.tensor([(g + 1) % 3])).abs().max()) < 1e-5
         assert float(bank.distances(own, exclude=torch.tensor([g])).min()) > 1e-4
+
+
+def test_the_bank_needs_two_normal_support_images_and_abnormal_ones_do_not_count(tmp_path, tiny_model):
+    """One normal image (whatever the abnormal ones) is refused, leaving no bank; exactly two build one."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for name in ("n0", "n1", "a0", "a1"):
+        paths.append(tmp_path / f"{name}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 255, (TINY_SIZE, TINY_SIZE), dtype=np.uint8))
+    one_normal = [Sample(str(paths[0]), None, 0), Sample(str(paths[2]), None, 1), Sample(str(paths[3]), None, 1)]
+    with pytest.raises(InputError, match=r"needs at least 2 normal support images \(--k_shot >= 2\)"):
+        memory_bank_from_support(tiny_model, one_normal, seed=0, device=torch.device("cpu"))
+    assert tiny_model.memory_bank is None
+    two_normal = [*one_normal, Sample(str(paths[1]), None, 0)]
+    assert memory_bank_from_support(tiny_model, two_normal, seed=0, device=torch.device("cpu")) == (2, 11)
+    assert torch.bincount(tiny_model.memory_bank.groups).tolist() == [11 * 16] * 2  # 4x4 patches per copy

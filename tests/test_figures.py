@@ -1,6 +1,7 @@
 """Figures people look at: overlay panels (titles, colour bar, colormap and blending), ROC/PRO
-curves (AUROC/AUPRO in the legend, the chance diagonal), test.py's --visualize files, the quick
-start's overlays (test.sh) and where test_one_example.py says it wrote its outputs."""
+curves (AUROC/AUPRO in the legend, the chance diagonal), test.py's --visualize files and
+reliability diagram, the quick start's overlays (test.sh) and where test_one_example.py says it
+wrote its outputs."""
 from __future__ import annotations
 
 import os
@@ -177,6 +178,34 @@ def test_test_py_visualize_writes_titled_overlays_and_curves_of_its_own_predicti
         assert figure.get_suptitle() == f"score {scores[index]:.3f}"
         assert cv2.imread(str(tmp_path / "out" / "Brain" / name)) is not None
     assert (tmp_path / "out" / "Brain" / "roc_image.png").read_bytes() == b"figure"
+
+
+def test_the_reliability_diagram_titles_each_level_with_its_own_brier_and_ece(tmp_path, monkeypatch):
+    """write_reliability: the image panel carries the image Brier/ECE (values' "brier", "ece"), the
+    patient panel the patient ones (patient_values' "patient_brier", "patient_ece"), each drawing
+    its own bins; without patient bins one panel, without bins none (and no file)."""
+    figures = []
+    monkeypatch.setattr(evaluation_figures, "figure_bytes", lambda figure: figures.append(figure) or b"figure")
+    image_bins = {"edges": [0, 0.5, 1], "count": [3, 1], "mean_probability": [0.2, 0.9], "observed": [0.0, 1.0]}
+    patient_bins = {"edges": [0, 0.5, 1], "count": [0, 2], "mean_probability": [0.0, 0.7], "observed": [0.0, 0.5]}
+    values = {"brier": 0.1234, "ece": 0.0456, "patient_brier": 0.9, "patient_ece": 0.9}  # decoys: not these
+    patient_values = {"patient_brier": 0.2468, "patient_ece": 0.0789, "brier": 0.8, "ece": 0.8}
+    described = {"reliability": image_bins, "patients": {"reliability": patient_bins}}
+    assert evaluation_figures.write_reliability(tmp_path, "Brain", values, patient_values, described)
+    [figure] = figures
+    top = [axes for axes in figure.axes if axes.get_title()]
+    assert [axes.get_title() for axes in top] == ["Brain images: Brier 0.123, ECE 0.046",
+                                                  "Brain patients: Brier 0.247, ECE 0.079"]
+    bottom = [axes for axes in figure.axes if not axes.get_title()]
+    assert [axes.get_ylabel() for axes in bottom] == ["images", "patients"]
+    assert [[bar.get_height() for bar in axes.patches] for axes in bottom] == [[3, 1], [0, 2]]
+    assert (tmp_path / "reliability_Brain.png").read_bytes() == b"figure"
+
+    assert evaluation_figures.write_reliability(tmp_path, "Liver", values, None, {"reliability": image_bins})
+    assert [axes.get_title() for axes in figures[-1].axes if axes.get_title()] == [
+        "Liver images: Brier 0.123, ECE 0.046"]
+    assert not evaluation_figures.write_reliability(tmp_path, "Chest", values, None, None)
+    assert len(figures) == 2 and not (tmp_path / "reliability_Chest.png").exists()
 
 
 def test_the_quick_start_draws_overlays_and_says_where_results_land(tmp_path):

@@ -3,6 +3,7 @@ write loses nothing and leaves records that agree with the files; output names, 
 seeds, sizes and contradicting data end in one clear line. Every crafted input is built here."""
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -27,17 +28,17 @@ import test_one_example
 import train
 import utils
 import visualize_compare
+from CLIP.MedVMAD import MedVMAD
 from evaluation import maps_io, tables
 from evaluation.predict import Predictions
 from generate_dataset.demo import build_demo
 from scans.files import read_scan
-from tests.helpers import ROOT, TINY, TINY_SIZE, medvmad_logger_kept, test_script
+from tests.helpers import BASELINE, ROOT, TINY, TINY_SIZE, medvmad_logger_kept, test_script
 from utils import InputError, read_manifest, run_cli, write_result_files
 
 # helpers' TINY at batch 8, as these runs were written (its own is 4): fewer steps for the many
 # kill-and-resume trainings here
 TINY_BATCH_8 = [*TINY, "--batch_size", "8"]
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--device", "cpu"]
 EVAL = [*BASELINE, "--num_workers", "0", "--batch_size", "4"]
 
 
@@ -485,6 +486,52 @@ def test_a_bootstrap_that_does_not_fit_is_refused_before_any_image_is_scored(tmp
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_the_bootstrap_limit_is_half_the_available_memory(tmp_path, data, monkeypatch):
+    """Three free pages of memory: by the rule "R resamples x 3 patients x 16 bytes over half of it",
+    R = 3 x page / 2 / 48 (128 for 4096-byte pages) takes exactly half and is allowed; one more is
+    refused, naming that count."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    fit = page // 32
+    assert fit * 3 * 16 == 3 * page / 2 and (page != 4096 or fit == 128)
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 3 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
+    argv = ["--data_path", data, "--metrics", "image-level", "--max_ram_maps_gb", "1", *EVAL]
+    with pytest.raises(InputError, match=rf"--bootstrap {fit + 1}: 3 patients of Brain need .* use at most {fit} "):
+        test_script.main([*argv, "--save_path", str(tmp_path / "over"), "--bootstrap", str(fit + 1)])
+    assert not (tmp_path / "over" / "results.json").exists()
+    summary = test_script.main([*argv, "--save_path", str(tmp_path / "under"), "--bootstrap", str(fit)])
+    assert summary["bootstrap"]["replicates"] == fit and summary["datasets"]["Brain"]["image_auroc_ci"]
+
+
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+DEMO_MAPS_BYTES = 4 * 64 * 64 * (8 + 1)  # the small demo's 4 test maps (float64) and masks (1 byte a pixel)
+
+
+@pytest.mark.parametrize("extra, advice", [
+    (["--save_maps"], "free some space$"),
+    (["--max_ram_maps_gb", "0"], "free some space or raise --max_ram_maps_gb$"),  # streamed to a temp folder
+])
+def test_maps_that_do_not_fit_on_the_disk_are_refused_before_any_image_is_scored(tmp_path, data, monkeypatch,
+                                                                                  extra, advice):
+    """A disk with one byte fewer free than the maps and masks need: refused before the model runs."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(10 ** 12, 10 ** 12, DEMO_MAPS_BYTES - 1))
+    monkeypatch.setattr(MedVMAD, "forward", lambda *args, **kwargs: pytest.fail("scored before the check"))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"^--save_path {out}: the maps to write there take 0.0 GiB, but only "
+                                         rf"0.0 GiB are free; {advice}"):
+        test_script.main(["--data_path", data, "--save_path", str(out), *EVAL, *extra])
+    assert not (out / "maps").exists() and not (out / "results.json").exists()
+
+
+def test_maps_that_just_fit_on_the_disk_are_written(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(10 ** 12, 10 ** 12, DEMO_MAPS_BYTES))
+    out = tmp_path / "out"
+    test_script.main(["--data_path", data, "--save_path", str(out), *EVAL, "--save_maps"])
+    assert sorted(os.listdir(out / "maps")) == ["Brain.json", "Brain.npy", "Brain_masks.npy"]
+    assert sum((out / "maps" / name).stat().st_size - 128 for name in ("Brain.npy", "Brain_masks.npy")
+               ) == DEMO_MAPS_BYTES  # each .npy: a 128-byte header, then the array
+
+
 @pytest.mark.parametrize("flag, value, fragment", [
     ("--bootstrap", "1000000000", "at most 100000 resamples"),
     ("--bootstrap", "3000000", "at most 100000 resamples"),
@@ -706,7 +753,8 @@ def test_training_output_names_taken_are_refused_before_the_work(tmp_path, data,
     ("visualization", "file", ["--visualize", "1"]), ("maps/Brain.npy", "dir", ["--save_maps"]),
     ("maps/Brain.json", "dir", ["--save_maps"]), ("visualization/Brain/roc_image.png", "dir", ["--visualize", "1"]),
     ("visualization/Brain", "file", ["--visualize", "1"]), ("reliability_Brain.png", "dir", []),
-    ("results_calibration.csv", "dir", []),
+    ("results_calibration.csv", "dir", []), ("visualization/Brain/normal", "file", ["--visualize", "1"]),
+    ("visualization/Brain/abnormal", "file", ["--visualize", "1"]), ("maps/Brain_masks.npy", "dir", ["--save_maps"]),
 ])
 def test_evaluation_output_names_taken_are_refused_before_the_work(tmp_path, data, monkeypatch, name, kind, extra):
     out = tmp_path / "out"

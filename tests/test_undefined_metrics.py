@@ -18,11 +18,10 @@ from sklearn.metrics import roc_auc_score
 from evaluation import bootstrap
 import summarize_results
 from generate_dataset.demo import build_demo
-from tests.helpers import TINY_SIZE, test_script
+from tests.helpers import BASELINE, TINY_SIZE, test_script
 from utils import atomic_write_json, strict_json, write_result_files
 
-BASELINE = ["--model_name", "tiny", "--pretrained", "none", "--image_size", str(TINY_SIZE), "--num_workers", "0",
-            "--device", "cpu", "--batch_size", "8"]
+EVAL = [*BASELINE, "--num_workers", "0", "--batch_size", "8"]
 
 
 def strict_load(text: str):
@@ -53,7 +52,7 @@ def undefined_run(tmp_path_factory) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = test_script.main(["--data_path", str(shared), str(lesions), "--save_path", str(out),
-                                    "--bootstrap", "20", *BASELINE])
+                                    "--bootstrap", "20", *EVAL])
     summarize_results.main(["--results", str(out / "results.json"), "--save_path", str(root / "summary")])
     summarize_results.main(["--paper", "--results", str(out / "results.json"), "--dataset", "Lesions",
                             "--save_path", str(root / "paper"), "--name", "table"])
