@@ -302,15 +302,22 @@ PIXEL = (0.8, 0.7)        # DICOM PixelSpacing: row spacing (y), column spacing 
 STEP, ORIGIN = 2.5, (-10.0, -20.0, 30.0)
 
 
-def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 400),
-                photometric: str = "MONOCHROME2") -> None:
-    """One axial CT slice (HU = raw - 1024) of ``series`` at height ``z``."""
+def dicom_dataset(sop_class: str) -> Dataset:
+    """A new DICOM dataset of ``sop_class`` with its file meta: a fresh instance UID, explicit VR
+    little endian (the writers below add the image)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     data = Dataset()
     data.file_meta = meta
-    data.SOPClassUID, data.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    data.SOPClassUID, data.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return data
+
+
+def write_slice(path: Path, raw: np.ndarray, z: float, series: str, window=(40, 400),
+                photometric: str = "MONOCHROME2") -> None:
+    """One axial CT slice (HU = raw - 1024) of ``series`` at height ``z``."""
+    data = dicom_dataset(CTImageStorage)
     data.Modality, data.StudyInstanceUID, data.SeriesInstanceUID = "CT", "1.2.826.0.1.3680043.1", series
     data.Rows, data.Columns = raw.shape
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 1

@@ -25,14 +25,14 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 import app
 import test_one_example
 from generate_dataset import brats2021, folder, liverct
 from scans.volumes import read_input, series_grid
-from tests.helpers import BASELINE, STEP, brats_case, liver_volumes, save_nifti, write_series, write_slice
+from tests.helpers import (BASELINE, STEP, brats_case, dicom_dataset, liver_volumes, save_nifti, write_series,
+                           write_slice)
 from utils import InputError, run_cli
 
 SECRET = b"root:x:0:0:secret server file\n" * 64
@@ -212,12 +212,7 @@ def header_only_nifti(path: Path, shape) -> Path:
 
 def short_dicom(path: Path, frames: int, rows: int, columns: int, held: int) -> Path:
     """A multi-frame DICOM file saying it has ``frames`` frames, whose pixel data hold ``held``."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
-    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
-    data = Dataset()
-    data.file_meta = meta
-    data.SOPClassUID, data.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    data = dicom_dataset("1.2.840.10008.5.1.4.1.1.7.3")
     data.Modality, data.SeriesInstanceUID, data.NumberOfFrames = "OT", generate_uid(), frames
     data.Rows, data.Columns = rows, columns
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 0
@@ -342,12 +337,7 @@ def series_with(folder: Path, keyword: str, stored: str) -> Path:
 
 
 def float_rgb_dicom(path: Path) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
-    data = Dataset()
-    data.file_meta = meta
-    data.SOPClassUID, data.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    data = dicom_dataset("1.2.840.10008.5.1.4.1.1.7")
     data.Rows, data.Columns = 8, 8
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 32, 32, 31, 0
     data.SamplesPerPixel, data.PhotometricInterpretation, data.PlanarConfiguration = 3, "RGB", 0

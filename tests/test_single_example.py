@@ -12,15 +12,14 @@ import nibabel
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage
 
 import test_one_example
 import visualization
 from CLIP.MedVMAD import MedVMAD
 from CLIP.checkpoint import save_checkpoint
 from scans.files import read_scan
-from tests.helpers import ROOT, reference_scale, reference_score, tiny_config
+from tests.helpers import ROOT, dicom_dataset, reference_scale, reference_score, tiny_config
 from utils import InputError
 
 
@@ -46,13 +45,7 @@ def brain_like(height: int = 48, width: int = 40, centre: tuple[int, int] = (20,
 
 
 def write_dicom(path: Path, raw: np.ndarray, photometric: str = "MONOCHROME2", window=(40, 400)) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    data = Dataset()
-    data.file_meta = meta
-    data.SOPClassUID, data.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    data = dicom_dataset(CTImageStorage)
     data.Modality = "CT"
     data.Rows, data.Columns = raw.shape
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 1

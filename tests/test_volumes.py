@@ -16,15 +16,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 import test_one_example
 from CLIP.checkpoint import save_checkpoint
 from CLIP.MedVMAD import MedVMAD
 from scans.files import read_scan
 from scans.volumes import is_series_folder, read_input, read_sitk_scan, write_maps
-from tests.helpers import ORIGIN, PIXEL, STEP, tiny_config, write_series
+from tests.helpers import ORIGIN, PIXEL, STEP, dicom_dataset, tiny_config, write_series
 from utils import InputError
 
 # A permuted, flipped, shifted affine: stored i -> superior, j -> left, k -> anterior.
@@ -140,12 +139,7 @@ def test_monochrome1_pixels_pydicom_cannot_decode_fall_back_to_gdcm_with_a_warni
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_multiframe_dicom_is_a_volume(tmp_path, photometric):
     frames = np.random.default_rng(2).integers(10, 4000, (4, 12, 10)).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
-    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
-    data = Dataset()
-    data.file_meta = meta
-    data.SOPClassUID, data.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    data = dicom_dataset("1.2.840.10008.5.1.4.1.1.7.3")  # multi-frame grayscale word SC
     data.Modality, data.SeriesInstanceUID, data.NumberOfFrames = "OT", generate_uid(), 4
     data.Rows, data.Columns = 12, 10
     data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 0
